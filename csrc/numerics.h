@@ -1,0 +1,186 @@
+// fastclip: numerics shared by the CPU and CUDA kernels (no ATen, no CUDA
+// runtime): 16-bit float conversions, norm orders, the overflow rescue and
+// the clip coefficient. Everything is inline and usable on host and device.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define FASTCLIP_HD __host__ __device__ __forceinline__
+#else
+#define FASTCLIP_HD inline
+#endif
+
+namespace fastclip {
+
+// torch's clip_grad_norm_ divides by (norm + 1e-6); kept for drop-in results.
+constexpr double kClipEpsilon = 1e-6;
+
+// Power sums below this may have lost digits to double underflow, so the
+// tensor is recomputed with a power-of-two scale. 2^-960 leaves 64 binary
+// orders of magnitude above the smallest normal double: contributions that
+// underflowed are then below 2^-64 of the sum.
+constexpr double kRescueTiny = 0x1p-960;
+
+// ---------------------------------------------------------------- bit casts
+FASTCLIP_HD uint32_t bits_of(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+FASTCLIP_HD float float_of(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// ------------------------------------------------ bfloat16 <-> float (exact)
+FASTCLIP_HD float bf16_to_float(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest even; NaN stays a quiet NaN of the same sign.
+FASTCLIP_HD uint16_t float_to_bf16(float f) {
+  const uint32_t u = bits_of(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
+}
+
+// ----------------------------------------------------- float16 <-> float
+// Written as integer masks instead of branches so that compilers vectorize
+// it; subnormals go through an exact int->float conversion so the result
+// does not depend on the denormals-are-zero mode.
+FASTCLIP_HD float half_to_float(uint16_t h) {
+  constexpr uint32_t kExpRebias = (127u - 15u) << 23;  // half bias -> float bias
+  constexpr uint32_t kHalfInf = 0x7C00u;
+  constexpr uint32_t kHalfMinNormal = 0x0400u;
+  const uint32_t sign = (static_cast<uint32_t>(h) & 0x8000u) << 16;
+  const uint32_t mag = static_cast<uint32_t>(h) & 0x7FFFu;
+  const uint32_t normal = (mag << 13) + kExpRebias;
+  const uint32_t special = (mag << 13) | 0x7F800000u;  // inf and NaN keep their payload
+  const uint32_t subnormal = bits_of(static_cast<float>(static_cast<int32_t>(mag)) * 0x1p-24f);
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(mag < kHalfMinNormal);
+  const uint32_t is_special = 0u - static_cast<uint32_t>(mag >= kHalfInf);
+  const uint32_t out = (subnormal & is_sub) | (special & is_special) | (normal & ~(is_sub | is_special));
+  return float_of(sign | out);
+}
+
+// Round to nearest even, overflow to inf, subnormals exact, NaN quiet.
+FASTCLIP_HD uint16_t float_to_half(float f) {
+  constexpr uint32_t kFloatInf = 0x7F800000u;
+  constexpr uint32_t kOverflow = 0x477FF000u;   // 65520: the first value that rounds to inf
+  constexpr uint32_t kMinNormal = 0x38800000u;  // 2^-14: smallest normal half
+  const uint32_t u = bits_of(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t mag = u & 0x7FFFFFFFu;
+  // Adding 0.5 puts a value below 2^-14 on the 2^-24 grid of half subnormals
+  // with the hardware's round-to-nearest-even; the low bits are the result.
+  const uint32_t sub = bits_of(float_of(mag) + 0.5f) - bits_of(0.5f);
+  const uint32_t normal = (mag - ((127u - 15u) << 23) + 0xFFFu + ((mag >> 13) & 1u)) >> 13;
+  uint32_t out = mag < kMinNormal ? sub : normal;
+  out = mag >= kOverflow ? 0x7C00u : out;
+  out = mag > kFloatInf ? (0x7E00u | ((mag >> 13) & 0x3FFu)) : out;
+  return static_cast<uint16_t>(sign | out);
+}
+
+// ---------------------------------------------------------------- norm order
+enum class NormKind : int32_t { kOne = 0, kTwo = 1, kInf = 2, kP = 3 };
+
+struct NormOrder {
+  NormKind kind;
+  double p;  // the order itself; used by kP only
+};
+
+// ord must already be validated: > 0 (finite) or +inf.
+FASTCLIP_HD NormOrder make_norm_order(double ord) {
+  if (ord == 1.0) return NormOrder{NormKind::kOne, 1.0};
+  if (ord == 2.0) return NormOrder{NormKind::kTwo, 2.0};
+  if (ord > 1.7976931348623157e308) return NormOrder{NormKind::kInf, ord};
+  return NormOrder{NormKind::kP, ord};
+}
+
+// Partial result of one chunk: acc is the power sum sum|x|^p (the max |x|
+// for the inf-norm); amax is max |x|, kept only where a rescue is possible.
+struct NormPartial {
+  double acc;
+  double amax;
+};
+
+FASTCLIP_HD bool is_nan(double x) { return x != x; }
+FASTCLIP_HD bool is_inf(double x) { return x == INFINITY; }
+
+// max that propagates NaN from either side, as torch's inf-norm does.
+FASTCLIP_HD double nan_max(double a, double b) {
+  if (is_nan(a)) return a;
+  return (b > a || is_nan(b)) ? b : a;
+}
+
+FASTCLIP_HD double combine_acc(NormOrder order, double a, double b) {
+  return order.kind == NormKind::kInf ? nan_max(a, b) : a + b;
+}
+
+// A power sum needs a scaled recomputation when it overflowed (the data
+// was finite but the sum is inf) or is so small that underflow may have
+// eaten digits; all_overflowed marks the case where only the sum over all
+// tensors overflowed.
+FASTCLIP_HD bool needs_rescue(double acc, double amax, bool all_overflowed) {
+  const bool finite_data = amax > 0.0 && amax <= 1.7976931348623157e308;
+  return finite_data && (is_inf(acc) || acc < kRescueTiny || all_overflowed);
+}
+
+// The exponent e with amax = m * 2^e, 0.5 <= m < 1: x * 2^-e lies in [0, 1).
+FASTCLIP_HD int rescue_exponent(double amax) {
+  int e = 0;
+  frexp(amax, &e);
+  return e;
+}
+
+// Norm from a power sum S of values scaled by 2^-e: 2^e * S^(1/p).
+FASTCLIP_HD double root_scaled(NormOrder order, double acc, int e) {
+  switch (order.kind) {
+    case NormKind::kOne:
+      return ldexp(acc, e);
+    case NormKind::kTwo:
+      return ldexp(sqrt(acc), e);
+    case NormKind::kInf:
+      return acc;
+    default:
+      return ldexp(pow(acc, 1.0 / order.p), e);
+  }
+}
+
+// Total norm from per-tensor power sums acc[t] of values scaled by
+// 2^-exps[t], summed in tensor order (fixed order: bitwise reproducible).
+FASTCLIP_HD double combine_scaled(NormOrder order, const double* acc, const int* exps, int64_t n) {
+  if (order.kind == NormKind::kInf) {
+    double m = 0.0;
+    for (int64_t t = 0; t < n; ++t) m = nan_max(m, acc[t]);
+    return m;
+  }
+  // Align every sum to the largest exponent: shifts are <= 0, so nothing
+  // overflows and only negligible terms can underflow.
+  int top = 0;
+  bool seen = false;
+  for (int64_t t = 0; t < n; ++t) {
+    if (acc[t] > 0.0 && (!seen || exps[t] > top)) {
+      top = exps[t];
+      seen = true;
+    }
+  }
+  double sum = 0.0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int shift = exps[t] - top;
+    sum += shift == 0 ? acc[t] : acc[t] * exp2(static_cast<double>(shift) * order.p);
+  }
+  return root_scaled(order, sum, top);
+}
+
+// min(1, max_norm / (norm + 1e-6)), NaN-propagating like torch.clamp.
+FASTCLIP_HD double clip_coefficient(double max_norm, double total_norm) {
+  const double c = max_norm / (total_norm + kClipEpsilon);
+  return (is_nan(c) || c < 1.0) ? c : 1.0;
+}
+
+}  // namespace fastclip

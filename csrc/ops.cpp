@@ -1,0 +1,150 @@
+// fastclip: the op schemas (the one place they are declared), the argument
+// checks every device implementation shares, and the pybind11 module.
+#include "ops.h"
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+#ifndef FASTCLIP_VERSION
+#define FASTCLIP_VERSION "unknown"
+#endif
+
+namespace fastclip {
+
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fastclip: unsupported dtype ", t);
+  }
+}
+
+void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType device_type) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is an undefined tensor");
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] has layout ", t.layout(),
+                "; the kernels take dense (strided) tensors");
+    TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": tensors[", i, "] has dtype ",
+                t.scalar_type(), "; supported dtypes are float32, float64, float16 and bfloat16");
+    TORCH_CHECK(t.device() == tensors[0].device(), op, ": tensors[", i, "] is on ", t.device(),
+                " but tensors[0] is on ", tensors[0].device(),
+                "; pass one list per device (fastclip's Python functions group them)");
+    TORCH_CHECK(t.device().type() == device_type, op, ": tensors[", i, "] is on ", t.device(),
+                ", which this implementation does not serve");
+  }
+}
+
+void check_norm_order(const char* op, double ord) {
+  TORCH_CHECK(ord > 0.0, op, ": ord must be a positive number or inf, got ", ord);
+}
+
+void check_max_norm(const char* op, double max_norm) {
+  TORCH_CHECK(std::isfinite(max_norm) && max_norm >= 0.0, op,
+              ": max_norm must be a finite number >= 0, got ", max_norm);
+}
+
+void check_clip_value(const char* op, double clip_value) {
+  TORCH_CHECK(clip_value >= 0.0, op, ": clip_value must be a number >= 0, got ", clip_value);
+}
+
+void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device) {
+  TORCH_CHECK(coef.defined() && coef.numel() == 1, op,
+              ": coef must be a tensor with one element, got ",
+              coef.defined() ? coef.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(at::isFloatingType(coef.scalar_type()), op,
+              ": coef must be a floating-point tensor, got ", coef.scalar_type());
+  TORCH_CHECK(coef.device().is_cpu() || coef.device() == device, op, ": coef is on ",
+              coef.device(), " but the tensors are on ", device);
+}
+
+TensorTable::TensorTable(at::TensorList tensors, Access access) {
+  descs_.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    const DType dtype = to_dtype(t.scalar_type());
+    if (t.numel() == 0 || t.is_non_overlapping_and_dense()) {
+      descs_.push_back(TensorDesc{t.numel() == 0 ? nullptr : t.data_ptr(), t.numel(), dtype});
+    } else if (access == kRead) {
+      copies_.push_back(t.contiguous());
+      descs_.push_back(TensorDesc{copies_.back().data_ptr(), t.numel(), dtype});
+    } else {
+      strided_.push_back(static_cast<int64_t>(i));
+      descs_.push_back(TensorDesc{nullptr, 0, dtype});
+    }
+  }
+}
+
+}  // namespace fastclip
+
+// The contract between Python and the kernels; one schema per op.
+TORCH_LIBRARY(fastclip, m) {
+  // Norm of order `ord` of all tensors seen as one vector (float32, 0-dim,
+  // on their device), and, if per_tensor, the norm of each tensor (float32,
+  // shape [len(tensors)]; else shape [0]).
+  m.def("multi_tensor_norm(Tensor[] tensors, float ord, bool per_tensor) -> (Tensor, Tensor)");
+  // tensors *= coef in place; no memory traffic at all when coef == 1.
+  m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
+  // tensors = clamp(tensors, -clip_value, clip_value) in place; NaN stays NaN.
+  m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
+  // Fused norm -> min(1, max_norm / (norm + 1e-6)) -> scale; returns the norm.
+  m.def("clip_(Tensor(a!)[] tensors, float max_norm, float ord) -> Tensor");
+}
+
+namespace {
+
+// Why a list cannot go to the ops as one call, or None when it can: the
+// Python fast path asks this once per call instead of inspecting tensors
+// one by one in Python (which costs ~0.1 us per attribute per tensor).
+std::optional<std::string> single_call_blocker(const std::vector<at::Tensor>& tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.layout() != at::kStrided) return std::string("sparse");
+    if (t.is_complex()) return std::string("complex");
+    const at::ScalarType s = t.scalar_type();
+    if (!(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16))
+      return std::string("dtype");
+    if (t.device() != tensors[0].device()) return std::string("devices");
+  }
+  return std::nullopt;
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = FASTCLIP_VERSION;
+#ifdef FASTCLIP_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastclip: fused multi-tensor gradient norm and clipping kernels";
+  m.def("single_call_blocker", &single_call_blocker, pybind11::arg("tensors"),
+        "None if the tensors can go to one fastclip op call, else the reason "
+        "('sparse', 'complex', 'dtype' or 'devices').");
+  m.def("build_info", &build_info, "How this extension was built.");
+}

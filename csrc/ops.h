@@ -1,0 +1,46 @@
+// fastclip: torch glue shared by every device implementation: argument
+// checks and the conversion of a tensor list into a descriptor table.
+// Kernels never see this header; they take the TensorDesc table only.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "fastclip.h"
+
+namespace fastclip {
+
+// Checks shared by all ops, done before anything is written so that a
+// failing call modifies nothing. `op` names the op in messages.
+//   - every tensor is strided (dense layout), of a supported dtype, and on
+//     the same device as tensors[0];
+//   - the device type is `device_type` (the key this implementation serves).
+void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType device_type);
+void check_norm_order(const char* op, double ord);
+void check_max_norm(const char* op, double max_norm);
+void check_clip_value(const char* op, double clip_value);
+// coef: a one-element floating tensor on the CPU or on `device`.
+void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device);
+
+DType to_dtype(at::ScalarType t);
+
+// The tensors of one call as flat spans. A tensor that is non-overlapping
+// and dense is used in place. Any other view (a slice with gaps) is copied
+// to a contiguous buffer for reading, and left to ATen for writing, where
+// `strided` lists it and its write descriptor is empty.
+class TensorTable {
+ public:
+  enum Access { kRead, kWrite };
+  TensorTable(at::TensorList tensors, Access access);
+
+  const std::vector<TensorDesc>& descs() const { return descs_; }
+  const std::vector<int64_t>& strided() const { return strided_; }
+
+ private:
+  std::vector<TensorDesc> descs_;
+  std::vector<int64_t> strided_;
+  std::vector<at::Tensor> copies_;  // keeps contiguous read copies alive
+};
+
+}  // namespace fastclip

@@ -1,0 +1,40 @@
+"""fastclip: fused multi-tensor gradient norms and clipping for PyTorch.
+
+Drop-in for ``torch.nn.utils``::
+
+    import fastclip
+    total_norm = fastclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (torch must be loaded before the extension)
+
+from . import _ops
+from ._version import __version__
+from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm, grad_norms
+
+
+def backend() -> str:
+    """What computes the results: ``"extension (cpu)"``, ``"extension (cpu, cuda)"``,
+    or ``"fallback (<why>)"`` when the compiled extension is not loaded."""
+    if not _ops.available():
+        return f"fallback (fastclip._C could not be loaded: {_ops.import_error()})"
+    devices = [d for d in ("cpu", "cuda") if _ops.has_kernel(d)]
+    return f"extension ({', '.join(devices)})"
+
+
+def build_info() -> dict:
+    """How the extension was built: version and whether CUDA kernels are in it."""
+    return _ops.build_info()
+
+
+__all__ = [
+    "__version__",
+    "backend",
+    "build_info",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "grad_norms",
+]

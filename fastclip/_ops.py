@@ -1,0 +1,98 @@
+"""Typed wrappers over ``torch.ops.fastclip.*`` and their fake implementations.
+
+The schemas live in ``csrc/ops.cpp``; this module only loads the extension,
+gives each op a Python signature, and registers the fake (meta) kernels that
+``torch.compile`` and ``FakeTensor`` need to trace through the ops.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the ops)
+
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as error:  # the extension was not built, or does not match this torch
+    _C = None
+    _IMPORT_ERROR = error
+
+
+def available() -> bool:
+    """True when the compiled extension is loaded."""
+    return _C is not None
+
+
+def import_error() -> Optional[BaseException]:
+    """Why the extension could not be loaded, or None."""
+    return _IMPORT_ERROR
+
+
+def build_info() -> dict:
+    """How the extension was built (``{}`` when it is not loaded)."""
+    return dict(_C.build_info()) if _C is not None else {}
+
+
+@functools.lru_cache(maxsize=None)
+def has_kernel(device_type: str) -> bool:
+    """True when the ops have an implementation for this device type."""
+    if _C is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastclip::clip_", key)
+
+
+def single_call_blocker(tensors: list[Tensor]) -> Optional[str]:
+    """None if ``tensors`` can go to one op call, else the reason (checked in C++)."""
+    return _C.single_call_blocker(tensors)
+
+
+def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+    """Total norm (float32, 0-dim) and, if ``per_tensor``, each tensor's norm."""
+    return torch.ops.fastclip.multi_tensor_norm.default(tensors, float(ord), bool(per_tensor))
+
+
+def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
+    """``tensors *= coef`` in place; nothing is touched when ``coef == 1``."""
+    torch.ops.fastclip.multi_tensor_scale_.default(tensors, coef)
+
+
+def multi_tensor_clamp_(tensors: list[Tensor], clip_value: float) -> None:
+    """Clamp every element to ``[-clip_value, clip_value]`` in place."""
+    torch.ops.fastclip.multi_tensor_clamp_.default(tensors, float(clip_value))
+
+
+def clip_(tensors: list[Tensor], max_norm: float, ord: float) -> Tensor:
+    """Fused norm, coefficient and scale; returns the total norm."""
+    return torch.ops.fastclip.clip_.default(tensors, float(max_norm), float(ord))
+
+
+def _device_of(tensors: list[Tensor]) -> torch.device:
+    return tensors[0].device if len(tensors) > 0 else torch.device("cpu")
+
+
+if _C is not None:
+
+    @torch.library.register_fake("fastclip::multi_tensor_norm")
+    def _multi_tensor_norm_fake(tensors, ord, per_tensor):
+        device = _device_of(tensors)
+        total = torch.empty((), dtype=torch.float32, device=device)
+        each = torch.empty((len(tensors) if per_tensor else 0,), dtype=torch.float32, device=device)
+        return total, each
+
+    @torch.library.register_fake("fastclip::multi_tensor_scale_")
+    def _multi_tensor_scale_fake(tensors, coef):
+        return None
+
+    @torch.library.register_fake("fastclip::multi_tensor_clamp_")
+    def _multi_tensor_clamp_fake(tensors, clip_value):
+        return None
+
+    @torch.library.register_fake("fastclip::clip_")
+    def _clip_fake(tensors, max_norm, ord):
+        return torch.empty((), dtype=torch.float32, device=_device_of(tensors))

@@ -1,0 +1,333 @@
+"""Drop-in replacements for ``torch.nn.utils`` gradient clipping.
+
+Every function takes what torch's takes and returns what it returns. The
+difference is underneath: one fused kernel call per device instead of a
+launch per tensor and dtype, float64 accumulation (no overflow of the sum of
+squares, float32-exact norms of bf16/fp16 gradients), and no write at all
+when the clip coefficient is 1.
+
+Data flows one way: these functions validate arguments, then hand whole
+lists to ``torch.ops.fastclip`` (``_ops``). Lists that one call cannot take
+(several devices, sparse or complex tensors, no kernel for the device) are
+split: each device gets its own call, tensors the kernels do not cover go to
+``_fallback`` (plain PyTorch), and the partial norms are combined on the
+first tensor's device, as torch does.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _fallback, _ops
+
+TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_KERNEL_DEVICES = frozenset(d for d in ("cpu", "cuda") if _ops.has_kernel(d))
+_warned: set = set()
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "grad_norms"]
+
+
+# ----------------------------------------------------------------- checks
+def _norm_type(norm_type) -> float:
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}") from None
+    if not p > 0.0:  # also rejects NaN
+        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
+    return p
+
+
+def _max_norm(max_norm) -> float:
+    try:
+        value = float(max_norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_norm must be a finite number >= 0, got {max_norm!r}") from None
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"max_norm must be a finite number >= 0, got {max_norm!r}")
+    return value
+
+
+def _clip_value(clip_value) -> float:
+    try:
+        value = float(clip_value)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip_value must be a number >= 0, got {clip_value!r}") from None
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"clip_value must be a number >= 0, got {clip_value!r}")
+    return value
+
+
+def _not_a_tensor(items: list, name: str) -> TypeError:
+    for i, item in enumerate(items):
+        if not isinstance(item, Tensor):
+            return TypeError(f"{name}[{i}] is a {type(item).__name__}, not a torch.Tensor")
+    return TypeError(f"{name} must hold torch.Tensor objects")
+
+
+def _as_list(tensors: TensorOrTensors) -> list:
+    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
+
+
+def _grads(parameters: TensorOrTensors) -> list[Tensor]:
+    """The gradients of ``parameters`` that are not None, in order."""
+    params = _as_list(parameters)
+    try:
+        return [g for p in params if (g := p.grad) is not None]
+    except AttributeError:
+        raise _not_a_tensor(params, "parameters") from None
+
+
+def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
+    if not torch.isfinite(total).item():
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+
+
+# ---------------------------------------------------------------- routing
+def _python_blocker(tensors: list[Tensor]) -> Optional[str]:
+    device = tensors[0].device
+    for t in tensors:
+        if t.layout != torch.strided:
+            return "sparse"
+        if t.is_complex():
+            return "complex"
+        if t.dtype not in _KERNEL_DTYPES:
+            return "dtype"
+        if t.device != device:
+            return "devices"
+    return None
+
+
+def _one_call(tensors: list[Tensor]) -> bool:
+    """True when the whole (non-empty) list can go to one op call."""
+    if not _ops.available():
+        return False
+    if torch.compiler.is_compiling():
+        blocker = _python_blocker(tensors)  # traced once; the C++ check is opaque to dynamo
+    else:
+        try:
+            blocker = _ops.single_call_blocker(tensors)
+        except TypeError:
+            raise _not_a_tensor(tensors, "tensors") from None
+    return blocker is None and tensors[0].device.type in _KERNEL_DEVICES
+
+
+def _fallback_reason(t: Tensor) -> Optional[str]:
+    if not _ops.available():
+        return f"the compiled extension fastclip._C could not be loaded ({_ops.import_error()})"
+    if t.device.type not in _KERNEL_DEVICES:
+        return f"this build of fastclip has no kernels for {t.device.type} tensors"
+    if t.layout != torch.strided:
+        return f"the kernels take dense tensors, not {t.layout}"
+    if t.dtype not in _KERNEL_DTYPES:
+        return f"the kernels take float32/float64/float16/bfloat16 tensors, not {t.dtype}"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned and not torch.compiler.is_compiling():
+        _warned.add(reason)
+        warnings.warn(f"fastclip: computing with plain PyTorch because {reason}", stacklevel=4)
+
+
+class _Part:
+    """Tensors of one device that share an implementation (kernels or fallback)."""
+
+    def __init__(self, device: torch.device, impl, indices: list[int], tensors: list[Tensor]):
+        self.device, self.impl, self.indices, self.tensors = device, impl, indices, tensors
+
+
+def _split(tensors: list[Tensor]) -> list[_Part]:
+    """Per device: the tensors the kernels take, and those that need the fallback."""
+    buckets: dict = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise _not_a_tensor(tensors, "tensors")
+        reason = _fallback_reason(t)
+        if reason is not None:
+            _warn_once(reason)
+        buckets.setdefault((t.device, reason is None), []).append(i)
+    return [
+        _Part(device, _ops if use_kernels else _fallback, idx, [tensors[i] for i in idx])
+        for (device, use_kernels), idx in buckets.items()
+    ]
+
+
+def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, per_tensor: bool):
+    """Total norm (float64, on ``first``) and per-tensor norms over all parts."""
+    totals = []
+    each = torch.zeros((n if per_tensor else 0,), dtype=torch.float32, device=first)
+    for part in parts:
+        total, part_each = part.impl.multi_tensor_norm(part.tensors, ord, per_tensor)
+        totals.append(total.to(first, torch.float64))
+        if per_tensor:
+            index = torch.tensor(part.indices, dtype=torch.long, device=first)
+            each.index_copy_(0, index, part_each.to(first))
+    total = torch.linalg.vector_norm(torch.stack(totals), ord)
+    return total, each
+
+
+def _norms(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+    if _one_call(tensors):
+        return _ops.multi_tensor_norm(tensors, ord, per_tensor)
+    total, each = _split_norms(_split(tensors), tensors[0].device, len(tensors), ord, per_tensor)
+    return total.to(torch.float32), each
+
+
+def _coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
+    """min(1, max_norm / (norm + 1e-6)) in float64, NaN kept, on the norm's device."""
+    return torch.clamp(max_norm / (total_norm.to(torch.float64) + 1e-6), max=1.0)
+
+
+def _scale(tensors: list[Tensor], coef: Tensor) -> None:
+    if _one_call(tensors):
+        device = tensors[0].device
+        _ops.multi_tensor_scale_(tensors, coef if coef.device in (device, torch.device("cpu")) else coef.to(device))
+        return
+    for part in _split(tensors):
+        part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
+
+
+# ------------------------------------------------------------- public API
+@torch.no_grad()
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> Tensor:
+    """Norm of ``tensors`` seen as one vector, like ``torch.nn.utils.get_total_norm``.
+
+    Returns a float32 0-dim tensor on the first tensor's device (a CPU zero
+    for an empty list). ``foreach`` is accepted for compatibility and ignored:
+    the kernels always process the whole list at once.
+    """
+    del foreach
+    tensors = _as_list(tensors)
+    norm_type = _norm_type(norm_type)
+    if len(tensors) == 0:
+        return torch.tensor(0.0)
+    total, _ = _norms(tensors, norm_type, per_tensor=False)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(total, norm_type)
+    return total
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: Optional[bool] = None,
+) -> None:
+    """Scale gradients by ``min(1, max_norm / (total_norm + 1e-6))``, like torch's.
+
+    The coefficient stays on the device (no host sync); gradients are not
+    touched when it is exactly 1.
+    """
+    del foreach
+    max_norm = _max_norm(max_norm)
+    grads = _grads(parameters)
+    if len(grads) == 0:
+        return
+    if not isinstance(total_norm, Tensor):
+        total_norm = torch.tensor(float(total_norm), dtype=torch.float64)
+    _scale(grads, _coefficient(max_norm, total_norm))
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> Tensor:
+    """Clip the gradients' total norm to ``max_norm`` in place; return the norm.
+
+    Same signature and result as ``torch.nn.utils.clip_grad_norm_``. On one
+    device this is one fused op: norm, coefficient and scale, with no host
+    sync. NaN/inf gradients propagate as in torch (the norm becomes NaN/inf
+    and so do the gradients) unless ``error_if_nonfinite`` is set, in which
+    case a RuntimeError is raised and no gradient is modified.
+    """
+    del foreach
+    grads = _grads(parameters)
+    max_norm = _max_norm(max_norm)
+    norm_type = _norm_type(norm_type)
+    if len(grads) == 0:
+        return torch.tensor(0.0)
+    if error_if_nonfinite:
+        total, _ = _norms(grads, norm_type, per_tensor=False)
+        _raise_if_nonfinite(total, norm_type)
+        _scale(grads, _coefficient(max_norm, total))
+        return total
+    if _one_call(grads):
+        return _ops.clip_(grads, max_norm, norm_type)
+    parts = _split(grads)
+    first = grads[0].device
+    total, _ = _split_norms(parts, first, len(grads), norm_type, per_tensor=False)
+    coef = _coefficient(max_norm, total)
+    for part in parts:
+        part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
+    return total.to(torch.float32)
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: TensorOrTensors,
+    clip_value: float,
+    foreach: Optional[bool] = None,
+) -> None:
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` in place.
+
+    One fused pass (torch makes two: clamp_min_ then clamp_max_). NaN stays NaN.
+    """
+    del foreach
+    clip_value = _clip_value(clip_value)
+    grads = _grads(parameters)
+    if len(grads) == 0:
+        return
+    if _one_call(grads):
+        _ops.multi_tensor_clamp_(grads, clip_value)
+        return
+    parts = _split(grads)
+    for part in parts:
+        if part.impl is _fallback:
+            _fallback.check_clampable(part.tensors, [f"parameters[{i}].grad" for i in part.indices])
+    for part in parts:
+        part.impl.multi_tensor_clamp_(part.tensors, clip_value)
+
+
+@torch.no_grad()
+def grad_norms(parameters: TensorOrTensors, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Total gradient norm and the norm of each parameter's gradient, in one pass.
+
+    Returns ``(total, per_parameter)``: ``total`` is a float32 0-dim tensor,
+    ``per_parameter`` a float32 vector with one entry per element of
+    ``parameters`` (0 where the gradient is None), both on the first
+    gradient's device. Nothing is modified.
+    """
+    params = _as_list(parameters)
+    norm_type = _norm_type(norm_type)
+    grads = _grads(params)
+    if len(grads) == 0:
+        return torch.tensor(0.0), torch.zeros(len(params))
+    total, each = _norms(grads, norm_type, per_tensor=True)
+    if len(grads) == len(params):
+        return total, each
+    have = [i for i, p in enumerate(params) if p.grad is not None]
+    out = torch.zeros((len(params),), dtype=torch.float32, device=each.device)
+    out.index_copy_(0, torch.tensor(have, dtype=torch.long, device=each.device), each)
+    return total, out

@@ -1,0 +1,79 @@
+"""Builds fastclip._C with torch.utils.cpp_extension.
+
+CUDA kernels are compiled when this torch is a CUDA build and nvcc is found;
+otherwise the extension is CPU-only. Environment overrides:
+  FASTCLIP_CPU_ONLY=1    never compile CUDA sources
+  FASTCLIP_FORCE_CUDA=1  compile CUDA sources, and fail instead of falling back
+                         to a CPU-only build when that is not possible
+  TORCH_CUDA_ARCH_LIST   GPU architectures, as for any torch extension
+  MAX_JOBS               parallel compile jobs (ninja)
+Install with `pip install --no-build-isolation .` so that the build uses the
+torch that is installed (an isolated build would fetch another one).
+"""
+import os
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as error:
+    raise RuntimeError(
+        "fastclip builds against the installed torch: install torch first, then run "
+        "`pip install --no-build-isolation .`"
+    ) from error
+
+ROOT = Path(__file__).resolve().parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastclip" / "_version.py").read_text()).group(1)
+
+
+def _env(name: str) -> bool:
+    return os.environ.get(name, "") == "1"
+
+
+def _cuda_decision() -> tuple[bool, str]:
+    if _env("FASTCLIP_CPU_ONLY"):
+        return False, "FASTCLIP_CPU_ONLY=1"
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is a CPU-only build")
+    if CUDA_HOME is None:
+        missing.append("nvcc was not found (set CUDA_HOME)")
+    if missing:
+        if _env("FASTCLIP_FORCE_CUDA"):
+            raise RuntimeError("FASTCLIP_FORCE_CUDA=1 but CUDA cannot be built: " + "; ".join(missing))
+        return False, "; ".join(missing)
+    return True, f"CUDA {torch.version.cuda} at {CUDA_HOME}"
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+
+
+def extension():
+    with_cuda, why = _cuda_decision()
+    print(f"fastclip: {'CUDA + CPU' if with_cuda else 'CPU-only'} build ({why})")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    defines = [f'-DFASTCLIP_VERSION="{VERSION}"']
+    # -O3 for the vectorizer; no fast-math: NaN/inf must propagate exactly.
+    cxx = ["-O3"] + defines
+    if not with_cuda:
+        return CppExtension("fastclip._C", sources, extra_compile_args={"cxx": cxx})
+    sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    cuda_defines = ["-DFASTCLIP_WITH_CUDA"]
+    return CUDAExtension(
+        "fastclip._C",
+        sources,
+        extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": ["-O3", "-lineinfo"] + defines + cuda_defines},
+    )
+
+
+setup(
+    name="fastclip",
+    version=VERSION,
+    packages=find_packages(include=["fastclip", "fastclip.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
