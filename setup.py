@@ -12,6 +12,7 @@ torch that is installed (an isolated build would fetch another one).
 """
 import os
 import re
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -48,6 +49,16 @@ def _cuda_decision() -> tuple[bool, str]:
     return True, f"CUDA {torch.version.cuda} at {CUDA_HOME}"
 
 
+def _openmp_flags() -> list[str]:
+    # at::parallel_for is a header template whose OpenMP pragma is compiled
+    # into the extension: without -fopenmp it silently runs on one thread.
+    # Compile-only: GOMP symbols then resolve to the libgomp torch already
+    # loaded (no second OpenMP runtime with its own thread pool).
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        return ["-fopenmp"]
+    return []
+
+
 def _sources(pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
 
@@ -58,7 +69,7 @@ def extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     defines = [f'-DFASTCLIP_VERSION="{VERSION}"']
     # -O3 for the vectorizer; no fast-math: NaN/inf must propagate exactly.
-    cxx = ["-O3"] + defines
+    cxx = ["-O3"] + defines + _openmp_flags()
     if not with_cuda:
         return CppExtension("fastclip._C", sources, extra_compile_args={"cxx": cxx})
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
