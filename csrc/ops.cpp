@@ -132,9 +132,9 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["version"] = FASTCLIP_VERSION;
 #ifdef FASTCLIP_WITH_CUDA
-  info["cuda"] = true;
+  info["cuda_build"] = true;
 #else
-  info["cuda"] = false;
+  info["cuda_build"] = false;
 #endif
   return info;
 }
