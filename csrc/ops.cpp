@@ -2,6 +2,7 @@
 // checks every device implementation shares, and the pybind11 module.
 #include "ops.h"
 
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -15,13 +16,9 @@
 
 namespace fastclip {
 
-namespace {
-
 bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
-
-}  // namespace
 
 DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -112,20 +109,63 @@ TORCH_LIBRARY(fastclip, m) {
 
 namespace {
 
+// Why `t` cannot join `first` in one op call, or nullptr.
+const char* blocker(const at::Tensor& t, const at::Tensor& first) {
+  if (t.layout() != at::kStrided) return "sparse";
+  if (t.is_complex()) return "complex";
+  if (!fastclip::supported_dtype(t.scalar_type())) return "dtype";
+  if (t.device() != first.device()) return "devices";
+  return nullptr;
+}
+
 // Why a list cannot go to the ops as one call, or None when it can: the
 // Python fast path asks this once per call instead of inspecting tensors
 // one by one in Python (which costs ~0.1 us per attribute per tensor).
 std::optional<std::string> single_call_blocker(const std::vector<at::Tensor>& tensors) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    if (t.layout() != at::kStrided) return std::string("sparse");
-    if (t.is_complex()) return std::string("complex");
-    const at::ScalarType s = t.scalar_type();
-    if (!(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16))
-      return std::string("dtype");
-    if (t.device() != tensors[0].device()) return std::string("devices");
+  for (const at::Tensor& t : tensors) {
+    if (const char* why = blocker(t, tensors[0])) return std::string(why);
   }
   return std::nullopt;
+}
+
+// The gradients of `parameters` that are not None, in order, and the
+// blocker of single_call_blocker for them: one C++ pass instead of a
+// Python comprehension (~70 ns per parameter) plus a check. Objects that
+// are not plain tensors or Parameters are asked for `.grad` through Python,
+// so subclasses that override it keep working.
+std::tuple<pybind11::list, std::optional<std::string>> collect_grads(const pybind11::list& parameters) {
+  pybind11::list grads;
+  std::optional<at::Tensor> first;
+  std::optional<std::string> why;
+  // Looked up once; the reference is kept for the life of the process.
+  static PyTypeObject* const parameter_type = reinterpret_cast<PyTypeObject*>(
+      pybind11::object(pybind11::module_::import("torch.nn").attr("Parameter")).release().ptr());
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    PyObject* obj = parameters[i].ptr();
+    if (!THPVariable_Check(obj)) {
+      throw pybind11::type_error("parameters[" + std::to_string(i) + "] is a " + Py_TYPE(obj)->tp_name +
+                                 ", not a torch.Tensor");
+    }
+    at::Tensor grad;
+    if (Py_TYPE(obj) == reinterpret_cast<PyTypeObject*>(THPVariableClass) || Py_TYPE(obj) == parameter_type) {
+      grad = THPVariable_Unpack(obj).grad();
+      if (!grad.defined()) continue;
+      grads.append(pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(grad)));
+    } else {
+      pybind11::object g = parameters[i].attr("grad");
+      if (g.is_none()) continue;
+      if (!THPVariable_Check(g.ptr())) {
+        throw pybind11::type_error("parameters[" + std::to_string(i) + "].grad is not a tensor");
+      }
+      grad = THPVariable_Unpack(g.ptr());
+      grads.append(g);
+    }
+    if (!first) first = grad;
+    if (!why) {
+      if (const char* b = blocker(grad, *first)) why = b;
+    }
+  }
+  return {grads, why};
 }
 
 pybind11::dict build_info() {
@@ -146,5 +186,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("single_call_blocker", &single_call_blocker, pybind11::arg("tensors"),
         "None if the tensors can go to one fastclip op call, else the reason "
         "('sparse', 'complex', 'dtype' or 'devices').");
+  m.def("collect_grads", &collect_grads, pybind11::arg("parameters"),
+        "(grads, blocker): the gradients that are not None, and single_call_blocker(grads).");
   m.def("build_info", &build_info, "How this extension was built.");
 }

@@ -23,6 +23,7 @@ void check_clip_value(const char* op, double clip_value);
 // coef: a one-element floating tensor on the CPU or on `device`.
 void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device);
 
+bool supported_dtype(at::ScalarType t);
 DType to_dtype(at::ScalarType t);
 
 // The tensors of one call as flat spans. A tensor that is non-overlapping

@@ -52,6 +52,11 @@ def single_call_blocker(tensors: list[Tensor]) -> Optional[str]:
     return _C.single_call_blocker(tensors)
 
 
+def collect_grads(parameters: list) -> tuple[list[Tensor], Optional[str]]:
+    """The gradients that are not None, and ``single_call_blocker`` of them (one C++ pass)."""
+    return _C.collect_grads(parameters)
+
+
 def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
     """Total norm (float32, 0-dim) and, if ``per_tensor``, each tensor's norm."""
     return torch.ops.fastclip.multi_tensor_norm.default(tensors, float(ord), bool(per_tensor))

@@ -75,13 +75,18 @@ def _as_list(tensors: TensorOrTensors) -> list:
     return [tensors] if isinstance(tensors, Tensor) else list(tensors)
 
 
-def _grads(parameters: TensorOrTensors) -> list[Tensor]:
-    """The gradients of ``parameters`` that are not None, in order."""
+def _grads(parameters: TensorOrTensors) -> tuple[list[Tensor], bool]:
+    """The gradients of ``parameters`` that are not None, in order, and
+    whether they can all go to one op call (see ``_one_call``)."""
     params = _as_list(parameters)
+    if _ops.available() and not torch.compiler.is_compiling():
+        grads, blocker = _ops.collect_grads(params)  # one C++ pass, names a non-tensor element
+        return grads, blocker is None and len(grads) > 0 and grads[0].device.type in _KERNEL_DEVICES
     try:
-        return [g for p in params if (g := p.grad) is not None]
+        grads = [g for p in params if (g := p.grad) is not None]
     except AttributeError:
         raise _not_a_tensor(params, "parameters") from None
+    return grads, len(grads) > 0 and _one_call(grads)
 
 
 def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
@@ -178,8 +183,8 @@ def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, pe
     return total, each
 
 
-def _norms(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
-    if _one_call(tensors):
+def _norms(tensors: list[Tensor], ord: float, per_tensor: bool, one_call: bool) -> tuple[Tensor, Tensor]:
+    if one_call:
         return _ops.multi_tensor_norm(tensors, ord, per_tensor)
     total, each = _split_norms(_split(tensors), tensors[0].device, len(tensors), ord, per_tensor)
     return total.to(torch.float32), each
@@ -190,8 +195,8 @@ def _coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
     return torch.clamp(max_norm / (total_norm.to(torch.float64) + 1e-6), max=1.0)
 
 
-def _scale(tensors: list[Tensor], coef: Tensor) -> None:
-    if _one_call(tensors):
+def _scale(tensors: list[Tensor], coef: Tensor, one_call: bool) -> None:
+    if one_call:
         device = tensors[0].device
         _ops.multi_tensor_scale_(tensors, coef if coef.device in (device, torch.device("cpu")) else coef.to(device))
         return
@@ -218,7 +223,7 @@ def get_total_norm(
     norm_type = _norm_type(norm_type)
     if len(tensors) == 0:
         return torch.tensor(0.0)
-    total, _ = _norms(tensors, norm_type, per_tensor=False)
+    total, _ = _norms(tensors, norm_type, False, _one_call(tensors))
     if error_if_nonfinite:
         _raise_if_nonfinite(total, norm_type)
     return total
@@ -238,12 +243,12 @@ def clip_grads_with_norm_(
     """
     del foreach
     max_norm = _max_norm(max_norm)
-    grads = _grads(parameters)
+    grads, one_call = _grads(parameters)
     if len(grads) == 0:
         return
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm), dtype=torch.float64)
-    _scale(grads, _coefficient(max_norm, total_norm))
+    _scale(grads, _coefficient(max_norm, total_norm), one_call)
 
 
 @torch.no_grad()
@@ -263,17 +268,17 @@ def clip_grad_norm_(
     case a RuntimeError is raised and no gradient is modified.
     """
     del foreach
-    grads = _grads(parameters)
+    grads, one_call = _grads(parameters)
     max_norm = _max_norm(max_norm)
     norm_type = _norm_type(norm_type)
     if len(grads) == 0:
         return torch.tensor(0.0)
     if error_if_nonfinite:
-        total, _ = _norms(grads, norm_type, per_tensor=False)
+        total, _ = _norms(grads, norm_type, False, one_call)
         _raise_if_nonfinite(total, norm_type)
-        _scale(grads, _coefficient(max_norm, total))
+        _scale(grads, _coefficient(max_norm, total), one_call)
         return total
-    if _one_call(grads):
+    if one_call:
         return _ops.clip_(grads, max_norm, norm_type)
     parts = _split(grads)
     first = grads[0].device
@@ -296,16 +301,16 @@ def clip_grad_value_(
     """
     del foreach
     clip_value = _clip_value(clip_value)
-    grads = _grads(parameters)
+    grads, one_call = _grads(parameters)
     if len(grads) == 0:
         return
-    if _one_call(grads):
+    if one_call:
         _ops.multi_tensor_clamp_(grads, clip_value)
         return
     parts = _split(grads)
     for part in parts:
         if part.impl is _fallback:
-            _fallback.check_clampable(part.tensors, [f"parameters[{i}].grad" for i in part.indices])
+            _fallback.check_clampable(part.tensors, [f"gradient {i} (counting non-None gradients)" for i in part.indices])
     for part in parts:
         part.impl.multi_tensor_clamp_(part.tensors, clip_value)
 
@@ -321,10 +326,10 @@ def grad_norms(parameters: TensorOrTensors, norm_type: float = 2.0) -> tuple[Ten
     """
     params = _as_list(parameters)
     norm_type = _norm_type(norm_type)
-    grads = _grads(params)
+    grads, one_call = _grads(params)
     if len(grads) == 0:
         return torch.tensor(0.0), torch.zeros(len(params))
-    total, each = _norms(grads, norm_type, per_tensor=True)
+    total, each = _norms(grads, norm_type, True, one_call)
     if len(grads) == len(params):
         return total, each
     have = [i for i, p in enumerate(params) if p.grad is not None]
