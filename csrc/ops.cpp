@@ -7,6 +7,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -64,6 +66,27 @@ void check_clip_value(const char* op, double clip_value) {
   TORCH_CHECK(clip_value >= 0.0, op, ": clip_value must be a number >= 0, got ", clip_value);
 }
 
+void check_norm_finite(double norm, double ord) {
+  if (std::isfinite(norm)) return;
+  // The order as Python prints a float (torch's message uses f"{norm_type}").
+  std::string order;
+  if (std::isinf(ord)) {
+    order = "inf";
+  } else if (ord == std::floor(ord) && std::fabs(ord) < 1e16) {
+    order = std::to_string(static_cast<int64_t>(ord)) + ".0";
+  } else {
+    char buf[32];
+    for (int digits = 1; digits <= 17; ++digits) {
+      std::snprintf(buf, sizeof(buf), "%.*g", digits, ord);
+      if (std::strtod(buf, nullptr) == ord) break;
+    }
+    order = buf;
+  }
+  TORCH_CHECK(false, "The total norm of order ", order,
+              " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error "
+              "and scale the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
+}
+
 void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device) {
   TORCH_CHECK(coef.defined() && coef.numel() == 1, op,
               ": coef must be a tensor with one element, got ",
@@ -104,7 +127,9 @@ TORCH_LIBRARY(fastclip, m) {
   // tensors = clamp(tensors, -clip_value, clip_value) in place; NaN stays NaN.
   m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
   // Fused norm -> min(1, max_norm / (norm + 1e-6)) -> scale; returns the norm.
-  m.def("clip_(Tensor(a!)[] tensors, float max_norm, float ord) -> Tensor");
+  // error_if_nonfinite: raise torch's error instead, before anything is
+  // written, when the norm is NaN or inf (this reads the norm on the host).
+  m.def("clip_(Tensor(a!)[] tensors, float max_norm, float ord, bool error_if_nonfinite=False) -> Tensor");
 }
 
 namespace {

@@ -20,6 +20,8 @@ void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType devic
 void check_norm_order(const char* op, double ord);
 void check_max_norm(const char* op, double max_norm);
 void check_clip_value(const char* op, double clip_value);
+// torch's error_if_nonfinite error when `norm` is NaN or inf.
+void check_norm_finite(double norm, double ord);
 // coef: a one-element floating tensor on the CPU or on `device`.
 void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device);
 

@@ -7,6 +7,8 @@ one tensor at a time.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,16 +26,37 @@ def _norm64(t: Tensor, ord: float) -> Tensor:
     values = _dense_values(t)
     if values.is_complex():
         values = values.abs()
-    return torch.linalg.vector_norm(values, ord, dtype=torch.float64)
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=t.device)  # torch's inf-norm refuses empty tensors
+    norm = torch.linalg.vector_norm(values, ord, dtype=torch.float64)
+    if ord in (1.0, 2.0, math.inf) and values.dtype != torch.float64:
+        return norm  # squares of finite 32/16-bit values stay inside the double range
+    # The rescue of the kernels, without a host sync: where the power sum
+    # overflowed or underflowed, take the norm of the values divided by max |x|.
+    top = torch.linalg.vector_norm(values, math.inf, dtype=torch.float64)
+    rescue = torch.isfinite(top) & (top > 0) & (torch.isinf(norm) | (norm < top))
+    scale = torch.where(rescue, top, torch.ones_like(top))
+    return torch.where(rescue, torch.linalg.vector_norm(values.to(torch.float64) / scale, ord) * scale, norm)
+
+
+def combine(norms: Tensor, ord: float) -> Tensor:
+    """The ord-norm of a float64 vector of norms, safe from overflow."""
+    top = torch.linalg.vector_norm(norms, math.inf)
+    scale = torch.where(torch.isfinite(top) & (top > 0), top, torch.ones_like(top))  # no host sync
+    return torch.linalg.vector_norm(norms / scale, ord) * scale
+
+
+def norms64(tensors: list[Tensor], ord: float) -> tuple[Tensor, Tensor]:
+    """Total and per-tensor norms in float64 (the split path combines these)."""
+    each = torch.stack([_norm64(t, ord) for t in tensors])
+    return combine(each, ord), each
 
 
 def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
-    device = tensors[0].device
-    each = torch.stack([_norm64(t, ord) for t in tensors])
-    total = torch.linalg.vector_norm(each, ord).to(torch.float32)
-    if per_tensor:
-        return total, each.to(torch.float32)
-    return total, torch.empty((0,), dtype=torch.float32, device=device)
+    total, each = norms64(tensors, ord)
+    if not per_tensor:
+        each = each[:0]
+    return total.to(torch.float32), each.to(torch.float32)
 
 
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:

@@ -72,9 +72,10 @@ def multi_tensor_clamp_(tensors: list[Tensor], clip_value: float) -> None:
     torch.ops.fastclip.multi_tensor_clamp_.default(tensors, float(clip_value))
 
 
-def clip_(tensors: list[Tensor], max_norm: float, ord: float) -> Tensor:
-    """Fused norm, coefficient and scale; returns the total norm."""
-    return torch.ops.fastclip.clip_.default(tensors, float(max_norm), float(ord))
+def clip_(tensors: list[Tensor], max_norm: float, ord: float, error_if_nonfinite: bool = False) -> Tensor:
+    """Fused norm, coefficient and scale; returns the total norm. With
+    ``error_if_nonfinite``, a NaN/inf norm raises before anything is written."""
+    return torch.ops.fastclip.clip_.default(tensors, float(max_norm), float(ord), bool(error_if_nonfinite))
 
 
 def _device_of(tensors: list[Tensor]) -> torch.device:
@@ -99,5 +100,5 @@ if _C is not None:
         return None
 
     @torch.library.register_fake("fastclip::clip_")
-    def _clip_fake(tensors, max_norm, ord):
+    def _clip_fake(tensors, max_norm, ord, error_if_nonfinite=False):
         return torch.empty((), dtype=torch.float32, device=_device_of(tensors))

@@ -82,10 +82,12 @@ def _grads(parameters: TensorOrTensors) -> tuple[list[Tensor], bool]:
     if _ops.available() and not torch.compiler.is_compiling():
         grads, blocker = _ops.collect_grads(params)  # one C++ pass, names a non-tensor element
         return grads, blocker is None and len(grads) > 0 and grads[0].device.type in _KERNEL_DEVICES
-    try:
-        grads = [g for p in params if (g := p.grad) is not None]
-    except AttributeError:
-        raise _not_a_tensor(params, "parameters") from None
+    grads = []
+    for p in params:  # a plain loop: dynamo cannot trace a walrus in a comprehension
+        if not isinstance(p, Tensor):
+            raise _not_a_tensor(params, "parameters")
+        if p.grad is not None:
+            grads.append(p.grad)
     return grads, len(grads) > 0 and _one_call(grads)
 
 
@@ -174,13 +176,15 @@ def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, pe
     totals = []
     each = torch.zeros((n if per_tensor else 0,), dtype=torch.float32, device=first)
     for part in parts:
-        total, part_each = part.impl.multi_tensor_norm(part.tensors, ord, per_tensor)
+        if part.impl is _fallback:
+            total, part_each = _fallback.norms64(part.tensors, ord)  # keeps norms beyond float32
+        else:
+            total, part_each = _ops.multi_tensor_norm(part.tensors, ord, per_tensor)
         totals.append(total.to(first, torch.float64))
         if per_tensor:
             index = torch.tensor(part.indices, dtype=torch.long, device=first)
-            each.index_copy_(0, index, part_each.to(first))
-    total = torch.linalg.vector_norm(torch.stack(totals), ord)
-    return total, each
+            each.index_copy_(0, index, part_each.to(first, torch.float32))
+    return _fallback.combine(torch.stack(totals), ord), each
 
 
 def _norms(tensors: list[Tensor], ord: float, per_tensor: bool, one_call: bool) -> tuple[Tensor, Tensor]:
@@ -273,13 +277,13 @@ def clip_grad_norm_(
     norm_type = _norm_type(norm_type)
     if len(grads) == 0:
         return torch.tensor(0.0)
+    if one_call:
+        return _ops.clip_(grads, max_norm, norm_type, error_if_nonfinite)
     if error_if_nonfinite:
         total, _ = _norms(grads, norm_type, False, one_call)
         _raise_if_nonfinite(total, norm_type)
         _scale(grads, _coefficient(max_norm, total), one_call)
         return total
-    if one_call:
-        return _ops.clip_(grads, max_norm, norm_type)
     parts = _split(grads)
     first = grads[0].device
     total, _ = _split_norms(parts, first, len(grads), norm_type, per_tensor=False)

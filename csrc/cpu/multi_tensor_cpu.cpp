@@ -142,7 +142,7 @@ void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
   for (int64_t i : table.strided()) tensors[static_cast<size_t>(i)].clamp_(-clip_value, clip_value);
 }
 
-at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord) {
+at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord, bool error_if_nonfinite) {
   constexpr const char* kOp = "fastclip::clip_";
   check_tensors(kOp, tensors, c10::DeviceType::CPU);
   check_max_norm(kOp, max_norm);
@@ -152,6 +152,7 @@ at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord) {
     const TensorTable table(tensors, TensorTable::kRead);
     total = compute_norms(table.descs(), make_norm_order(ord)).total_norm();
   }
+  if (error_if_nonfinite) check_norm_finite(total, ord);
   // The coefficient comes from the double norm: it stays right even when
   // the norm itself is beyond float32 range.
   scale_tensors(tensors, clip_coefficient(max_norm, total));

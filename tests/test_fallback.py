@@ -1,0 +1,183 @@
+"""The plain-PyTorch fallback, as used when the compiled extension is missing.
+
+The ``fallback`` fixture makes ``fastclip`` believe that ``fastclip._C``
+could not be loaded: ``_ops.available()`` returns False and no device has
+kernels. Every public function must then give the results it gives with the
+extension, and warn once that it is running without it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import fastclip
+import fastclip.clip
+from fastclip import _ops
+from testing import (
+    assert_identical,
+    assert_norm_close,
+    assert_same_bits,
+    assert_scaled_close,
+    clone_params,
+    dtype_id,
+    make_grads,
+    make_params,
+    ord_id,
+    ref_coef,
+    ref_norm,
+    ref_norms_each,
+    ref_scaled,
+)
+
+SHAPES = [(17,), (4, 9), (), (2, 3, 5), (123,)]  # 0-size tensors: test_fallback_with_empty_tensor
+
+
+@pytest.fixture
+def fallback(monkeypatch):
+    monkeypatch.setattr(_ops, "available", lambda: False)
+    monkeypatch.setattr(fastclip.clip, "_KERNEL_DEVICES", frozenset())
+    monkeypatch.setattr(fastclip.clip, "_warned", set())
+    assert fastclip.backend().startswith("fallback")
+
+
+def _params(dtype, seed):
+    grads = make_grads(SHAPES, dtype, seed=seed, scale=2.0)
+    grads.insert(2, None)
+    return make_params(grads)
+
+
+def _grads(params):
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _fastclip_warnings(record):
+    return [w for w in record if issubclass(w.category, UserWarning) and "fastclip" in str(w.message)]
+
+
+def _run_all(params, ord):
+    """Every public function once; what they return and the final gradients."""
+    grads = _grads(params)
+    out = {
+        "get_total_norm": fastclip.get_total_norm(grads, ord),
+        "grad_norms": fastclip.grad_norms(params, ord),
+    }
+    norm = out["get_total_norm"].item()
+    out["clip_grad_norm_"] = fastclip.clip_grad_norm_(params, 0.5 * norm, ord)
+    fastclip.clip_grads_with_norm_(params, 0.25 * norm, torch.tensor(0.5 * norm))
+    fastclip.clip_grad_value_(params, 0.1)
+    return out
+
+
+@pytest.mark.parametrize("ord", [2.0, 1.0, math.inf], ids=ord_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_fallback_gives_the_extension_results(dtype, ord, request):
+    with_extension = _params(dtype, seed=1)
+    without = clone_params(with_extension)
+    grads = [g.clone() for g in _grads(with_extension)]
+    norm = ref_norm(grads, ord)
+    expected = _run_all(with_extension, ord)
+
+    request.getfixturevalue("fallback")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = _run_all(without, ord)
+
+    assert len(_fastclip_warnings(record)) == 1, [str(w.message) for w in record]
+    for name in ("get_total_norm", "clip_grad_norm_"):
+        assert_norm_close(got[name], expected[name], dtype)
+        assert_norm_close(got[name], norm, dtype)
+    assert_norm_close(got["grad_norms"][0], expected["grad_norms"][0], dtype)
+    assert_norm_close(got["grad_norms"][1], expected["grad_norms"][1], dtype)
+    assert got["grad_norms"][1][2].item() == 0.0
+    assert_norm_close(got["grad_norms"][1][[0, 1, 3, 4, 5]], ref_norms_each(grads, ord), dtype)
+    for p, q in zip(without, with_extension):
+        if q.grad is None:
+            assert p.grad is None
+        else:
+            assert_scaled_close(p.grad, ref_scaled(q.grad, 1.0))
+
+
+@pytest.mark.parametrize("ord", [2.0, 1.0, math.inf], ids=ord_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_fallback_clip_against_reference(dtype, ord, fallback):
+    params = _params(dtype, seed=2)
+    grads = [g.clone() for g in _grads(params)]
+    norm = ref_norm(grads, ord)
+    max_norm = 0.3 * norm.item()
+    with pytest.warns(UserWarning, match="fastclip"):
+        total = fastclip.clip_grad_norm_(params, max_norm, ord)
+    assert_norm_close(total, norm, dtype)
+    for p, g in zip(_grads(params), grads):
+        assert_scaled_close(p, ref_scaled(g, ref_coef(max_norm, norm)))
+
+
+@pytest.mark.parametrize("ord", [2.0, 1.0, math.inf], ids=ord_id)
+def test_fallback_with_empty_tensor(ord, fallback):
+    grads = make_grads([(7,), (3, 0), (0,)], seed=6)
+    params = make_params(grads)
+    norm = ref_norm(grads, ord)
+    with pytest.warns(UserWarning, match="fastclip"):
+        assert_norm_close(fastclip.get_total_norm(grads, ord), norm)
+    total, each = fastclip.grad_norms(params, ord)
+    assert_norm_close(each, ref_norms_each(grads, ord))
+    assert_norm_close(fastclip.clip_grad_norm_(params, 0.5 * norm.item(), ord), norm)
+
+
+def test_fallback_clip_grad_value_keeps_nan(fallback):
+    params = _params(torch.float32, seed=3)
+    params[0].grad[4] = math.nan
+    torch_params = clone_params(params)
+    with pytest.warns(UserWarning, match="fastclip"):
+        fastclip.clip_grad_value_(params, 0.3)
+    torch.nn.utils.clip_grad_value_(torch_params, 0.3)
+    for p, q in zip(_grads(params), _grads(torch_params)):
+        assert_identical(p, q)
+
+
+def test_fallback_warns_once_per_process(fallback):
+    params = _params(torch.float32, seed=4)
+    with pytest.warns(UserWarning, match="fastclip") as record:
+        fastclip.clip_grad_norm_(params, 1.0)
+    assert len(_fastclip_warnings(record)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise here
+        fastclip.clip_grad_norm_(params, 1.0)
+        fastclip.get_total_norm(_grads(params))
+
+
+def test_fallback_empty_and_errors(fallback):
+    assert_same_bits(fastclip.clip_grad_norm_([], 1.0), torch.tensor(0.0))
+    assert_same_bits(fastclip.get_total_norm([]), torch.tensor(0.0))
+    params = _params(torch.float32, seed=5)
+    with pytest.raises(TypeError, match=r"parameters\[1\]"):
+        fastclip.clip_grad_norm_([params[0], 3], 1.0)
+    with pytest.warns(UserWarning, match="fastclip"), pytest.raises(TypeError, match=r"tensors\[1\]"):
+        fastclip.get_total_norm([params[0].grad, "x"])
+    with pytest.raises(ValueError, match="max_norm"):
+        fastclip.clip_grad_norm_(params, -1.0)
+
+
+def _filled(shapes, value, dtype):
+    return [torch.full(s, value, dtype=dtype) * (-1) ** i for i, s in enumerate(shapes)]
+
+
+@pytest.mark.parametrize(
+    "value, dtype, ord",
+    [(1e30, torch.float32, 2.0), (1e200, torch.float64, 2.0), (1e30, torch.float32, 12.0)],
+    ids=["fp32_1e30_ord2", "fp64_1e200_ord2", "fp32_1e30_ord12"],
+)
+def test_fallback_extreme_values_like_extension(value, dtype, ord, fallback):
+    # "Same contract as torch.ops.fastclip" (_fallback.py): the coefficient
+    # comes from an accurate float64 norm, so the clipped gradients have norm
+    # max_norm even where that norm itself has no float32 value.
+    grads = _filled([(10,), (3, 4), (5,)], value, dtype)
+    params = make_params(grads)
+    norm = ref_norm(grads, ord)
+    with pytest.warns(UserWarning, match="fastclip"):
+        fastclip.clip_grad_norm_(params, 2.0, ord)
+    torch.testing.assert_close(ref_norm(_grads(params), ord).item(), 2.0, rtol=1e-5, atol=0)
+    for p, g in zip(_grads(params), grads):
+        assert_scaled_close(p, ref_scaled(g, ref_coef(2.0, norm)))

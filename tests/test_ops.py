@@ -1,0 +1,449 @@
+"""The dispatcher ops (``torch.ops.fastclip.*``) against a float64 reference.
+
+Every list shape that has bitten multi-tensor kernels before is a case here:
+a lone 0-dim tensor, 0-size tensors among others, transposed views, views
+with gaps, data at an odd element offset, a shape that is not a multiple of
+anything, many tensors, and dtypes mixed in one list.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import fastclip  # noqa: F401  (registers the ops)
+from testing import (
+    DEVICE_PARAMS,
+    DTYPES,
+    HAS_CUDA,
+    ORDS,
+    TOLERANCES,
+    assert_identical,
+    assert_norm_close,
+    assert_same_bits,
+    assert_scaled_close,
+    assert_untouched,
+    dtype_id,
+    gapped_view,
+    make_grads,
+    offset_view,
+    ord_id,
+    poison,
+    poison_allocator,
+    ref_coef,
+    ref_norm,
+    ref_norms_each,
+    ref_scaled,
+    require_kernel,
+    snapshot,
+)
+
+ops = torch.ops.fastclip
+
+# A finite value no op here produces from randn data: gaps filled with it
+# show a write (NaN would not, since NaN * c and clamp(NaN) are NaN again).
+SENTINEL = 12288.0  # 1.5 * 2**13, exact in every dtype
+
+
+# ------------------------------------------------------------------- cases
+# Each builder returns (tensors, gaps): the list handed to the op and the
+# memory next to it (the gaps of strided views, the element before an
+# offset view) that the op must neither read nor write. Gaps start as NaN.
+def _scalar_0d(dtype, device):
+    return make_grads([()], dtype, device, seed=1), []
+
+
+def _with_empty(dtype, device):
+    return make_grads([(7,), (0,), (3, 0, 2), (4, 5)], dtype, device, seed=2), []
+
+
+def _transposed(dtype, device):
+    a, b = make_grads([(9, 6), (3, 4, 5)], dtype, device, seed=3)
+    return [a.t(), b.permute(2, 0, 1), make_grads([(11,)], dtype, device, seed=4)[0]], []
+
+
+def _gaps(dtype, device):
+    views = [gapped_view((6, 10), dtype, device, seed=5), gapped_view((3, 5), dtype, device, seed=6)]
+    plain = make_grads([(13,)], dtype, device, seed=7)[0]
+    return [views[0], plain, views[1]], [v._base[:, 1::2] for v in views]
+
+
+def _offset(dtype, device):
+    views = [offset_view(91, dtype, device, seed=8), offset_view(3, dtype, device, seed=9)]
+    return [views[0].view(7, 13), views[1]], [v._base[:1] for v in views]
+
+
+def _odd_shape(dtype, device):
+    # 75,645 elements: more than one 64 Ki chunk, and no multiple of any vector width.
+    return make_grads([(5, 123, 123)], dtype, device, seed=10), []
+
+
+def _many(dtype, device, count=1000):
+    rng = random.Random(11)
+    shapes = [
+        (rng.randint(1, 300),) if rng.random() < 0.5 else (rng.randint(1, 17), rng.randint(1, 17))
+        for _ in range(count)
+    ]
+    return make_grads(shapes, dtype, device, seed=12), []
+
+
+CASES = {
+    "scalar_0d": _scalar_0d,
+    "with_empty": _with_empty,
+    "transposed": _transposed,
+    "gaps": _gaps,
+    "offset": _offset,
+    "odd_5x123x123": _odd_shape,
+    "1000_tensors": _many,
+}
+
+case_param = pytest.mark.parametrize("case", list(CASES))
+dtype_param = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+ord_param = pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+device_param = pytest.mark.parametrize("device", DEVICE_PARAMS)
+
+
+def _fill_gaps(gaps, value):
+    poison(*gaps) if math.isnan(value) else [g.fill_(value) for g in gaps]
+    return [g.clone() for g in gaps]
+
+
+def _assert_gaps_kept(gaps, copies):
+    for gap, copy in zip(gaps, copies):
+        assert_same_bits(gap, copy)
+
+
+# -------------------------------------------------------------------- norm
+@device_param
+@ord_param
+@dtype_param
+@case_param
+def test_norm_matches_reference(case, dtype, ord, device):
+    require_kernel(device)
+    tensors, gaps = CASES[case](dtype, device)
+    gap_copies = _fill_gaps(gaps, math.nan)  # a read of a gap makes the norm NaN
+    before = snapshot(tensors)
+    poison_allocator([1, len(tensors)], device)
+
+    total, each = ops.multi_tensor_norm(tensors, ord, True)
+
+    assert total.shape == () and total.device.type == device
+    assert each.shape == (len(tensors),) and each.dtype == torch.float32 and each.device.type == device
+    assert_norm_close(total, ref_norm(tensors, ord), dtype)
+    assert_norm_close(each, ref_norms_each(tensors, ord), dtype)
+    assert_untouched(tensors, before)
+    _assert_gaps_kept(gaps, gap_copies)
+
+    total_only, none = ops.multi_tensor_norm(tensors, ord, False)
+    assert none.shape == (0,) and none.dtype == torch.float32
+    assert_same_bits(total_only, total)
+
+
+@device_param
+@ord_param
+def test_norm_mixed_dtypes(ord, device):
+    require_kernel(device)
+    tensors = make_grads([(33,), (4, 7), (129,), (2, 3, 5)], DTYPES, device, seed=20)
+    tensors.append(gapped_view((5, 6), torch.bfloat16, device, seed=21))
+    tensors.append(offset_view(17, torch.float16, device, seed=22))
+    total, each = ops.multi_tensor_norm(tensors, ord, True)
+    assert_norm_close(total, ref_norm(tensors, ord))
+    assert_norm_close(each, ref_norms_each(tensors, ord))
+
+
+def test_norm_10000_small_tensors():
+    rng = random.Random(30)
+    sizes = [rng.randint(64, 4096) for _ in range(10_000)]
+    flat = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(31))
+    tensors = [t.clone() for t in torch.split(flat, sizes)]
+    total, each = ops.multi_tensor_norm(tensors, 2.0, True)
+    assert_norm_close(total, torch.linalg.vector_norm(flat.double()))
+    assert_norm_close(each, ref_norms_each(tensors, 2.0))
+
+    max_norm = 0.5 * total.item()
+    norm = ops.clip_(tensors, max_norm, 2.0)
+    assert_same_bits(norm, total)
+    coef = ref_coef(max_norm, torch.linalg.vector_norm(flat.double()))
+    assert_scaled_close(torch.cat(tensors), ref_scaled(flat, coef))
+
+
+# ------------------------------------------------------------------- scale
+@device_param
+@pytest.mark.parametrize("coef", [0.5, 0.3])
+@dtype_param
+@case_param
+def test_scale_matches_reference(case, dtype, coef, device):
+    require_kernel(device)
+    tensors, gaps = CASES[case](dtype, device)
+    gap_copies = _fill_gaps(gaps, SENTINEL)
+    coef_t = torch.tensor(coef)  # float32, as the Python API may pass it
+    expected = [ref_scaled(t, coef_t) for t in tensors]
+
+    ops.multi_tensor_scale_(tensors, coef_t)
+
+    for t, e in zip(tensors, expected):
+        assert_scaled_close(t, e)
+    _assert_gaps_kept(gaps, gap_copies)
+
+
+@device_param
+@dtype_param
+@case_param
+def test_scale_by_exactly_one_writes_nothing(case, dtype, device):
+    require_kernel(device)
+    tensors, gaps = CASES[case](dtype, device)
+    gap_copies = _fill_gaps(gaps, SENTINEL)
+    before = snapshot(tensors)
+    for coef in (torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64), torch.ones(1, dtype=torch.float16)):
+        ops.multi_tensor_scale_(tensors, coef)
+    assert_untouched(tensors, before)  # values and _version
+    _assert_gaps_kept(gaps, gap_copies)
+
+
+@device_param
+@dtype_param
+def test_scale_coef_float64_tensor(dtype, device):
+    require_kernel(device)
+    tensors = make_grads([(), (17,), (5, 9)], dtype, device, seed=40) + [gapped_view((4, 3), dtype, device)]
+    coef = torch.tensor(1.0 / 3.0, dtype=torch.float64)
+    expected = [ref_scaled(t, coef) for t in tensors]
+    ops.multi_tensor_scale_(tensors, coef)
+    for t, e in zip(tensors, expected):
+        assert_scaled_close(t, e)
+
+
+@device_param
+def test_scale_mixed_dtypes(device):
+    require_kernel(device)
+    tensors = make_grads([(33,), (4, 7), (129,), (2, 3, 5)], DTYPES, device, seed=41)
+    coef = torch.tensor(0.7, dtype=torch.float64)
+    expected = [ref_scaled(t, coef) for t in tensors]
+    ops.multi_tensor_scale_(tensors, coef)
+    for t, e in zip(tensors, expected):
+        assert_scaled_close(t, e)
+
+
+# ------------------------------------------------------------------- clamp
+@device_param
+@pytest.mark.parametrize("clip_value", [0.5, 0.3, 0.0])
+@dtype_param
+@case_param
+def test_clamp_matches_torch(case, dtype, clip_value, device):
+    require_kernel(device)
+    tensors, gaps = CASES[case](dtype, device)
+    gap_copies = _fill_gaps(gaps, SENTINEL)
+    for t in tensors:
+        if t.numel() > 0:
+            t[(0,) * t.dim()] = math.nan
+            t[tuple(s - 1 for s in t.shape)] = -math.inf if t.numel() > 1 else math.nan
+    expected = [torch.clamp(t, -clip_value, clip_value) for t in tensors]
+
+    ops.multi_tensor_clamp_(tensors, clip_value)
+
+    for t, e in zip(tensors, expected):
+        assert_identical(t, e)
+    _assert_gaps_kept(gaps, gap_copies)
+
+
+@device_param
+def test_clamp_mixed_dtypes(device):
+    require_kernel(device)
+    tensors = make_grads([(33,), (4, 7), (129,), (2, 3, 5)], DTYPES, device, seed=42, scale=3.0)
+    tensors[2][5] = math.nan
+    expected = [torch.clamp(t, -1.25, 1.25) for t in tensors]
+    ops.multi_tensor_clamp_(tensors, 1.25)
+    for t, e in zip(tensors, expected):
+        assert_identical(t, e)
+
+
+# ------------------------------------------------------------ fused clip_
+@device_param
+@ord_param
+@dtype_param
+@case_param
+def test_clip_matches_reference(case, dtype, ord, device):
+    require_kernel(device)
+    tensors, gaps = CASES[case](dtype, device)
+    gap_copies = _fill_gaps(gaps, SENTINEL)
+    norm = ref_norm(tensors, ord)
+    max_norm = 0.4 * norm.item()
+    expected = [ref_scaled(t, ref_coef(max_norm, norm)) for t in tensors]
+    poison_allocator([1], device)
+
+    total = ops.clip_(tensors, max_norm, ord)
+
+    assert total.shape == () and total.device.type == device
+    assert_norm_close(total, norm, dtype)
+    for t, e in zip(tensors, expected):
+        assert_scaled_close(t, e)
+    _assert_gaps_kept(gaps, gap_copies)
+
+
+@device_param
+@ord_param
+@dtype_param
+def test_clip_below_max_norm_writes_nothing(dtype, ord, device):
+    require_kernel(device)
+    tensors, gaps = _gaps(dtype, device)
+    gap_copies = _fill_gaps(gaps, SENTINEL)
+    before = snapshot(tensors)
+    norm = ref_norm(tensors, ord)
+    total = ops.clip_(tensors, 2.0 * norm.item() + 1.0, ord)
+    assert_norm_close(total, norm, dtype)
+    assert_untouched(tensors, before)
+    _assert_gaps_kept(gaps, gap_copies)
+
+
+@device_param
+@ord_param
+def test_clip_mixed_dtypes(ord, device):
+    require_kernel(device)
+    tensors = make_grads([(33,), (4, 7), (129,), (2, 3, 5)], DTYPES, device, seed=43)
+    norm = ref_norm(tensors, ord)
+    max_norm = 0.3 * norm.item()
+    expected = [ref_scaled(t, ref_coef(max_norm, norm)) for t in tensors]
+    total = ops.clip_(tensors, max_norm, ord)
+    assert_norm_close(total, norm)
+    for t, e in zip(tensors, expected):
+        assert_scaled_close(t, e)
+
+
+# ---------------------------------------------------------- determinism
+def _million(dtype):
+    sizes = [2**19 + 3, 2**18 - 5, 123_457, 65_536, 1, 7, 99_999]  # 1,075,430 elements
+    return make_grads([(n,) for n in sizes], dtype, "cpu", seed=50)
+
+
+@pytest.mark.parametrize("ord", [2.0, 3.5], ids=ord_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_norm_is_bitwise_deterministic(dtype, ord):
+    tensors = _million(dtype)
+    first_total, first_each = ops.multi_tensor_norm(tensors, ord, True)
+    for _ in range(9):
+        total, each = ops.multi_tensor_norm(tensors, ord, True)
+        assert_same_bits(total, first_total)
+        assert_same_bits(each, first_each)
+
+
+def test_norm_bits_do_not_depend_on_thread_count():
+    tensors = _million(torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.multi_tensor_norm(tensors, 2.0, True)
+    finally:
+        torch.set_num_threads(threads)
+    many = ops.multi_tensor_norm(tensors, 2.0, True)
+    assert_same_bits(one[0], many[0])
+    assert_same_bits(one[1], many[1])
+
+
+# -------------------------------------------------------------- opcheck
+def _opcheck_tensors():
+    return make_grads([(3,), (2, 5), (0,), ()], torch.float32, "cpu", seed=60) + [
+        make_grads([(4, 6)], torch.bfloat16, "cpu", seed=61)[0].t()
+    ]
+
+
+@pytest.mark.parametrize(
+    "op, extra",
+    [
+        (ops.multi_tensor_norm.default, (2.0, True)),
+        (ops.multi_tensor_norm.default, (3.5, False)),
+        (ops.multi_tensor_scale_.default, (torch.tensor(0.25),)),
+        (ops.multi_tensor_clamp_.default, (0.5,)),
+        (ops.clip_.default, (0.5, 2.0)),
+    ],
+    ids=["norm_per_tensor", "norm_total", "scale_", "clamp_", "clip_"],
+)
+def test_opcheck(op, extra):
+    torch.library.opcheck(op, ([t.clone() for t in _opcheck_tensors()], *extra))
+
+
+# --------------------------------------------------- negative controls
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_negative_control_norm_check_can_fail(dtype):
+    tensors = make_grads([(64,), (5, 7)], dtype, "cpu", seed=70)
+    total, _ = ops.multi_tensor_norm(tensors, 2.0, False)
+    norm = ref_norm(tensors, 2.0)
+    assert_norm_close(total, norm, dtype)
+    with pytest.raises(AssertionError):
+        assert_norm_close(total, norm * (1 + 1e-4), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_negative_control_scaled_check_can_fail(dtype):
+    t = make_grads([(257,)], dtype, "cpu", seed=71)[0]
+    expected = ref_scaled(t, 0.5)
+    ops.multi_tensor_scale_([t], torch.tensor(0.5))
+    assert_scaled_close(t, expected)
+    off = 3 * TOLERANCES[dtype].scale_rtol
+    with pytest.raises(AssertionError):
+        assert_scaled_close(t, (expected.double() * (1 + off)).to(expected.dtype))
+
+
+def test_negative_control_untouched_check_can_fail():
+    t = make_grads([(8,)], torch.float32, "cpu", seed=72)[0]
+    before = snapshot([t])
+    ops.multi_tensor_scale_([t], torch.tensor(0.5))
+    with pytest.raises(AssertionError):
+        assert_untouched([t], before)
+
+
+# ------------------------------------------------------------------ errors
+def _error_inputs():
+    return make_grads([(5,), (2, 3)], torch.float32, "cpu", seed=80, scale=10.0)
+
+
+def _with_int64(tensors):
+    return [tensors[0], torch.arange(6, dtype=torch.int64).view(2, 3), tensors[1]]
+
+
+ERRORS = [
+    ("norm_ord_0", lambda ts: ops.multi_tensor_norm(ts, 0.0, True), "ord must be a positive"),
+    ("norm_ord_-1", lambda ts: ops.multi_tensor_norm(ts, -1.0, True), "ord must be a positive"),
+    ("norm_ord_nan", lambda ts: ops.multi_tensor_norm(ts, math.nan, False), "ord must be a positive"),
+    ("norm_ord_-inf", lambda ts: ops.multi_tensor_norm(ts, -math.inf, False), "ord must be a positive"),
+    ("clip_ord_0", lambda ts: ops.clip_(ts, 1.0, 0.0), "ord must be a positive"),
+    ("clip_ord_-2", lambda ts: ops.clip_(ts, 1.0, -2.0), "ord must be a positive"),
+    ("clip_ord_nan", lambda ts: ops.clip_(ts, 1.0, math.nan), "ord must be a positive"),
+    ("clip_max_norm_-1", lambda ts: ops.clip_(ts, -1.0, 2.0), "max_norm"),
+    ("clip_max_norm_nan", lambda ts: ops.clip_(ts, math.nan, 2.0), "max_norm"),
+    ("clip_max_norm_inf", lambda ts: ops.clip_(ts, math.inf, 2.0), "max_norm"),
+    ("clamp_-1", lambda ts: ops.multi_tensor_clamp_(ts, -1.0), "clip_value"),
+    ("clamp_nan", lambda ts: ops.multi_tensor_clamp_(ts, math.nan), "clip_value"),
+    ("scale_coef_2_elements", lambda ts: ops.multi_tensor_scale_(ts, torch.tensor([0.5, 0.5])), "coef"),
+    ("scale_coef_int", lambda ts: ops.multi_tensor_scale_(ts, torch.tensor(0)), "coef"),
+    ("norm_int64", lambda ts: ops.multi_tensor_norm(_with_int64(ts), 2.0, True), r"tensors\[1\].*Long"),
+    ("scale_int64", lambda ts: ops.multi_tensor_scale_(_with_int64(ts), torch.tensor(0.5)), r"tensors\[1\].*Long"),
+    ("clamp_int64", lambda ts: ops.multi_tensor_clamp_(_with_int64(ts), 0.5), r"tensors\[1\].*Long"),
+    ("clip_int64", lambda ts: ops.clip_(_with_int64(ts), 0.5, 2.0), r"tensors\[1\].*Long"),
+]
+
+
+@pytest.mark.parametrize("call, match", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_op_errors_modify_nothing(call, match):
+    tensors = _error_inputs()
+    before = snapshot(tensors)
+    with pytest.raises(RuntimeError, match=match):
+        call(tensors)
+    assert_untouched(tensors, before)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="mixed devices need a CUDA device")
+@pytest.mark.parametrize("op", ["norm", "scale", "clamp", "clip"])
+def test_op_mixed_devices_error(op):
+    require_kernel("cuda")
+    tensors = [torch.randn(5, device="cuda"), torch.randn(3)]
+    before = snapshot(tensors)
+    call = {
+        "norm": lambda: ops.multi_tensor_norm(tensors, 2.0, True),
+        "scale": lambda: ops.multi_tensor_scale_(tensors, torch.tensor(0.5)),
+        "clamp": lambda: ops.multi_tensor_clamp_(tensors, 0.5),
+        "clip": lambda: ops.clip_(tensors, 0.5, 2.0),
+    }[op]
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is on cpu"):
+        call()
+    assert_untouched(tensors, before)

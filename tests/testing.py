@@ -1,0 +1,310 @@
+"""Shared test helpers: devices, dtypes with their tolerances, the float64
+reference, gradient factories and poisoning.
+
+Every comparison in the suite goes through ``assert_norm_close`` or
+``assert_scaled_close`` so that a tolerance lives in exactly one place (the
+``TOLERANCES`` table) and the negative controls in ``test_ops.py`` exercise
+the same code the real checks use.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import pytest
+import torch
+from torch import Tensor
+
+from fastclip import _ops
+
+# ------------------------------------------------------------------ devices
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+# For parametrize: CUDA cases are always collected and skipped without a GPU,
+# so a CPU-only run shows that they exist.
+DEVICE_PARAMS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
+]
+
+
+def require_kernel(device: str) -> None:
+    """Skip an op-level test on a device the extension has no kernel for."""
+    if not _ops.has_kernel(device):
+        pytest.skip(f"this build of fastclip has no {device} kernels")
+
+
+# ------------------------------------------------------------------- dtypes
+@dataclass(frozen=True)
+class Tol:
+    """Tolerances for one gradient dtype.
+
+    norm_rtol: the returned norm (always float32, computed in float64) against
+        the float64 reference. float32 rounding is 2**-24 relative, so 1e-6
+        leaves room for summation-order differences but not for a lost digit.
+        It is the same for every dtype because the norm is float32 for every
+        dtype; fp64's tight tolerance applies to the values it scales.
+    scale_rtol, scale_atol: scaled gradients against the reference. fp32 and
+        fp64 are compared with the exact product x * coef; 16-bit dtypes with
+        the product computed in float32 and rounded to the dtype (torch's
+        opmath), to one ulp of the dtype (eps relative; atol is the smallest
+        subnormal step).
+    """
+
+    norm_rtol: float
+    scale_rtol: float
+    scale_atol: float
+
+
+def _ulp_atol(dtype: torch.dtype) -> float:
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps  # spacing of the subnormals
+
+
+TOLERANCES = {
+    torch.float32: Tol(norm_rtol=1e-6, scale_rtol=1e-6, scale_atol=_ulp_atol(torch.float32)),
+    torch.float64: Tol(norm_rtol=1e-6, scale_rtol=1e-12, scale_atol=_ulp_atol(torch.float64)),
+    torch.float16: Tol(norm_rtol=1e-6, scale_rtol=torch.finfo(torch.float16).eps, scale_atol=_ulp_atol(torch.float16)),
+    torch.bfloat16: Tol(
+        norm_rtol=1e-6, scale_rtol=torch.finfo(torch.bfloat16).eps, scale_atol=_ulp_atol(torch.bfloat16)
+    ),
+}
+
+DTYPES = list(TOLERANCES)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+ORDS = [2.0, 1.0, math.inf, 3.5]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def ord_id(ord: float) -> str:
+    return f"ord={ord:g}"
+
+
+# ---------------------------------------------------------------- reference
+def _as_real64(t: Tensor) -> Tensor:
+    """The values of ``t`` as a flat float64 vector (sparse densified, complex as |z|)."""
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    t = t.detach().to("cpu")
+    if t.is_complex():
+        return t.to(torch.complex128).abs().flatten()
+    return t.to(torch.float64).flatten()
+
+
+def _norm64(values: Tensor, ord: float) -> Tensor:
+    """vector_norm in float64, scaled by a power of two so that fp64 data near
+    the ends of the double range neither overflows nor underflows (the
+    scaling is exact, so this is still the plain torch formula)."""
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.float64)
+    amax = values.abs().max()
+    if not (torch.isfinite(amax) and amax > 0):
+        return torch.linalg.vector_norm(values, ord)
+    scale = 2.0 ** math.frexp(amax.item())[1]
+    return torch.linalg.vector_norm(values / scale, ord) * scale
+
+
+def ref_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
+    """Norm of all ``tensors`` seen as one vector: float64, 0-dim, on the CPU."""
+    flat = [_as_real64(t) for t in tensors]
+    values = torch.cat(flat) if flat else torch.zeros((0,), dtype=torch.float64)
+    return _norm64(values, ord)
+
+
+def ref_norms_each(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
+    """Norm of each tensor: float64 vector on the CPU."""
+    if not tensors:
+        return torch.zeros((0,), dtype=torch.float64)
+    return torch.stack([_norm64(_as_real64(t), ord) for t in tensors])
+
+
+def ref_coef(max_norm: float, norm: Tensor) -> Tensor:
+    """torch's clip coefficient min(1, max_norm / (norm + 1e-6)), in float64."""
+    return torch.clamp(max_norm / (norm.to(torch.float64) + 1e-6), max=1.0)
+
+
+def ref_scaled(t: Tensor, coef: Union[Tensor, float]) -> Tensor:
+    """``t * coef`` as the dtype should hold it: exact product for fp32/fp64
+    (compared in float64), float32 product rounded to the dtype for 16-bit."""
+    coef = torch.as_tensor(coef, dtype=torch.float64)
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    t = t.detach().to("cpu")
+    if t.dtype in LOW_PRECISION:
+        return (t.float() * coef.float()).to(t.dtype)
+    if t.is_complex():
+        return t.to(torch.complex128) * coef
+    return t.to(torch.float64) * coef
+
+
+# --------------------------------------------------------------- comparison
+def assert_norm_close(actual: Tensor, expected: Tensor, dtype: torch.dtype = torch.float32, atol: float = 0.0) -> None:
+    """A float32 norm from fastclip against a float64 reference."""
+    assert actual.dtype == torch.float32, f"norm dtype is {actual.dtype}, expected float32"
+    torch.testing.assert_close(
+        actual.detach().cpu().to(torch.float64),
+        expected.detach().cpu().to(torch.float64),
+        rtol=TOLERANCES[dtype].norm_rtol,
+        atol=atol,
+        equal_nan=True,
+    )
+
+
+def assert_scaled_close(actual: Tensor, expected: Tensor) -> None:
+    """A scaled tensor against ``ref_scaled`` output, at its dtype's tolerance."""
+    if actual.layout != torch.strided:
+        actual = actual.to_dense()
+    actual = actual.detach().cpu()
+    real_dtype = actual.real.dtype if actual.is_complex() else actual.dtype
+    tol = TOLERANCES[real_dtype]
+    assert actual.shape == expected.shape
+    if actual.is_complex():
+        actual = actual.to(torch.complex128)
+    elif actual.dtype not in LOW_PRECISION:
+        actual = actual.to(torch.float64)
+    torch.testing.assert_close(
+        actual, expected.to(actual.dtype), rtol=tol.scale_rtol, atol=tol.scale_atol, equal_nan=True
+    )
+
+
+def assert_same_bits(a: Tensor, b: Tensor) -> None:
+    """Bit-identical (NaN payloads included); dtype, shape and strides too."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    if a.numel() == 0:
+        return
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    ab = a.detach().cpu().contiguous().view(ints)
+    bb = b.detach().cpu().contiguous().view(ints)
+    assert torch.equal(ab, bb), "tensors differ bit-wise"
+
+
+def assert_identical(a: Tensor, b: Tensor) -> None:
+    """Bit-identical except that any NaN matches any NaN (torch's own kernels
+    do not preserve NaN payloads: its bf16 clamp turns 0x7FC0 into 0xFFFF)."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    a_nan, b_nan = torch.isnan(a), torch.isnan(b)
+    assert torch.equal(a_nan, b_nan), "NaN positions differ"
+    assert_same_bits(torch.where(a_nan, torch.zeros_like(a), a), torch.where(b_nan, torch.zeros_like(b), b))
+
+
+# ------------------------------------------------------------- factories
+DTypeSpec = Union[torch.dtype, Sequence[torch.dtype]]
+
+
+def make_grads(
+    shapes: Sequence[Sequence[int]],
+    dtype: DTypeSpec = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+    scale: float = 1.0,
+) -> list[Tensor]:
+    """One randn tensor per shape (times ``scale``), reproducible from ``seed``.
+
+    ``dtype`` is one dtype for all, or one per shape. Values are drawn in
+    float32 on the CPU and then converted, so the same seed gives the same
+    numbers (up to rounding) in every dtype and on every device.
+    """
+    dtypes = [dtype] * len(shapes) if isinstance(dtype, torch.dtype) else list(dtype)
+    assert len(dtypes) == len(shapes)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape, dt in zip(shapes, dtypes):
+        values = torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * scale
+        out.append(values.to(device=device, dtype=dt))
+    return out
+
+
+def make_params(grads: Sequence[Optional[Tensor]]) -> list[torch.nn.Parameter]:
+    """Parameters whose ``.grad`` are (clones of) ``grads``; None stays None."""
+    params = []
+    for g in grads:
+        if g is None:
+            p = torch.nn.Parameter(torch.zeros(3))
+        else:
+            dense = g.to_dense() if g.layout != torch.strided else g
+            p = torch.nn.Parameter(torch.zeros_like(dense))
+            p.grad = g.clone()
+        params.append(p)
+    return params
+
+
+def clone_params(params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Independent copies (data and grad) for a side-by-side run with torch."""
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        if p.grad is not None:
+            q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def snapshot(tensors: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
+    """Copies and version counters, to prove later that nothing was written."""
+    return [(t.detach().clone(), t._version) for t in tensors]
+
+
+def assert_untouched(tensors: Sequence[Tensor], before: list[tuple[Tensor, int]]) -> None:
+    assert len(tensors) == len(before)
+    for i, (t, (copy, version)) in enumerate(zip(tensors, before)):
+        assert t._version == version, f"tensors[{i}]._version changed from {version} to {t._version}"
+        if t.layout == torch.strided:
+            assert_same_bits(t, copy)
+        else:
+            assert_same_bits(t.to_dense(), copy.to_dense())
+
+
+# ---------------------------------------------------------------- poison
+def poison(*tensors: Tensor) -> None:
+    """Fill ``tensors`` with NaN in place.
+
+    Used on memory an op must neither read nor write (the gaps of a strided
+    view, the element before an offset view): a read shows up as a NaN norm,
+    a write as lost NaN bits.
+    """
+    for t in tensors:
+        t.fill_(float("nan"))
+
+
+def poison_allocator(numels: Sequence[int], device: str = "cpu") -> None:
+    """Fill, then free, float32 blocks of these sizes before an op allocates
+    its outputs: allocators hand freed blocks of the same size back first, so
+    an output element the op forgets to write reads as NaN, not a lucky 0."""
+    blocks = [torch.full((n,), float("nan"), dtype=torch.float32, device=device) for n in numels]
+    del blocks
+
+
+def gapped_view(shape: tuple[int, int], dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> Tensor:
+    """x[:, ::2] of a NaN-poisoned base: every other column is a gap that must
+    stay NaN and must not reach a norm."""
+    rows, cols = shape
+    base = torch.empty((rows, 2 * cols), dtype=dtype, device=device)
+    poison(base)
+    view = base[:, ::2]
+    view.copy_(make_grads([(rows, cols)], dtype, device, seed)[0])
+    return view
+
+
+def offset_view(numel: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> Tensor:
+    """buf[1:] of a buffer whose element 0 is NaN: data at an odd element
+    offset (misaligned for any vector width), the element before it poisoned."""
+    buf = torch.empty((numel + 1,), dtype=dtype, device=device)
+    poison(buf[:1])
+    buf[1:].copy_(make_grads([(numel,)], dtype, device, seed)[0])
+    return buf[1:]
+
+
+def gaps_of(view: Tensor) -> Tensor:
+    """The memory of a ``gapped_view``/``offset_view`` base outside the view."""
+    base = view._base
+    assert base is not None
+    if base.dim() == 2:
+        return base[:, 1::2]
+    return base[:1]
