@@ -54,6 +54,7 @@ class Row:
     max_ms: float
     speedup_vs_torch: float
     x_floor: float
+    norm_rel_err: float  # |returned - float64 norm| / float64 norm
 
 
 class Timer:
@@ -103,22 +104,22 @@ def ref_norm(params) -> float:
     return math.sqrt(sum(torch.linalg.vector_norm(p.grad, dtype=torch.float64).item() ** 2 for p in params))
 
 
-def check_method(name: str, fn, params, max_norm: float) -> None:
-    """One call on the current gradients, checked against float64 before any timing."""
+def check_method(name: str, fn, params, max_norm: float) -> float:
+    """One call on the current gradients, checked against float64 before any
+    timing; returns the relative error of the returned norm."""
     before = ref_norm(params)
     returned = float(fn(params, max_norm))
+    error = abs(returned - before) / before
     # fastclip accumulates in float64. torch accumulates fp32 in fp32 (errors
-    # around 1e-5 on these sizes) and rounds bf16/fp16 norms to that dtype.
-    if name.startswith("fastclip"):
-        tol = 1e-6
-    else:
-        tol = 1e-4 if params[0].grad.dtype in (torch.float32, torch.float64) else 1e-2
-    if not math.isclose(returned, before, rel_tol=tol):
+    # up to ~1e-3 on these sizes) and rounds bf16/fp16 norms to that dtype.
+    tol = 1e-6 if name.startswith("fastclip") else 2e-2
+    if not error <= tol:
         raise AssertionError(f"{name}: returned norm {returned} but the float64 norm is {before}")
     after = ref_norm(params)
     expected = min(before, max_norm)
     if not math.isclose(after, expected, rel_tol=1e-2):
         raise AssertionError(f"{name}: norm after clipping is {after}, expected {expected}")
+    return error
 
 
 METHODS = {
@@ -144,8 +145,9 @@ def run_set(set_name: str, dtype_name: str, device: torch.device, timer: Timer, 
     rows: list[Row] = []
     for case, max_norm in (("clip", MAX_NORM_CLIP), ("noclip", MAX_NORM_NOCLIP)):
         times: dict[str, list[float]] = {}
+        errors: dict[str, float] = {}
         for name, fn in METHODS.items():
-            check_method(name, fn, params, max_norm)
+            errors[name] = check_method(name, fn, params, max_norm)
             times[name] = timer(lambda fn=fn: fn(params, max_norm))
             log(".")
         base = statistics.median(times["torch foreach"])
@@ -153,11 +155,11 @@ def run_set(set_name: str, dtype_name: str, device: torch.device, timer: Timer, 
             med = statistics.median(ts)
             rows.append(
                 Row(set_name, dtype_name, case, name, len(shapes), nbytes / 1e6, med, min(ts), max(ts),
-                    base / med, med / floor[case])
+                    base / med, med / floor[case], errors[name])
             )
         rows.append(
             Row(set_name, dtype_name, case, "floor", len(shapes), nbytes / 1e6, floor[case], floor[case],
-                floor[case], base / floor[case], 1.0)
+                floor[case], base / floor[case], 1.0, 0.0)
         )
     return rows
 
@@ -179,13 +181,13 @@ def environment(device: torch.device) -> dict:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = f"{'set':<11} {'dtype':<5} {'case':<6} {'method':<14} {'ms':>9} {'min..max ms':>17} {'vs torch':>8} {'x floor':>7}"
+    header = f"{'set':<11} {'dtype':<5} {'case':<6} {'method':<14} {'ms':>9} {'min..max ms':>17} {'vs torch':>8} {'x floor':>7} {'norm err':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
         spread = f"{r.min_ms:.2f}..{r.max_ms:.2f}"
         lines.append(
             f"{r.set:<11} {r.dtype:<5} {r.case:<6} {r.method:<14} {r.median_ms:9.2f} {spread:>17} "
-            f"{r.speedup_vs_torch:7.2f}x {r.x_floor:6.2f}x"
+            f"{r.speedup_vs_torch:7.2f}x {r.x_floor:6.2f}x {r.norm_rel_err:8.1e}"
         )
     return "\n".join(lines)
 
