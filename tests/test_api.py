@@ -16,6 +16,8 @@ import torch
 import fastclip
 import fastclip.clip
 from testing import (
+    check_norm_paths,
+    filled,
     DEVICE_PARAMS,
     DTYPES,
     HAS_CUDA,
@@ -309,12 +311,8 @@ def test_grad_norms(dtype, ord):
 
 
 # ------------------------------------------------------------- overflow
-def _filled(shapes, value, dtype):
-    return [torch.full(s, value, dtype=dtype) * (-1) ** i for i, s in enumerate(shapes)]
-
-
 def test_fp32_1e30_norm_is_finite_and_clips_correctly():
-    grads = _filled([(10,), (3, 4), (7,), ()], 1e30, torch.float32)
+    grads = filled([(10,), (3, 4), (7,), ()], 1e30, torch.float32)
     params, torch_params = make_params(grads), make_params(grads)
     norm = ref_norm(grads)
 
@@ -345,7 +343,7 @@ def test_fp16_norm_above_65504():
 
 @pytest.mark.parametrize("ord", [2.0, 1.0, 3.5], ids=ord_id)
 def test_fp64_beyond_float32_range_clips_to_max_norm(ord):
-    grads = _filled([(10,), (3, 4), (5,)], 1e200, torch.float64)
+    grads = filled([(10,), (3, 4), (5,)], 1e200, torch.float64)
     params = make_params(grads)
     norm = ref_norm(grads, ord)
     assert math.isfinite(norm.item())
@@ -361,7 +359,7 @@ def test_fp64_beyond_float32_range_clips_to_max_norm(ord):
 
 @pytest.mark.parametrize("ord", ORDS, ids=ord_id)
 def test_fp64_underflow_gives_zero_not_nan(ord):
-    grads = _filled([(10,), (3, 4), ()], 1e-200, torch.float64)
+    grads = filled([(10,), (3, 4), ()], 1e-200, torch.float64)
     params = make_params(grads)
     before = snapshot(_grads(params))
     total, each = fastclip.grad_norms(params, ord)
@@ -376,7 +374,7 @@ def test_fp64_underflow_gives_zero_not_nan(ord):
 def test_general_order_fp32_extremes(ord, magnitude):
     # |x|**12 of 1e30 overflows and of 1e-30 underflows a double: the
     # scaled recomputation (the rescue) must kick in; 3.5 stays in range.
-    grads = _filled([(10,), (3, 4), (7,)], magnitude, torch.float32)
+    grads = filled([(10,), (3, 4), (7,)], magnitude, torch.float32)
     grads[1][0, 0] *= 3.0
     params = make_params(grads)
     norm = ref_norm(grads, ord)
@@ -466,7 +464,7 @@ def test_error_if_nonfinite_fp64_norm_beyond_float32():
     # The norm of these fp64 gradients (~3.6e100) is finite but has no
     # float32 value. torch's fp64 norm is finite, so torch clips without an
     # error; a drop-in must not raise either.
-    grads = _filled([(10,), (3, 4)], 1e100, torch.float64)
+    grads = filled([(10,), (3, 4)], 1e100, torch.float64)
     params, torch_params = make_params(grads), make_params(grads)
     norm = ref_norm(grads)
     assert torch.isfinite(torch.nn.utils.clip_grad_norm_(torch_params, 2.0, error_if_nonfinite=True))
@@ -611,12 +609,7 @@ def test_split_path_sparse_grad_without_entries(ord, fresh_warnings):
     )
     grads = [make_grads([(9,)], seed=23)[0], empty_sparse]
     params = make_params(grads)
-    norm = ref_norm(grads, ord)
-    with pytest.warns(UserWarning, match="fastclip"):
-        assert_norm_close(fastclip.get_total_norm(grads, ord), norm)
-    total, each = fastclip.grad_norms(params, ord)
-    assert_norm_close(each, ref_norms_each(grads, ord))
-    assert_norm_close(fastclip.clip_grad_norm_(params, 0.5 * norm.item(), ord), norm)
+    check_norm_paths(fastclip, grads, params, ord)
 
 
 def test_split_path_clip_grad_value_sparse(fresh_warnings):
@@ -659,7 +652,7 @@ def test_split_path_clip_grad_value_refuses_before_writing(bad, error, match, fr
 def test_split_path_fp64_beyond_float32_range(fresh_warnings):
     # The same contract as test_fp64_beyond_float32_range_clips_to_max_norm
     # when a sparse gradient sends the list through the split path.
-    grads = _filled([(10,), (3, 4)], 1e200, torch.float64) + [_sparse(torch.float64, coalesced=True)]
+    grads = filled([(10,), (3, 4)], 1e200, torch.float64) + [_sparse(torch.float64, coalesced=True)]
     params = make_params(grads)
     norm = ref_norm(grads)
     with pytest.warns(UserWarning, match="fastclip"):

@@ -17,6 +17,8 @@ import fastclip
 import fastclip.clip
 from fastclip import _ops
 from testing import (
+    check_norm_paths,
+    filled,
     assert_identical,
     assert_norm_close,
     assert_same_bits,
@@ -118,12 +120,7 @@ def test_fallback_clip_against_reference(dtype, ord, fallback):
 def test_fallback_with_empty_tensor(ord, fallback):
     grads = make_grads([(7,), (3, 0), (0,)], seed=6)
     params = make_params(grads)
-    norm = ref_norm(grads, ord)
-    with pytest.warns(UserWarning, match="fastclip"):
-        assert_norm_close(fastclip.get_total_norm(grads, ord), norm)
-    total, each = fastclip.grad_norms(params, ord)
-    assert_norm_close(each, ref_norms_each(grads, ord))
-    assert_norm_close(fastclip.clip_grad_norm_(params, 0.5 * norm.item(), ord), norm)
+    check_norm_paths(fastclip, grads, params, ord)
 
 
 def test_fallback_clip_grad_value_keeps_nan(fallback):
@@ -160,10 +157,6 @@ def test_fallback_empty_and_errors(fallback):
         fastclip.clip_grad_norm_(params, -1.0)
 
 
-def _filled(shapes, value, dtype):
-    return [torch.full(s, value, dtype=dtype) * (-1) ** i for i, s in enumerate(shapes)]
-
-
 @pytest.mark.parametrize(
     "value, dtype, ord",
     [(1e30, torch.float32, 2.0), (1e200, torch.float64, 2.0), (1e30, torch.float32, 12.0)],
@@ -173,7 +166,7 @@ def test_fallback_extreme_values_like_extension(value, dtype, ord, fallback):
     # "Same contract as torch.ops.fastclip" (_fallback.py): the coefficient
     # comes from an accurate float64 norm, so the clipped gradients have norm
     # max_norm even where that norm itself has no float32 value.
-    grads = _filled([(10,), (3, 4), (5,)], value, dtype)
+    grads = filled([(10,), (3, 4), (5,)], value, dtype)
     params = make_params(grads)
     norm = ref_norm(grads, ord)
     with pytest.warns(UserWarning, match="fastclip"):

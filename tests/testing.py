@@ -308,3 +308,21 @@ def gaps_of(view: Tensor) -> Tensor:
     if base.dim() == 2:
         return base[:, 1::2]
     return base[:1]
+
+
+def filled(shapes, value, dtype):
+    """Tensors of +-value (alternating sign per tensor): overflow/underflow inputs."""
+    return [torch.full(s, value, dtype=dtype) * (-1) ** i for i, s in enumerate(shapes)]
+
+
+def check_norm_paths(fastclip, grads, params, ord):
+    """get_total_norm (expecting the fallback warning), grad_norms and
+    clip_grad_norm_ all agree with the float64 reference."""
+    import pytest
+
+    norm = ref_norm(grads, ord)
+    with pytest.warns(UserWarning, match="fastclip"):
+        assert_norm_close(fastclip.get_total_norm(grads, ord), norm)
+    _, each = fastclip.grad_norms(params, ord)
+    assert_norm_close(each, ref_norms_each(grads, ord))
+    assert_norm_close(fastclip.clip_grad_norm_(params, 0.5 * norm.item(), ord), norm)
