@@ -12,6 +12,7 @@ import torch  # noqa: F401  (torch must be loaded before the extension)
 from . import _ops
 from ._version import __version__
 from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm, grad_norms
+from .optim import ClippedOptimizer
 
 
 def backend() -> str:
@@ -29,6 +30,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "ClippedOptimizer",
     "__version__",
     "backend",
     "build_info",

@@ -1,0 +1,336 @@
+"""``ClippedOptimizer``: gradient clipping folded into any optimizer's step.
+
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW(params, fused=True), max_norm=1.0)
+    loss.backward(); opt.step(); opt.zero_grad()
+
+``step()`` takes the global norm of every gradient of every param group in
+one fused pass, then lets the inner optimizer step on the clipped gradients.
+How the clip reaches the gradients depends on the inner optimizer:
+
+* fused (torch's ``fused=True`` Adam, AdamW, SGD, Adagrad: they set
+  ``_step_supports_amp_scaling`` and divide every gradient by a float32
+  ``grad_scale`` tensor, skipping the update where ``found_inf`` is 1): the
+  divisor ``1 / coef`` and the non-finite flag are handed to that kernel, so
+  clipping costs one read of the gradients for the norm and nothing else
+  of ours; no host sync.
+* any other optimizer: the fastclip scale op rescales the gradients first
+  (no memory traffic when the coefficient is 1), then the inner step runs.
+
+Non-finite gradients (``nonfinite=``):
+  ``"skip"``       (default) the step leaves parameters and optimizer state
+                   bit-identical and ``skipped_steps`` (a device tensor) counts
+                   it. With a fused inner optimizer that already has state
+                   this happens on the device through ``found_inf``; otherwise
+                   it costs one host read of a flag per step.
+  ``"error"``      raise a RuntimeError naming the first non-finite
+                   parameter (by name when the optimizer was built from
+                   ``named_parameters()``) before anything is modified; one
+                   host read per step.
+  ``"propagate"``  exactly torch's ``clip_grad_norm_`` then ``step()``: the
+                   NaN/inf spreads into the update. No host read.
+
+AMP: under ``torch.amp.GradScaler`` the wrapper takes the scaler's
+``grad_scale``/``found_inf`` when the inner optimizer is fused (the scaler
+sets them on the wrapper, as it does on any optimizer that supports AMP
+scaling): the norm of the still-scaled gradients is divided by the scale,
+a scalar operation, and the product of the scale and ``1 / coef`` becomes
+the inner kernel's divisor, so unscaling and clipping ride the optimizer's
+own pass. Steps the scaler finds inf in are skipped whatever ``nonfinite``
+says, as the scaler requires. For other optimizers the scaler unscales as
+usual (``scaler.step`` or ``scaler.unscale_``) and the wrapper clips the
+unscaled gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import clip as _clip
+
+__all__ = ["ClippedOptimizer"]
+
+_POLICIES = ("skip", "error", "propagate")
+# Attributes through which torch's fused optimizers read a gradient divisor
+# and a skip flag (the contract GradScaler uses).
+_SCALE_ATTRS = ("grad_scale", "found_inf")
+
+
+def _positive_max_norm(max_norm) -> float:
+    try:
+        value = float(max_norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+    return value
+
+
+def _policy(nonfinite) -> str:
+    if nonfinite not in _POLICIES:
+        raise ValueError(f"nonfinite must be one of {', '.join(map(repr, _POLICIES))}, got {nonfinite!r}")
+    return nonfinite
+
+
+def _folds(optimizer: torch.optim.Optimizer) -> bool:
+    """True when ``optimizer.step`` reads ``grad_scale``/``found_inf`` attributes.
+
+    That is torch's contract for optimizers that set
+    ``_step_supports_amp_scaling``; optimizers of the older contract take a
+    ``grad_scaler`` keyword instead and are treated as non-fused.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    try:
+        import inspect
+
+        return "grad_scaler" not in inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class ClippedOptimizer(torch.optim.Optimizer):
+    """Wrap ``optimizer`` so that every ``step()`` first clips the global gradient norm.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``. Its ``param_groups``,
+            ``state``, ``defaults`` and ``state_dict()`` are the wrapper's:
+            LR schedulers, checkpoints and ``add_param_group`` work on either.
+        max_norm: clip threshold, a finite number > 0; may be changed between
+            steps (``opt.max_norm = 0.5``).
+        norm_type: order of the norm: 2, 1, ``inf`` or any finite p > 0.
+        nonfinite: ``"skip"``, ``"error"`` or ``"propagate"`` (see the module doc).
+
+    After each step, ``last_norm`` is the total gradient norm before clipping
+    (float32 device tensor, the value torch's ``clip_grad_norm_`` returns) and
+    ``last_clip_coef`` the coefficient ``min(1, max_norm / (norm + 1e-6))``
+    computed from it; ``skipped_steps`` counts skipped steps (int64 device tensor).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_norm: float,
+        norm_type: float = 2.0,
+        nonfinite: str = "skip",
+    ) -> None:
+        if isinstance(optimizer, ClippedOptimizer):
+            raise TypeError("optimizer is already a ClippedOptimizer; wrap the inner optimizer once")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError("optimizer: LBFGS re-evaluates its closure inside step() and cannot be clipped before it")
+        self.optimizer = optimizer
+        self.max_norm = max_norm
+        self.norm_type = _clip._norm_type(norm_type)
+        self.nonfinite = _policy(nonfinite)
+        self.last_norm: Optional[Tensor] = None
+        self.last_clip_coef: Optional[Tensor] = None
+        self.skipped_steps: Optional[Tensor] = None
+        # The hook tables and the step patch Optimizer.__init__ would set up;
+        # param_groups/state/defaults stay the inner optimizer's (properties below).
+        self.__setstate__({})
+
+    # ------------------------------------------------ shared with the inner optimizer
+    @property
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def max_norm(self) -> float:
+        return self._max_norm
+
+    @max_norm.setter
+    def max_norm(self, value: float) -> None:
+        self._max_norm = _positive_max_norm(value)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler then hands its scale and inf flag to step() instead of
+        # unscaling the gradients itself; the wrapper folds both into the inner kernel.
+        return _folds(self.optimizer)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def register_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
+
+    def __getstate__(self) -> dict:
+        return {
+            "optimizer": self.optimizer,
+            "_max_norm": self._max_norm,
+            "norm_type": self.norm_type,
+            "nonfinite": self.nonfinite,
+            "last_norm": self.last_norm,
+            "last_clip_coef": self.last_clip_coef,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        # Optimizer.__setstate__ (re)creates the hook tables and patches step;
+        # its defaults fix-up goes through the property to the inner optimizer.
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return (
+            f"ClippedOptimizer(max_norm={self._max_norm}, norm_type={self.norm_type}, "
+            f"nonfinite={self.nonfinite!r},\n{inner}\n)"
+        )
+
+    # ----------------------------------------------------------------- step
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Clip the gradients' global norm, then step the inner optimizer.
+
+        A closure is evaluated once (with grad enabled) before clipping.
+        Returns the closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads, one_call = _clip._grads(params)
+        if len(grads) == 0:
+            self.optimizer.step()
+            return loss
+        divisor, scaler_found = self._incoming_scale()
+        with torch.no_grad():
+            raw, _ = _clip._norms(grads, self.norm_type, False, one_call)
+            norm = raw if divisor is None else (raw.double() / divisor.to(raw.device, torch.float64)).float()
+            coef = _clip._coefficient(self._max_norm, norm)
+            bad = (~torch.isfinite(norm)).float()
+            found = bad if scaler_found is None else torch.maximum(bad, (scaler_found.to(bad.device) > 0).float())
+            self._record(norm, coef)
+        policy = "skip" if scaler_found is not None else self.nonfinite
+        if _folds(self.optimizer):
+            self._fused_step(grads, coef, divisor, found, policy)
+        else:
+            self._plain_step(grads, one_call, coef, divisor, found, policy)
+        return loss
+
+    def _incoming_scale(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The gradient divisor and inf flag a GradScaler (or the user) set on the wrapper."""
+        divisor = self.__dict__.get("grad_scale")
+        found = self.__dict__.get("found_inf")
+        if divisor is not None and not isinstance(divisor, Tensor):
+            divisor = torch.tensor(float(divisor), dtype=torch.float32)
+        return divisor, found
+
+    def _record(self, norm: Tensor, coef: Tensor) -> None:
+        self.last_norm = norm
+        self.last_clip_coef = coef.float()
+        if self.skipped_steps is None or self.skipped_steps.device != norm.device:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=norm.device)
+
+    def _check_finite(self, found: Tensor, policy: str) -> bool:
+        """One host read of the flag; raise under "error". True when the step may go on."""
+        if policy == "propagate" or not bool(found.item()):
+            return True
+        if policy == "error":
+            raise RuntimeError(self._nonfinite_message())
+        self.skipped_steps += 1
+        return False
+
+    def _nonfinite_message(self) -> str:
+        for g, group in enumerate(self.optimizer.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    where = repr(names[i]) if names is not None else f"param_groups[{g}]['params'][{i}]"
+                    return (
+                        f"ClippedOptimizer: the gradient of parameter {where} is non-finite "
+                        f"(total norm of order {self.norm_type} is {self.last_norm.item()}); "
+                        "nothing was modified. Pass nonfinite='skip' to skip such steps."
+                    )
+        return (
+            f"ClippedOptimizer: the total gradient norm of order {self.norm_type} is "
+            f"{self.last_norm.item()} (it overflows float32); nothing was modified."
+        )
+
+    def _has_state(self) -> bool:
+        """True when every parameter with a gradient has optimizer state.
+
+        torch's fused SGD allocates its momentum buffers uninitialized on the
+        first step and keeps them even when ``found_inf`` skips the update, so
+        a first step is never skipped on the device.
+        """
+        state = self.optimizer.state
+        return all(p.grad is None or bool(state.get(p)) for group in self.optimizer.param_groups for p in group["params"])
+
+    def _fused_step(self, grads: list[Tensor], coef: Tensor, divisor: Optional[Tensor], found: Tensor, policy: str) -> None:
+        inner = self.optimizer
+        saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__}
+        # A divisor the inner optimizer already carries (set by its user) stays in force.
+        if "grad_scale" in saved:
+            prior = saved["grad_scale"].to(coef.device, torch.float64)
+            divisor = prior if divisor is None else divisor.to(coef.device, torch.float64) * prior
+        if "found_inf" in saved:
+            found = torch.maximum(found, (saved["found_inf"].to(found.device) > 0).float())
+        on_device = policy == "skip" and self._has_state()
+        if not on_device and not self._check_finite(found, policy):
+            return
+        total = 1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef
+        try:
+            inner.grad_scale = total.float()
+            if on_device:
+                inner.found_inf = found
+                self.skipped_steps += found.to(torch.int64)
+            else:
+                inner.__dict__.pop("found_inf", None)
+            inner.step()
+        finally:
+            for name in _SCALE_ATTRS:
+                inner.__dict__.pop(name, None)
+            inner.__dict__.update(saved)
+
+    def _plain_step(
+        self, grads: list[Tensor], one_call: bool, coef: Tensor, divisor: Optional[Tensor], found: Tensor, policy: str
+    ) -> None:
+        if not self._check_finite(found, policy):
+            return
+        factor = coef if divisor is None else coef / divisor.to(coef.device, torch.float64)
+        with torch.no_grad():
+            _clip._scale(grads, factor, one_call)
+        self.optimizer.step()

@@ -1,0 +1,556 @@
+"""ClippedOptimizer: step-by-step equivalence with torch's clip-then-step loop,
+the non-finite policies, AMP, and the drop-in Optimizer surface."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import fastclip
+from testing import DEVICE_PARAMS, HAS_CUDA, dtype_id
+
+MAX_NORM = 1.0
+STEPS = 20
+LOSS_GAIN = 1e3  # gradients far above MAX_NORM: clipping is active
+SMALL_EVERY = 5  # every 5th step has tiny gradients: the coefficient is 1
+BIG_GRAD = 3e30  # a finite gradient whose square overflows float32
+OVERFLOW_STEPS = (6, 13)  # scaled loss is inf on these steps of the GradScaler test
+OVERFLOW_GAIN = 1e38
+
+
+def _optimizers():
+    """(id, factory) for every inner optimizer the equivalence tests cover."""
+    rows = []
+    for name, cls, kwargs in (
+        ("sgd", torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
+        ("adam", torch.optim.Adam, {"lr": 1e-2}),
+        ("adamw", torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    ):
+        for impl, extra in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("loop", {"foreach": False})):
+            rows.append((f"{name}-{impl}", cls, {**kwargs, **extra}))
+    rows.append(("rmsprop-foreach", torch.optim.RMSprop, {"lr": 1e-3, "foreach": True}))
+    rows.append(("rmsprop-loop", torch.optim.RMSprop, {"lr": 1e-3, "foreach": False}))
+    return rows
+
+
+OPTIMIZERS = _optimizers()
+FUSED = [row for row in OPTIMIZERS if row[0].endswith("fused")]
+PLAIN = [row for row in OPTIMIZERS if not row[0].endswith("fused")]
+
+# Params after 20 steps: fp32 differs from torch only by the rounding of the
+# coefficient (a multiply against a divide by its inverse); bf16 additionally
+# by torch's bf16-rounded norm (fastclip's is float32-exact), i.e. about one
+# bf16 ulp of the coefficient per step.
+PARAM_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+NORM_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
+
+
+def _model(dtype: torch.dtype, device: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    )
+    return model.to(device=device, dtype=dtype)
+
+
+def _batches(dtype: torch.dtype, device: str, steps: int = STEPS):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for step in range(steps):
+        gain = 1e-6 if step % SMALL_EVERY == SMALL_EVERY - 1 else LOSS_GAIN
+        x = torch.randn(9, 7, generator=g).to(device, dtype)
+        y = torch.randn(9, 3, generator=g).to(device, dtype)
+        out.append((x, y, gain))
+    return out
+
+
+def _loss(model, batch):
+    x, y, gain = batch
+    return ((model(x) - y).float() ** 2).mean() * gain
+
+
+def _requires_fused_device(kwargs: dict, device: str) -> None:
+    if kwargs.get("fused") and device not in ("cpu", "cuda"):
+        pytest.skip("fused optimizers run on cpu and cuda")
+
+
+def _assert_params_close(a: torch.nn.Module, b: torch.nn.Module, dtype: torch.dtype) -> None:
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, **PARAM_TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+def _state_snapshot(optimizer) -> dict:
+    return copy.deepcopy(optimizer.state_dict())
+
+
+def _assert_state_identical(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key, entry in a["state"].items():
+        assert entry.keys() == b["state"][key].keys()
+        for field, value in entry.items():
+            other = b["state"][key][field]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other.dtype and torch.equal(value.view(-1).view(torch.uint8), other.view(-1).view(torch.uint8)), field
+            else:
+                assert value == other, field
+
+
+def _param_bits(model) -> list:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_bits_equal(before: list, model) -> None:
+    for old, p in zip(before, model.parameters()):
+        assert torch.equal(old.view(torch.uint8) if old.dtype != torch.bool else old, p.detach().view(torch.uint8)), "parameter changed"
+
+
+# --------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=[row[0] for row in OPTIMIZERS])
+def test_matches_torch_loop(device, dtype, name, cls, kwargs):
+    _requires_fused_device(kwargs, device)
+    ref_model, model = _model(dtype, device), _model(dtype, device)
+    ref_opt = cls(ref_model.parameters(), **kwargs)
+    opt = fastclip.ClippedOptimizer(cls(model.parameters(), **kwargs), max_norm=MAX_NORM)
+    coefs = []
+    for batch in _batches(dtype, device):
+        _loss(ref_model, batch).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), MAX_NORM)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(opt.last_norm, ref_norm.float(), rtol=NORM_RTOL[dtype], atol=0.0)
+        coefs.append(float(opt.last_clip_coef))
+        _assert_params_close(ref_model, model, dtype)
+    assert min(coefs) < 0.01 and max(coefs) == 1.0  # both regimes were exercised
+    assert int(opt.skipped_steps) == 0
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=[row[0] for row in OPTIMIZERS])
+@pytest.mark.parametrize("pattern", ["step", "unscale-then-step"])
+def test_matches_torch_loop_with_grad_scaler(device, dtype, name, cls, kwargs, pattern):
+    """torch reference: unscale_, clip_grad_norm_, scaler.step. The wrapper is
+    stepped through the scaler, with or without an explicit unscale_ first."""
+    _requires_fused_device(kwargs, device)
+    ref_model, model = _model(dtype, device), _model(dtype, device)
+    ref_opt = cls(ref_model.parameters(), **kwargs)
+    opt = fastclip.ClippedOptimizer(cls(model.parameters(), **kwargs), max_norm=MAX_NORM)
+    init_scale = 2.0 ** 16
+    ref_scaler = torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=3)
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=3)
+    batches = _batches(dtype, device)
+    # Overflowing steps, skipped by both. Not the first: torch's fused SGD keeps
+    # uninitialized momentum buffers when its very first step is skipped.
+    for step in OVERFLOW_STEPS:
+        batches[step] = batches[step][:2] + (OVERFLOW_GAIN,)
+    backoffs = 0
+    for batch in batches:
+        scale_before = ref_scaler.get_scale()
+        ref_scaler.scale(_loss(ref_model, batch)).backward()
+        ref_scaler.unscale_(ref_opt)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), MAX_NORM)
+        ref_scaler.step(ref_opt)
+        ref_scaler.update()
+        ref_opt.zero_grad()
+        scaler.scale(_loss(model, batch)).backward()
+        if pattern == "unscale-then-step":
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        assert scaler.get_scale() == ref_scaler.get_scale()
+        backoffs += ref_scaler.get_scale() < scale_before
+        if math.isfinite(ref_norm) and opt.last_norm is not None and torch.isfinite(opt.last_norm):
+            torch.testing.assert_close(opt.last_norm, ref_norm.float(), rtol=NORM_RTOL[dtype], atol=0.0)
+        _assert_params_close(ref_model, model, dtype)
+    assert backoffs == len(OVERFLOW_STEPS)  # the overflowing steps were seen and skipped by both
+
+
+# ------------------------------------------------------------ non-finite policy
+def _inject(model, value: float, index: int = 1) -> None:
+    grad = list(model.parameters())[index].grad
+    grad.view(-1)[3] = value
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=[row[0] for row in OPTIMIZERS])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("at_step", [0, 3])
+def test_skip_leaves_everything_bit_identical(device, name, cls, kwargs, bad, at_step):
+    _requires_fused_device(kwargs, device)
+    model = _model(torch.float32, device)
+    opt = fastclip.ClippedOptimizer(cls(model.parameters(), **kwargs), max_norm=MAX_NORM)
+    batches = _batches(torch.float32, device, at_step + 2)
+    for batch in batches[:at_step]:
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    params, state = _param_bits(model), _state_snapshot(opt)
+    _loss(model, batches[at_step]).backward()
+    _inject(model, bad)
+    opt.step()
+    _assert_bits_equal(params, model)
+    _assert_state_identical(state, _state_snapshot(opt))
+    assert int(opt.skipped_steps) == 1
+    assert not torch.isfinite(opt.last_norm)
+    opt.zero_grad()
+    _loss(model, batches[at_step + 1]).backward()
+    opt.step()
+    assert int(opt.skipped_steps) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(old, p) for old, p in zip(params, model.parameters())), "the next step did not proceed"
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("name,cls,kwargs", FUSED, ids=[row[0] for row in FUSED])
+def test_skip_on_fused_path_reads_nothing_back(device, name, cls, kwargs, monkeypatch):
+    """Once the inner optimizer has state, the skip decision stays on the device:
+    a host read of any tensor during step() fails the test."""
+    model = _model(torch.float32, device)
+    opt = fastclip.ClippedOptimizer(cls(model.parameters(), **kwargs), max_norm=MAX_NORM)
+    batches = _batches(torch.float32, device, 3)
+    _loss(model, batches[0]).backward()
+    opt.step()
+    opt.zero_grad()
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("host read inside ClippedOptimizer.step")
+
+    for batch, bad in ((batches[1], math.nan), (batches[2], None)):
+        _loss(model, batch).backward()
+        if bad is not None:
+            _inject(model, bad)
+        with monkeypatch.context() as patch:
+            for method in ("item", "__bool__", "tolist", "__float__", "__int__"):
+                patch.setattr(torch.Tensor, method, no_host_read)
+            opt.step()
+        opt.zero_grad()
+    assert int(opt.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=[row[0] for row in OPTIMIZERS])
+@pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
+def test_error_names_the_parameter_and_modifies_nothing(device, name, cls, kwargs, named):
+    _requires_fused_device(kwargs, device)
+    model = _model(torch.float32, device)
+    params = model.named_parameters() if named else model.parameters()
+    opt = fastclip.ClippedOptimizer(cls(params, **kwargs), max_norm=MAX_NORM, nonfinite="error")
+    batches = _batches(torch.float32, device, 2)
+    _loss(model, batches[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    _loss(model, batches[1]).backward()
+    _inject(model, math.inf, index=2)
+    params, state = _param_bits(model), _state_snapshot(opt)
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = "'2.weight'" if named else r"param_groups\[0\]\['params'\]\[2\]"
+    with pytest.raises(RuntimeError, match=expected):
+        opt.step()
+    _assert_bits_equal(params, model)
+    _assert_state_identical(state, _state_snapshot(opt))
+    for old, p in zip(grads, model.parameters()):
+        assert torch.equal(old, p.grad)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=[row[0] for row in OPTIMIZERS])
+def test_propagate_matches_torch(device, name, cls, kwargs):
+    _requires_fused_device(kwargs, device)
+    ref_model, model = _model(torch.float32, device), _model(torch.float32, device)
+    ref_opt = cls(ref_model.parameters(), **kwargs)
+    opt = fastclip.ClippedOptimizer(cls(model.parameters(), **kwargs), MAX_NORM, nonfinite="propagate")
+    for step, batch in enumerate(_batches(torch.float32, device, 4)):
+        for m in (ref_model, model):
+            _loss(m, batch).backward()
+            if step == 2:
+                _inject(m, math.inf)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), MAX_NORM)
+        ref_opt.step()
+        opt.step()
+        torch.testing.assert_close(opt.last_norm, ref_norm, rtol=1e-5, atol=0.0, equal_nan=True)
+        for pr, p in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(p, pr, rtol=1e-5, atol=1e-6, equal_nan=True)
+            assert torch.equal(torch.isnan(p), torch.isnan(pr))
+        ref_opt.zero_grad()
+        opt.zero_grad()
+    assert any(torch.isnan(p).any() for p in model.parameters())  # the inf did propagate
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_huge_finite_gradients_are_clipped_not_zeroed(device):
+    """torch's fp32 sum of squares overflows at |g| ~ 1.8e19 and multiplies every
+    gradient by 0; the wrapper's norm is exact and the step is a real step."""
+    model = _model(torch.float32, device)
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), MAX_NORM)
+    _loss(model, _batches(torch.float32, device, 1)[0]).backward()
+    for p in model.parameters():
+        p.grad.fill_(BIG_GRAD)
+    count = sum(p.numel() for p in model.parameters())
+    before = _param_bits(model)
+    opt.step()
+    expected = BIG_GRAD * math.sqrt(count)
+    assert math.isclose(float(opt.last_norm), expected, rel_tol=1e-6)
+    for old, p in zip(before, model.parameters()):
+        step = MAX_NORM / math.sqrt(count)
+        torch.testing.assert_close(old - p, torch.full_like(p, step), rtol=1e-4, atol=1e-6)
+    assert int(opt.skipped_steps) == 0
+
+
+# ------------------------------------------------------------------ drop-in
+def test_is_an_optimizer_sharing_the_inner_state():
+    model = _model(torch.float32, "cpu")
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = fastclip.ClippedOptimizer(inner, MAX_NORM)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups
+    assert opt.state is inner.state
+    assert opt.defaults is inner.defaults
+    _loss(model, _batches(torch.float32, "cpu", 1)[0]).backward()
+    opt.step()
+    assert opt.state is inner.state and len(opt.state) == len(list(model.parameters()))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert "ClippedOptimizer(max_norm=1.0" in repr(opt) and "AdamW" in repr(opt)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_lr_scheduler_and_step_hooks(fused):
+    ref_model, model = _model(torch.float32, "cpu"), _model(torch.float32, "cpu")
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, fused=fused or None)
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None), MAX_NORM)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for batch in _batches(torch.float32, "cpu", 7):
+            for m, o, s in ((ref_model, ref_opt, ref_sched), (model, opt, sched)):
+                _loss(m, batch).backward()
+                if o is ref_opt:
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM)
+                o.step()
+                o.zero_grad()
+                s.step()
+    assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] == 1e-2 * 0.5 ** 3
+    _assert_params_close(ref_model, model, torch.float32)
+    assert calls == [("pre", opt), ("post", opt)] * 7
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_checkpoint_round_trip_both_ways(fused, tmp_path):
+    """state_dict() is the inner optimizer's: a wrapper checkpoint loads into a
+    bare optimizer and a bare checkpoint into a wrapper, and training goes on alike."""
+    kwargs = {"lr": 1e-2, "fused": fused or None}
+    batches = _batches(torch.float32, "cpu", 8)
+    model_a = _model(torch.float32, "cpu")
+    wrapped = fastclip.ClippedOptimizer(torch.optim.Adam(model_a.parameters(), **kwargs), MAX_NORM)
+    for batch in batches[:4]:
+        _loss(model_a, batch).backward()
+        wrapped.step()
+        wrapped.zero_grad()
+    torch.save({"model": model_a.state_dict(), "opt": wrapped.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    assert ckpt["opt"].keys() == torch.optim.Adam(model_a.parameters()).state_dict().keys()
+
+    model_b = _model(torch.float32, "cpu", seed=5)
+    model_b.load_state_dict(ckpt["model"])
+    bare = torch.optim.Adam(model_b.parameters(), **kwargs)
+    bare.load_state_dict(ckpt["opt"])  # wrapper -> bare
+    model_c = _model(torch.float32, "cpu", seed=6)
+    model_c.load_state_dict(ckpt["model"])
+    rewrapped = fastclip.ClippedOptimizer(torch.optim.Adam(model_c.parameters(), **kwargs), MAX_NORM)
+    rewrapped.load_state_dict(copy.deepcopy(bare.state_dict()))  # bare -> wrapper (load aliases tensors)
+    assert rewrapped.state is rewrapped.optimizer.state
+    for batch in batches[4:]:
+        for m, o in ((model_a, wrapped), (model_b, bare), (model_c, rewrapped)):
+            _loss(m, batch).backward()
+            if o is bare:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM)
+            o.step()
+            o.zero_grad()
+    _assert_params_close(model_b, model_a, torch.float32)
+    _assert_params_close(model_b, model_c, torch.float32)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_add_param_group_after_wrapping(fused):
+    model, extra = _model(torch.float32, "cpu"), torch.nn.Linear(4, 2)
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, fused=fused or None), MAX_NORM)
+    opt.add_param_group({"params": extra.parameters(), "lr": 0.5})
+    assert len(opt.optimizer.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
+    _loss(model, _batches(torch.float32, "cpu", 1)[0]).backward()
+    extra(torch.randn(3, 4)).sum().mul(1e4).backward()
+    grads = [p.grad.clone() for p in list(model.parameters()) + list(extra.parameters())]
+    before = [p.detach().clone() for p in extra.parameters()]
+    opt.step()
+    total = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads]))
+    assert math.isclose(float(opt.last_norm), float(total), rel_tol=1e-6)  # the new group is in the norm
+    coef = MAX_NORM / (float(total) + 1e-6)
+    for old, p, g in zip(before, extra.parameters(), grads[-2:]):
+        torch.testing.assert_close(p, old - 0.5 * coef * g, rtol=1e-5, atol=1e-6)
+
+
+def test_max_norm_can_change_between_steps():
+    model = _model(torch.float32, "cpu")
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
+    batch = _batches(torch.float32, "cpu", 1)[0]
+    coefs = []
+    for max_norm in (1.0, 0.25):
+        opt.max_norm = max_norm
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        coefs.append((float(opt.last_clip_coef), max_norm / (float(opt.last_norm) + 1e-6)))
+    for got, expected in coefs:
+        assert math.isclose(got, expected, rel_tol=1e-6)
+
+
+def test_closure_is_evaluated_once_before_clipping():
+    model = _model(torch.float32, "cpu")
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
+    batch = _batches(torch.float32, "cpu", 1)[0]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = _loss(model, batch)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert len(calls) == 1 and loss.requires_grad
+    assert float(opt.last_norm) > MAX_NORM
+
+
+def test_step_without_gradients_steps_the_inner_optimizer():
+    model = _model(torch.float32, "cpu")
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
+    before = _param_bits(model)
+    opt.step()
+    _assert_bits_equal(before, model)
+
+
+def test_order_inf_and_one():
+    for norm_type in (1.0, math.inf):
+        ref_model, model = _model(torch.float32, "cpu"), _model(torch.float32, "cpu")
+        ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+        opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM, norm_type=norm_type)
+        for batch in _batches(torch.float32, "cpu", 3):
+            _loss(ref_model, batch).backward()
+            _loss(model, batch).backward()
+            ref = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), MAX_NORM, norm_type=norm_type)
+            ref_opt.step()
+            opt.step()
+            ref_opt.zero_grad()
+            opt.zero_grad()
+            torch.testing.assert_close(opt.last_norm, ref, rtol=1e-5, atol=0.0)
+        _assert_params_close(ref_model, model, torch.float32)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("max_norm", [0.0, -1.0, math.nan, math.inf, "big", None])
+def test_bad_max_norm(max_norm):
+    inner = torch.optim.SGD(_model(torch.float32, "cpu").parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="max_norm"):
+        fastclip.ClippedOptimizer(inner, max_norm)
+    opt = fastclip.ClippedOptimizer(inner, 2.0)
+    with pytest.raises(ValueError, match="max_norm"):
+        opt.max_norm = max_norm
+    assert opt.max_norm == 2.0
+
+
+@pytest.mark.parametrize("kwargs,match", [({"nonfinite": "ignore"}, "nonfinite"), ({"norm_type": -2}, "norm_type")])
+def test_bad_policy_and_norm_type(kwargs, match):
+    inner = torch.optim.SGD(_model(torch.float32, "cpu").parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        fastclip.ClippedOptimizer(inner, MAX_NORM, **kwargs)
+
+
+def test_not_an_optimizer():
+    model = _model(torch.float32, "cpu")
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got generator"):
+        fastclip.ClippedOptimizer(model.parameters(), MAX_NORM)
+    wrapped = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
+    with pytest.raises(TypeError, match="already a ClippedOptimizer"):
+        fastclip.ClippedOptimizer(wrapped, MAX_NORM)
+    with pytest.raises(TypeError, match="LBFGS"):
+        fastclip.ClippedOptimizer(torch.optim.LBFGS(model.parameters()), MAX_NORM)
+
+
+# ---------------------------------------------------------------------- CUDA
+def _cuda_adamw(model):
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True, capturable=True)
+    return fastclip.ClippedOptimizer(inner, MAX_NORM)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_fused_step_issues_no_host_sync():
+    model = _model(torch.float32, "cuda")
+    opt = _cuda_adamw(model)
+    batches = _batches(torch.float32, "cuda", 3)
+    _loss(model, batches[0]).backward()
+    opt.step()  # the first step reads the skip flag back (no optimizer state yet)
+    opt.zero_grad()
+    for batch in batches[1:]:
+        _loss(model, batch).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.zero_grad()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_graph_capture_of_step_matches_eager():
+    eager_model, graph_model = _model(torch.float32, "cuda"), _model(torch.float32, "cuda")
+    eager_opt, graph_opt = _cuda_adamw(eager_model), _cuda_adamw(graph_model)
+    static_grads = [torch.zeros_like(p) for p in graph_model.parameters()]
+    for p, g in zip(graph_model.parameters(), static_grads):
+        p.grad = g
+
+    def load_graph_grads(batch):
+        # Gradients of the graph model's current weights, written into the
+        # static tensors the captured step reads.
+        probe = _model(torch.float32, "cuda")
+        probe.load_state_dict(graph_model.state_dict())
+        _loss(probe, batch).backward()
+        for g, p in zip(static_grads, probe.parameters()):
+            g.copy_(p.grad)
+
+    def eager_step(batch):
+        eager_opt.zero_grad()
+        _loss(eager_model, batch).backward()
+        eager_opt.step()
+
+    batches = _batches(torch.float32, "cuda", 6)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up creates the optimizer state outside the graph
+        eager_step(batches[0])
+        load_graph_grads(batches[0])
+        graph_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for batch in batches[1:]:
+        eager_step(batch)
+        load_graph_grads(batch)
+        graph.replay()
+        torch.testing.assert_close(graph_opt.last_norm, eager_opt.last_norm, rtol=1e-6, atol=0.0)
+        _assert_params_close(eager_model, graph_model, torch.float32)
