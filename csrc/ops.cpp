@@ -140,6 +140,9 @@ const char* blocker(const at::Tensor& t, const at::Tensor& first) {
   if (t.is_complex()) return "complex";
   if (!fastclip::supported_dtype(t.scalar_type())) return "dtype";
   if (t.device() != first.device()) return "devices";
+  // DTensor and other __torch_dispatch__ subclasses: the ops would reach the
+  // subclass's dispatch, which knows nothing of them; Python unwraps them first.
+  if (t.key_set().has(c10::DispatchKey::Python)) return "subclass";
   return nullptr;
 }
 
@@ -210,7 +213,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastclip: fused multi-tensor gradient norm and clipping kernels";
   m.def("single_call_blocker", &single_call_blocker, pybind11::arg("tensors"),
         "None if the tensors can go to one fastclip op call, else the reason "
-        "('sparse', 'complex', 'dtype' or 'devices').");
+        "('sparse', 'complex', 'dtype', 'devices' or 'subclass').");
   m.def("collect_grads", &collect_grads, pybind11::arg("parameters"),
         "(grads, blocker): the gradients that are not None, and single_call_blocker(grads).");
   m.def("build_info", &build_info, "How this extension was built.");

@@ -12,6 +12,10 @@ lists to ``torch.ops.fastclip`` (``_ops``). Lists that one call cannot take
 split: each device gets its own call, tensors the kernels do not cover go to
 ``_fallback`` (plain PyTorch), and the partial norms are combined on the
 first tensor's device, as torch does.
+
+``process_group=`` and DTensor gradients (FSDP2, tensor parallel) take the
+same local fused pass and then ``_distributed`` all-reduces a few scalars
+per group; see that module.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _fallback, _ops
+from . import _distributed, _fallback, _ops
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
@@ -208,6 +212,57 @@ def _scale(tensors: list[Tensor], coef: Tensor, one_call: bool) -> None:
         part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
 
 
+def _needs_global(tensors: list[Tensor], one_call: bool, groups: list) -> bool:
+    """True when the norm spans processes: groups were given, or DTensors
+    (which the C++ check reports as a subclass, so never on the one-call path)."""
+    return bool(groups) or (len(tensors) > 0 and not one_call and _distributed.has_dtensor(tensors))
+
+
+def _global_norms(tensors: list[Tensor], ord: float, per_tensor: bool, groups: list, name: str):
+    """Norms over DTensor shards and/or rank-local lists spread over ``groups``.
+
+    Returns ``(total, each, locals, sharding)``: the float64 global norm, the
+    per-tensor float32 norms (global over the mesh for DTensors, local for
+    plain tensors), the local tensors to scale, and the DTensors' sharding.
+    """
+    locals_, sharding = _distributed.unwrap(tensors, name)
+    keys = sharding.keys if sharding is not None else [()] * len(locals_)
+    if not locals_:  # this rank holds nothing but must still join the collectives
+        local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
+        entry_keys: list = []
+    elif per_tensor:
+        _, each = _norms(locals_, ord, True, _one_call(locals_))
+        local, entry_keys = each.to(torch.float64), keys
+    else:
+        classes: dict = {}  # sharded mesh dims -> tensor indices: one local pass per class
+        for i, key in enumerate(keys):
+            classes.setdefault(key, []).append(i)
+        norms = []
+        for indices in classes.values():
+            part = [locals_[i] for i in indices]
+            norms.append(_norms(part, ord, False, _one_call(part))[0])
+        local, entry_keys = torch.stack(norms).to(torch.float64), list(classes)
+    total, entries = _distributed.reduce_norms(local, entry_keys, sharding, groups, ord)
+    each = entries.to(torch.float32) if per_tensor else local.new_zeros((0,), dtype=torch.float32)
+    return total, each, locals_, sharding
+
+
+def _as_result(total: Tensor, sharding) -> Tensor:
+    """The float32 norm, as a replicated DTensor when the inputs were DTensors (as torch returns)."""
+    total = total.to(torch.float32)
+    return _distributed.replicate_like(total, sharding) if sharding is not None else total
+
+
+def _local(tensors: list[Tensor], one_call: bool, name: str) -> tuple[list[Tensor], bool]:
+    """DTensors replaced by their local shards (for element-wise work)."""
+    if one_call:
+        return tensors, True
+    locals_, sharding = _distributed.unwrap(tensors, name)
+    if sharding is None:
+        return tensors, False
+    return locals_, len(locals_) > 0 and _one_call(locals_)
+
+
 # ------------------------------------------------------------- public API
 @torch.no_grad()
 def get_total_norm(
@@ -215,19 +270,30 @@ def get_total_norm(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
+    process_group=None,
 ) -> Tensor:
     """Norm of ``tensors`` seen as one vector, like ``torch.nn.utils.get_total_norm``.
 
     Returns a float32 0-dim tensor on the first tensor's device (a CPU zero
-    for an empty list). ``foreach`` is accepted for compatibility and ignored:
-    the kernels always process the whole list at once.
+    for an empty list; a replicated DTensor for DTensor inputs). ``foreach``
+    is accepted for compatibility and ignored: the kernels always process
+    the whole list at once. ``process_group`` (a group or a sequence of
+    groups): ``tensors`` is this rank's part of a list spread over the
+    groups' processes, and the norm is that of the whole list.
     """
     del foreach
     tensors = _as_list(tensors)
     norm_type = _norm_type(norm_type)
+    groups = _distributed.groups_of(process_group)
+    one_call = len(tensors) > 0 and _one_call(tensors)
+    if _needs_global(tensors, one_call, groups):
+        total, _, _, sharding = _global_norms(tensors, norm_type, False, groups, "tensors")
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total, norm_type)
+        return _as_result(total, sharding)
     if len(tensors) == 0:
         return torch.tensor(0.0)
-    total, _ = _norms(tensors, norm_type, False, _one_call(tensors))
+    total, _ = _norms(tensors, norm_type, False, one_call)
     if error_if_nonfinite:
         _raise_if_nonfinite(total, norm_type)
     return total
@@ -250,6 +316,9 @@ def clip_grads_with_norm_(
     grads, one_call = _grads(parameters)
     if len(grads) == 0:
         return
+    grads, one_call = _local(grads, one_call, "parameters")
+    if isinstance(total_norm, Tensor) and hasattr(total_norm, "to_local"):
+        total_norm = total_norm.to_local()  # torch's DTensor norms are replicated
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm), dtype=torch.float64)
     _scale(grads, _coefficient(max_norm, total_norm), one_call)
@@ -262,6 +331,7 @@ def clip_grad_norm_(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
+    process_group=None,
 ) -> Tensor:
     """Clip the gradients' total norm to ``max_norm`` in place; return the norm.
 
@@ -270,11 +340,27 @@ def clip_grad_norm_(
     sync. NaN/inf gradients propagate as in torch (the norm becomes NaN/inf
     and so do the gradients) unless ``error_if_nonfinite`` is set, in which
     case a RuntimeError is raised and no gradient is modified.
+
+    ``process_group`` (a group or a sequence of groups, e.g. data- and
+    model-parallel): ``parameters`` are this rank's part of a model spread
+    over the groups' processes; the norm is the global one (one all_reduce
+    of a scalar per group) and every rank applies the same coefficient.
+    DTensor gradients (FSDP2, tensor parallel) are reduced over their mesh
+    without being asked; parameters replicated on several ranks of a
+    ``process_group`` must be passed by one rank only.
     """
     del foreach
     grads, one_call = _grads(parameters)
     max_norm = _max_norm(max_norm)
     norm_type = _norm_type(norm_type)
+    groups = _distributed.groups_of(process_group)
+    if _needs_global(grads, one_call, groups):
+        total, _, locals_, sharding = _global_norms(grads, norm_type, False, groups, "parameters")
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total, norm_type)  # the same decision on every rank
+        if locals_:
+            _scale(locals_, _coefficient(max_norm, total), _one_call(locals_))
+        return _as_result(total, sharding)
     if len(grads) == 0:
         return torch.tensor(0.0)
     if one_call:
@@ -308,6 +394,7 @@ def clip_grad_value_(
     grads, one_call = _grads(parameters)
     if len(grads) == 0:
         return
+    grads, one_call = _local(grads, one_call, "parameters")
     if one_call:
         _ops.multi_tensor_clamp_(grads, clip_value)
         return
@@ -320,20 +407,28 @@ def clip_grad_value_(
 
 
 @torch.no_grad()
-def grad_norms(parameters: TensorOrTensors, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
+def grad_norms(parameters: TensorOrTensors, norm_type: float = 2.0, process_group=None) -> tuple[Tensor, Tensor]:
     """Total gradient norm and the norm of each parameter's gradient, in one pass.
 
     Returns ``(total, per_parameter)``: ``total`` is a float32 0-dim tensor,
     ``per_parameter`` a float32 vector with one entry per element of
     ``parameters`` (0 where the gradient is None), both on the first
-    gradient's device. Nothing is modified.
+    gradient's device. Nothing is modified. With DTensor gradients both are
+    plain tensors holding the full (global) norms; with ``process_group``
+    the total is global and the per-parameter norms are of this rank's
+    parameters.
     """
     params = _as_list(parameters)
     norm_type = _norm_type(norm_type)
+    groups = _distributed.groups_of(process_group)
     grads, one_call = _grads(params)
-    if len(grads) == 0:
+    if _needs_global(grads, one_call, groups):
+        total, each, _, _ = _global_norms(grads, norm_type, True, groups, "parameters")
+        total = total.to(torch.float32)
+    elif len(grads) == 0:
         return torch.tensor(0.0), torch.zeros(len(params))
-    total, each = _norms(grads, norm_type, True, one_call)
+    else:
+        total, each = _norms(grads, norm_type, True, one_call)
     if len(grads) == len(params):
         return total, each
     have = [i for i, p in enumerate(params) if p.grad is not None]

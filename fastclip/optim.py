@@ -102,6 +102,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
             steps (``opt.max_norm = 0.5``).
         norm_type: order of the norm: 2, 1, ``inf`` or any finite p > 0.
         nonfinite: ``"skip"``, ``"error"`` or ``"propagate"`` (see the module doc).
+        process_group: a group or a sequence of groups over which the
+            parameters are spread (as for ``fastclip.clip_grad_norm_``); the
+            norm is global and every rank takes the same decision. DTensor
+            parameters (FSDP2) are reduced over their mesh without it.
 
     After each step, ``last_norm`` is the total gradient norm before clipping
     (float32 device tensor, the value torch's ``clip_grad_norm_`` returns) and
@@ -115,6 +119,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         max_norm: float,
         norm_type: float = 2.0,
         nonfinite: str = "skip",
+        process_group=None,
     ) -> None:
         if isinstance(optimizer, ClippedOptimizer):
             raise TypeError("optimizer is already a ClippedOptimizer; wrap the inner optimizer once")
@@ -126,6 +131,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.max_norm = max_norm
         self.norm_type = _clip._norm_type(norm_type)
         self.nonfinite = _policy(nonfinite)
+        self.process_group = process_group
+        _clip._distributed.groups_of(process_group)  # validated now, read again at each step
         self.last_norm: Optional[Tensor] = None
         self.last_clip_coef: Optional[Tensor] = None
         self.skipped_steps: Optional[Tensor] = None
@@ -202,6 +209,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             "_max_norm": self._max_norm,
             "norm_type": self.norm_type,
             "nonfinite": self.nonfinite,
+            "process_group": self.process_group,
             "last_norm": self.last_norm,
             "last_clip_coef": self.last_clip_coef,
             "skipped_steps": self.skipped_steps,
@@ -232,12 +240,17 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads, one_call = _clip._grads(params)
-        if len(grads) == 0:
+        groups = _clip._distributed.groups_of(self.process_group)
+        if len(grads) == 0 and not groups:
             self.optimizer.step()
             return loss
         divisor, scaler_found = self._incoming_scale()
         with torch.no_grad():
-            raw, _ = _clip._norms(grads, self.norm_type, False, one_call)
+            if _clip._needs_global(grads, one_call, groups):
+                total, _, grads, _ = _clip._global_norms(grads, self.norm_type, False, groups, "parameters")
+                raw, one_call = total.to(torch.float32), len(grads) > 0 and _clip._one_call(grads)
+            else:
+                raw, _ = _clip._norms(grads, self.norm_type, False, one_call)
             norm = raw if divisor is None else (raw.double() / divisor.to(raw.device, torch.float64)).float()
             coef = _clip._coefficient(self._max_norm, norm)
             bad = (~torch.isfinite(norm)).float()
@@ -277,7 +290,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         for g, group in enumerate(self.optimizer.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # DTensor: this rank's shard
+                if grad is not None and not bool(torch.isfinite(grad).all()):
                     where = repr(names[i]) if names is not None else f"param_groups[{g}]['params'][{i}]"
                     return (
                         f"ClippedOptimizer: the gradient of parameter {where} is non-finite "
@@ -286,7 +300,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
                     )
         return (
             f"ClippedOptimizer: the total gradient norm of order {self.norm_type} is "
-            f"{self.last_norm.item()} (it overflows float32); nothing was modified."
+            f"{self.last_norm.item()}: the non-finite gradient is on another rank, or the norm "
+            "overflows float32; nothing was modified."
         )
 
     def _has_state(self) -> bool:

@@ -1,0 +1,223 @@
+"""Global norms over torch.distributed: one fused local pass, then one
+``all_reduce`` of a few scalars per process group.
+
+Two ways gradients are spread over processes, which can be combined:
+
+* DTensor gradients (FSDP2 ``fully_shard``, tensor parallel): each rank
+  holds local shards. A tensor's full norm is the sum of its shards' power
+  sums over the mesh dimensions that *shard* it; on the dimensions that
+  *replicate* it every rank holds the same values, which must be counted
+  once. The local power sums go into a small vector (one entry per class of
+  tensors sharded on the same mesh dimensions, or one per tensor for
+  per-tensor norms) that is all-reduced once per mesh dimension that shards
+  anything; entries replicated on that dimension are kept only on the rank
+  at coordinate 0 of it and zeroed elsewhere, so the sum counts them once,
+  exactly.
+* ``process_group=``: each rank holds a different part of the parameter
+  list (data, pipeline or expert parallel pieces). The total is all-reduced
+  over each group given, one after the other.
+
+Orders 1 and 2 all-reduce float64 power sums of the float32 local norms (no
+overflow: a float32 norm squared is below 1.2e77); inf all-reduces the
+maximum with a NaN flag (MAX does not propagate NaN reliably in every
+backend); any other order first all-reduces the maximum to scale by, so
+that no power overflows, at the cost of a second all_reduce per group.
+Nothing here reads a value back to the host.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Sharding", "collective_device", "groups_of", "has_dtensor", "reduce_norms", "replicate_like", "unwrap"]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _dtensor_type():
+    """The DTensor class, or None when torch.distributed is unavailable."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+# ------------------------------------------------------------------ groups
+def groups_of(process_group) -> list:
+    """The process groups to reduce over, validated; [] for None."""
+    if process_group is None:
+        return []
+    if not torch.distributed.is_available():
+        raise RuntimeError("process_group was given but this torch build has no torch.distributed")
+    dist = _dist()
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "process_group was given but the default process group is not initialized; "
+            "call torch.distributed.init_process_group first"
+        )
+    several = isinstance(process_group, (list, tuple))
+    groups = list(process_group) if several else [process_group]
+    if several and not groups:
+        raise ValueError("process_group is an empty sequence; pass None for no reduction")
+    for i, group in enumerate(groups):
+        name = f"process_group[{i}]" if several else "process_group"
+        if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError(
+                f"{name}: this process (global rank {dist.get_rank()}) is not a member of the group"
+            )
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"{name} must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+        if dist.get_rank(group) < 0:
+            raise ValueError(f"{name}: this process (global rank {dist.get_rank()}) is not a member of the group")
+    return groups
+
+
+def collective_device(groups: list) -> torch.device:
+    """Where a rank with no local tensors keeps its (zero) contribution."""
+    dist = _dist()
+    if groups and dist.get_backend(groups[0]) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- DTensors
+@dataclass
+class Sharding:
+    """Where the local shards of a list of DTensors come from.
+
+    ``keys[i]`` is the tuple of mesh dimensions that shard tensor ``i``.
+    """
+
+    mesh: object
+    keys: list
+
+
+def has_dtensor(tensors: Sequence[Tensor]) -> bool:
+    DTensor = _dtensor_type()
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
+def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tensor], Optional[Sharding]]:
+    """Local tensors and their sharding, or the tensors themselves and None."""
+    if not has_dtensor(tensors):
+        return list(tensors), None
+    DTensor = _dtensor_type()
+    mesh = None
+    locals_, keys = [], []
+    for i, t in enumerate(tensors):
+        if not isinstance(t, DTensor):
+            raise ValueError(
+                f"{name}[{i}] is a plain tensor among DTensor gradients: pass plain tensors in a "
+                "separate call (with process_group=) or make them DTensors on the same mesh"
+            )
+        if mesh is None:
+            mesh = t.device_mesh
+        elif t.device_mesh != mesh:
+            raise ValueError(
+                f"{name}[{i}] is a DTensor on mesh {t.device_mesh}, but {name}[0] is on {mesh}: "
+                "clip the gradients of each mesh in its own call, or pass the other mesh's "
+                "group through process_group"
+            )
+        if any(p.is_partial() for p in t.placements):
+            raise ValueError(
+                f"{name}[{i}] has a Partial placement {t.placements}: its shards are pending a "
+                "reduction, so their norms do not add up; redistribute it first"
+            )
+        locals_.append(t.to_local())
+        keys.append(tuple(d for d, p in enumerate(t.placements) if p.is_shard()))
+    if mesh.get_coordinate() is None:
+        raise ValueError(f"{name}: this process is not part of the DTensors' device mesh {mesh}")
+    return locals_, Sharding(mesh, keys)
+
+
+def replicate_like(total: Tensor, sharding: Sharding):
+    """``total`` as a replicated DTensor on the mesh (what torch returns for DTensors)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(total, sharding.mesh, [Replicate()] * sharding.mesh.ndim, run_check=False)
+
+
+# --------------------------------------------------------------- reduction
+def _all_reduce(values: Tensor, op_max: bool, group) -> Tensor:
+    dist = _dist()
+    if not op_max:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+        return values
+    # MAX with the NaN flags in the same buffer: one collective.
+    flagged = torch.cat([torch.nan_to_num(values, nan=0.0), torch.isnan(values).to(values.dtype)])
+    dist.all_reduce(flagged, op=dist.ReduceOp.MAX, group=group)
+    count = values.numel()
+    return torch.where(flagged[count:] > 0, torch.full_like(values, math.nan), flagged[:count])
+
+
+def _over_mesh(values: Tensor, keys: list, sharding: Optional[Sharding], op_max: bool) -> Tensor:
+    """Reduce entry-wise over every mesh dimension that shards some entry."""
+    if sharding is None:
+        return values
+    coordinate = sharding.mesh.get_coordinate()
+    for dim in sorted({d for key in keys for d in key}):
+        if not op_max and coordinate[dim] != 0:
+            # Replicated on this dimension: the copy at coordinate 0 counts for all.
+            keep = torch.tensor([dim in key for key in keys], device="cpu")
+            if not bool(keep.all()):  # a host-side list: no device read
+                if values.device.type != "cpu":
+                    keep = keep.pin_memory()  # so that the copy below does not wait for the stream
+                values = torch.where(keep.to(values.device, non_blocking=True), values, torch.zeros_like(values))
+        values = _all_reduce(values, op_max, sharding.mesh.get_group(dim))
+    return values
+
+
+def _over_groups(total: Tensor, groups: list, op_max: bool) -> Tensor:
+    for group in groups:
+        total = _all_reduce(total.reshape(1), op_max, group).reshape(())
+    return total
+
+
+def reduce_norms(
+    local: Tensor, keys: list, sharding: Optional[Sharding], groups: list, ord: float
+) -> tuple[Tensor, Tensor]:
+    """Global norms from local ones.
+
+    ``local`` holds float64 local norms, one entry per class or tensor, with
+    ``keys`` their sharded mesh dimensions. Returns ``(total, entries)``: the
+    norm over everything (all entries, the mesh and ``groups``) and each
+    entry's norm over the mesh (``groups`` hold different tensors, so they
+    do not enter per-entry norms), both float64.
+    """
+    if ord == math.inf:
+        entries = _over_mesh(local, keys, sharding, op_max=True)
+        total = entries.max() if entries.numel() else torch.zeros((), dtype=torch.float64, device=local.device)
+        total = torch.where(torch.isnan(entries).any(), torch.full_like(total, math.nan), total)
+        return _over_groups(total, groups, op_max=True), entries
+    if ord in (1.0, 2.0):
+        entries = _over_mesh(local.pow(ord), keys, sharding, op_max=False)
+        total = _over_groups(entries.sum(), groups, op_max=False)
+        return total.pow(1.0 / ord), entries.pow(1.0 / ord)
+    # Any other order: scale by the maximum so that no power overflows.
+    peak = _over_mesh(local, keys, sharding, op_max=True)
+    entries = _over_mesh(_ratio(local, peak).pow(ord), keys, sharding, op_max=False)
+    entries = _unscale(peak, entries.pow(1.0 / ord))
+    top = entries.max() if entries.numel() else torch.zeros((), dtype=torch.float64, device=local.device)
+    top = torch.where(torch.isnan(entries).any(), torch.full_like(top, math.nan), top)
+    top = _over_groups(top, groups, op_max=True)
+    total = _over_groups(_ratio(entries, top).pow(ord).sum(), groups, op_max=False)
+    return _unscale(top, total.pow(1.0 / ord)), entries
+
+
+def _ratio(values: Tensor, scale: Tensor) -> Tensor:
+    """values / scale, 0 where the scale is 0; NaN/inf scales make NaN (kept by _unscale)."""
+    return torch.where(scale > 0, values / scale, torch.zeros_like(values))
+
+
+def _unscale(scale: Tensor, scaled_norm: Tensor) -> Tensor:
+    """scale * scaled_norm, with a non-finite scale passed through as is."""
+    return torch.where(torch.isfinite(scale), scale * scaled_norm, scale)

@@ -1,0 +1,314 @@
+"""Scenarios run in every process of a gloo group by test_distributed.py.
+
+Each scenario compares what fastclip computes across processes with a
+float64 reference built from the whole (unsharded) list, which every rank
+can rebuild because the lists come from one seed. A failing assertion in
+any rank fails the spawning test with that rank's traceback.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import fastclip
+
+MAX_NORM = 1.0
+SHAPES = [(33,), (7, 5), (128,), (3, 3, 3), (1,), (257,), (16, 9), (5,), (64, 2), (11,), (2, 2), (40,), (9, 7)]
+ORDS = [2.0, 1.0, math.inf, 3.5]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def full_list(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=g) * 1e3).to(dtype) for s in SHAPES]
+
+
+def ref_norm(tensors, ord: float) -> float:
+    flat = torch.cat([t.double().flatten() for t in tensors])
+    return float(torch.linalg.vector_norm(flat, ord))
+
+
+def ref_coef(norm: float) -> float:
+    return min(1.0, MAX_NORM / (norm + 1e-6))
+
+
+def params_of(grads):
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g.clone()
+        params.append(p)
+    return params
+
+
+def assert_norm(actual, expected: float, what: str) -> None:
+    actual = float(actual.full_tensor() if hasattr(actual, "full_tensor") else actual)
+    assert math.isclose(actual, expected, rel_tol=1e-6), f"{what}: {actual} vs {expected}"
+
+
+def assert_scaled(actual: torch.Tensor, original: torch.Tensor, coef: float, what: str) -> None:
+    expected = (original.double() * coef).to(original.dtype)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8}[original.dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=0.0, msg=lambda m: f"{what}: {m}")
+
+
+# --------------------------------------------------------------- scenarios
+def sharded_lists(rank: int, world: int) -> None:
+    """Each rank holds every world-th tensor of the list; one group."""
+    for dtype in DTYPES:
+        full = full_list(dtype)
+        mine = [i for i in range(len(full)) if i % world == rank]
+        for ord in ORDS:
+            expected = ref_norm(full, ord)
+            what = f"{dtype} ord={ord}"
+            assert_norm(fastclip.get_total_norm([full[i] for i in mine], ord, process_group=dist.group.WORLD), expected, what)
+            params = params_of([full[i] for i in mine])
+            total, each = fastclip.grad_norms(params, ord, process_group=dist.group.WORLD)
+            assert_norm(total, expected, what + " grad_norms")
+            for j, i in enumerate(mine):
+                assert_norm(each[j], ref_norm([full[i]], ord), what + f" grad_norms[{j}]")
+            norm = fastclip.clip_grad_norm_(params, MAX_NORM, ord, process_group=dist.group.WORLD)
+            assert_norm(norm, expected, what + " clip")
+            for p, i in zip(params, mine):
+                assert_scaled(p.grad, full[i], ref_coef(expected), what + f" grad {i}")
+
+
+def empty_rank(rank: int, world: int) -> None:
+    """A rank without gradients still joins the reduction (no deadlock, same norm)."""
+    full = full_list(torch.float32)
+    mine = [] if rank == 0 else [i for i in range(len(full)) if i % (world - 1) == rank - 1]
+    params = params_of([full[i] for i in mine])
+    norm = fastclip.clip_grad_norm_(params, MAX_NORM, process_group=dist.group.WORLD)
+    assert_norm(norm, ref_norm(full, 2.0), "empty rank")
+
+
+def two_groups(rank: int, world: int) -> None:
+    """A 2 x (world/2) grid: model-parallel groups hold different pieces, data-
+    parallel replicas hold the same ones. Summing over both groups is right for
+    sharded data parallelism (ZeRO), over the model-parallel group alone for
+    plain replicas."""
+    mp_size = 2
+    dp_size = world // mp_size
+    mp_groups = [dist.new_group([d * mp_size + m for m in range(mp_size)]) for d in range(dp_size)]
+    dp_groups = [dist.new_group([d * mp_size + m for d in range(dp_size)]) for m in range(mp_size)]
+    mp_rank, dp_rank = rank % mp_size, rank // mp_size
+    mp_group, dp_group = mp_groups[dp_rank], dp_groups[mp_rank]
+    full = full_list(torch.float32, seed=1)
+    for ord in ORDS:
+        # Sharded over both: piece (dp_rank, mp_rank) of world pieces.
+        mine = [i for i in range(len(full)) if i % world == rank]
+        params = params_of([full[i] for i in mine])
+        norm = fastclip.clip_grad_norm_(params, MAX_NORM, ord, process_group=[mp_group, dp_group])
+        assert_norm(norm, ref_norm(full, ord), f"two groups ord={ord}")
+        for p, i in zip(params, mine):
+            assert_scaled(p.grad, full[i], ref_coef(ref_norm(full, ord)), f"two groups grad {i}")
+        # Replicated over data parallel: pieces by mp_rank only, reduce over mp.
+        mine = [i for i in range(len(full)) if i % mp_size == mp_rank]
+        norm = fastclip.get_total_norm([full[i] for i in mine], ord, process_group=mp_group)
+        assert_norm(norm, ref_norm(full, ord), f"mp only ord={ord}")
+
+
+def dtensors_2d(rank: int, world: int) -> None:
+    """DTensors on a 2-D mesh with every mix of Shard and Replicate: each
+    replicated dimension is counted once."""
+    mesh = init_device_mesh("cpu", (2, world // 2))
+    placements = [
+        [Shard(0), Replicate()],
+        [Replicate(), Shard(0)],
+        [Replicate(), Replicate()],
+        [Shard(0), Shard(1)],
+        [Shard(1), Shard(0)],
+    ]
+    for dtype in DTYPES:
+        full = full_list(dtype, seed=2)
+        full = [t.reshape(-1, 1).expand(-1, 4).contiguous() if t.dim() == 1 else t.reshape(t.shape[0], -1) for t in full]
+        grads = [distribute_tensor(t, mesh, placements[i % len(placements)]) for i, t in enumerate(full)]
+        for ord in ORDS:
+            expected = ref_norm(full, ord)
+            what = f"dtensor 2d {dtype} ord={ord}"
+            total = fastclip.get_total_norm(grads, ord)
+            assert type(total).__name__ == "DTensor" and all(p.is_replicate() for p in total.placements)
+            assert_norm(total, expected, what)
+            params = params_of([g.detach() for g in grads])
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            total, each = fastclip.grad_norms(params, ord)
+            assert_norm(total, expected, what + " grad_norms")
+            for j, t in enumerate(full):
+                assert_norm(each[j], ref_norm([t], ord), what + f" grad_norms[{j}]")
+            norm = fastclip.clip_grad_norm_(params, MAX_NORM, ord)
+            assert_norm(norm, expected, what + " clip")
+            for p, t in zip(params, full):
+                assert_scaled(p.grad.full_tensor(), t, ref_coef(expected), what + " grad")
+
+
+def _fsdp_model(mesh, seed: int = 0):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))  # no empty shard on 4 ranks: torch fails on those (inf norm)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(9, 7, generator=g), torch.randn(9, 4, generator=g)
+
+
+def _loss(model, batch, gain: float = 1e3):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean() * gain
+
+
+def fsdp2_matches_torch(rank: int, world: int) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    model = _fsdp_model(mesh)
+    _loss(model, _batch(rank, 0)).backward()
+    params = list(model.parameters())
+    saved = [p.grad.clone() for p in params]
+    for ord in ORDS:
+        for p, g in zip(params, saved):
+            p.grad = g.clone()
+        ref = torch.nn.utils.clip_grad_norm_(params, MAX_NORM, ord)
+        ref_grads = [p.grad.to_local().clone() for p in params]
+        for p, g in zip(params, saved):
+            p.grad = g.clone()
+        norm = fastclip.clip_grad_norm_(params, MAX_NORM, ord)
+        assert_norm(norm, float(ref.full_tensor()), f"fsdp2 ord={ord}")
+        for p, r in zip(params, ref_grads):
+            torch.testing.assert_close(p.grad.to_local(), r, rtol=1e-5, atol=0.0)
+
+
+def nonfinite_same_decision(rank: int, world: int) -> None:
+    """A NaN/inf on rank 1 only: every rank sees it and decides alike."""
+    full = full_list(torch.float32)
+    mine = [i for i in range(len(full)) if i % world == rank]
+    for bad in (math.nan, math.inf):
+        for policy in ("skip", "error", "propagate"):
+            params = params_of([full[i] for i in mine])
+            if rank == 1:
+                params[0].grad.view(-1)[0] = bad
+            before = [p.detach().clone() for p in params]
+            opt = fastclip.ClippedOptimizer(
+                torch.optim.SGD(params, lr=0.1), MAX_NORM, nonfinite=policy, process_group=dist.group.WORLD
+            )
+            if policy == "error":
+                try:
+                    opt.step()
+                except RuntimeError as error:
+                    assert ("another rank" in str(error)) == (rank != 1), str(error)
+                else:
+                    raise AssertionError("no error on a non-finite step")
+                assert all(torch.equal(b, p) for b, p in zip(before, params))
+            elif policy == "skip":
+                opt.step()
+                assert int(opt.skipped_steps) == 1
+                assert all(torch.equal(b, p) for b, p in zip(before, params))
+            else:
+                opt.step()
+                assert not math.isfinite(float(opt.last_norm))
+                if math.isnan(bad):  # a NaN coefficient reaches every rank's parameters
+                    assert all(torch.isnan(p).all() for p in params)
+        params = params_of([full[i] for i in mine])
+        if rank == 1:
+            params[0].grad.view(-1)[0] = bad
+        grads = [p.grad.clone() for p in params]
+        try:
+            fastclip.clip_grad_norm_(params, MAX_NORM, error_if_nonfinite=True, process_group=dist.group.WORLD)
+        except RuntimeError:
+            for g, p in zip(grads, params):  # nothing was modified
+                torch.testing.assert_close(p.grad, g, rtol=0.0, atol=0.0, equal_nan=True)
+        else:
+            raise AssertionError("error_if_nonfinite did not raise on this rank")
+
+
+def wrapper_over_fsdp2(rank: int, world: int) -> None:
+    """10 steps of ClippedOptimizer over an FSDP2 model against torch's loop."""
+    mesh = init_device_mesh("cpu", (world,))
+    ref_model, model = _fsdp_model(mesh), _fsdp_model(mesh)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=True)
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True), MAX_NORM)
+    for step in range(10):
+        batch = _batch(rank, step)
+        gain = 1e-6 if step % 4 == 3 else 1e3
+        _loss(ref_model, batch, gain).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), MAX_NORM)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        _loss(model, batch, gain).backward()
+        opt.step()
+        opt.zero_grad()
+        assert_norm(opt.last_norm, float(ref_norm.full_tensor()), f"wrapper step {step}")
+        for pr, p in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(p.to_local(), pr.to_local(), rtol=1e-5, atol=1e-6)
+
+
+def bad_groups(rank: int, world: int) -> None:
+    """A group this rank is not in, and DTensors mixed with plain tensors or meshes."""
+    outsider = dist.new_group([0])
+    params = params_of(full_list(torch.float32)[:2])
+    if rank != 0:
+        try:
+            fastclip.clip_grad_norm_(params, MAX_NORM, process_group=outsider)
+        except ValueError as error:
+            assert "not a member" in str(error), str(error)
+        else:
+            raise AssertionError("no error for a group this rank is not in")
+    mesh = init_device_mesh("cpu", (world,))
+    other = init_device_mesh("cpu", (world,), mesh_dim_names=("other",))
+    a = distribute_tensor(torch.ones(8, 2), mesh, [Shard(0)])
+    b = distribute_tensor(torch.ones(8, 2), other, [Shard(0)])
+    for mixed, match in (([a, torch.ones(3)], "plain tensor among DTensor"), ([a, b], "on mesh")):
+        try:
+            fastclip.get_total_norm(mixed)
+        except ValueError as error:
+            assert match in str(error), str(error)
+        else:
+            raise AssertionError(f"no error for {match}")
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (
+        sharded_lists,
+        empty_rank,
+        two_groups,
+        dtensors_2d,
+        fsdp2_matches_torch,
+        nonfinite_same_decision,
+        wrapper_over_fsdp2,
+        bad_groups,
+    )
+}
+
+
+def run(rank: int, world: int, init_file: str, names: list[str]) -> None:
+    """Entry point of each spawned process."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for name in names:
+            SCENARIOS[name](rank, world)
+            dist.barrier()
+            if rank == 0:
+                print(f"passed {name} on {world} processes", flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    world = int(sys.argv[1])
+    torch.multiprocessing.spawn(run, args=(world, sys.argv[2], sys.argv[3:] or list(SCENARIOS)), nprocs=world)

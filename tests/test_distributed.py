@@ -1,0 +1,67 @@
+"""Distributed clipping on gloo: the scenarios of dist_worker.py in 2 and 4
+processes on this machine (time-bounded), plus the errors one process can see."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastclip
+
+HERE = Path(__file__).parent
+TIMEOUT_S = 300  # a deadlocked collective fails the test instead of hanging CI
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_scenarios(world, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, str(HERE / "dist_worker.py"), str(world), str(tmp_path / "rendezvous")],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-6000:]}"
+    import dist_worker
+
+    for name in dist_worker.SCENARIOS:
+        assert f"passed {name} on {world} processes" in done.stdout
+
+
+def _params():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 5.0)
+    return [p]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda group: fastclip.clip_grad_norm_(_params(), 1.0, process_group=group),
+        lambda group: fastclip.get_total_norm([torch.ones(2)], process_group=group),
+        lambda group: fastclip.grad_norms(_params(), process_group=group),
+        lambda group: fastclip.ClippedOptimizer(torch.optim.SGD(_params(), lr=0.1), 1.0, process_group=group),
+    ],
+    ids=["clip_grad_norm_", "get_total_norm", "grad_norms", "ClippedOptimizer"],
+)
+def test_process_group_without_init(call):
+    assert not torch.distributed.is_initialized()
+    params = _params()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fastclip.clip_grad_norm_(params, 1.0, process_group=object())
+    assert torch.equal(params[0].grad, torch.full((3,), 5.0))
+    with pytest.raises(RuntimeError, match="not initialized"):
+        call(object())
+
+
+def test_no_process_group_is_local():
+    params = _params()
+    assert float(fastclip.clip_grad_norm_(params, 1.0, process_group=None)) == pytest.approx(75 ** 0.5)
