@@ -1,0 +1,199 @@
+"""Distributed clip on CPU processes (gloo): fastclip against torch on the same DTensor shards.
+
+    python -m fastclip.benchmark.distributed [--world 2] [--sets gpt2-124m,10k-small] [--out DIR]
+
+Every rank holds FSDP2-style gradients: each tensor of a set's shape list is
+a DTensor sharded on dim 0 over a 1-D mesh of all ranks. Timed on rank 0,
+after a barrier, with perf_counter; the gradients are restored from a copy
+before every call (outside the timed region) so that every call clips:
+
+  torch     torch.nn.utils.clip_grad_norm_ on the DTensor grads (foreach)
+  fastclip  fastclip.clip_grad_norm_ on the same DTensor grads
+  local     fastclip.clip_grad_norm_ on this rank's local shards alone
+            (no communication: what one process would pay)
+  allreduce one all_reduce of one float64 scalar over the mesh
+
+fastclip's cost over "local" should be about one "allreduce" (the design:
+one fused local pass, then one all_reduce of one scalar per mesh dimension).
+Results are checked before timing: fastclip's norm against a float64
+reference of the full gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+DEFAULT_SETS = ("gpt2-124m", "10k-small")
+MAX_NORM = 1.0
+METHODS = ("torch", "fastclip", "local", "allreduce")
+
+
+def _local_rows(rows: int, world: int, rank: int) -> int:
+    """Rows of dim 0 on ``rank`` when torch.chunk splits ``rows`` over ``world`` (DTensor Shard(0))."""
+    per = -(-rows // world)
+    return max(0, min(per, rows - per * rank))
+
+
+def _grads(shapes, mesh, rank: int, world: int, seed: int):
+    from torch.distributed.tensor import DTensor, Shard
+
+    g = torch.Generator().manual_seed(seed + rank)
+    out = []
+    for shape in shapes:
+        local_shape = (_local_rows(shape[0], world, rank),) + tuple(shape[1:])
+        local = torch.randn(local_shape, generator=g) * 10.0
+        stride = torch.empty(shape, device="meta").stride()
+        out.append(DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride))
+    return out
+
+
+def _time(fn, restore, repeats: int, warmup: int) -> list[float]:
+    import torch.distributed as dist
+
+    times = []
+    for i in range(warmup + repeats):
+        restore()
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed * 1e3)
+    return times
+
+
+def _worker(rank: int, world: int, init_file: str, sets: list, repeats: int, warmup: int, result_file: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fastclip
+
+    from .shapes import SETS
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    rows = []
+    try:
+        for name in sets:
+            shapes = SETS[name]()
+            grads = _grads(shapes, mesh, rank, world, seed=17)
+            saved = [g.to_local().clone() for g in grads]
+            params = []
+            for g in grads:
+                p = torch.nn.Parameter(torch.zeros_like(g))
+                p.grad = g
+                params.append(p)
+
+            def restore():
+                for g, s in zip(grads, saved):
+                    g.to_local().copy_(s)
+
+            local_sq = torch.stack([s.double().pow(2).sum() for s in saved]).sum()
+            dist.all_reduce(local_sq)
+            expected = math.sqrt(float(local_sq))
+            restore()
+            got = float(fastclip.clip_grad_norm_(params, MAX_NORM).full_tensor())
+            if not math.isclose(got, expected, rel_tol=1e-6):
+                raise AssertionError(f"{name}: fastclip norm {got} vs float64 {expected}")
+            restore()
+            ref = float(torch.nn.utils.clip_grad_norm_(params, MAX_NORM).full_tensor())
+            scalar = torch.zeros((), dtype=torch.float64)
+            local_params = []
+            for s in saved:
+                p = torch.nn.Parameter(torch.zeros_like(s))
+                p.grad = s.clone()
+                local_params.append(p)
+
+            def restore_local():
+                for p, s in zip(local_params, saved):
+                    p.grad.copy_(s)
+
+            calls = {
+                "torch": (lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM), restore),
+                "fastclip": (lambda: fastclip.clip_grad_norm_(params, MAX_NORM), restore),
+                "local": (lambda: fastclip.clip_grad_norm_(local_params, MAX_NORM), restore_local),
+                "allreduce": (lambda: dist.all_reduce(scalar), lambda: None),
+            }
+            timings = {m: _time(fn, rs, repeats, warmup) for m, (fn, rs) in calls.items()}
+            if rank == 0:
+                row = {
+                    "set": name,
+                    "tensors": len(shapes),
+                    "mbytes_per_rank": sum(s.numel() * s.element_size() for s in saved) / 1e6,
+                    "norm_rel_err_torch": abs(ref - expected) / expected,
+                    "norm_rel_err_fastclip": abs(got - expected) / expected,
+                }
+                for m, t in timings.items():
+                    row[f"{m}_median_ms"] = statistics.median(t)
+                    row[f"{m}_min_ms"] = min(t)
+                rows.append(row)
+            del grads, saved, params, local_params
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(result_file, "w") as f:
+            json.dump(rows, f)
+
+
+def run(world: int, sets: list, repeats: int, warmup: int) -> list[dict]:
+    """Spawn ``world`` gloo processes and return rank 0's rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "rows.json")
+        torch.multiprocessing.spawn(
+            _worker, args=(world, os.path.join(tmp, "rendezvous"), sets, repeats, warmup, result), nprocs=world
+        )
+        with open(result) as f:
+            return json.load(f)
+
+
+def table(rows: list[dict], world: int) -> str:
+    lines = [
+        f"distributed clip, {world} CPU processes (gloo), DTensor Shard(0) gradients; ms, median of repeats",
+        f"{'set':12} {'tensors':>7} {'MB/rank':>8} {'torch':>9} {'fastclip':>9} {'local':>8} {'allreduce':>9} {'speedup':>8} {'extra/allreduce':>15}",
+    ]
+    for r in rows:
+        extra = (r["fastclip_median_ms"] - r["local_median_ms"]) / max(r["allreduce_median_ms"], 1e-9)
+        lines.append(
+            f"{r['set']:12} {r['tensors']:>7} {r['mbytes_per_rank']:>8.1f} {r['torch_median_ms']:>9.2f} "
+            f"{r['fastclip_median_ms']:>9.2f} {r['local_median_ms']:>8.2f} {r['allreduce_median_ms']:>9.3f} "
+            f"{r['torch_median_ms'] / r['fastclip_median_ms']:>7.1f}x {extra:>15.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from .shapes import SETS
+
+    parser = argparse.ArgumentParser(prog="python -m fastclip.benchmark.distributed", description=__doc__.split("\n")[0])
+    parser.add_argument("--world", type=int, default=2, help="number of CPU processes (default 2)")
+    parser.add_argument("--sets", default=",".join(DEFAULT_SETS), help=f"comma-separated, from {', '.join(SETS)}")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default=None, help="directory for distributed.json")
+    args = parser.parse_args(argv)
+    sets = [s for s in args.sets.split(",") if s]
+    unknown = [s for s in sets if s not in SETS]
+    if unknown:
+        parser.error(f"--sets: unknown set(s) {', '.join(unknown)}; known: {', '.join(SETS)}")
+    if args.world < 2:
+        parser.error(f"--world must be at least 2, got {args.world}")
+    rows = run(args.world, sets, args.repeats, args.warmup)
+    print(table(rows, args.world))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "distributed.json"), "w") as f:
+            json.dump({"world": args.world, "torch": torch.__version__, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
