@@ -233,24 +233,26 @@ def nonfinite_same_decision(rank: int, world: int) -> None:
 
 
 def wrapper_over_fsdp2(rank: int, world: int) -> None:
-    """10 steps of ClippedOptimizer over an FSDP2 model against torch's loop."""
+    """10 steps of ClippedOptimizer over an FSDP2 model against torch's loop,
+    with a foreach AdamW (clip op) and a fused one (clip folded into it)."""
     mesh = init_device_mesh("cpu", (world,))
-    ref_model, model = _fsdp_model(mesh), _fsdp_model(mesh)
-    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=True)
-    opt = fastclip.ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True), MAX_NORM)
-    for step in range(10):
-        batch = _batch(rank, step)
-        gain = 1e-6 if step % 4 == 3 else 1e3
-        _loss(ref_model, batch, gain).backward()
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), MAX_NORM)
-        ref_opt.step()
-        ref_opt.zero_grad()
-        _loss(model, batch, gain).backward()
-        opt.step()
-        opt.zero_grad()
-        assert_norm(opt.last_norm, float(ref_norm.full_tensor()), f"wrapper step {step}")
-        for pr, p in zip(ref_model.parameters(), model.parameters()):
-            torch.testing.assert_close(p.to_local(), pr.to_local(), rtol=1e-5, atol=1e-6)
+    for impl in ({"foreach": True}, {"fused": True}):
+        ref_model, model = _fsdp_model(mesh), _fsdp_model(mesh)
+        ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, **impl)
+        opt = fastclip.ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, **impl), MAX_NORM)
+        for step in range(10):
+            batch = _batch(rank, step)
+            gain = 1e-6 if step % 4 == 3 else 1e3
+            _loss(ref_model, batch, gain).backward()
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), MAX_NORM)
+            ref_opt.step()
+            ref_opt.zero_grad()
+            _loss(model, batch, gain).backward()
+            opt.step()
+            opt.zero_grad()
+            assert_norm(opt.last_norm, float(ref_norm.full_tensor()), f"wrapper {impl} step {step}")
+            for pr, p in zip(ref_model.parameters(), model.parameters()):
+                torch.testing.assert_close(p.to_local(), pr.to_local(), rtol=1e-5, atol=1e-6)
 
 
 def bad_groups(rank: int, world: int) -> None:
