@@ -5,7 +5,8 @@ otherwise the extension is CPU-only. Environment overrides:
   FASTCLIP_CPU_ONLY=1    never compile CUDA sources
   FASTCLIP_FORCE_CUDA=1  compile CUDA sources, and fail instead of falling back
                          to a CPU-only build when that is not possible
-  TORCH_CUDA_ARCH_LIST   GPU architectures, as for any torch extension
+  TORCH_CUDA_ARCH_LIST   GPU architectures, as for any torch extension (default:
+                         those of the visible GPUs; "9.0" for an H100/H200)
   MAX_JOBS               parallel compile jobs (ninja)
 Install with `pip install --no-build-isolation .` so that the build uses the
 torch that is installed (an isolated build would fetch another one).
@@ -72,13 +73,15 @@ def extension():
     cxx = ["-O3"] + defines + _openmp_flags()
     if not with_cuda:
         return CppExtension("fastclip._C", sources, extra_compile_args={"cxx": cxx})
+    # The framework-free kernels (*.cu, nvcc) and the torch glue
+    # (multi_tensor_cuda.cpp, host compiler) that registers them for CUDA.
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     cuda_defines = ["-DFASTCLIP_WITH_CUDA"]
-    return CUDAExtension(
-        "fastclip._C",
-        sources,
-        extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": ["-O3", "-lineinfo"] + defines + cuda_defines},
-    )
+    # Never --use_fast_math: it flushes subnormals and lets NaN/inf through
+    # approximations; the norms are held to float64 references. -lineinfo
+    # maps profiler samples to source lines at no runtime cost.
+    nvcc = ["-O3", "-lineinfo"] + defines + cuda_defines
+    return CUDAExtension("fastclip._C", sources, extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc})
 
 
 setup(

@@ -67,7 +67,10 @@ void check_clip_value(const char* op, double clip_value) {
 }
 
 void check_norm_finite(double norm, double ord) {
-  if (std::isfinite(norm)) return;
+  if (!std::isfinite(norm)) raise_nonfinite_norm(ord);
+}
+
+void raise_nonfinite_norm(double ord) {
   // The order as Python prints a float (torch's message uses f"{norm_type}").
   std::string order;
   if (std::isinf(ord)) {

@@ -22,6 +22,8 @@ void check_max_norm(const char* op, double max_norm);
 void check_clip_value(const char* op, double clip_value);
 // torch's error_if_nonfinite error when `norm` is NaN or inf.
 void check_norm_finite(double norm, double ord);
+// The same error, unconditionally (for a non-finite flag computed on a device).
+[[noreturn]] void raise_nonfinite_norm(double ord);
 // coef: a one-element floating tensor on the CPU or on `device`.
 void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device);
 

@@ -153,11 +153,14 @@ def test_norm_mixed_dtypes(ord, device):
     assert_norm_close(each, ref_norms_each(tensors, ord))
 
 
-def test_norm_10000_small_tensors():
+@device_param
+def test_norm_10000_small_tensors(device):
+    require_kernel(device)
     rng = random.Random(30)
     sizes = [rng.randint(64, 4096) for _ in range(10_000)]
     flat = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(31))
-    tensors = [t.clone() for t in torch.split(flat, sizes)]
+    tensors = [t.to(device) for t in torch.split(flat, sizes)]
+    poison_allocator([1] * 4 + [len(tensors)] * 4, device)
     total, each = ops.multi_tensor_norm(tensors, 2.0, True)
     assert_norm_close(total, torch.linalg.vector_norm(flat.double()))
     assert_norm_close(each, ref_norms_each(tensors, 2.0))
@@ -311,15 +314,17 @@ def test_clip_mixed_dtypes(ord, device):
 
 
 # ---------------------------------------------------------- determinism
-def _million(dtype):
+def _million(dtype, device="cpu"):
     sizes = [2**19 + 3, 2**18 - 5, 123_457, 65_536, 1, 7, 99_999]  # 1,075,430 elements
-    return make_grads([(n,) for n in sizes], dtype, "cpu", seed=50)
+    return make_grads([(n,) for n in sizes], dtype, device, seed=50)
 
 
+@device_param
 @pytest.mark.parametrize("ord", [2.0, 3.5], ids=ord_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_norm_is_bitwise_deterministic(dtype, ord):
-    tensors = _million(dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+def test_norm_is_bitwise_deterministic(dtype, ord, device):
+    require_kernel(device)
+    tensors = _million(dtype, device)
     first_total, first_each = ops.multi_tensor_norm(tensors, ord, True)
     for _ in range(9):
         total, each = ops.multi_tensor_norm(tensors, ord, True)
@@ -341,9 +346,9 @@ def test_norm_bits_do_not_depend_on_thread_count():
 
 
 # -------------------------------------------------------------- opcheck
-def _opcheck_tensors():
-    return make_grads([(3,), (2, 5), (0,), ()], torch.float32, "cpu", seed=60) + [
-        make_grads([(4, 6)], torch.bfloat16, "cpu", seed=61)[0].t()
+def _opcheck_tensors(device):
+    return make_grads([(3,), (2, 5), (0,), ()], torch.float32, device, seed=60) + [
+        make_grads([(4, 6)], torch.bfloat16, device, seed=61)[0].t()
     ]
 
 
@@ -358,8 +363,10 @@ def _opcheck_tensors():
     ],
     ids=["norm_per_tensor", "norm_total", "scale_", "clamp_", "clip_"],
 )
-def test_opcheck(op, extra):
-    torch.library.opcheck(op, ([t.clone() for t in _opcheck_tensors()], *extra))
+@device_param
+def test_opcheck(op, extra, device):
+    require_kernel(device)
+    torch.library.opcheck(op, ([t.clone() for t in _opcheck_tensors(device)], *extra))
 
 
 # --------------------------------------------------- negative controls

@@ -1,0 +1,248 @@
+// fastclip CUDA glue: argument checks (shared with the CPU in ops.cpp),
+// device guard, current stream, descriptor-table upload, launch checks and
+// TORCH_LIBRARY_IMPL(fastclip, CUDA, m). The kernels are in
+// multi_tensor_kernels.cu and never see ATen.
+//
+// Per call, on the tensors' current stream and without any host sync:
+//   1. the descriptor table (TensorTable from ops.h) is written in C++ into a
+//      pinned host tensor (torch's caching host allocator) and copied with
+//      copy_(non_blocking=true). torch records the copy on the host block,
+//      so the block is not reused before the copy has run; blocks used
+//      during CUDA-graph capture are never reused, so replays copy the
+//      same table again (which also re-zeroes the ticket counters).
+//   2. one device buffer from torch's caching allocator holds the table and
+//      the norm scratch; its size depends only on the tensors' count and
+//      sizes, never on values, so graph capture works.
+//   3. norm: one launch; clip_: the norm launch, which leaves the
+//      coefficient on the device, then the scale launch, which returns at
+//      once when that coefficient is 1 (views with gaps, which gradients
+//      almost never are, add a copy for reading and a strided scale launch).
+// The one host read: clip_ with error_if_nonfinite reads the non-finite
+// flag before scaling (torch's clip_grad_norm_ syncs there as well).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "../fastclip.h"
+#include "../ops.h"
+#include "multi_tensor_kernels.h"
+
+namespace fastclip {
+namespace cuda {
+namespace {
+
+// SMs of each device, queried once (sizes the persistent grids).
+int sm_count(c10::DeviceIndex index) {
+  static const std::vector<int> counts = [] {
+    std::vector<int> out(static_cast<size_t>(c10::cuda::device_count()), 0);
+    for (size_t i = 0; i < out.size(); ++i) {
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&out[i], cudaDevAttrMultiProcessorCount, static_cast<int>(i)));
+    }
+    return out;
+  }();
+  return counts.at(static_cast<size_t>(index));
+}
+
+// A table uploaded to the device, followed by `scratch_bytes` of scratch.
+struct Upload {
+  at::Tensor buffer;  // device bytes; keep alive until the launches are queued
+  TableLayout layout;
+  DeviceTable table;
+
+  void* scratch() const { return static_cast<char*>(buffer.data_ptr()) + layout.bytes; }
+  Ticket* tickets() const { return device_tickets(buffer.data_ptr(), layout); }
+  // A typed view of `count` elements at `ptr` inside the buffer.
+  at::Tensor view(const void* ptr, int64_t count, at::ScalarType type) const {
+    const int64_t offset = static_cast<const char*>(ptr) - static_cast<const char*>(buffer.data_ptr());
+    return buffer.narrow(0, offset, count * static_cast<int64_t>(at::elementSize(type))).view(type);
+  }
+};
+
+enum class Scratch { kNone, kNorm };
+
+Upload upload(const std::vector<TensorDesc>& descs, const c10::Device& device, Scratch scratch) {
+  const auto n = static_cast<int64_t>(descs.size());
+  Upload up;
+  up.layout = table_layout(n);
+  const auto table_bytes = static_cast<int64_t>(up.layout.bytes);
+  at::Tensor host = at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  const int64_t chunks = build_table(descs.data(), n, up.layout, host.data_ptr());
+  const int64_t extra = scratch == Scratch::kNorm ? static_cast<int64_t>(norm_scratch_bytes(n, chunks)) : 0;
+  up.buffer = at::empty({table_bytes + extra}, at::TensorOptions().dtype(at::kByte).device(device));
+  up.buffer.narrow(0, 0, table_bytes).copy_(host, /*non_blocking=*/true);
+  up.table = device_table(up.buffer.data_ptr(), up.layout, n, chunks);
+  return up;
+}
+
+cudaStream_t current_stream(const c10::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
+// Norm outputs pointing into the upload's scratch; total, per_tensor and
+// coef are set by the caller.
+NormOutputs norm_outputs(const Upload& up) {
+  NormOutputs out{};
+  norm_scratch(up.scratch(), up.table.num_tensors, up.table.num_chunks, &out);
+  out.tickets = up.tickets();
+  return out;
+}
+
+// Scales the views with gaps that TensorTable leaves out of the flat table
+// (`which`), batched into launch_scale_strided calls; the rare view of more
+// than kMaxViewDims dimensions goes to ATen with `aten_coef` (0-dim).
+void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, const Coefficient& coef,
+                 const at::Tensor& aten_coef, int sms, cudaStream_t stream) {
+  StridedViews batch{};
+  const auto flush = [&] {
+    launch_scale_strided(batch, coef, sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    batch.count = 0;
+  };
+  for (int64_t i : which) {
+    const at::Tensor& t = tensors[static_cast<size_t>(i)];
+    if (t.dim() > kMaxViewDims) {
+      t.mul_(aten_coef);
+      continue;
+    }
+    StridedView& v = batch.views[batch.count++];
+    v.data = t.data_ptr();
+    v.numel = t.numel();
+    v.dtype = to_dtype(t.scalar_type());
+    v.dims = static_cast<int32_t>(t.dim());
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      v.sizes[d] = t.size(d);
+      v.strides[d] = t.stride(d);
+    }
+    if (batch.count == kMaxViewsPerLaunch) flush();
+  }
+  if (batch.count > 0) flush();
+}
+
+// ------------------------------------------------------------ the ops
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double ord, bool per_tensor) {
+  constexpr const char* kOp = "fastclip::multi_tensor_norm";
+  check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_norm_order(kOp, ord);
+  TORCH_CHECK(!tensors.empty(), kOp, ": tensors is empty; the CUDA implementation needs a device");
+  const c10::Device device = tensors[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto n = static_cast<int64_t>(tensors.size());
+  const TensorTable table(tensors, TensorTable::kRead);
+  const Upload up = upload(table.descs(), device, Scratch::kNorm);
+
+  const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  at::Tensor total = at::empty({}, f32);
+  at::Tensor each = at::empty({per_tensor ? n : 0}, f32);
+  NormOutputs out = norm_outputs(up);
+  out.total = total.data_ptr<float>();
+  out.per_tensor = per_tensor ? each.data_ptr<float>() : nullptr;
+  out.coef = nullptr;
+  out.nonfinite = nullptr;
+  launch_norm(up.table, make_norm_order(ord), 0.0, out, sm_count(device.index()), current_stream(device));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {total, each};
+}
+
+void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
+  constexpr const char* kOp = "fastclip::multi_tensor_scale_";
+  check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  if (tensors.empty()) return;
+  const c10::Device device = tensors[0].device();
+  check_coef(kOp, coef, device);
+  const c10::cuda::CUDAGuard guard(device);
+
+  Coefficient c{nullptr, DType::kFloat64, 1.0};
+  at::Tensor coef_device;  // keeps a converted coefficient alive
+  if (coef.is_cpu()) {
+    c.host = coef.item<double>();  // a host value: no device sync
+    if (c.host == 1.0) return;     // the contract: no memory traffic at all
+  } else {
+    coef_device = supported_dtype(coef.scalar_type()) ? coef : coef.to(at::kDouble);
+    c.device = coef_device.data_ptr();
+    c.dtype = to_dtype(coef_device.scalar_type());
+  }
+  const int sms = sm_count(device.index());
+  const cudaStream_t stream = current_stream(device);
+  const TensorTable table(tensors, TensorTable::kWrite);
+  const Upload up = upload(table.descs(), device, Scratch::kNone);
+  launch_scale(up.table, c, sms, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scale_views(tensors, table.strided(), c, coef.is_cpu() ? coef.reshape({}) : coef_device.reshape({}), sms, stream);
+}
+
+void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
+  constexpr const char* kOp = "fastclip::multi_tensor_clamp_";
+  check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_clip_value(kOp, clip_value);
+  if (tensors.empty() || std::isinf(clip_value)) return;  // clamping to +-inf changes nothing
+  const c10::Device device = tensors[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const TensorTable table(tensors, TensorTable::kWrite);
+  const Upload up = upload(table.descs(), device, Scratch::kNone);
+  launch_clamp(up.table, clip_value, sm_count(device.index()), current_stream(device));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t i : table.strided()) tensors[static_cast<size_t>(i)].clamp_(-clip_value, clip_value);
+}
+
+at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool error_if_nonfinite) {
+  constexpr const char* kOp = "fastclip::clip_";
+  check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_max_norm(kOp, max_norm);
+  check_norm_order(kOp, ord);
+  TORCH_CHECK(!tensors.empty(), kOp, ": tensors is empty; the CUDA implementation needs a device");
+  const c10::Device device = tensors[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const int sms = sm_count(device.index());
+  const cudaStream_t stream = current_stream(device);
+
+  // Dense tensors are read and written in place through one table; views
+  // with gaps are read through contiguous copies (a second table) and
+  // written through their strides (scale_views).
+  const TensorTable write(tensors, TensorTable::kWrite);
+  const bool all_dense = write.strided().empty();
+  std::optional<TensorTable> read;  // alive until the norm is queued: it owns the copies
+  if (!all_dense) read.emplace(tensors, TensorTable::kRead);
+  const Upload up = upload(all_dense ? write.descs() : read->descs(), device, Scratch::kNorm);
+
+  at::Tensor total = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  NormOutputs out = norm_outputs(up);
+  out.total = total.data_ptr<float>();
+  out.per_tensor = nullptr;
+  launch_norm(up.table, make_norm_order(ord), max_norm, out, sms, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (error_if_nonfinite && up.view(out.nonfinite, 1, at::kInt).item<int32_t>() != 0) {
+    raise_nonfinite_norm(ord);  // before anything is written
+  }
+
+  const Coefficient coef{out.coef, DType::kFloat64, 0.0};
+  if (all_dense) {
+    launch_scale(up.table, coef, sms, stream);
+  } else {
+    const Upload scale_up = upload(write.descs(), device, Scratch::kNone);
+    launch_scale(scale_up.table, coef, sms, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!all_dense) {
+    scale_views(tensors, write.strided(), coef, up.view(out.coef, 1, at::kDouble).reshape({}), sms, stream);
+  }
+  return total;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastclip
+
+TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
+  m.impl("multi_tensor_norm", &fastclip::cuda::multi_tensor_norm_cuda);
+  m.impl("multi_tensor_scale_", &fastclip::cuda::multi_tensor_scale_cuda);
+  m.impl("multi_tensor_clamp_", &fastclip::cuda::multi_tensor_clamp_cuda);
+  m.impl("clip_", &fastclip::cuda::clip_cuda);
+}

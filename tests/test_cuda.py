@@ -1,0 +1,397 @@
+"""CUDA-only behaviour of the ops and functions (skipped without a GPU).
+
+The device-parametrized suites (test_ops.py, test_api.py) already run every
+list shape, dtype and order on CUDA; this file covers what only the CUDA
+kernels have: the 16-byte vector path with misaligned heads and tails, chunk
+and ticket boundaries, the scaled accumulation that replaces the CPU's rescue
+pass, a tensor beyond 2**31 elements, bitwise determinism across launches,
+CUDA-graph capture and replay, the absence of host syncs, the coefficient-1
+early exit, several GPUs, and torch.compile on CUDA.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import fastclip
+from fastclip import _ops
+from testing import (
+    DTYPES,
+    HAS_CUDA,
+    ORDS,
+    assert_norm_close,
+    assert_same_bits,
+    assert_scaled_close,
+    assert_untouched,
+    clone_params,
+    dtype_id,
+    make_grads,
+    make_params,
+    ord_id,
+    poison,
+    poison_allocator,
+    ref_coef,
+    ref_norm,
+    ref_norms_each,
+    ref_scaled,
+    snapshot,
+)
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+
+ops = torch.ops.fastclip
+
+CHUNK = 2**16  # kChunkElems in csrc/cuda/multi_tensor_kernels.h
+SENTINEL = 12288.0  # exact in every dtype; no op here produces it from randn data
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels():
+    if HAS_CUDA and not _ops.has_kernel("cuda"):
+        pytest.fail("a GPU is present but fastclip was built without CUDA kernels (FASTCLIP_FORCE_CUDA=1 to insist)")
+
+
+def _poison_outputs(n: int) -> None:
+    """NaN-filled freed blocks of the sizes the ops allocate outputs from."""
+    poison_allocator([1] * 8 + [max(n, 1)] * 8, "cuda")
+
+
+def _grads_cuda(params):
+    return [p.grad for p in params if p.grad is not None]
+
+
+# --------------------------------------------------------------- registration
+def test_cuda_kernels_registered_and_no_fallback_warning():
+    assert fastclip.build_info()["cuda_build"] is True
+    assert "cuda" in fastclip.backend()
+    params = make_params(make_grads([(7,), (3, 5)], torch.float32, "cuda", seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the plain-PyTorch fallback warns
+        fastclip.clip_grad_norm_(params, 0.1)
+        fastclip.grad_norms(params)
+        fastclip.clip_grad_value_(params, 0.05)
+
+
+# ------------------------------------------------ vector path and boundaries
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 33, 1000, CHUNK + 3])
+def test_every_alignment_of_head_and_tail(dtype, numel):
+    # buf[k : k + numel] for every k in 0..8: the data starts at every
+    # offset within a 16-byte vector, so each head length (0 to 7 elements)
+    # and each tail length is seen; everything around the views is NaN.
+    buf = torch.full((numel + 16,), math.nan, dtype=dtype, device="cuda")
+    views = [buf[k : k + numel] for k in range(9)]
+    values = make_grads([(numel,)], dtype, "cuda", seed=numel)[0]
+    for ord in ORDS:
+        for v in views:
+            poison(buf)
+            v.copy_(values)
+            _poison_outputs(1)
+            total, each = ops.multi_tensor_norm([v], ord, True)
+            assert_norm_close(total, ref_norm([values], ord), dtype)
+            assert_same_bits(each[0], total)
+    for v in views:
+        buf.fill_(SENTINEL)
+        v.copy_(values)
+        ops.multi_tensor_scale_([v], torch.tensor(0.5, device="cuda"))
+        assert_scaled_close(v, ref_scaled(values, 0.5))
+        outside = torch.cat([buf[: v.storage_offset()], buf[v.storage_offset() + numel :]])
+        assert (outside == SENTINEL).all(), "a write outside the view"
+
+
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+def test_chunk_and_ticket_boundaries(ord):
+    # Tensors of one chunk, exactly one, one more, several (the per-tensor
+    # ticket reduction), empty ones between them, and every dtype.
+    sizes = [CHUNK - 1, CHUNK, 0, CHUNK + 1, 5 * CHUNK + 7, 1, 0, 3 * CHUNK]
+    dtypes = [DTYPES[i % len(DTYPES)] for i in range(len(sizes))]
+    tensors = make_grads([(n,) for n in sizes], dtypes, "cuda", seed=2)
+    _poison_outputs(len(tensors))
+    total, each = ops.multi_tensor_norm(tensors, ord, True)
+    assert_norm_close(total, ref_norm(tensors, ord))
+    assert_norm_close(each, ref_norms_each(tensors, ord))
+
+    norm = ref_norm(tensors, ord)
+    max_norm = 0.25 * norm.item()
+    expected = [ref_scaled(t, ref_coef(max_norm, norm)) for t in tensors]
+    _poison_outputs(1)
+    assert_norm_close(ops.clip_(tensors, max_norm, ord), norm)
+    for t, e in zip(tensors, expected):
+        assert_scaled_close(t, e)
+
+
+def test_gapped_views_on_cuda_scale_through_strides():
+    base = torch.full((6, 20), SENTINEL, device="cuda")
+    view = base[:, ::2]
+    view.copy_(make_grads([(6, 10)], torch.float32, "cuda", seed=3)[0])
+    dense = make_grads([(40,)], torch.float32, "cuda", seed=4)[0]
+    norm = ref_norm([view, dense])
+    expected = [ref_scaled(view, ref_coef(0.5, norm)), ref_scaled(dense, ref_coef(0.5, norm))]
+    assert_norm_close(ops.clip_([view, dense], 0.5, 2.0), norm)
+    assert_scaled_close(view, expected[0])
+    assert_scaled_close(dense, expected[1])
+    assert (base[:, 1::2] == SENTINEL).all()
+
+
+# ------------------------------------------------- overflow and underflow
+EXTREMES = [
+    ("fp64 1e200", torch.float64, 1e200, [2.0, 1.0, 3.5]),
+    ("fp64 1e-200", torch.float64, 1e-200, [2.0, 1.0, 3.5, math.inf]),
+    ("fp64 subnormal", torch.float64, 5e-324, [2.0, 1.0]),
+    ("fp32 1e30 p=12", torch.float32, 1e30, [12.0]),
+    ("fp32 1e-30 p=12", torch.float32, 1e-30, [12.0]),
+]
+
+
+@pytest.mark.parametrize("dtype, value, ords", [e[1:] for e in EXTREMES], ids=[e[0] for e in EXTREMES])
+def test_scaled_accumulation_matches_cpu_rescue(dtype, value, ords):
+    for ord in ords:
+        cpu = [torch.full(s, value, dtype=dtype) * (-1) ** i for i, s in enumerate([(10,), (3, 4), (CHUNK + 5,)])]
+        cpu[1][0, 0] *= 3.0
+        gpu = [t.cuda() for t in cpu]
+        _poison_outputs(len(gpu))
+        total, each = ops.multi_tensor_norm(gpu, ord, True)
+        cpu_total, cpu_each = ops.multi_tensor_norm(cpu, ord, True)
+        # Where float32 cannot hold the norm both give inf or 0; elsewhere they
+        # agree to float32 rounding (summation orders differ).
+        torch.testing.assert_close(total.cpu(), cpu_total, rtol=1e-6, atol=0)
+        torch.testing.assert_close(each.cpu(), cpu_each, rtol=1e-6, atol=0)
+        norm = ref_norm(cpu, ord)
+        if 0 < norm.item() < 3e38:
+            assert_norm_close(total, norm)
+        max_norm = 0.5 * norm.item() if norm.item() > 0 else 1.0
+        expected = [ref_scaled(t, ref_coef(max_norm, norm)) for t in cpu]
+        ops.clip_(gpu, max_norm, ord)
+        for t, e in zip(gpu, expected):
+            assert torch.isfinite(t).all()
+            assert_scaled_close(t, e)
+
+
+def test_mixed_scales_across_dtypes():
+    # fp64 tensors far outside float32 range next to ordinary fp32/bf16 ones:
+    # the total combines sums of different scales.
+    tensors = [
+        torch.full((100,), 1e200, dtype=torch.float64, device="cuda"),
+        make_grads([(CHUNK + 9,)], torch.float32, "cuda", seed=5)[0],
+        torch.full((7,), 1e-250, dtype=torch.float64, device="cuda"),
+        make_grads([(333,)], torch.bfloat16, "cuda", seed=6)[0],
+    ]
+    norm = ref_norm(tensors)
+    expected = [ref_scaled(t, ref_coef(2.0, norm)) for t in tensors]
+    total, each = ops.multi_tensor_norm(tensors, 2.0, True)
+    assert torch.isinf(total)  # 1e201 has no float32
+    # 1e-250 * sqrt(7) has no float32 either: compare with the reference as float32 holds it.
+    assert_norm_close(each[1:], ref_norms_each(tensors[1:]).to(torch.float32))
+    ops.clip_(tensors, 2.0, 2.0)
+    for t, e in zip(tensors, expected):
+        assert_scaled_close(t, e)
+    torch.testing.assert_close(ref_norm(tensors).item(), 2.0, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------- non-finite
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_like_torch_and_error_before_writing(bad, ord):
+    grads = make_grads([(17,), (CHUNK + 1,), (4, 9)], torch.float32, "cuda", seed=7)
+    grads[1][CHUNK] = bad
+    params, torch_params, checked = make_params(grads), make_params(grads), make_params(grads)
+    total = fastclip.clip_grad_norm_(params, 1.0, ord)
+    expected = torch.nn.utils.clip_grad_norm_(torch_params, 1.0, ord)
+    assert torch.isnan(total) == torch.isnan(expected) and torch.isinf(total) == torch.isinf(expected)
+    for p, q in zip(params, torch_params):
+        assert torch.equal(torch.isnan(p.grad), torch.isnan(q.grad))
+        assert torch.equal(torch.isinf(p.grad), torch.isinf(q.grad))
+
+    before = snapshot(_grads_cuda(checked))
+    with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
+        fastclip.clip_grad_norm_(checked, 1.0, ord, error_if_nonfinite=True)
+    assert_untouched(_grads_cuda(checked), before)
+
+
+# --------------------------------------------------------- large tensors
+@pytest.mark.large
+def test_bf16_tensor_beyond_2_pow_31_elements():
+    # 2**31 + 5 bf16 elements (4.3 GB): every index and offset is 64-bit.
+    # Ones everywhere, 2 in the last five, 3 just past index 2**31: the
+    # norms are known exactly without a float64 copy of 17 GB.
+    n = 2**31 + 5
+    x = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    x[-5:] = 2.0
+    x[2**31 + 1] = 3.0
+    sum_sq = (n - 5) * 1.0 + 4 * 2.0**2 + 3.0**2  # index 2**31 + 1 is one of the last five
+    _poison_outputs(1)
+    total, each = ops.multi_tensor_norm([x], 2.0, True)
+    assert_norm_close(total, torch.tensor(math.sqrt(sum_sq), dtype=torch.float64))
+    assert_same_bits(each[0], total)
+    assert ops.multi_tensor_norm([x], math.inf, False)[0].item() == 3.0
+    assert_norm_close(ops.multi_tensor_norm([x], 1.0, False)[0], torch.tensor(n - 5 + 4 * 2.0 + 3.0, dtype=torch.float64))
+
+    max_norm = 0.5 * math.sqrt(sum_sq)
+    coef = max_norm / (math.sqrt(sum_sq) + 1e-6)
+    ops.clip_([x], max_norm, 2.0)
+    for index, value in [(0, 1.0), (2**31 - 1, 1.0), (2**31, 2.0), (2**31 + 1, 3.0), (n - 1, 2.0)]:
+        expected = torch.tensor(value * float(torch.tensor(coef, dtype=torch.float32)), dtype=torch.float32)
+        assert x[index].item() == expected.to(torch.bfloat16).item(), index
+    del x
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------- determinism
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+def test_same_bits_over_10_runs(dtype):
+    shapes = [(3 * CHUNK + 11,), (1000, 257), (5,), (64, 64, 3), (CHUNK,)] * 4
+    grads = make_grads(shapes, dtype, "cuda", seed=8, scale=3.0)
+    first = ops.multi_tensor_norm(grads, 2.0, True)
+    first_clip = [g.clone() for g in grads]
+    first_norm = ops.clip_(first_clip, 1.0, 2.0)
+    for _ in range(9):
+        _poison_outputs(len(grads))
+        total, each = ops.multi_tensor_norm(grads, 2.0, True)
+        assert_same_bits(total, first[0])
+        assert_same_bits(each, first[1])
+        again = [g.clone() for g in grads]
+        assert_same_bits(ops.clip_(again, 1.0, 2.0), first_norm)
+        for a, b in zip(again, first_clip):
+            assert_same_bits(a, b)
+
+
+# ------------------------------------------------------------ CUDA graphs
+def _graph_params(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.GELU(), torch.nn.Linear(300, 10)).cuda()
+    model(torch.randn(32, 64, device="cuda")).square().sum().backward()
+    return list(model.parameters())
+
+
+@pytest.mark.parametrize("max_norm", [0.01, 1e6], ids=["clips", "no_clip"])
+def test_graph_capture_and_replay_equal_eager(max_norm):
+    params = _graph_params(9)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch recommends
+        for _ in range(2):
+            fastclip.clip_grad_norm_(clone_params(params), max_norm)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = fastclip.clip_grad_norm_(params, max_norm)
+        _, each = fastclip.grad_norms(params)
+
+    for step in range(3):  # new gradients in the captured storage each replay
+        fresh = _graph_params(10 + step)
+        for p, q in zip(params, fresh):
+            p.grad.copy_(q.grad)
+        eager = clone_params(params)
+        graph.replay()
+        expected = fastclip.clip_grad_norm_(eager, max_norm)
+        _, expected_each = fastclip.grad_norms(eager)
+        assert_same_bits(total, expected)
+        assert_same_bits(each, expected_each)
+        for p, q in zip(params, eager):
+            assert_same_bits(p.grad, q.grad)
+
+
+# ------------------------------------------------------------- host syncs
+def test_no_host_sync_in_the_clipping_path():
+    params = _graph_params(11)
+    grads = _grads_cuda(params)
+    total_norm = fastclip.get_total_norm(grads)
+    coef = torch.tensor(0.5, device="cuda")  # creating it from a Python float syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fastclip.clip_grad_norm_(params, 0.1)
+        fastclip.clip_grad_norm_(params, 1e6)
+        fastclip.get_total_norm(grads, 3.5)
+        fastclip.grad_norms(params)
+        fastclip.clip_grads_with_norm_(params, 0.5, total_norm)
+        fastclip.clip_grad_value_(params, 0.01)
+        ops.multi_tensor_scale_(grads, coef)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sync_debug_mode_catches_a_sync():
+    # Negative control: the mode is on and does catch a device-to-host read.
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):
+            torch.ones(3, device="cuda").sum().item()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------ coefficient of 1
+def _time_scale(tensors, coef, repeats=5):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ops.multi_tensor_scale_(tensors, coef)  # warm-up
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        ops.multi_tensor_scale_(tensors, coef)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def test_coefficient_one_makes_no_pass_over_memory():
+    # Values and version counters cannot tell "not written" from "written
+    # with the same bits", so this measures instead: with a device
+    # coefficient of exactly 1 a call must cost its launch and host work,
+    # not a read-write pass over 4 GiB (~2 ms on an H100/H200; a read-only
+    # pass would be half of that). It cannot see a single stray write; the
+    # kernel's early return is what guarantees none.
+    tensors = [torch.randn(2**27, device="cuda") for _ in range(8)]  # 4 GiB of float32
+    before = snapshot(tensors)
+    one = _time_scale(tensors, torch.tensor(1.0, device="cuda"))
+    assert_untouched(tensors, before)
+    scaled = _time_scale(tensors, torch.tensor(1.0 - 2**-20, device="cuda"))
+    assert one < 0.1 * scaled, (one, scaled)
+    del tensors, before
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------- several GPUs
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_several_gpus_and_cpu_in_one_list():
+    grads = (
+        make_grads([(17,), (CHUNK + 3,)], torch.float32, "cuda:1", seed=12)
+        + make_grads([(40,)], torch.bfloat16, "cuda:0", seed=13)
+        + make_grads([(9,)], torch.float64, "cpu", seed=14)
+    )
+    params = make_params(grads)
+    norm = ref_norm(grads)
+    total, each = fastclip.grad_norms(params)
+    assert total.device == torch.device("cuda:1")
+    assert_norm_close(each, ref_norms_each(grads))
+    expected = [ref_scaled(g, ref_coef(0.5 * norm.item(), norm)) for g in grads]
+    assert_norm_close(fastclip.clip_grad_norm_(params, 0.5 * norm.item()), norm)
+    for p, e, g in zip(params, expected, grads):
+        assert p.grad.device == g.device
+        assert_scaled_close(p.grad, e)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_op_on_second_gpu_keeps_current_device():
+    torch.cuda.set_device(0)
+    tensors = make_grads([(33,), (CHUNK + 1,)], torch.float32, "cuda:1", seed=15)
+    total, each = ops.multi_tensor_norm(tensors, 2.0, True)
+    assert total.device == torch.device("cuda:1") and each.device == torch.device("cuda:1")
+    assert torch.cuda.current_device() == 0
+    assert_norm_close(total, ref_norm(tensors))
+
+
+# ---------------------------------------------------------- torch.compile
+def test_torch_compile_fullgraph_on_cuda():
+    torch._dynamo.reset()
+    params, eager = _graph_params(16), _graph_params(16)
+    compiled = torch.compile(fastclip.clip_grad_norm_, fullgraph=True)
+    total = compiled(params, 0.1)
+    expected = fastclip.clip_grad_norm_(eager, 0.1)
+    assert_same_bits(total, expected)
+    for p, q in zip(params, eager):
+        assert_same_bits(p.grad, q.grad)
