@@ -1,247 +1,366 @@
-"""fastclip benchmark: fastclip against torch.nn.utils.clip_grad_norm_, side by side.
+"""fastclip benchmark: fastclip against torch, side by side, on real models' gradient lists.
 
-    python -m fastclip.benchmark [--sets gpt2-124m,10k-small] [--dtypes fp32,bf16] [--quick] [--out DIR]
+    python -m fastclip.benchmark [--device cpu|cuda] [--sets gpt2-124m,10k-small]
+        [--dtypes fp32,bf16] [--cases norm,clip] [--quick] [--out DIR]
 
-For each parameter list (real architectures' shapes) and gradient dtype it
-times, in one process: torch's clip_grad_norm_ with foreach=True and with
-foreach=False, and fastclip.clip_grad_norm_, in two cases:
-  clip   the norm is above max_norm: every gradient is rescaled;
-  noclip the norm is below max_norm: the gradients stay as they are.
-Each method's result is checked against a float64 reference before it is
-timed. Timing: warm-up calls, then the median (and min/max) of repeated
-calls, perf_counter on the CPU and CUDA events on a GPU.
+For each parameter list (the shapes of real architectures, no weights) and
+gradient dtype, every case (see cases.py: norm, per-tensor, noclip, clip,
+adamw) times its methods in one process: torch (foreach, loop and, for
+clip_grad_norm_, torch.compile), fastclip's function, fastclip's op on the
+gradient list, and for the AdamW step fastclip.ClippedOptimizer. A method
+that cannot run is reported with the reason ("unavailable", "failed",
+"skipped"), never left out.
 
-The floor is measured in the same run on one float32 buffer with the same
-byte count as the gradients: one read pass (sum) plus one in-place multiply
-for "clip", the read pass alone for "noclip". It is what memory allows for
-the work a clip must do; "x floor" is a method's time over it.
+Each method is first checked against a float64 reference; then it is timed:
+warm-up calls, then repeated calls (median, min and max), perf_counter on
+the CPU, CUDA events with the L2 flushed before each call on a GPU.
+
+Per row: the median time; the speedup over torch's foreach path; the ratio
+to the floor measured in the same run (timing.Floors: what memory allows for
+the bytes the case must move); the host overhead per call (GPU: the CPU time
+to enqueue the call; CPU: the time of the same call on a list with the same
+number of tensors and dtype but one element per tensor, i.e. everything but
+streaming the bytes); the returned norm's error against float64.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
+import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-import fastclip
+from . import cases as _cases
+from .cases import CASES, Case, Failed, Method, Skipped, Unavailable, Workload
+from .report import (
+    CHART_NAME, NUMBERS, OK, Progress, Row, environment, format_table, summary_markdown, write_chart, write_csv, write_json,
+)
+from .shapes import DEFAULT_SETS, QUICK_SETS, SETS
+from .timing import Floors, TimeLimitExceeded, Timer, time_limit
 
-from .shapes import SETS
+__all__ = ["main", "run", "Row", "SETS", "CASES", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_NORM_CLIP = 1.0  # gradients are built with a norm far above this
-MAX_NORM_NOCLIP = 1e30
+
+# Timing: WARMUP untimed calls (after the checked call, itself a warm-up),
+# then at least MIN_REPEATS timed calls and more until TARGET_S seconds are
+# spent (at most --repeats calls): ~10 calls of a 40 ms method, 3 of a
+# 300 ms one, so that a run of every list stays within minutes.
+WARMUP, MIN_REPEATS, MAX_REPEATS, TARGET_S = 1, 3, 25, 0.4
+QUICK_WARMUP, QUICK_MIN_REPEATS, QUICK_MAX_REPEATS, QUICK_TARGET_S = 1, 3, 5, 0.05
+# torch.compile takes 15-30 s per list on a 2-core CPU (once per list and
+# dtype, plus one recompile when max_norm changes; over a minute for the
+# 995-tensor list); each compile is cut off after COMPILE_TIMEOUT_S, and all
+# of them together after COMPILE_BUDGET_S, so that a run stays within
+# minutes. Inductor caches its code on disk: a second run compiles in 1-3 s
+# what it compiled before.
+COMPILE_TIMEOUT_S, COMPILE_BUDGET_S = 30.0, 90.0
+# How much of an exception message a "failed" row keeps.
+REASON_CHARS = 160
 
 
-@dataclass
-class Row:
-    set: str
-    dtype: str
-    case: str
-    method: str
-    tensors: int
-    mbytes: float
-    median_ms: float
-    min_ms: float
-    max_ms: float
-    speedup_vs_torch: float
-    x_floor: float
-    norm_rel_err: float  # |returned - float64 norm| / float64 norm
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:REASON_CHARS]
 
 
-class Timer:
-    """Median-of-repeats timing of a callable on one device."""
-
-    def __init__(self, device: torch.device, warmup: int, repeats: int):
-        self.device, self.warmup, self.repeats = device, warmup, repeats
-
-    def __call__(self, fn: Callable[[], object]) -> list[float]:
-        for _ in range(self.warmup):
-            fn()
-        if self.device.type == "cuda":
-            times = []
-            for _ in range(self.repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            return times
-        times = []
-        for _ in range(self.repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times
+@contextlib.contextmanager
+def _reported(row: Row) -> Iterator[None]:
+    """Run the body; an exception becomes the row's status instead of ending the run."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, Unavailable):
+            status = f"unavailable: {error}"
+        elif isinstance(error, Skipped):
+            status = f"skipped: {error}"
+        elif isinstance(error, Failed):
+            status = f"failed: {error}"
+        else:
+            status = f"failed: {_reason(error)}"
+        row.status = status
+        for name in NUMBERS:
+            setattr(row, name, None)
 
 
-def make_params(shapes, dtype: torch.dtype, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Parameters with gradients of uniform(-1, 1) values (norm far above MAX_NORM_CLIP).
+class Compiler:
+    """torch.compile of torch.nn.utils.clip_grad_norm_, bounded in time.
 
-    The parameter storage itself is never touched (torch.empty), so only the
-    gradients take memory.
+    One compiled function per list, shared by the noclip and clip cases; it
+    compiles on its first call and recompiles once when max_norm changes
+    (dynamo then makes it a symbolic float). Every call of the compiled
+    method runs under a time limit: the per-compile timeout or what is left
+    of the run's budget, whichever is smaller.
     """
-    gen = torch.Generator(device=device).manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
-        p.grad = torch.empty(shape, dtype=dtype, device=device).uniform_(-1.0, 1.0, generator=gen)
-        params.append(p)
-    return params
 
+    def __init__(self, timeout_s: float, budget_s: float, disabled: Optional[str]):
+        self.timeout_s, self.left_s, self.disabled = timeout_s, budget_s, disabled
+        self.budget_s = budget_s
+        self._fn: Optional[Callable] = None
+        self.failure: Optional[str] = None
 
-def ref_norm(params) -> float:
-    """float64 norm of the gradients as stored."""
-    return math.sqrt(sum(torch.linalg.vector_norm(p.grad, dtype=torch.float64).item() ** 2 for p in params))
+    def new_list(self) -> None:
+        """Forget the previous list's compiled code (dynamo keeps at most 8
+        entries per function, and a new list would not hit them anyway)."""
+        torch._dynamo.reset()
+        self._fn, self.failure = None, None
 
+    def build(self, work: Workload) -> _cases.Call:
+        if self._fn is None:
+            self._fn = torch.compile(torch.nn.utils.clip_grad_norm_)
+        fn, params = self._fn, work.params
+        return lambda m: fn(params, m)
 
-def check_method(name: str, fn, params, max_norm: float) -> float:
-    """One call on the current gradients, checked against float64 before any
-    timing; returns the relative error of the returned norm."""
-    before = ref_norm(params)
-    returned = float(fn(params, max_norm))
-    error = abs(returned - before) / before
-    # fastclip accumulates in float64. torch accumulates fp32 in fp32 (errors
-    # up to ~1e-3 on these sizes) and rounds bf16/fp16 norms to that dtype.
-    tol = 1e-6 if name.startswith("fastclip") else 2e-2
-    if not error <= tol:
-        raise AssertionError(f"{name}: returned norm {returned} but the float64 norm is {before}")
-    after = ref_norm(params)
-    expected = min(before, max_norm)
-    if not math.isclose(after, expected, rel_tol=1e-2):
-        raise AssertionError(f"{name}: norm after clipping is {after}, expected {expected}")
-    return error
-
-
-METHODS = {
-    "torch foreach": lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True),
-    "torch loop": lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False),
-    "fastclip": lambda params, max_norm: fastclip.clip_grad_norm_(params, max_norm),
-}
-
-
-def measure_floor(nbytes: int, device: torch.device, timer: Timer) -> dict[str, float]:
-    buf = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_(-1.0, 1.0)
-    read = statistics.median(timer(lambda: buf.sum()))
-    both = statistics.median(timer(lambda: (buf.sum(), buf.mul_(0.9999999))))
-    del buf
-    return {"clip": both, "noclip": read}
-
-
-def run_set(set_name: str, dtype_name: str, device: torch.device, timer: Timer, log) -> list[Row]:
-    shapes = SETS[set_name]()
-    params = make_params(shapes, DTYPES[dtype_name], device)
-    nbytes = sum(p.grad.numel() * p.grad.element_size() for p in params)
-    floor = measure_floor(nbytes, device, timer)
-    rows: list[Row] = []
-    for case, max_norm in (("clip", MAX_NORM_CLIP), ("noclip", MAX_NORM_NOCLIP)):
-        times: dict[str, list[float]] = {}
-        errors: dict[str, float] = {}
-        for name, fn in METHODS.items():
-            errors[name] = check_method(name, fn, params, max_norm)
-            times[name] = timer(lambda fn=fn: fn(params, max_norm))
-            log(".")
-        base = statistics.median(times["torch foreach"])
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            rows.append(
-                Row(set_name, dtype_name, case, name, len(shapes), nbytes / 1e6, med, min(ts), max(ts),
-                    base / med, med / floor[case], errors[name])
+    @contextlib.contextmanager
+    def limit(self) -> Iterator[None]:
+        if self.disabled:
+            raise Skipped(self.disabled)
+        if self.failure:
+            raise Failed(f"{self.failure} (in an earlier case on this list)")
+        limit = min(self.timeout_s, self.left_s)
+        if limit <= 0:
+            raise Skipped(f"the run's torch.compile budget of {self.budget_s:.0f} s is spent (--compile-budget)")
+        start = time.perf_counter()
+        try:
+            with time_limit(limit):
+                yield
+        except TimeLimitExceeded:
+            self.failure = (
+                f"torch.compile and the compiled calls did not finish within {limit:.0f} s "
+                "(--compile-timeout, --compile-budget)"
             )
-        rows.append(
-            Row(set_name, dtype_name, case, "floor", len(shapes), nbytes / 1e6, floor[case], floor[case],
-                floor[case], base / floor[case], 1.0, 0.0)
-        )
-    return rows
+            torch._dynamo.reset()
+            raise Failed(self.failure) from None
+        except Exception as error:
+            self.failure = _reason(error)
+            raise
+        finally:
+            self.left_s -= time.perf_counter() - start
 
 
-def environment(device: torch.device) -> dict:
-    env = {
-        "fastclip": fastclip.__version__,
-        "backend": fastclip.backend(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device.type,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    return env
+class Runner:
+    """Runs the cases on one list after another and turns the results into rows."""
+
+    def __init__(self, device: torch.device, timer: Timer, compiler: Compiler, quick: bool):
+        self.device, self.timer, self.compiler, self.quick = device, timer, compiler, quick
+        self.floors = Floors(device, timer)
+        self.cases = {case.name: case for case in _cases.make_cases(compiler.build)}
+        self.progress = Progress(0)
+
+    def steps(self, lists: int, case_names: list[str]) -> int:
+        return lists * sum(len(self.cases[name].methods) for name in case_names)
+
+    def run_list(self, set_name: str, dtype_name: str, case_names: list[str]) -> list[Row]:
+        shapes = SETS[set_name]()
+        work = Workload.create(shapes, DTYPES[dtype_name], self.device)
+        floors = self.floors.measure(work.nbytes)
+        self.compiler.new_list()
+        rows: list[Row] = []
+        base = dict(set=set_name, dtype=dtype_name, tensors=len(shapes), mbytes=work.nbytes / 1e6)
+        for name in case_names:
+            case = self.cases[name]
+            blocker = _cases.adamw_blocker(work, self.quick) if name == "adamw" else None
+            if blocker is not None:
+                for method in case.methods:
+                    self.progress.advance(f"{set_name} {dtype_name}", f"{name} {method.name}")
+                    rows.append(Row(case=name, method=method.name, status=f"skipped: {blocker}", **base))
+                continue
+            small = _cases.tiny_workload(work) if self.device.type == "cpu" else None
+            case_rows = self._run_case(case, work, small, base)
+            floor = floors["read"]
+            if case.floor == "read+scale":
+                floor = floors["read+scale"]
+            elif case.floor == "read+adamw":
+                alone = next((r for r in case_rows if r.method == "adamw alone" and r.status == OK), None)
+                floor = floors["read"] + alone.median_ms if alone else None
+            rows += self._finish(case, case_rows, floor, base)
+        return rows
+
+    def _run_case(self, case: Case, work: Workload, tiny: Optional[Workload], base: dict) -> list[Row]:
+        rows: list[Row] = []
+        checked = []
+        for method in case.methods:
+            self.progress.advance(f"{base['set']} {base['dtype']}", f"{case.name} {method.name}")
+            row = Row(case=case.name, method=method.name, status=OK, **base)
+            rows.append(row)
+            call = self._check(case, method, work, row)
+            if call is None:
+                continue
+            if case.check_all_first:
+                checked.append((row, method, call))
+            else:
+                self._time(case, method, call, work, tiny, row)
+            call = None  # frees this method's optimizer state before the next one builds its own
+        for row, method, call in checked:
+            self._time(case, method, call, work, tiny, row)
+        return rows
+
+    def _guard(self, method: Method):
+        return self.compiler.limit() if method.compiled else contextlib.nullcontext()
+
+    def _check(self, case: Case, method: Method, work: Workload, row: Row) -> Optional[_cases.Call]:
+        """Build the method and check one call; None (and the row says why) when it cannot be timed."""
+        with _reported(row):
+            case.prepare(work)
+            with self._guard(method):
+                call = method.build(work)
+                start = time.perf_counter()
+                row.norm_rel_err = case.check(method, call, work)
+                if method.compiled:
+                    row.note = f"first call {time.perf_counter() - start:.1f} s (compile)"
+            return call
+        return None
+
+    def _time(
+        self, case: Case, method: Method, call: _cases.Call, work: Workload, tiny: Optional[Workload], row: Row
+    ) -> None:
+        with _reported(row):
+            with self._guard(method):
+                sample = self.timer(lambda: call(case.timed_max_norm(work)))
+            row.median_ms, row.min_ms, row.max_ms = sample.median, min(sample.times_ms), max(sample.times_ms)
+            row.repeats = len(sample.times_ms)
+            if self.device.type == "cuda":
+                row.host_overhead_ms = statistics.median(sample.host_ms)
+            elif tiny is not None and not method.compiled:  # a compiled method would recompile for other shapes
+                case.prepare(tiny)
+                small = method.build(tiny)
+                row.host_overhead_ms = self.timer(lambda: small(case.timed_max_norm(tiny))).median
+
+    @staticmethod
+    def _finish(case: Case, rows: list[Row], floor: Optional[float], base: dict) -> list[Row]:
+        """Speedups over the case's torch baseline and ratios to the floor, plus the floor row."""
+        baseline = next((r.median_ms for r in rows if r.method == case.baseline and r.status == OK), None)
+        for r in rows:
+            if r.status != OK:
+                continue
+            if baseline is not None:
+                r.speedup_vs_torch = baseline / r.median_ms
+            if floor is not None:
+                r.x_floor = r.median_ms / floor
+        if floor is not None:
+            rows.append(
+                Row(case=case.name, method="floor", status=OK, median_ms=floor, min_ms=floor, max_ms=floor,
+                    speedup_vs_torch=baseline / floor if baseline is not None else None, x_floor=1.0,
+                    note=case.floor, **base)
+            )
+        else:
+            rows.append(Row(case=case.name, method="floor", status="failed: the adamw alone row failed", **base))
+        return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    header = f"{'set':<11} {'dtype':<5} {'case':<6} {'method':<14} {'ms':>9} {'min..max ms':>17} {'vs torch':>8} {'x floor':>7} {'norm err':>8}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        spread = f"{r.min_ms:.2f}..{r.max_ms:.2f}"
-        lines.append(
-            f"{r.set:<11} {r.dtype:<5} {r.case:<6} {r.method:<14} {r.median_ms:9.2f} {spread:>17} "
-            f"{r.speedup_vs_torch:7.2f}x {r.x_floor:6.2f}x {r.norm_rel_err:8.1e}"
-        )
-    return "\n".join(lines)
+def _choices(parser: argparse.ArgumentParser, option: str, value: str, allowed) -> list[str]:
+    items = [v for v in value.split(",") if v]
+    for item in items:
+        if item not in allowed:
+            parser.error(f"{option}: unknown value {item!r}; choose from {', '.join(allowed)}")
+    if not items:
+        parser.error(f"{option}: give at least one of {', '.join(allowed)}")
+    return items
 
 
-def write_outputs(rows: list[Row], env: dict, out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=2)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastclip.benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
+    parser.add_argument(
+        "--sets", default=None,
+        help=f"comma-separated, from {', '.join(SETS)} (default: all but tiny; --quick: {', '.join(QUICK_SETS)})",
+    )
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {', '.join(DTYPES)}")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="small sets only, fewer repeats")
-    parser.add_argument("--out", default=None, help="directory for results.csv and results.json")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--repeats", type=int, default=None, help=f"most timed calls per row (default {MAX_REPEATS})")
+    parser.add_argument("--warmup", type=int, default=None, help=f"untimed calls before timing (default {WARMUP})")
+    parser.add_argument(
+        "--compile-timeout", type=float, default=COMPILE_TIMEOUT_S,
+        help="seconds one torch.compile may take before its rows report failure (0: do not compile)",
+    )
+    parser.add_argument("--compile-budget", type=float, default=COMPILE_BUDGET_S,
+                        help="seconds all torch.compile calls of the run may take together")
+    parser.add_argument("--quick", action="store_true",
+                        help="small lists, few repeats, no torch.compile: well under a minute")
+    parser.add_argument("--out", default=None, help="directory for results.csv, results.json, summary.md and benchmark.png")
+    return parser
+
+
+def _device(parser: argparse.ArgumentParser, value: Optional[str]) -> torch.device:
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        parser.error(f"--device: {value!r} is not a device")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: {value!r}: the benchmark runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device: {value!r}: torch sees no CUDA device")
+    return device
+
+
+def run(argv: Optional[list[str]] = None) -> tuple[list[Row], dict]:
+    """Run the benchmark as the command line would; returns the rows and the environment."""
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-
-    sets = [s for s in args.sets.split(",") if s]
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    for s in sets:
-        if s not in SETS:
-            parser.error(f"unknown set {s!r}; choose from {', '.join(SETS)}")
-    for d in dtypes:
-        if d not in DTYPES:
-            parser.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
-    repeats, warmup = args.repeats, args.warmup
+    device = _device(parser, args.device)
+    sets = _choices(parser, "--sets", args.sets or ",".join(QUICK_SETS if args.quick else DEFAULT_SETS), SETS)
+    dtypes = _choices(parser, "--dtypes", args.dtypes, DTYPES)
+    case_names = [c for c in CASES if c in _choices(parser, "--cases", args.cases, CASES)]
+    for option, value in (("--repeats", args.repeats), ("--warmup", args.warmup)):
+        if value is not None and value < (1 if option == "--repeats" else 0):
+            parser.error(f"{option}: must be at least {1 if option == '--repeats' else 0}, got {value}")
     if args.quick:
-        sets = [s for s in sets if s != "llama-1.2b"]
-        repeats, warmup = min(repeats, 3), 1
+        warmup, min_repeats, max_repeats, target = QUICK_WARMUP, QUICK_MIN_REPEATS, QUICK_MAX_REPEATS, QUICK_TARGET_S
+    else:
+        warmup, min_repeats, max_repeats, target = WARMUP, MIN_REPEATS, MAX_REPEATS, TARGET_S
+    warmup = warmup if args.warmup is None else args.warmup
+    max_repeats = max_repeats if args.repeats is None else args.repeats
+    min_repeats = min(min_repeats, max_repeats)
+    disabled = None
+    if args.quick:
+        disabled = "not compiled under --quick (a compile takes 15-30 s per list on a CPU)"
+    elif args.compile_timeout <= 0:
+        disabled = "not compiled (--compile-timeout 0)"
 
-    device = torch.device(args.device)
-    timer = Timer(device, warmup, repeats)
-    env = environment(device)
-    print("fastclip benchmark:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    timer = Timer(device, warmup, min_repeats, max_repeats, target)
+    env = environment(device, argv)
+    print(
+        f"fastclip benchmark: {env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, "
+        f"fastclip {env['fastclip']} [{env['fastclip_backend']}]",
+        flush=True,
+    )
+    runner = Runner(device, timer, Compiler(args.compile_timeout, args.compile_budget, disabled), args.quick)
+    runner.progress = progress = Progress(runner.steps(len(sets) * len(dtypes), case_names))
     rows: list[Row] = []
     with torch.no_grad():
         for set_name in sets:
             for dtype_name in dtypes:
-                print(f"  {set_name} {dtype_name} ", end="", flush=True)
-                rows += run_set(set_name, dtype_name, device, timer, lambda s: print(s, end="", flush=True))
-                print(" done", flush=True)
-    print()
+                rows += runner.run_list(set_name, dtype_name, case_names)
+    runner.floors.release()
+    progress.close()
+    settings = {
+        "sets": sets, "dtypes": dtypes, "cases": case_names, "warmup": warmup, "min_repeats": min_repeats,
+        "max_repeats": max_repeats, "target_s": target, "compile_timeout_s": args.compile_timeout,
+        "compile_budget_s": args.compile_budget, "quick": args.quick, "floor": runner.floors.describe(),
+    }
     print(format_table(rows))
     if args.out:
-        write_outputs(rows, env, args.out)
-        print(f"\nwrote {args.out}/results.csv and results.json")
+        os.makedirs(args.out, exist_ok=True)
+        write_csv(rows, os.path.join(args.out, "results.csv"))
+        write_json(rows, env, settings, os.path.join(args.out, "results.json"))
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(summary_markdown(rows))
+        skipped = write_chart(rows, env, os.path.join(args.out, CHART_NAME))
+        chart = f"chart skipped: {skipped}" if skipped else CHART_NAME
+        print(f"\nwrote {args.out}/: results.csv, results.json, summary.md, {chart}")
+    return rows, env
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    run(argv)
     return 0
 
 

@@ -1,0 +1,471 @@
+"""What is timed: the cases, the methods of each case, and the check every
+method passes (against a float64 reference) before it is timed.
+
+Cases (run in this order on one gradient list; the first three leave the
+gradients as they are):
+  norm        the total norm alone;
+  per-tensor  the total norm and each tensor's norm;
+  noclip      clip_grad_norm_ with the norm below max_norm: nothing to scale;
+  clip        clip_grad_norm_ with the norm above max_norm: every gradient is rescaled;
+  adamw       one clipped fused AdamW step.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+import fastclip
+from fastclip import _ops
+
+GRAD_SEED, PARAM_SEED = 0, 1
+# The float64 reference converts this many elements at a time (8 MiB).
+REF_CHUNK = 1 << 20
+
+MAX_NORM_NOCLIP = 1e30
+# Clip checks use max_norm = (current float64 norm) * CHECK_SHRINK: a
+# coefficient far from 1, so that a wrong one shows.
+CHECK_SHRINK = 0.5
+# Each timed clip call gets a max_norm CLIP_DECAY times the previous one,
+# so the coefficient is ~0.99 on every call. Clipping again and again to
+# one fixed max_norm would not do: the norm converges to max_norm - 1e-6
+# within a few calls, where max_norm / (norm + 1e-6) is exactly 1 and
+# fastclip rightly writes nothing. 100 calls shrink the gradients by 2.7x.
+CLIP_DECAY = 0.99
+
+# Relative error allowed on a returned norm against float64. fastclip
+# accumulates in float64 and returns float32; torch accumulates fp32 in fp32
+# and rounds bf16/fp16 norms to that dtype: its CPU norm of the one
+# 263M-element tensor of the "giant" list is 2.5% (fp32) and 2.9% (bf16)
+# below float64.
+NORM_RTOL = {"fastclip": 1e-6, "torch": 5e-2}
+
+# The AdamW case clips to this max_norm (far below every list's norm).
+ADAMW_MAX_NORM = 1e-3
+# AdamW settings. Adam's update does not depend on the scale of the
+# gradients when eps is negligible, so a wrong clip coefficient would not
+# show in the parameters; eps is set to the size of one clipped gradient
+# element (max_norm / sqrt(numel)) to make the update depend on it. The
+# cost of a step does not depend on these values.
+ADAMW_LR, ADAMW_WEIGHT_DECAY = 1e-3, 1e-2
+# Parameters after a checked step may differ from the float64 reference by
+# this many units of the dtype's eps (relative to |p| + lr): the fused
+# kernel's float32 arithmetic and, for bf16, its bf16 optimizer state.
+ADAMW_EPS_UNITS = 4
+# The AdamW check compares this many leading elements of every parameter
+# (all of them for most tensors of the 10,000-tensor list): enough to see a
+# wrong coefficient or a skipped tensor, without float64 copies of 5 GB.
+ADAMW_PROBE = 4096
+# The AdamW case holds parameters, gradients and two state tensors per
+# parameter (4x the gradient bytes); it runs where that fits in this
+# fraction of the device's memory.
+ADAMW_MEMORY_FRACTION = 0.25
+# torch's fused AdamW runs one parallel region per tensor on the CPU: on
+# 10,000 tensors a step takes 0.1-4 s on a busy 2-core machine, too long
+# for --quick, which skips the AdamW case on lists longer than this.
+ADAMW_QUICK_MAX_TENSORS = 1000
+
+
+class Unavailable(Exception):
+    """The method cannot run in this installation (missing API, no extension)."""
+
+
+class Skipped(Exception):
+    """The method is not run in this run (an option, a time budget, memory)."""
+
+
+class Failed(Exception):
+    """The method ran but failed: a result that disagrees with the float64
+    reference, or a compile that did not finish in time."""
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass
+class Workload:
+    """One gradient list (one set, one dtype) and its float64 reference norms.
+
+    Parameter storage is left uninitialized (only the gradients are read)
+    until a case calls ``init_params`` (AdamW).
+    """
+
+    shapes: list[tuple[int, ...]]
+    dtype: torch.dtype
+    device: torch.device
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    ref_each: Optional[Tensor] = None  # float64, one norm per tensor, on the CPU
+    ref_total: float = 0.0
+    params_ready: bool = False
+    clip_target: float = 0.0  # the max_norm the gradients were last clipped to (see next_max_norm)
+    _seeded_ref: tuple = ()  # the reference of the seeded gradients
+
+    @classmethod
+    def create(cls, shapes, dtype: torch.dtype, device: torch.device) -> "Workload":
+        work = cls(list(shapes), dtype, device)
+        for shape in work.shapes:
+            p = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+            p.grad = torch.empty(shape, dtype=dtype, device=device)
+            work.params.append(p)
+        work.fill_grads()
+        return work
+
+    @property
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.grad.numel() * p.grad.element_size() for p in self.params)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.grad.numel() for p in self.params)
+
+    def fill_grads(self) -> None:
+        """Seeded uniform(-1, 1) gradients: the same values, and so the same
+        reference (computed once), on every call."""
+        gen = _generator(self.device, GRAD_SEED)
+        for p in self.params:
+            p.grad.uniform_(-1.0, 1.0, generator=gen)
+        if not self._seeded_ref:
+            self._seeded_ref = (self.update_reference(), self.ref_each)
+        self.ref_total, self.ref_each = self._seeded_ref
+        self.clip_target = self.ref_total
+
+    def next_max_norm(self) -> float:
+        """max_norm for the next timed clip: CLIP_DECAY below the last one."""
+        self.clip_target *= CLIP_DECAY
+        return self.clip_target
+
+    def init_params(self) -> None:
+        """Seeded uniform(-1, 1) parameters (uninitialized memory may hold NaN)."""
+        gen = _generator(self.device, PARAM_SEED)
+        with torch.no_grad():
+            for p in self.params:
+                p.uniform_(-1.0, 1.0, generator=gen)
+        self.params_ready = True
+
+    def update_reference(self) -> float:
+        """Recompute the float64 norms of the gradients as stored; returns the total.
+
+        Squares of fp32/bf16/fp16 values are exact in float64, and their sum
+        is a float64 dot product of float64 copies of REF_CHUNK elements at
+        a time (6x faster than linalg.vector_norm with dtype=float64).
+        """
+        sums = []
+        for g in self.grads:
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for chunk in g.detach().reshape(-1).split(REF_CHUNK):
+                wide = chunk.double()
+                total += torch.dot(wide, wide)
+            sums.append(total)
+        each = torch.stack(sums).sqrt()
+        self.ref_each = each.cpu()
+        self.ref_total = math.sqrt(float((self.ref_each**2).sum()))
+        return self.ref_total
+
+    def fingerprint(self) -> Tensor:
+        """Each gradient's norm as torch computes it in the gradient's dtype:
+        bitwise the same as long as no gradient changed (and far cheaper than
+        the float64 reference)."""
+        return torch.stack(torch._foreach_norm(self.grads)).cpu()
+
+    def probe(self, tensors: list[Tensor]) -> Tensor:
+        """The first ADAMW_PROBE elements of each tensor, in float64, as one vector."""
+        return torch.cat([t.detach().reshape(-1)[:ADAMW_PROBE] for t in tensors]).to("cpu", torch.float64)
+
+
+def tiny_workload(like: Workload) -> Workload:
+    """The same number of tensors and dtype as ``like``, one element each:
+    what a method costs beyond streaming the bytes (its host overhead)."""
+    return Workload.create([(1,)] * len(like.shapes), like.dtype, like.device)
+
+
+# ------------------------------------------------------------------ methods
+Call = Callable[[float], object]  # called with max_norm; returns the method's result
+
+
+@dataclass
+class Method:
+    name: str
+    family: str  # "torch" or "fastclip": which norm tolerance applies
+    build: Callable[[Workload], Call]  # raises Unavailable
+    compiled: bool = False  # runs under the compile time limit; no host-overhead list
+
+
+def _torch_util(name: str):
+    fn = getattr(torch.nn.utils, name, None)
+    if fn is None:
+        raise Unavailable(f"torch {torch.__version__} has no torch.nn.utils.{name}")
+    return fn
+
+
+def _fastclip_op(name: str, work: Workload):
+    """The typed wrapper of ``torch.ops.fastclip.<name>``, if it can run on ``work``'s device."""
+    if not _ops.available():
+        raise Unavailable(f"the fastclip extension is not loaded ({_ops.import_error()})")
+    if not _ops.has_kernel(work.device.type):
+        raise Unavailable(f"this build of fastclip has no {work.device.type} kernels")
+    return getattr(_ops, name)
+
+
+def _clipped_optimizer_class():
+    cls = getattr(fastclip, "ClippedOptimizer", None)
+    if cls is None:
+        raise Unavailable(f"fastclip {fastclip.__version__} has no ClippedOptimizer")
+    return cls
+
+
+def _torch_per_tensor(grads: list[Tensor], foreach: bool) -> tuple[Tensor, Tensor]:
+    if foreach:
+        each = torch.stack(torch._foreach_norm(grads))
+    else:
+        each = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    return torch.linalg.vector_norm(each.float()), each
+
+
+def _norm_methods() -> list[Method]:
+    def torch_norm(foreach: bool):
+        def build(w):
+            fn, grads = _torch_util("get_total_norm"), w.grads
+            return lambda m: fn(grads, foreach=foreach)
+
+        return build
+
+    def op(w):
+        fn, grads = _fastclip_op("multi_tensor_norm", w), w.grads
+        return lambda m: fn(grads, 2.0, False)[0]
+
+    return [
+        Method("torch foreach", "torch", torch_norm(True)),
+        Method("torch loop", "torch", torch_norm(False)),
+        Method("fastclip", "fastclip", lambda w: lambda m, grads=w.grads: fastclip.get_total_norm(grads)),
+        Method("fastclip op", "fastclip", op),
+    ]
+
+
+def _per_tensor_methods() -> list[Method]:
+    def op(w):
+        fn, grads = _fastclip_op("multi_tensor_norm", w), w.grads
+        return lambda m: fn(grads, 2.0, True)
+
+    return [
+        Method("torch foreach", "torch", lambda w: lambda m, g=w.grads: _torch_per_tensor(g, True)),
+        Method("torch loop", "torch", lambda w: lambda m, g=w.grads: _torch_per_tensor(g, False)),
+        Method("fastclip", "fastclip", lambda w: lambda m, p=w.params: fastclip.grad_norms(p)),
+        Method("fastclip op", "fastclip", op),
+    ]
+
+
+def _clip_methods(compiled_clip: Callable[[Workload], Call]) -> list[Method]:
+    def torch_clip(foreach: bool):
+        def build(w):
+            fn, params = _torch_util("clip_grad_norm_"), w.params
+            return lambda m: fn(params, m, foreach=foreach)
+
+        return build
+
+    def op(w):
+        fn, grads = _fastclip_op("clip_", w), w.grads
+        return lambda m: fn(grads, m, 2.0)
+
+    return [
+        Method("torch foreach", "torch", torch_clip(True)),
+        Method("torch loop", "torch", torch_clip(False)),
+        Method("torch compile", "torch", compiled_clip, compiled=True),
+        Method("fastclip", "fastclip", lambda w: lambda m, p=w.params: fastclip.clip_grad_norm_(p, m)),
+        Method("fastclip op", "fastclip", op),
+    ]
+
+
+def _adamw_eps(w: Workload) -> float:
+    return ADAMW_MAX_NORM / math.sqrt(w.numel)
+
+
+def _adamw(w: Workload) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(w.params, lr=ADAMW_LR, weight_decay=ADAMW_WEIGHT_DECAY, eps=_adamw_eps(w), fused=True)
+
+
+def _adamw_methods() -> list[Method]:
+    def alone(w):
+        opt = _adamw(w)
+        return lambda m: opt.step()
+
+    def clip_then_step(clip):
+        def build(w):
+            opt, params = _adamw(w), w.params
+
+            def call(m):
+                norm = clip(params, m)
+                opt.step()
+                return norm
+
+            return call
+
+        return build
+
+    def wrapper(w):
+        opt = _clipped_optimizer_class()(_adamw(w), max_norm=ADAMW_MAX_NORM)
+
+        def call(m):
+            opt.step()
+            return opt.last_norm
+
+        return call
+
+    torch_clip = lambda params, m: torch.nn.utils.clip_grad_norm_(params, m, foreach=True)  # noqa: E731
+    return [
+        Method("adamw alone", "torch", alone),
+        Method("torch foreach+adamw", "torch", clip_then_step(torch_clip)),
+        Method("fastclip+adamw", "fastclip", clip_then_step(fastclip.clip_grad_norm_)),
+        Method("ClippedOptimizer", "fastclip", wrapper),
+    ]
+
+
+# -------------------------------------------------------------------- cases
+def _rel(value: float, ref: float) -> float:
+    return abs(value - ref) / ref if ref != 0.0 else abs(value)
+
+
+def _check_total(method: Method, returned, ref: float) -> float:
+    error = _rel(float(returned), ref)
+    if not error <= NORM_RTOL[method.family]:  # also catches NaN
+        raise Failed(f"returned norm {float(returned):.7g}, float64 norm {ref:.7g}")
+    return error
+
+
+@dataclass
+class Case:
+    """One thing to time; ``check`` runs one call and compares it with float64."""
+
+    name: str
+    floor: str  # key of the floor it is compared with (see timing.Floors)
+    baseline: str  # the method speedups are relative to
+    methods: list[Method]
+    # Check every method before timing any (see ClipCase); otherwise each
+    # method is checked and timed before the next is built (AdamW: one
+    # optimizer's state in memory at a time).
+    check_all_first: bool = False
+
+    def prepare(self, work: Workload) -> None:
+        """Bring ``work`` to the state each method's check starts from."""
+
+    def timed_max_norm(self, work: Workload) -> float:
+        """max_norm for the next timed call."""
+        return MAX_NORM_NOCLIP
+
+    def check(self, method: Method, call: Call, work: Workload) -> Optional[float]:
+        """One call on ``work``, compared with float64; returns the relative
+        error of the returned norm (None when the method returns none)."""
+        return _check_total(method, call(MAX_NORM_NOCLIP), work.ref_total)
+
+
+class PerTensorCase(Case):
+    def check(self, method, call, work):
+        total, each = call(MAX_NORM_NOCLIP)
+        error = _check_total(method, total, work.ref_total)
+        each = each.detach().to("cpu", torch.float64)
+        worst = float(((each - work.ref_each).abs() / work.ref_each).max())
+        if not worst <= NORM_RTOL[method.family]:
+            raise Failed(f"a per-tensor norm is off by {worst:.2e} relative to float64")
+        return max(error, worst)
+
+
+class NoClipCase(Case):
+    def check(self, method, call, work):
+        before = work.fingerprint()
+        error = _check_total(method, call(MAX_NORM_NOCLIP), work.ref_total)
+        if not torch.equal(work.fingerprint(), before):
+            raise Failed("the gradients changed although no clipping was needed")
+        return error
+
+
+class ClipCase(Case):
+    """The check clips to half the current norm and measures the result in
+    float64, which the next method's check starts from. Timed calls then
+    clip by CLIP_DECAY per call, continuing across methods, so every method
+    is checked before any is timed."""
+
+    def timed_max_norm(self, work):
+        return work.next_max_norm()
+
+    def check(self, method, call, work):
+        before = work.ref_total
+        max_norm = before * CHECK_SHRINK
+        returned = call(max_norm)
+        after = work.update_reference()  # before anything can raise: the next check starts from it
+        work.clip_target = after
+        error = _check_total(method, returned, before)
+        expected = before * max_norm / (before + 1e-6)
+        if not _rel(after, expected) <= NORM_RTOL[method.family] + torch.finfo(work.dtype).eps:
+            raise Failed(f"norm after clipping to {max_norm:.7g} is {after:.7g}, expected {expected:.7g}")
+        return error
+
+
+class AdamWCase(Case):
+    """Each method starts from the seeded gradients and a fresh optimizer; its
+    first step (clipping to ADAMW_MAX_NORM) is compared, on the first
+    ADAMW_PROBE elements of every parameter, with AdamW's first step in
+    float64, which has a closed form: p = p0 (1 - lr wd) - lr g / (|g| + eps),
+    with g the clipped gradient (after bias correction, m and v are g and g^2).
+    Timed steps clip by CLIP_DECAY per step, from ADAMW_MAX_NORM down."""
+
+    def prepare(self, work):
+        if not work.params_ready:
+            work.init_params()
+        work.fill_grads()
+
+    def timed_max_norm(self, work):
+        return work.next_max_norm()
+
+    def check(self, method, call, work):
+        p0, g0 = work.probe(work.params), work.probe(work.grads)
+        result = call(ADAMW_MAX_NORM)
+        work.clip_target = ADAMW_MAX_NORM
+        error = _check_total(method, result, work.ref_total) if result is not None else None
+        coef = 1.0 if method.name == "adamw alone" else min(1.0, ADAMW_MAX_NORM / (work.ref_total + 1e-6))
+        g = g0 * coef
+        ref = p0 * (1.0 - ADAMW_LR * ADAMW_WEIGHT_DECAY) - ADAMW_LR * g / (g.abs() + _adamw_eps(work))
+        allowed = ADAMW_EPS_UNITS * torch.finfo(work.dtype).eps * (p0.abs() + ADAMW_LR)
+        allowed += ADAMW_LR * NORM_RTOL[method.family]
+        excess = (work.probe(work.params) - ref).abs() - allowed
+        if not bool((excess <= 0).all()):  # also catches NaN
+            raise Failed(f"parameters after one step differ from the float64 AdamW step (by {float(excess.max()):.2e})")
+        return error
+
+
+def adamw_blocker(work: Workload, quick: bool) -> Optional[str]:
+    """Why the AdamW case does not run on this list, or None."""
+    if quick and len(work.shapes) > ADAMW_QUICK_MAX_TENSORS:
+        return f"--quick runs the AdamW case on lists of at most {ADAMW_QUICK_MAX_TENSORS} tensors"
+    if work.device.type == "cuda":
+        memory = torch.cuda.get_device_properties(work.device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = 4 * work.nbytes
+    if need > ADAMW_MEMORY_FRACTION * memory:
+        return (
+            f"needs {need / 1e9:.1f} GB for parameters, gradients and AdamW state, "
+            f"over {ADAMW_MEMORY_FRACTION:.0%} of the {memory / 1e9:.0f} GB of {work.device.type} memory"
+        )
+    return None
+
+
+def make_cases(compiled_clip: Callable[[Workload], Call]) -> list[Case]:
+    """All cases in run order; ``compiled_clip`` builds the torch.compile method."""
+    return [
+        Case("norm", "read", "torch foreach", _norm_methods()),
+        PerTensorCase("per-tensor", "read", "torch foreach", _per_tensor_methods()),
+        NoClipCase("noclip", "read", "torch foreach", _clip_methods(compiled_clip)),
+        ClipCase("clip", "read+scale", "torch foreach", _clip_methods(compiled_clip), check_all_first=True),
+        AdamWCase("adamw", "read+adamw", "torch foreach+adamw", _adamw_methods()),
+    ]
+
+
+CASES = [case.name for case in make_cases(lambda work: None)]

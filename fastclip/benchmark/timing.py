@@ -1,0 +1,159 @@
+"""Timing: repeated calls with warm-up, the memory floor, and a time limit for compiles.
+
+CPU: ``time.perf_counter`` around each call. GPU: CUDA events around each
+call, with the L2 cache flushed before it (so that a list smaller than L2
+is not timed from cache), and the host time to enqueue the call taken with
+``perf_counter`` in the same loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+# The GPU flush buffer is this many times the L2 size: writing it evicts
+# everything a previous call left in L2.
+L2_FLUSH_FACTOR = 2
+# The GPU copy-bandwidth floor is measured on a buffer far larger than any
+# L2 (H200: 60 MiB), so that it is DRAM bandwidth.
+GPU_BANDWIDTH_BYTES = 1 << 30
+
+
+@dataclass
+class Sample:
+    """Timed calls of one method: device times and the host time of each call (ms)."""
+
+    times_ms: list[float]
+    host_ms: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+class Timer:
+    """Warm-up calls, then at least ``min_repeats`` timed calls and more until
+    ``target_s`` seconds are spent or ``max_repeats`` calls are made.
+
+    Slow calls (a 5 GB list on a CPU) get few repeats and fast ones many, so
+    that a run of every set stays within minutes.
+    """
+
+    def __init__(self, device: torch.device, warmup: int, min_repeats: int, max_repeats: int, target_s: float):
+        self.device, self.warmup = device, warmup
+        self.min_repeats, self.max_repeats, self.target_s = min_repeats, max(max_repeats, min_repeats), target_s
+        self._flush: Optional[torch.Tensor] = None
+        if device.type == "cuda":
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            self._flush = torch.empty(L2_FLUSH_FACTOR * l2, dtype=torch.uint8, device=device)
+
+    def __call__(self, fn: Callable[[], object]) -> Sample:
+        for _ in range(self.warmup):
+            fn()
+        times: list[float] = []
+        host: list[float] = []
+        spent = 0.0
+        if self._flush is not None:
+            torch.cuda.synchronize(self.device)
+        while len(times) < self.min_repeats or (spent < self.target_s and len(times) < self.max_repeats):
+            if self._flush is not None:
+                self._flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                t0 = time.perf_counter()
+                fn()
+                host.append((time.perf_counter() - t0) * 1e3)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+                host.append(times[-1])
+            spent += times[-1] / 1e3
+        return Sample(times, host)
+
+
+class Floors:
+    """What memory allows for the work of each case, in ms, for a list of ``nbytes``.
+
+    CPU: measured on one float32 buffer of the same bytes, in this run: one
+    read pass (``sum``) for the norm, the per-tensor norms and a clip that
+    writes nothing; a read pass plus one in-place multiply (``mul_``) for a
+    clip that rescales. The fastest of the timed calls is taken: a floor is
+    a bound, and the fastest call is the one least disturbed by the rest of
+    the machine. GPU: the same traffic (1 or 3 times the bytes) over the
+    device copy bandwidth, measured once per run.
+    """
+
+    def __init__(self, device: torch.device, timer: Timer):
+        self.device, self.timer = device, timer
+        self.gpu_bandwidth: Optional[float] = None  # bytes per ms
+        # One CPU buffer, grown to the largest list and kept: its pages are
+        # touched once (first touch costs more than the floor itself).
+        self._buffer: Optional[torch.Tensor] = None
+        if device.type == "cuda":
+            src = torch.empty(GPU_BANDWIDTH_BYTES, dtype=torch.uint8, device=device)
+            dst = torch.empty_like(src)
+            copy_ms = timer(lambda: dst.copy_(src)).median
+            self.gpu_bandwidth = 2 * GPU_BANDWIDTH_BYTES / copy_ms
+            del src, dst
+
+    def measure(self, nbytes: int) -> dict[str, float]:
+        """``{"read": ms, "read+scale": ms}`` for a list of ``nbytes``."""
+        if self.gpu_bandwidth is not None:
+            return {"read": nbytes / self.gpu_bandwidth, "read+scale": 3 * nbytes / self.gpu_bandwidth}
+        numel = max(nbytes // 4, 1)
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = None  # free the old one first
+            self._buffer = torch.ones(numel, dtype=torch.float32, device=self.device)
+        buf = self._buffer[:numel]
+        read = min(self.timer(lambda: buf.sum()).times_ms)
+        both = min(self.timer(lambda: (buf.sum(), buf.mul_(0.9999999))).times_ms)
+        return {"read": read, "read+scale": both}
+
+    def release(self) -> None:
+        self._buffer = None
+
+    def describe(self) -> str:
+        if self.gpu_bandwidth is not None:
+            return f"bytes moved / device copy bandwidth ({self.gpu_bandwidth / 1e6:.0f} GB/s, measured)"
+        return "one float32 buffer of the same bytes: sum (read), sum + mul_ (read+scale), measured per list"
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised inside a call that ran past its time limit.
+
+    A BaseException, so that torch.compile's own ``except Exception``
+    handlers do not swallow it halfway through a compile.
+    """
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[bool]:
+    """Interrupt the body with TimeLimitExceeded after ``seconds`` (SIGALRM).
+
+    Yields whether the limit is enforced: not off the main thread or where
+    there is no SIGALRM (Windows); the body then runs unbounded.
+    """
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+
+    def _expire(signum, frame):
+        raise TimeLimitExceeded(f"did not finish within {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

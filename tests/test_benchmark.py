@@ -1,0 +1,169 @@
+"""The benchmark as a product: one quick CPU run on the tiny list writes the
+promised CSV/JSON/PNG, every method of every case gets a row (unavailable
+and failing methods included), and its correctness checks can fail."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+
+import fastclip
+from fastclip import benchmark
+from fastclip.benchmark import cases, report, timing
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY_RUN = ["--device", "cpu", "--sets", "tiny", "--quick"]
+ENVIRONMENT_KEYS = {
+    "date", "command", "device", "device_name", "cpu", "threads", "fastclip", "fastclip_backend",
+    "git_commit", "torch", "cuda", "python", "platform",
+}
+
+
+def _row(rows, case, method, dtype="fp32"):
+    found = [r for r in rows if r.case == case and r.method == method and r.dtype == dtype]
+    assert len(found) == 1, f"expected one {case}/{method}/{dtype} row, found {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    start = time.perf_counter()
+    rows, env = benchmark.run([*TINY_RUN, "--out", str(out)])
+    return rows, env, out, time.perf_counter() - start
+
+
+def test_quick_tiny_run_is_fast(quick_run):
+    *_, seconds = quick_run
+    assert seconds < 60, f"--quick on the tiny list took {seconds:.0f} s"
+
+
+def test_every_method_of_every_case_has_a_row(quick_run):
+    rows, *_ = quick_run
+    for case in cases.make_cases(lambda work: None):
+        for dtype in ("fp32", "bf16"):
+            for method in case.methods:
+                row = _row(rows, case.name, method.name, dtype)
+                assert row.status == "ok" or row.status.split(":")[0] in ("failed", "unavailable", "skipped"), row
+            assert _row(rows, case.name, "floor", dtype).status == "ok"
+
+
+def test_methods_that_run_pass_their_checks(quick_run):
+    rows, *_ = quick_run
+    failed = [(r.case, r.method, r.status) for r in rows if r.status.startswith("failed")]
+    assert failed == []
+    for r in rows:
+        if r.status == "ok" and r.method != "floor":
+            assert r.median_ms > 0 and r.min_ms <= r.median_ms <= r.max_ms and r.repeats >= 1
+            assert r.host_overhead_ms is not None and r.x_floor > 0 and r.speedup_vs_torch > 0
+
+
+def test_compile_row_says_why_it_was_skipped(quick_run):
+    rows, *_ = quick_run
+    assert _row(rows, "clip", "torch compile").status.startswith("skipped: not compiled under --quick")
+
+
+def test_csv_columns_and_rows(quick_run):
+    rows, _, out, _ = quick_run
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        written = list(reader)
+    assert reader.fieldnames == report.COLUMNS
+    assert {"median_ms", "min_ms", "max_ms", "speedup_vs_torch", "x_floor", "host_overhead_ms", "status"} <= set(
+        report.COLUMNS
+    )
+    assert len(written) == len(rows)
+    assert [(w["case"], w["method"], w["status"]) for w in written] == [(r.case, r.method, r.status) for r in rows]
+
+
+def test_json_has_environment_settings_and_rows(quick_run):
+    rows, env, out, _ = quick_run
+    data = json.loads((out / "results.json").read_text())
+    assert ENVIRONMENT_KEYS <= set(data["environment"])
+    assert data["environment"]["fastclip"] == fastclip.__version__
+    assert data["environment"]["device"] == "cpu"
+    assert data["settings"]["sets"] == ["tiny"] and data["settings"]["quick"] is True
+    assert len(data["rows"]) == len(rows)
+    assert set(data["rows"][0]) == set(report.COLUMNS)
+
+
+def test_chart_is_a_png(quick_run):
+    *_, out, _ = quick_run
+    pytest.importorskip("matplotlib")
+    assert (out / report.CHART_NAME).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_run_without_matplotlib_says_the_chart_was_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    benchmark.run([*TINY_RUN, "--dtypes", "fp32", "--cases", "norm", "--out", str(tmp_path)])
+    assert "chart skipped: matplotlib is not installed" in capsys.readouterr().out
+    assert (tmp_path / "results.csv").exists() and not (tmp_path / report.CHART_NAME).exists()
+
+
+def test_missing_wrapper_is_reported_not_dropped(tmp_path, monkeypatch):
+    monkeypatch.delattr(fastclip, "ClippedOptimizer", raising=False)
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "fp32", "--cases", "adamw", "--out", str(tmp_path)])
+    row = _row(rows, "adamw", "ClippedOptimizer")
+    assert row.status == f"unavailable: fastclip {fastclip.__version__} has no ClippedOptimizer"
+    assert row.median_ms is None
+    assert "ClippedOptimizer" in (tmp_path / "results.csv").read_text()
+    for other in ("adamw alone", "torch foreach+adamw", "fastclip+adamw"):
+        assert _row(rows, "adamw", other).status == "ok"
+
+
+@pytest.mark.skipif(not hasattr(fastclip, "ClippedOptimizer"), reason="this fastclip has no ClippedOptimizer yet")
+def test_wrapper_row_is_timed_when_available():
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "fp32", "--cases", "adamw"])
+    assert _row(rows, "adamw", "ClippedOptimizer").status == "ok"
+
+
+def test_wrong_results_fail_instead_of_being_timed(monkeypatch):
+    """Negative control: a clip that does not scale and a step that ignores
+    the clip are caught by the checks."""
+    monkeypatch.setattr(fastclip, "clip_grad_norm_", lambda params, max_norm: fastclip.get_total_norm(
+        [p.grad for p in params]))
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "fp32", "--cases", "clip,adamw"])
+    assert _row(rows, "clip", "fastclip").status.startswith("failed: norm after clipping")
+    assert _row(rows, "clip", "fastclip").median_ms is None
+    assert _row(rows, "adamw", "fastclip+adamw").status.startswith("failed: parameters after one step")
+    assert _row(rows, "clip", "fastclip op").status == "ok"
+
+
+def test_noclip_check_sees_a_write(monkeypatch):
+    def scales_anyway(params, max_norm):
+        total = fastclip.get_total_norm([p.grad for p in params])
+        for p in params:
+            p.grad.mul_(0.5)
+        return total
+
+    monkeypatch.setattr(fastclip, "clip_grad_norm_", scales_anyway)
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "fp32", "--cases", "noclip"])
+    assert _row(rows, "noclip", "fastclip").status == "failed: the gradients changed although no clipping was needed"
+
+
+def test_time_limit_interrupts():
+    start = time.perf_counter()
+    with pytest.raises(timing.TimeLimitExceeded):
+        with timing.time_limit(0.2) as enforced:
+            assert enforced
+            while time.perf_counter() - start < 10:
+                pass
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--sets", "no-such-set"], "--sets"),
+        (["--dtypes", "fp8"], "--dtypes"),
+        (["--cases", "sgd"], "--cases"),
+        (["--device", "tpu"], "--device"),
+        (["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_bad_arguments_are_named(argv, option, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.run(argv)
+    assert option in capsys.readouterr().err
