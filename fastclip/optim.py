@@ -312,6 +312,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         a first step is never skipped on the device.
         """
         state = self.optimizer.state
+        if len(state) >= sum(len(group["params"]) for group in self.optimizer.param_groups):
+            return all(state.values())  # every parameter has an entry: no per-parameter lookups
         return all(p.grad is None or bool(state.get(p)) for group in self.optimizer.param_groups for p in group["params"])
 
     def _fused_step(self, grads: list[Tensor], coef: Tensor, divisor: Optional[Tensor], found: Tensor, policy: str) -> None:

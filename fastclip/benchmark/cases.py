@@ -314,6 +314,7 @@ def _adamw_methods() -> list[Method]:
         opt = _clipped_optimizer_class()(_adamw(w), max_norm=ADAMW_MAX_NORM)
 
         def call(m):
+            opt.max_norm = m  # the same decaying max_norm the other methods clip to
             opt.step()
             return opt.last_norm
 
