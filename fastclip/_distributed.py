@@ -113,27 +113,33 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
     DTensor = _dtensor_type()
     mesh = None
     locals_, keys = [], []
+    key_of: dict = {}  # placements -> sharded mesh dims: lists repeat a few placements
     for i, t in enumerate(tensors):
         if not isinstance(t, DTensor):
             raise ValueError(
                 f"{name}[{i}] is a plain tensor among DTensor gradients: pass plain tensors in a "
                 "separate call (with process_group=) or make them DTensors on the same mesh"
             )
+        t_mesh = t.device_mesh
         if mesh is None:
-            mesh = t.device_mesh
-        elif t.device_mesh != mesh:
+            mesh = t_mesh
+        elif t_mesh is not mesh and t_mesh != mesh:
             raise ValueError(
-                f"{name}[{i}] is a DTensor on mesh {t.device_mesh}, but {name}[0] is on {mesh}: "
+                f"{name}[{i}] is a DTensor on mesh {t_mesh}, but {name}[0] is on {mesh}: "
                 "clip the gradients of each mesh in its own call, or pass the other mesh's "
                 "group through process_group"
             )
-        if any(p.is_partial() for p in t.placements):
-            raise ValueError(
-                f"{name}[{i}] has a Partial placement {t.placements}: its shards are pending a "
-                "reduction, so their norms do not add up; redistribute it first"
-            )
+        placements = t.placements
+        key = key_of.get(placements)
+        if key is None:
+            if any(p.is_partial() for p in placements):
+                raise ValueError(
+                    f"{name}[{i}] has a Partial placement {placements}: its shards are pending a "
+                    "reduction, so their norms do not add up; redistribute it first"
+                )
+            key = key_of[placements] = tuple(d for d, p in enumerate(placements) if p.is_shard())
         locals_.append(t.to_local())
-        keys.append(tuple(d for d, p in enumerate(t.placements) if p.is_shard()))
+        keys.append(key)
     if mesh.get_coordinate() is None:
         raise ValueError(f"{name}: this process is not part of the DTensors' device mesh {mesh}")
     return locals_, Sharding(mesh, keys)
