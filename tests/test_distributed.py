@@ -65,3 +65,14 @@ def test_process_group_without_init(call):
 def test_no_process_group_is_local():
     params = _params()
     assert float(fastclip.clip_grad_norm_(params, 1.0, process_group=None)) == pytest.approx(75 ** 0.5)
+
+
+def test_distributed_benchmark_runs_and_checks():
+    """The 2-process benchmark on the tiny list: every method timed, norms checked."""
+    from fastclip.benchmark import distributed
+
+    rows = distributed.run(2, ["tiny"], repeats=1, warmup=0)
+    assert [r["set"] for r in rows] == ["tiny"]
+    for method in distributed.METHODS:
+        assert rows[0][f"{method}_median_ms"] > 0
+    assert rows[0]["norm_rel_err_fastclip"] <= 1e-6
