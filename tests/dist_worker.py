@@ -8,6 +8,7 @@ any rank fails the spawning test with that rank's traceback.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 
@@ -305,6 +306,7 @@ def run(rank: int, world: int, init_file: str, names: list[str]) -> None:
             if rank == 0:
                 print(f"passed {name} on {world} processes", flush=True)
     finally:
+        gc.collect()  # release DTensors and meshes (they hold groups) before the gloo teardown
         dist.destroy_process_group()
 
 

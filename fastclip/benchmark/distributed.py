@@ -21,6 +21,7 @@ reference of the full gradients.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -137,7 +138,10 @@ def _worker(rank: int, world: int, init_file: str, sets: list, repeats: int, war
                     row[f"{m}_min_ms"] = min(t)
                 rows.append(row)
             del grads, saved, params, local_params
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
+        del mesh
+        gc.collect()  # DTensors and the mesh hold the groups: release them before the teardown
         dist.destroy_process_group()
     if rank == 0:
         with open(result_file, "w") as f:
