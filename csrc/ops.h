@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <vector>
 
@@ -27,6 +28,13 @@ void check_norm_finite(double norm, double ord);
 // coef: a one-element floating tensor on the CPU or on `device`.
 void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device);
 
+// Marks the tensors as modified for autograd, as torch's in-place ops do,
+// so that a saved tensor a clip wrote is caught at backward time. Called by
+// the device kernels after any launch or loop that may have written: the
+// CPU knows whether it wrote (a coefficient of 1 writes nothing), a GPU
+// decides on the device, so its glue bumps whenever a writing kernel ran.
+void bump_versions(at::TensorList tensors);
+
 bool supported_dtype(at::ScalarType t);
 DType to_dtype(at::ScalarType t);
 
@@ -41,11 +49,26 @@ class TensorTable {
 
   const std::vector<TensorDesc>& descs() const { return descs_; }
   const std::vector<int64_t>& strided() const { return strided_; }
+  // Every descriptor is the tensor's own memory (no read copy, no view
+  // left to ATen): the table serves reads and writes alike.
+  bool in_place() const { return copies_.empty() && strided_.empty(); }
 
  private:
   std::vector<TensorDesc> descs_;
   std::vector<int64_t> strided_;
   std::vector<at::Tensor> copies_;  // keeps contiguous read copies alive
 };
+
+// The op `name` ("fastclip::clip_"), for calls through the dispatcher from C++.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// The ops' C++ signatures (the schemas are in ops.cpp).
+using NormSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, bool);
+using ScaleSig = void(at::TensorList, const at::Tensor&);
+using ClampSig = void(at::TensorList, double);
+using ClipSig = at::Tensor(at::TensorList, double, double, bool);
 
 }  // namespace fastclip

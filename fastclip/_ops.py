@@ -52,9 +52,12 @@ def single_call_blocker(tensors: list[Tensor]) -> Optional[str]:
     return _C.single_call_blocker(tensors)
 
 
-def collect_grads(parameters: list) -> tuple[list[Tensor], Optional[str]]:
-    """The gradients that are not None, and ``single_call_blocker`` of them (one C++ pass)."""
-    return _C.collect_grads(parameters)
+def hold(items: list, grads: bool, name: str):
+    """``items`` (their gradients that are not None, when ``grads``) gathered
+    in one C++ pass into a ``_C.HeldTensors``, whose methods ``norm``,
+    ``scale_``, ``clamp_`` and ``clip_`` call the ops from C++ without a
+    Python list. A non-tensor element raises TypeError naming ``name[i]``."""
+    return _C.HeldTensors(items, grads, name)
 
 
 def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:

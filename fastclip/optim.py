@@ -239,14 +239,21 @@ class ClippedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grads, one_call = _clip._grads(params)
+        held = _clip._held(params, True, "parameters")
         groups = _clip._distributed.groups_of(self.process_group)
-        if len(grads) == 0 and not groups:
-            self.optimizer.step()
-            return loss
+        if held is not None and held.one_call and not groups:
+            grads, one_call = None, True  # the fast path: the ops are called on `held`
+        else:
+            grads, one_call = _clip._grads(params, held)
+            held = None
+            if len(grads) == 0 and not groups:
+                self.optimizer.step()
+                return loss
         divisor, scaler_found = self._incoming_scale()
         with torch.no_grad():
-            if _clip._needs_global(grads, one_call, groups):
+            if held is not None:
+                raw, _ = held.norm(self.norm_type, False)
+            elif _clip._needs_global(grads, one_call, groups):
                 total, _, grads, _ = _clip._global_norms(grads, self.norm_type, False, groups, "parameters")
                 raw, one_call = total.to(torch.float32), len(grads) > 0 and _clip._one_call(grads)
             else:
@@ -258,9 +265,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
             self._record(norm, coef)
         policy = "skip" if scaler_found is not None else self.nonfinite
         if _folds(self.optimizer):
-            self._fused_step(grads, coef, divisor, found, policy)
+            self._fused_step(coef, divisor, found, policy)
         else:
-            self._plain_step(grads, one_call, coef, divisor, found, policy)
+            self._plain_step(held, grads, one_call, coef, divisor, found, policy)
         return loss
 
     def _incoming_scale(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -316,7 +323,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             return all(state.values())  # every parameter has an entry: no per-parameter lookups
         return all(p.grad is None or bool(state.get(p)) for group in self.optimizer.param_groups for p in group["params"])
 
-    def _fused_step(self, grads: list[Tensor], coef: Tensor, divisor: Optional[Tensor], found: Tensor, policy: str) -> None:
+    def _fused_step(self, coef: Tensor, divisor: Optional[Tensor], found: Tensor, policy: str) -> None:
         inner = self.optimizer
         saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__}
         # A divisor the inner optimizer already carries (set by its user) stays in force.
@@ -343,11 +350,16 @@ class ClippedOptimizer(torch.optim.Optimizer):
             inner.__dict__.update(saved)
 
     def _plain_step(
-        self, grads: list[Tensor], one_call: bool, coef: Tensor, divisor: Optional[Tensor], found: Tensor, policy: str
+        self, held, grads: Optional[list[Tensor]], one_call: bool, coef: Tensor, divisor: Optional[Tensor],
+        found: Tensor, policy: str,
     ) -> None:
+        """Scale the gradients (``held`` on the fast path, else ``grads``), then step."""
         if not self._check_finite(found, policy):
             return
         factor = coef if divisor is None else coef / divisor.to(coef.device, torch.float64)
         with torch.no_grad():
-            _clip._scale(grads, factor, one_call)
+            if held is not None:
+                _clip._scale_held(held, factor)
+            else:
+                _clip._scale(grads, factor, one_call)
         self.optimizer.step()

@@ -52,8 +52,7 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
 
 // Norm of every tensor and of all of them, with the rescue pass for power
 // sums that left the double range.
-NormReducer compute_norms(const std::vector<TensorDesc>& descs, NormOrder order) {
-  const std::vector<Chunk> chunks = plan_chunks(descs, kChunkElems);
+NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks, NormOrder order) {
   std::vector<NormPartial> partials(chunks.size());
   for_each_chunk(chunks, [&](int64_t c) {
     const Chunk& ch = chunks[static_cast<size_t>(c)];
@@ -86,8 +85,8 @@ NormReducer compute_norms(const std::vector<TensorDesc>& descs, NormOrder order)
   return reducer;
 }
 
-void update_all(const std::vector<TensorDesc>& descs, UpdateSpanFn (*pick)(DType), double value) {
-  const std::vector<Chunk> chunks = plan_chunks(descs, kChunkElems);
+void update_all(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks, UpdateSpanFn (*pick)(DType),
+                double value) {
   for_each_chunk(chunks, [&](int64_t c) {
     const Chunk& ch = chunks[static_cast<size_t>(c)];
     const TensorDesc& d = descs[static_cast<size_t>(ch.tensor)];
@@ -95,12 +94,22 @@ void update_all(const std::vector<TensorDesc>& descs, UpdateSpanFn (*pick)(DType
   });
 }
 
-// In-place scale of a list by a host value; views with gaps go to ATen.
+// In-place update of a list by a host value; views with gaps go to ATen.
+void update_tensors(at::TensorList tensors, UpdateSpanFn (*pick)(DType), double value,
+                    void (*aten_update)(const at::Tensor&, double)) {
+  const TensorTable table(tensors, TensorTable::kWrite);
+  update_all(table.descs(), plan_chunks(table.descs(), kChunkElems), pick, value);
+  for (int64_t i : table.strided()) aten_update(tensors[static_cast<size_t>(i)], value);
+  bump_versions(tensors);
+}
+
+void aten_scale(const at::Tensor& t, double coef) { t.mul_(coef); }
+void aten_clamp(const at::Tensor& t, double bound) { t.clamp_(-bound, bound); }
+
+// In-place scale of a list by a host value.
 void scale_tensors(at::TensorList tensors, double coef) {
   if (coef == 1.0) return;  // the contract: no memory traffic at all
-  const TensorTable table(tensors, TensorTable::kWrite);
-  update_all(table.descs(), scale_fn, coef);
-  for (int64_t i : table.strided()) tensors[static_cast<size_t>(i)].mul_(coef);
+  update_tensors(tensors, scale_fn, coef, aten_scale);
 }
 
 at::Tensor scalar_float(double v) {
@@ -115,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
   check_tensors(kOp, tensors, c10::DeviceType::CPU);
   check_norm_order(kOp, ord);
   const TensorTable table(tensors, TensorTable::kRead);
-  const NormReducer norms = compute_norms(table.descs(), make_norm_order(ord));
+  const NormReducer norms =
+      compute_norms(table.descs(), plan_chunks(table.descs(), kChunkElems), make_norm_order(ord));
   const int64_t n = static_cast<int64_t>(tensors.size());
   at::Tensor each = at::empty({per_tensor ? n : 0}, at::TensorOptions().dtype(at::kFloat));
   if (per_tensor) {
@@ -137,9 +147,7 @@ void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
   check_tensors(kOp, tensors, c10::DeviceType::CPU);
   check_clip_value(kOp, clip_value);
   if (std::isinf(clip_value)) return;  // clamping to +-inf changes nothing
-  const TensorTable table(tensors, TensorTable::kWrite);
-  update_all(table.descs(), clamp_fn, clip_value);
-  for (int64_t i : table.strided()) tensors[static_cast<size_t>(i)].clamp_(-clip_value, clip_value);
+  update_tensors(tensors, clamp_fn, clip_value, aten_clamp);
 }
 
 at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord, bool error_if_nonfinite) {
@@ -147,15 +155,22 @@ at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord, bool er
   check_tensors(kOp, tensors, c10::DeviceType::CPU);
   check_max_norm(kOp, max_norm);
   check_norm_order(kOp, ord);
-  double total = 0.0;
-  {
-    const TensorTable table(tensors, TensorTable::kRead);
-    total = compute_norms(table.descs(), make_norm_order(ord)).total_norm();
-  }
+  const TensorTable table(tensors, TensorTable::kRead);
+  const std::vector<Chunk> chunks = plan_chunks(table.descs(), kChunkElems);
+  const double total = compute_norms(table.descs(), chunks, make_norm_order(ord)).total_norm();
   if (error_if_nonfinite) check_norm_finite(total, ord);
   // The coefficient comes from the double norm: it stays right even when
   // the norm itself is beyond float32 range.
-  scale_tensors(tensors, clip_coefficient(max_norm, total));
+  const double coef = clip_coefficient(max_norm, total);
+  if (coef == 1.0) return scalar_float(total);  // the contract: no memory traffic at all
+  if (table.in_place()) {
+    // Every tensor was read in place: the same table and chunks serve the
+    // scale pass (the common case; no second walk over the tensors).
+    update_all(table.descs(), chunks, scale_fn, coef);
+    bump_versions(tensors);
+  } else {
+    scale_tensors(tensors, coef);
+  }
   return scalar_float(total);
 }
 

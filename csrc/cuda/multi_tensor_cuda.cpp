@@ -175,6 +175,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   launch_scale(up.table, c, sms, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   scale_views(tensors, table.strided(), c, coef.is_cpu() ? coef.reshape({}) : coef_device.reshape({}), sms, stream);
+  bump_versions(tensors);  // a device coefficient may be 1: the host cannot know, so it says "may have written"
 }
 
 void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
@@ -189,6 +190,7 @@ void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   launch_clamp(up.table, clip_value, sm_count(device.index()), current_stream(device));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int64_t i : table.strided()) tensors[static_cast<size_t>(i)].clamp_(-clip_value, clip_value);
+  bump_versions(tensors);
 }
 
 at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool error_if_nonfinite) {
@@ -233,6 +235,7 @@ at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool e
   if (!all_dense) {
     scale_views(tensors, write.strided(), coef, up.view(out.coef, 1, at::kDouble).reshape({}), sms, stream);
   }
+  bump_versions(tensors);  // the coefficient is decided on the device: "may have written"
   return total;
 }
 
