@@ -3,6 +3,7 @@
 // The Python module that calls the ops is in python.cpp.
 #include "ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
@@ -47,6 +48,14 @@ void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType devic
                 "; pass one list per device (fastclip's Python functions group them)");
     TORCH_CHECK(t.device().type() == device_type, op, ": tensors[", i, "] is on ", t.device(),
                 ", which this implementation does not serve");
+  }
+}
+
+void check_writable(const char* op, at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, op, ": tensors[", i,
+                "] has elements that share memory (an expand()ed view?), so it cannot be written in place; "
+                "clone() it first");
   }
 }
 

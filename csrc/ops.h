@@ -18,6 +18,10 @@ namespace fastclip {
 //     the same device as tensors[0];
 //   - the device type is `device_type` (the key this implementation serves).
 void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType device_type);
+// For the in-place ops, before anything is written: no tensor may have
+// elements that share memory (an expand()ed view), which a kernel would
+// write twice; ATen refuses them in the same way.
+void check_writable(const char* op, at::TensorList tensors);
 void check_norm_order(const char* op, double ord);
 void check_max_norm(const char* op, double max_norm);
 void check_clip_value(const char* op, double clip_value);

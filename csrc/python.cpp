@@ -83,7 +83,7 @@ class HeldTensors {
         t = THPVariable_Unpack(obj).grad();
       } else {
         // Subclasses may override .grad: ask Python.
-        pybind11::object g = items[i].attr("grad");
+        pybind11::object g = pybind11::reinterpret_borrow<pybind11::object>(obj).attr("grad");
         if (!g.is_none() && !THPVariable_Check(g.ptr())) {
           throw pybind11::type_error(name + "[" + std::to_string(i) + "].grad is not a tensor");
         }

@@ -138,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
 void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
   constexpr const char* kOp = "fastclip::multi_tensor_scale_";
   check_tensors(kOp, tensors, c10::DeviceType::CPU);
+  check_writable(kOp, tensors);
   check_coef(kOp, coef, c10::Device(c10::DeviceType::CPU));
   scale_tensors(tensors, coef.item<double>());
 }
@@ -145,6 +146,7 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
 void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
   constexpr const char* kOp = "fastclip::multi_tensor_clamp_";
   check_tensors(kOp, tensors, c10::DeviceType::CPU);
+  check_writable(kOp, tensors);
   check_clip_value(kOp, clip_value);
   if (std::isinf(clip_value)) return;  // clamping to +-inf changes nothing
   update_tensors(tensors, clamp_fn, clip_value, aten_clamp);
@@ -153,6 +155,7 @@ void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
 at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord, bool error_if_nonfinite) {
   constexpr const char* kOp = "fastclip::clip_";
   check_tensors(kOp, tensors, c10::DeviceType::CPU);
+  check_writable(kOp, tensors);
   check_max_norm(kOp, max_norm);
   check_norm_order(kOp, ord);
   const TensorTable table(tensors, TensorTable::kRead);

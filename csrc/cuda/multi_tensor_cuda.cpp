@@ -7,9 +7,10 @@
 //   1. the descriptor table (TensorTable from ops.h) is written in C++ into a
 //      pinned host tensor (torch's caching host allocator) and copied with
 //      copy_(non_blocking=true). torch records the copy on the host block,
-//      so the block is not reused before the copy has run; blocks used
-//      during CUDA-graph capture are never reused, so replays copy the
-//      same table again (which also re-zeroes the ticket counters).
+//      so the block is not reused before the copy has run. During CUDA-graph
+//      capture the table goes to pinned memory of its own that is never
+//      freed, so replays copy the same table again (which also re-zeroes
+//      the ticket counters), whatever torch's host allocator does.
 //   2. one device buffer from torch's caching allocator holds the table and
 //      the norm scratch; its size depends only on the tensors' count and
 //      sizes, never on values, so graph capture works.
@@ -22,11 +23,13 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -67,22 +70,64 @@ struct Upload {
 
 enum class Scratch { kNone, kNorm };
 
+cudaStream_t current_stream(const c10::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Pinned host memory for the table of a call made during CUDA-graph
+// capture. The captured copy reads it again on every replay, so it must
+// stay valid and unchanged as long as the graph may run. torch's caching
+// host allocator reuses freed blocks (whether it spares blocks used during
+// a capture depends on the torch version), so these come from
+// cudaHostAlloc and are never freed: one table per captured call (about 40
+// bytes per tensor), while a graph is captured once and replayed many times.
+void* capture_table_memory(size_t bytes) {
+  static std::mutex mutex;
+  static std::vector<void*> kept;  // for the life of the process
+  void* ptr = nullptr;
+  {
+    // A host allocation is no stream work: relaxed mode allows it during a capture.
+    const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+    C10_CUDA_CHECK(cudaHostAlloc(&ptr, bytes, cudaHostAllocDefault));
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  kept.push_back(ptr);
+  return ptr;
+}
+
 Upload upload(const std::vector<TensorDesc>& descs, const c10::Device& device, Scratch scratch) {
   const auto n = static_cast<int64_t>(descs.size());
+  const cudaStream_t stream = current_stream(device);
+  const bool in_capture = capturing(stream);
   Upload up;
   up.layout = table_layout(n);
   const auto table_bytes = static_cast<int64_t>(up.layout.bytes);
-  at::Tensor host = at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  const int64_t chunks = build_table(descs.data(), n, up.layout, host.data_ptr());
+  at::Tensor host;  // outside a capture: a block of torch's caching host allocator
+  void* host_ptr = nullptr;
+  if (in_capture) {
+    host_ptr = capture_table_memory(static_cast<size_t>(table_bytes));
+  } else {
+    host = at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    host_ptr = host.data_ptr();
+  }
+  const int64_t chunks = build_table(descs.data(), n, up.layout, host_ptr);
   const int64_t extra = scratch == Scratch::kNorm ? static_cast<int64_t>(norm_scratch_bytes(n, chunks)) : 0;
   up.buffer = at::empty({table_bytes + extra}, at::TensorOptions().dtype(at::kByte).device(device));
-  up.buffer.narrow(0, 0, table_bytes).copy_(host, /*non_blocking=*/true);
+  if (in_capture) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(up.buffer.data_ptr(), host_ptr, static_cast<size_t>(table_bytes),
+                                   cudaMemcpyHostToDevice, stream));
+  } else {
+    // torch records the copy on the host block, which is not reused before it ran.
+    up.buffer.narrow(0, 0, table_bytes).copy_(host, /*non_blocking=*/true);
+  }
   up.table = device_table(up.buffer.data_ptr(), up.layout, n, chunks);
   return up;
-}
-
-cudaStream_t current_stream(const c10::Device& device) {
-  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
 // Norm outputs pointing into the upload's scratch; total, per_tensor and
@@ -153,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   constexpr const char* kOp = "fastclip::multi_tensor_scale_";
   check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_writable(kOp, tensors);
   if (tensors.empty()) return;
   const c10::Device device = tensors[0].device();
   check_coef(kOp, coef, device);
@@ -181,6 +227,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
 void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   constexpr const char* kOp = "fastclip::multi_tensor_clamp_";
   check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_writable(kOp, tensors);
   check_clip_value(kOp, clip_value);
   if (tensors.empty() || std::isinf(clip_value)) return;  // clamping to +-inf changes nothing
   const c10::Device device = tensors[0].device();
@@ -196,6 +243,7 @@ void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
 at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool error_if_nonfinite) {
   constexpr const char* kOp = "fastclip::clip_";
   check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_writable(kOp, tensors);
   check_max_norm(kOp, max_norm);
   check_norm_order(kOp, ord);
   TORCH_CHECK(!tensors.empty(), kOp, ": tensors is empty; the CUDA implementation needs a device");

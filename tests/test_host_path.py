@@ -1,0 +1,245 @@
+"""The host side of a call: how the Python API reaches the ops, and what the
+ops do for autograd.
+
+- The fast path gathers gradients in C++ (``_C.HeldTensors``) and calls the
+  ops from there; a ``__torch_function__`` mode or torch.compile take the
+  ``torch.ops`` path instead. Both must give the same bits.
+- The ops have Autograd kernels of their own: in-place ops refuse tensors
+  that require grad while grad mode is on (nothing modified), and bump the
+  version counters of what they may have written, so that autograd catches
+  a saved tensor modified by a clip.
+- In-place ops refuse views whose elements share memory, before writing.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import fastclip
+from fastclip import _ops
+from testing import (
+    DEVICE_PARAMS,
+    assert_identical,
+    assert_norm_close,
+    assert_untouched,
+    clone_params,
+    make_grads,
+    make_params,
+    ref_norm,
+    require_kernel,
+    snapshot,
+)
+
+ops = torch.ops.fastclip
+SHAPES = [(7,), (3, 5), (), (0,), (64, 33), (1000,)]
+
+
+class _RecordOps(TorchFunctionMode):
+    """Records the torch.ops.fastclip overloads called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if "fastclip" in str(getattr(func, "namespace", "")) or "fastclip" in str(func):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _params(device, dtype=torch.float32, seed=0, scale=3.0):
+    return make_params(make_grads(SHAPES, dtype, device, seed=seed, scale=scale))
+
+
+# ------------------------------------------------- fast path vs torch.ops
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_held_path_equals_torch_ops_path(device, dtype):
+    require_kernel(device)
+    fast, slow = _params(device, dtype), None
+    slow = clone_params(fast)
+    mode = _RecordOps()
+    # Every public function, once through the C++ holder and once through torch.ops.
+    results_fast = [
+        fastclip.get_total_norm([p.grad for p in fast], 3.5),
+        *fastclip.grad_norms(fast, 1.0),
+        fastclip.clip_grad_norm_(fast, 0.25),
+    ]
+    fastclip.clip_grads_with_norm_(fast, 1.0, torch.tensor(4.0))
+    fastclip.clip_grad_value_(fast, 0.01)
+    with mode:
+        results_slow = [
+            fastclip.get_total_norm([p.grad for p in slow], 3.5),
+            *fastclip.grad_norms(slow, 1.0),
+            fastclip.clip_grad_norm_(slow, 0.25),
+        ]
+        fastclip.clip_grads_with_norm_(slow, 1.0, torch.tensor(4.0))
+        fastclip.clip_grad_value_(slow, 0.01)
+    # The mode saw the ops: the second run really took the torch.ops path.
+    assert {"multi_tensor_norm", "clip_", "multi_tensor_scale_", "multi_tensor_clamp_"} <= {
+        s.split(".")[0] for s in mode.seen
+    }, mode.seen
+    for a, b in zip(results_fast, results_slow):
+        assert_identical(a, b)
+    for p, q in zip(fast, slow):
+        if p.grad is not None:
+            assert_identical(p.grad, q.grad)
+
+
+def test_held_tensors_reports_what_blocks_one_call():
+    dense = make_params(make_grads([(3,), (4,)]))
+    assert _ops.hold(dense, True, "parameters").one_call
+    assert _ops.hold(dense, True, "parameters").blocker is None
+    assert len(_ops.hold(dense + [torch.nn.Parameter(torch.zeros(2))], True, "parameters")) == 2  # None skipped
+    sparse = torch.nn.Parameter(torch.zeros(3))
+    sparse.grad = torch.zeros(3).to_sparse()
+    held = _ops.hold(dense + [sparse], True, "parameters")
+    assert not held.one_call and held.blocker == "sparse"
+    assert [t.layout for t in held.tensors()] == [torch.strided, torch.strided, torch.sparse_coo]
+    empty = _ops.hold([], True, "parameters")
+    assert len(empty) == 0 and not empty.one_call
+    with pytest.raises(RuntimeError, match="cannot go to one op call"):
+        empty.clip_(1.0, 2.0, False)
+    with pytest.raises(TypeError, match=r"parameters\[1\] is a str"):
+        _ops.hold([dense[0], "x"], True, "parameters")
+    with pytest.raises(TypeError, match=r"tensors\[0\] is a int"):
+        _ops.hold([3], False, "tensors")
+
+
+def test_held_tensors_asks_subclasses_for_grad():
+    class Scaled(torch.Tensor):
+        """A subclass whose .grad is computed in Python."""
+
+        @property
+        def grad(self):
+            return torch.full((2,), 3.0)
+
+    t = torch.zeros(2).as_subclass(Scaled)
+    held = _ops.hold([t], True, "parameters")
+    assert len(held) == 1
+    assert_norm_close(held.norm(2.0, False)[0], torch.tensor(math.sqrt(18.0), dtype=torch.float64))
+
+
+def test_held_tensors_keep_gradients_alive():
+    # The holder owns its tensors: dropping the parameters' grads in between
+    # (as zero_grad does) must not leave it with freed memory.
+    params = make_params(make_grads([(100,), (33,)], seed=3))
+    expected = ref_norm([p.grad for p in params])
+    held = _ops.hold(params, True, "parameters")
+    for p in params:
+        p.grad = None
+    assert_norm_close(held.norm(2.0, False)[0], expected)
+
+
+# ------------------------------------------------------- autograd kernels
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ts: ops.clip_(ts, 0.5, 2.0),
+        lambda ts: ops.multi_tensor_scale_(ts, torch.tensor(0.5)),
+        lambda ts: ops.multi_tensor_clamp_(ts, 0.1),
+    ],
+    ids=["clip_", "multi_tensor_scale_", "multi_tensor_clamp_"],
+)
+def test_in_place_ops_refuse_tensors_that_require_grad(call, device):
+    require_kernel(device)
+    tensors = make_grads([(5,), (3, 4)], torch.float32, device, seed=4, scale=3.0)
+    tensors[1].requires_grad_(True)
+    before = snapshot(tensors)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] requires grad.*torch.no_grad"):
+        call(tensors)
+    assert_untouched(tensors, before)
+    with torch.no_grad():  # the Python API's own setting: allowed
+        call(tensors)
+    assert not torch.equal(tensors[0], before[0][0])
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_norm_of_tensors_that_require_grad_is_not_differentiable(device):
+    require_kernel(device)
+    tensors = make_grads([(5,), (3, 4)], torch.float32, device, seed=5)
+    for t in tensors:
+        t.requires_grad_(True)
+    total, each = ops.multi_tensor_norm(tensors, 2.0, True)
+    assert not total.requires_grad and not each.requires_grad
+    assert_norm_close(total, ref_norm([t.detach() for t in tensors]))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_written_tensors_get_new_versions(device):
+    require_kernel(device)
+    tensors = make_grads([(5,), (3, 4), (0,)], torch.float32, device, seed=6, scale=3.0)
+    versions = [t._version for t in tensors]
+    ops.clip_(tensors, 0.5, 2.0)  # clips: writes every tensor
+    assert all(t._version > v for t, v in zip(tensors, versions))
+    versions = [t._version for t in tensors]
+    ops.multi_tensor_scale_(tensors, torch.tensor(0.5))
+    assert all(t._version > v for t, v in zip(tensors, versions))
+    versions = [t._version for t in tensors]
+    ops.multi_tensor_clamp_(tensors, 0.01)
+    assert all(t._version > v for t, v in zip(tensors, versions))
+
+
+def test_cpu_coefficient_one_keeps_versions():
+    # The CPU knows it wrote nothing (a GPU decides on the device, so its
+    # glue bumps whenever a writing kernel was launched).
+    tensors = make_grads([(5,), (3, 4)], torch.float32, "cpu", seed=7)
+    before = snapshot(tensors)
+    ops.clip_(tensors, 1e9, 2.0)
+    ops.multi_tensor_scale_(tensors, torch.tensor(1.0))
+    ops.multi_tensor_clamp_(tensors, math.inf)
+    assert_untouched(tensors, before)  # values and versions
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_autograd_catches_a_saved_gradient_clipped_in_place(device):
+    require_kernel(device)
+    weight = torch.ones(5, device=device, requires_grad=True)
+    param = torch.nn.Parameter(torch.zeros(5, device=device))
+    param.grad = torch.full((5,), 10.0, device=device)
+    loss = (weight * param.grad).sum()  # saves param.grad for weight's gradient
+    fastclip.clip_grad_norm_([param], 1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # Negative control: without the clip, backward runs.
+    param.grad = torch.full((5,), 10.0, device=device)
+    (weight * param.grad).sum().backward()
+    assert torch.equal(weight.grad, param.grad)
+
+
+# ------------------------------------------------- views that share memory
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ts: ops.clip_(ts, 0.5, 2.0),
+        lambda ts: ops.multi_tensor_scale_(ts, torch.tensor(0.5)),
+        lambda ts: ops.multi_tensor_clamp_(ts, 0.1),
+    ],
+    ids=["clip_", "multi_tensor_scale_", "multi_tensor_clamp_"],
+)
+def test_in_place_ops_refuse_self_overlapping_views(call, device):
+    require_kernel(device)
+    dense = make_grads([(6,), (4, 4)], torch.float32, device, seed=8, scale=3.0)
+    expanded = torch.full((1,), 7.0, device=device).expand(3)
+    tensors = [dense[0], expanded, dense[1]]
+    before = snapshot(tensors)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements that share memory"):
+        call(tensors)
+    assert_untouched(tensors, before)  # the dense tensors before it too
+
+
+def test_clip_grad_norm_refuses_self_overlapping_gradient():
+    params = make_params(make_grads([(6,), (3,)], seed=9, scale=3.0))
+    params[1].grad = torch.full((1,), 7.0).expand(3)
+    before = snapshot([p.grad for p in params])
+    with pytest.raises(RuntimeError, match="share memory"):
+        fastclip.clip_grad_norm_(params, 0.1)
+    assert_untouched([p.grad for p in params], before)
+    # Reading them is fine: the norm counts the repeated element three times.
+    assert_norm_close(fastclip.get_total_norm([p.grad for p in params]), ref_norm([p.grad for p in params]))
