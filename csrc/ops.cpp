@@ -53,6 +53,7 @@ void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType devic
 
 void check_writable(const char* op, at::TensorList tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].is_non_overlapping_and_dense()) continue;  // the common case, one flag
     TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, op, ": tensors[", i,
                 "] has elements that share memory (an expand()ed view?), so it cannot be written in place; "
                 "clone() it first");

@@ -36,6 +36,17 @@ from testing import (
 ops = torch.ops.fastclip
 SHAPES = [(7,), (3, 5), (), (0,), (64, 33), (1000,)]
 
+# Each in-place op, called so that it writes every tensor of a list.
+in_place_param = pytest.mark.parametrize(
+    "call",
+    [
+        lambda ts: ops.clip_(ts, 0.5, 2.0),
+        lambda ts: ops.multi_tensor_scale_(ts, torch.tensor(0.5)),
+        lambda ts: ops.multi_tensor_clamp_(ts, 0.1),
+    ],
+    ids=["clip_", "multi_tensor_scale_", "multi_tensor_clamp_"],
+)
+
 
 class _RecordOps(TorchFunctionMode):
     """Records the torch.ops.fastclip overloads called under it."""
@@ -60,7 +71,7 @@ def _params(device, dtype=torch.float32, seed=0, scale=3.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_held_path_equals_torch_ops_path(device, dtype):
     require_kernel(device)
-    fast, slow = _params(device, dtype), None
+    fast = _params(device, dtype)
     slow = clone_params(fast)
     mode = _RecordOps()
     # Every public function, once through the C++ holder and once through torch.ops.
@@ -137,15 +148,7 @@ def test_held_tensors_keep_gradients_alive():
 
 # ------------------------------------------------------- autograd kernels
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda ts: ops.clip_(ts, 0.5, 2.0),
-        lambda ts: ops.multi_tensor_scale_(ts, torch.tensor(0.5)),
-        lambda ts: ops.multi_tensor_clamp_(ts, 0.1),
-    ],
-    ids=["clip_", "multi_tensor_scale_", "multi_tensor_clamp_"],
-)
+@in_place_param
 def test_in_place_ops_refuse_tensors_that_require_grad(call, device):
     require_kernel(device)
     tensors = make_grads([(5,), (3, 4)], torch.float32, device, seed=4, scale=3.0)
@@ -214,15 +217,7 @@ def test_autograd_catches_a_saved_gradient_clipped_in_place(device):
 
 # ------------------------------------------------- views that share memory
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda ts: ops.clip_(ts, 0.5, 2.0),
-        lambda ts: ops.multi_tensor_scale_(ts, torch.tensor(0.5)),
-        lambda ts: ops.multi_tensor_clamp_(ts, 0.1),
-    ],
-    ids=["clip_", "multi_tensor_scale_", "multi_tensor_clamp_"],
-)
+@in_place_param
 def test_in_place_ops_refuse_self_overlapping_views(call, device):
     require_kernel(device)
     dense = make_grads([(6,), (4, 4)], torch.float32, device, seed=8, scale=3.0)
