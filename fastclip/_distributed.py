@@ -111,6 +111,10 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
     if not has_dtensor(tensors):
         return list(tensors), None
     DTensor = _dtensor_type()
+    # A DTensor's spec and local tensor, read as the slots they are: the
+    # public properties cost ~1 us more per tensor (10 ms on 10,000
+    # tensors); to_local() under no_grad returns the same local tensor.
+    direct = {"_spec", "_local_tensor"} <= set(getattr(DTensor, "__slots__", ()))
     mesh = None
     locals_, keys = [], []
     key_of: dict = {}  # placements -> sharded mesh dims: lists repeat a few placements
@@ -120,7 +124,11 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
                 f"{name}[{i}] is a plain tensor among DTensor gradients: pass plain tensors in a "
                 "separate call (with process_group=) or make them DTensors on the same mesh"
             )
-        t_mesh = t.device_mesh
+        if direct:
+            spec = t._spec
+            t_mesh, placements, local = spec.mesh, spec.placements, t._local_tensor
+        else:
+            t_mesh, placements, local = t.device_mesh, t.placements, t.to_local()
         if mesh is None:
             mesh = t_mesh
         elif t_mesh is not mesh and t_mesh != mesh:
@@ -129,7 +137,6 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
                 "clip the gradients of each mesh in its own call, or pass the other mesh's "
                 "group through process_group"
             )
-        placements = t.placements
         key = key_of.get(placements)
         if key is None:
             if any(p.is_partial() for p in placements):
@@ -138,7 +145,7 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
                     "reduction, so their norms do not add up; redistribute it first"
                 )
             key = key_of[placements] = tuple(d for d, p in enumerate(placements) if p.is_shard())
-        locals_.append(t.to_local())
+        locals_.append(local)
         keys.append(key)
     if mesh.get_coordinate() is None:
         raise ValueError(f"{name}: this process is not part of the DTensors' device mesh {mesh}")

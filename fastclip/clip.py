@@ -233,6 +233,23 @@ def _scale_held(held, coef: Tensor) -> None:
     held.scale_(_coef_for(coef, held.device))
 
 
+def _list_norms(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+    """``_norms`` of a non-empty list, through the C++ holder when one op call takes it."""
+    held = _held(tensors, False, "tensors")
+    if held is not None and held.one_call:
+        return held.norm(ord, per_tensor)
+    return _norms(tensors, ord, per_tensor, _one_call(tensors))
+
+
+def _list_scale(tensors: list[Tensor], coef: Tensor) -> None:
+    """``_scale`` of a non-empty list, through the C++ holder when one op call takes it."""
+    held = _held(tensors, False, "tensors")
+    if held is not None and held.one_call:
+        _scale_held(held, coef)
+    else:
+        _scale(tensors, coef, _one_call(tensors))
+
+
 def _needs_global(tensors: list[Tensor], one_call: bool, groups: list) -> bool:
     """True when the norm spans processes: groups were given, or DTensors
     (which the C++ check reports as a subclass, so never on the one-call path)."""
@@ -252,7 +269,7 @@ def _global_norms(tensors: list[Tensor], ord: float, per_tensor: bool, groups: l
         local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
         entry_keys: list = []
     elif per_tensor:
-        _, each = _norms(locals_, ord, True, _one_call(locals_))
+        _, each = _list_norms(locals_, ord, True)
         local, entry_keys = each.to(torch.float64), keys
     else:
         classes: dict = {}  # sharded mesh dims -> tensor indices: one local pass per class
@@ -261,7 +278,7 @@ def _global_norms(tensors: list[Tensor], ord: float, per_tensor: bool, groups: l
         norms = []
         for indices in classes.values():
             part = [locals_[i] for i in indices]
-            norms.append(_norms(part, ord, False, _one_call(part))[0])
+            norms.append(_list_norms(part, ord, False)[0])
         local, entry_keys = torch.stack(norms).to(torch.float64), list(classes)
     total, entries = _distributed.reduce_norms(local, entry_keys, sharding, groups, ord)
     each = entries.to(torch.float32) if per_tensor else local.new_zeros((0,), dtype=torch.float32)
@@ -306,13 +323,13 @@ def get_total_norm(
     tensors = _as_list(tensors)
     norm_type = _norm_type(norm_type)
     groups = _distributed.groups_of(process_group)
-    held = _held(tensors, False, "tensors") if not groups else None
-    if held is not None and held.one_call:
+    held = _held(tensors, False, "tensors")
+    if held is not None and held.one_call and not groups:
         total, _ = held.norm(norm_type, False)
         if error_if_nonfinite:
             _raise_if_nonfinite(total, norm_type)
         return total
-    one_call = len(tensors) > 0 and _one_call(tensors)
+    one_call = held.one_call if held is not None else len(tensors) > 0 and _one_call(tensors)
     if _needs_global(tensors, one_call, groups):
         total, _, _, sharding = _global_norms(tensors, norm_type, False, groups, "tensors")
         if error_if_nonfinite:
@@ -393,7 +410,7 @@ def clip_grad_norm_(
         if error_if_nonfinite:
             _raise_if_nonfinite(total, norm_type)  # the same decision on every rank
         if locals_:
-            _scale(locals_, _coefficient(max_norm, total), _one_call(locals_))
+            _list_scale(locals_, _coefficient(max_norm, total))
         return _as_result(total, sharding)
     if len(grads) == 0:
         return torch.tensor(0.0)

@@ -1,0 +1,126 @@
+"""What the memory layout of many small tensors costs, on the CPU.
+
+    python -m fastclip.benchmark.layout [--count 10000] [--dtype fp32] [--out DIR]
+
+The benchmark's floor for a list is one buffer of the same bytes. A list of
+10,000 small gradients is not one buffer: each tensor is its own allocation,
+and between two gradients of a model there is usually other memory (its
+parameter, freed activations). This times fastclip's norm and clip, the same
+code on the same bytes and the same number of tensors, over four layouts:
+
+  flat         one tensor of all the elements (the floor's layout)
+  views        the list as contiguous views of that one buffer
+  separate     each tensor allocated on its own, back to back
+  interleaved  each gradient allocated right after a parameter of its size
+               (how the benchmark's lists and a model's .grad fields lie)
+
+and torch's own ``sum`` (read) and ``sum`` + ``mul_`` (read + scale) on the
+flat buffer, the benchmark's floor. The gap between "views" and "flat" is
+the per-tensor cost of the kernels and the host; the gap between
+"interleaved" and "views" is the memory system's: hardware prefetchers
+follow one stream, and each gradient that starts a page away from the last
+one restarts it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from . import shapes as shape_lists
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REPEATS = 15
+# A coefficient below 1, so that every scale pass writes; 16 repeats move
+# the values by 2e-5 relative, nowhere near subnormals.
+COEF = 1.0 - 2.0**-20
+
+
+def _median_ms(fn, repeats: int = REPEATS) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _layouts(numels: list[int], dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+
+    def filled(n):
+        return torch.empty(n, dtype=dtype).uniform_(-1.0, 1.0, generator=gen)
+
+    flat = filled(sum(numels))
+    separate = [filled(n) for n in numels]
+    interleaved, keep = [], []
+    for n in numels:
+        keep.append(torch.zeros(n, dtype=dtype))  # the parameter before it
+        interleaved.append(filled(n))
+    return {
+        "flat": [flat],
+        "views": list(flat.split(numels)),
+        "separate": separate,
+        "interleaved": interleaved,
+        "_keep": keep,
+    }
+
+
+def run(count: int, dtype: torch.dtype) -> dict:
+    from fastclip import _ops
+
+    numels = [s[0] for s in shape_lists.small_tensors(count)]
+    lists = _layouts(numels, dtype)
+    flat = lists["flat"][0]
+    rows = {}
+    for name in ("flat", "views", "separate", "interleaved"):
+        tensors = lists[name]
+        coef = torch.tensor(COEF)
+        rows[name] = {
+            "norm_ms": _median_ms(lambda: _ops.multi_tensor_norm(tensors, 2.0, False)),
+            # the clip's two passes: the norm, then a scale that writes
+            "clip_ms": _median_ms(lambda: (_ops.multi_tensor_norm(tensors, 2.0, False), _ops.multi_tensor_scale_(tensors, coef))),
+        }
+    rows["torch floor (flat)"] = {
+        "norm_ms": _median_ms(lambda: flat.sum()),
+        "clip_ms": _median_ms(lambda: (flat.sum(), flat.mul_(COEF))),
+    }
+    return {
+        "count": count,
+        "dtype": str(dtype).replace("torch.", ""),
+        "mbytes": sum(numels) * flat.element_size() / 1e6,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastclip.benchmark.layout", description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=10_000, help="tensors in the list (10000)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--out", help="directory for layout.json")
+    args = parser.parse_args(argv)
+    result = run(args.count, DTYPES[args.dtype])
+    base = result["rows"]["torch floor (flat)"]
+    print(f"{result['count']} tensors of 64..4096 elements, {result['dtype']}, {result['mbytes']:.0f} MB, "
+          f"{result['threads']} threads, torch {result['torch']}; median ms (x the floor)")
+    print("| layout | norm | norm + scale |\n|---|---|---|")
+    for name, row in result["rows"].items():
+        print(f"| {name} | {row['norm_ms']:.2f} ({row['norm_ms'] / base['norm_ms']:.2f}x) "
+              f"| {row['clip_ms']:.2f} ({row['clip_ms'] / base['clip_ms']:.2f}x) |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "layout.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
