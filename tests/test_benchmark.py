@@ -167,3 +167,15 @@ def test_bad_arguments_are_named(argv, option, capsys):
     with pytest.raises(SystemExit):
         benchmark.run(argv)
     assert option in capsys.readouterr().err
+
+
+def test_layout_diagnostic_writes_every_layout(tmp_path, capsys):
+    from fastclip.benchmark import layout
+
+    assert layout.main(["--count", "40", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "layout.json").read_text())
+    assert data["count"] == 40 and data["dtype"] == "bfloat16"
+    assert set(data["rows"]) == {"flat", "views", "separate", "interleaved", "torch floor (flat)"}
+    for row in data["rows"].values():
+        assert row["norm_ms"] > 0 and row["clip_ms"] > 0
+    assert "| interleaved |" in capsys.readouterr().out

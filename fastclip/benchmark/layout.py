@@ -15,7 +15,8 @@ code on the same bytes and the same number of tensors, over four layouts:
                (how the benchmark's lists and a model's .grad fields lie)
 
 and torch's own ``sum`` (read) and ``sum`` + ``mul_`` (read + scale) on the
-flat buffer, the benchmark's floor. The gap between "views" and "flat" is
+flat buffer, the benchmark's floor. Every layout holds the same values, and
+its norm is checked against float64 before anything is timed. The gap between "views" and "flat" is
 the per-tensor cost of the kernels and the host; the gap between
 "interleaved" and "views" is the memory system's: hardware prefetchers
 follow one stream, and each gradient that starts a page away from the last
@@ -51,36 +52,33 @@ def _median_ms(fn, repeats: int = REPEATS) -> float:
     return statistics.median(times)
 
 
-def _layouts(numels: list[int], dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
+def _layouts(numels: list[int], dtype: torch.dtype) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """The same values in each layout, and the parameters that sit between
+    the interleaved gradients (to be kept alive)."""
     gen = torch.Generator().manual_seed(0)
-
-    def filled(n):
-        return torch.empty(n, dtype=dtype).uniform_(-1.0, 1.0, generator=gen)
-
-    flat = filled(sum(numels))
-    separate = [filled(n) for n in numels]
-    interleaved, keep = [], []
-    for n in numels:
-        keep.append(torch.zeros(n, dtype=dtype))  # the parameter before it
-        interleaved.append(filled(n))
-    return {
-        "flat": [flat],
-        "views": list(flat.split(numels)),
-        "separate": separate,
-        "interleaved": interleaved,
-        "_keep": keep,
-    }
+    flat = torch.empty(sum(numels), dtype=dtype).uniform_(-1.0, 1.0, generator=gen)
+    views = list(flat.split(numels))
+    separate = [v.clone() for v in views]
+    interleaved, params = [], []
+    for v in views:
+        params.append(torch.zeros_like(v))  # the parameter right before its gradient
+        interleaved.append(v.clone())
+    return {"flat": [flat], "views": views, "separate": separate, "interleaved": interleaved}, params
 
 
 def run(count: int, dtype: torch.dtype) -> dict:
     from fastclip import _ops
 
     numels = [s[0] for s in shape_lists.small_tensors(count)]
-    lists = _layouts(numels, dtype)
+    lists, _params = _layouts(numels, dtype)
     flat = lists["flat"][0]
+    reference = flat.double().norm().item()
+    for name, tensors in lists.items():  # correct before timed: one value in every layout
+        norm = _ops.multi_tensor_norm(tensors, 2.0, False)[0].item()
+        if abs(norm - reference) > 1e-6 * reference:
+            raise RuntimeError(f"layout {name}: norm {norm} differs from the float64 reference {reference}")
     rows = {}
-    for name in ("flat", "views", "separate", "interleaved"):
-        tensors = lists[name]
+    for name, tensors in lists.items():
         coef = torch.tensor(COEF)
         rows[name] = {
             "norm_ms": _median_ms(lambda: _ops.multi_tensor_norm(tensors, 2.0, False)),
