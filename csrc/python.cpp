@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "ops.h"
@@ -52,6 +53,30 @@ bool has_kernels(c10::DeviceType type) {
   return type == c10::DeviceType::CPU || (type == c10::DeviceType::CUDA && cuda);
 }
 
+// True when `.grad` of objects of this Python type can be read in C++:
+// torch.Tensor, nn.Parameter, and subclasses (the DTensor parameters of
+// FSDP2) that neither override .grad nor have a __torch_function__ of their
+// own, which could. Asking Python instead costs ~1 us per parameter.
+// Decided once per type; the cache keeps a reference to each type, so an
+// address in it is never reused by another type.
+bool reads_grad_in_cpp(PyTypeObject* type) {
+  static std::unordered_map<PyTypeObject*, bool> known;  // guarded by the GIL
+  const auto found = known.find(type);
+  if (found != known.end()) return found->second;
+  // Kept for the life of the process (released: no decref after Python has finalized).
+  static PyObject* const base_grad =
+      pybind11::object(pybind11::handle(THPVariableClass).attr("grad")).release().ptr();
+  static PyObject* const disabled =
+      pybind11::object(pybind11::module_::import("torch._C").attr("_disabled_torch_function_impl")).release().ptr();
+  const auto cls = pybind11::reinterpret_borrow<pybind11::object>(reinterpret_cast<PyObject*>(type));
+  const bool plain = type == reinterpret_cast<PyTypeObject*>(THPVariableClass) ||
+                     (pybind11::object(cls.attr("grad")).ptr() == base_grad &&
+                      pybind11::object(cls.attr("__torch_function__")).ptr() == disabled);
+  known.emplace(type, plain);
+  cls.inc_ref();
+  return plain;
+}
+
 // Tensors gathered from a Python list in one C++ pass and kept as C++
 // tensors: the gradients that are not None of a list of parameters, or the
 // elements of a list of tensors. A call through torch.ops would need a
@@ -63,12 +88,6 @@ class HeldTensors {
  public:
   // `grads`: take each element's .grad; `name` names the list in errors.
   HeldTensors(const pybind11::list& items, bool grads, const std::string& name) {
-    // Looked up once; the reference is kept for the life of the process.
-    static PyTypeObject* const parameter_type = reinterpret_cast<PyTypeObject*>(
-        pybind11::object(pybind11::module_::import("torch.nn").attr("Parameter")).release().ptr());
-    const auto plain = [](PyObject* obj) {
-      return Py_TYPE(obj) == reinterpret_cast<PyTypeObject*>(THPVariableClass) || Py_TYPE(obj) == parameter_type;
-    };
     tensors_.reserve(items.size());
     for (size_t i = 0; i < items.size(); ++i) {
       PyObject* obj = items[i].ptr();
@@ -79,10 +98,10 @@ class HeldTensors {
       at::Tensor t;
       if (!grads) {
         t = THPVariable_Unpack(obj);
-      } else if (plain(obj)) {
+      } else if (reads_grad_in_cpp(Py_TYPE(obj))) {
         t = THPVariable_Unpack(obj).grad();
       } else {
-        // Subclasses may override .grad: ask Python.
+        // This subclass may override .grad: ask Python.
         pybind11::object g = pybind11::reinterpret_borrow<pybind11::object>(obj).attr("grad");
         if (!g.is_none() && !THPVariable_Check(g.ptr())) {
           throw pybind11::type_error(name + "[" + std::to_string(i) + "].grad is not a tensor");

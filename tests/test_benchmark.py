@@ -172,7 +172,7 @@ def test_bad_arguments_are_named(argv, option, capsys):
 def test_layout_diagnostic_writes_every_layout(tmp_path, capsys):
     from fastclip.benchmark import layout
 
-    assert layout.main(["--count", "40", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
+    assert layout.main(["--count", "40", "--dtype", "bf16", "--rounds", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "layout.json").read_text())
     assert data["count"] == 40 and data["dtype"] == "bfloat16"
     assert set(data["rows"]) == {"flat", "views", "separate", "interleaved", "torch floor (flat)"}

@@ -135,6 +135,21 @@ def test_held_tensors_asks_subclasses_for_grad():
     assert_norm_close(held.norm(2.0, False)[0], torch.tensor(math.sqrt(18.0), dtype=torch.float64))
 
 
+def test_held_tensors_let_torch_function_see_grad():
+    # A subclass with a __torch_function__ of its own may answer .grad itself:
+    # its gradients are asked for in Python, not read in C++.
+    class Redirect(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__self__", None) is torch.Tensor.grad and func.__name__ == "__get__":
+                return torch.full((2,), 4.0)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    t = torch.zeros(2).as_subclass(Redirect)
+    t.grad = torch.zeros(2)  # what C++ would read
+    assert_norm_close(_ops.hold([t], True, "parameters").norm(2.0, False)[0], torch.tensor(math.sqrt(32.0), dtype=torch.float64))
+
+
 def test_held_tensors_keep_gradients_alive():
     # The holder owns its tensors: dropping the parameters' grads in between
     # (as zero_grad does) must not leave it with freed memory.
