@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "../fastclip.h"
@@ -30,13 +31,43 @@ constexpr int64_t kChunkElems = int64_t{1} << 16;
 // Below this many elements in a call, threads cost more than they save.
 constexpr int64_t kMinParallelElems = int64_t{1} << 15;
 
+// Prefetched head of the next span: one page, the part that the hardware
+// prefetchers read with demand misses before they pick up its stream.
+// Prefetching whole spans measured slower: the requests then queue ahead
+// of the running span's own loads.
+constexpr int64_t kPrefetchMaxBytes = int64_t{4} << 10;
+
+// Spans that start within this distance after the end of the previous one
+// are left to the hardware prefetchers, which follow them as one stream
+// (views of one buffer; back-to-back allocations, whose gaps are
+// allocator headers and small objects). Prefetching those measured slower.
+constexpr int64_t kAdjacentBytes = int64_t{1} << 10;
+
 // ----------------------------------------------------------- the driver
-// Runs fn(c) for every chunk index, each exactly once, on ATen's threads.
-// at::parallel_for cuts its range into equal contiguous pieces, so the
-// range is elements, not chunks: a thread takes the chunks that start in
-// its piece, and a few large tensors among many small ones still balance.
+// One chunk's bytes.
+struct ByteSpan {
+  char* data;
+  int64_t bytes;
+};
+
+ByteSpan byte_span(const std::vector<TensorDesc>& descs, const Chunk& ch) {
+  const TensorDesc& d = descs[static_cast<size_t>(ch.tensor)];
+  const int64_t size = dtype_size(d.dtype);
+  return ByteSpan{static_cast<char*>(d.data) + ch.begin * size, ch.size * size};
+}
+
+// Runs fn(span, c) for every chunk index c, each exactly once, on ATen's
+// threads. at::parallel_for cuts its range into equal contiguous pieces, so
+// the range is elements, not chunks: a thread takes the chunks that start
+// in its piece, and a few large tensors among many small ones still
+// balance. Before a chunk runs, the thread's next chunk is prefetched when
+// it lies elsewhere in memory: a model's gradients are separate
+// allocations with other memory (their parameters) between them, and the
+// hardware prefetchers, which follow one address stream, lose the stream
+// at every gradient and restart it with demand misses (10,000 gradients
+// between parameters, fp32, 2 threads: norm 7.8-9.0 -> 6.4-7.1 ms).
 template <typename Fn>
-void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
+void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks, const Fn& fn) {
   const int64_t count = static_cast<int64_t>(chunks.size());
   std::vector<int64_t> start(chunks.size());
   int64_t total = 0;
@@ -45,8 +76,24 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
     total += chunks[static_cast<size_t>(c)].size;
   }
   at::parallel_for(0, total, kMinParallelElems, [&](int64_t begin, int64_t end) {
-    const auto first = std::lower_bound(start.begin(), start.end(), begin) - start.begin();
-    for (int64_t c = first; c < count && start[static_cast<size_t>(c)] < end; ++c) fn(c);
+    const int64_t first = std::lower_bound(start.begin(), start.end(), begin) - start.begin();
+    const int64_t stop = std::lower_bound(start.begin(), start.end(), end) - start.begin();
+    if (first >= stop) return;
+    ByteSpan span = byte_span(descs, chunks[static_cast<size_t>(first)]);
+    for (int64_t c = first; c < stop; ++c) {
+      ByteSpan next{nullptr, 0};
+      if (c + 1 < stop) {
+        next = byte_span(descs, chunks[static_cast<size_t>(c + 1)]);
+        // Addresses as integers: the spans are usually different allocations.
+        const auto span_end = reinterpret_cast<uintptr_t>(span.data) + static_cast<uintptr_t>(span.bytes);
+        const auto gap = reinterpret_cast<uintptr_t>(next.data) - span_end;  // huge when next starts before end
+        if (gap > static_cast<uintptr_t>(kAdjacentBytes)) {
+          prefetch_bytes(next.data, std::min(next.bytes, kPrefetchMaxBytes));
+        }
+      }
+      fn(span, c);
+      span = next;
+    }
   });
 }
 
@@ -54,11 +101,10 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
 // sums that left the double range.
 NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks, NormOrder order) {
   std::vector<NormPartial> partials(chunks.size());
-  for_each_chunk(chunks, [&](int64_t c) {
+  for_each_chunk(descs, chunks, [&](const ByteSpan& span, int64_t c) {
     const Chunk& ch = chunks[static_cast<size_t>(c)];
-    const TensorDesc& d = descs[static_cast<size_t>(ch.tensor)];
-    partials[static_cast<size_t>(c)] =
-        norm_fn(d.dtype)(static_cast<const char*>(d.data) + ch.begin * dtype_size(d.dtype), ch.size, order, false, 0);
+    const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
+    partials[static_cast<size_t>(c)] = norm_fn(dtype)(span.data, ch.size, order, false, 0);
   });
   NormReducer reducer(order, static_cast<int64_t>(descs.size()));
   reducer.reduce(chunks, partials);
@@ -73,12 +119,11 @@ NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vecto
     for (const Chunk& ch : chunks)
       if (marked[static_cast<size_t>(ch.tensor)]) again.push_back(ch);
     std::vector<NormPartial> again_partials(again.size());
-    for_each_chunk(again, [&](int64_t c) {
+    for_each_chunk(descs, again, [&](const ByteSpan& span, int64_t c) {
       const Chunk& ch = again[static_cast<size_t>(c)];
-      const TensorDesc& d = descs[static_cast<size_t>(ch.tensor)];
+      const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
       again_partials[static_cast<size_t>(c)] =
-          norm_fn(d.dtype)(static_cast<const char*>(d.data) + ch.begin * dtype_size(d.dtype), ch.size, order,
-                           true, reducer.exponent(ch.tensor));
+          norm_fn(dtype)(span.data, ch.size, order, true, reducer.exponent(ch.tensor));
     });
     reducer.reduce(again, again_partials);
   }
@@ -87,10 +132,9 @@ NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vecto
 
 void update_all(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks, UpdateSpanFn (*pick)(DType),
                 double value) {
-  for_each_chunk(chunks, [&](int64_t c) {
+  for_each_chunk(descs, chunks, [&](const ByteSpan& span, int64_t c) {
     const Chunk& ch = chunks[static_cast<size_t>(c)];
-    const TensorDesc& d = descs[static_cast<size_t>(ch.tensor)];
-    pick(d.dtype)(static_cast<char*>(d.data) + ch.begin * dtype_size(d.dtype), ch.size, value);
+    pick(descs[static_cast<size_t>(ch.tensor)].dtype)(span.data, ch.size, value);
   });
 }
 

@@ -158,6 +158,14 @@ FASTCLIP_ALWAYS_INLINE void clamp_span(void* data, int64_t n, double bound) {
 
 }  // namespace
 
+void prefetch_bytes(const void* x, int64_t bytes) {
+  constexpr int64_t kCacheLine = 64;
+  constexpr int kRead = 0;
+  constexpr int kLocalityL2 = 1;  // prefetcht2 on x86
+  const char* p = static_cast<const char*>(x);
+  for (int64_t offset = 0; offset < bytes; offset += kCacheLine) __builtin_prefetch(p + offset, kRead, kLocalityL2);
+}
+
 FASTCLIP_CPU_CLONES NormPartial norm_span_f32(const void* x, int64_t n, NormOrder o, bool s, int e) {
   return norm_span<F32>(x, n, o, s, e);
 }

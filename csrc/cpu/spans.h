@@ -27,6 +27,11 @@ void scale_span_f64(void* x, int64_t n, double coef);
 void scale_span_f16(void* x, int64_t n, double coef);
 void scale_span_bf16(void* x, int64_t n, double coef);
 
+// Asks the memory system for x[0, bytes) ahead of use, into L2 (not L1:
+// the span that is running is using L1). Only worth it where hardware
+// prefetchers cannot see the next span coming (see multi_tensor_cpu.cpp).
+void prefetch_bytes(const void* x, int64_t bytes);
+
 // x = clamp(x, -bound, bound); NaN stays NaN.
 void clamp_span_f32(void* x, int64_t n, double bound);
 void clamp_span_f64(void* x, int64_t n, double bound);

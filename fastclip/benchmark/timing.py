@@ -4,6 +4,13 @@ CPU: ``time.perf_counter`` around each call. GPU: CUDA events around each
 call, with the L2 cache flushed before it (so that a list smaller than L2
 is not timed from cache), and the host time to enqueue the call taken with
 ``perf_counter`` in the same loop.
+
+The CPU's caches are not flushed. Every list but two is larger than a
+server's last-level cache, and a flat buffer's floor measured the same with
+and without a flush (42 MB of bf16 on a 32 MB L3: 0.83 and 0.86 ms). A
+flush also evicts the tensors' own metadata, which the backward pass of a
+real step has just touched: it made 10,000 separate tensors 40% slower to
+walk, a cost a training loop does not pay.
 """
 from __future__ import annotations
 
