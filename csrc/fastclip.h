@@ -60,15 +60,15 @@ inline std::vector<Chunk> plan_chunks(const std::vector<TensorDesc>& tensors,
 
 // Host-side reduction of chunk partials into per-tensor and total norms.
 // It owns the overflow/underflow rescue decision (see numerics.h); the
-// caller re-runs the chunks of the tensors it marks with a power-of-two
-// scale and calls finish() again.
+// caller re-runs the chunks of the tensors it marks, dividing their values
+// by the tensor's scale (its max |x|), and reduces those partials again.
 class NormReducer {
  public:
   NormReducer(NormOrder order, int64_t num_tensors)
       : order_(order),
         tensor_acc_(static_cast<size_t>(num_tensors), 0.0),
         tensor_amax_(static_cast<size_t>(num_tensors), 0.0),
-        tensor_exp_(static_cast<size_t>(num_tensors), 0) {}
+        tensor_scale_(static_cast<size_t>(num_tensors), 1.0) {}
 
   // Folds the partials of consecutive chunks into their tensors, in order.
   void reduce(const std::vector<Chunk>& chunks, const std::vector<NormPartial>& partials) {
@@ -80,7 +80,7 @@ class NormReducer {
   }
 
   // Tensors whose power sums left the safe range and must be recomputed
-  // with a power-of-two scale; sets their exponent. Empty when none.
+  // with their values divided by max |x|; sets that scale. Empty when none.
   // tracks_max says whether the first pass recorded max |x| (it only does
   // where a rescue is possible at all: fp64 data or a general p).
   std::vector<int64_t> tensors_to_rescue(bool tracks_max) {
@@ -91,7 +91,7 @@ class NormReducer {
     const bool total_overflowed = is_inf(total);
     for (size_t t = 0; t < tensor_acc_.size(); ++t) {
       if (needs_rescue(tensor_acc_[t], tensor_amax_[t], total_overflowed)) {
-        tensor_exp_[t] = rescue_exponent(tensor_amax_[t]);
+        tensor_scale_[t] = tensor_amax_[t];
         tensor_acc_[t] = 0.0;
         out.push_back(static_cast<int64_t>(t));
       }
@@ -102,22 +102,23 @@ class NormReducer {
   // Per-tensor norm t (after any rescue pass was folded in).
   double tensor_norm(int64_t t) const {
     const size_t i = static_cast<size_t>(t);
-    return root_scaled(order_, tensor_acc_[i], tensor_exp_[i]);
+    return root_scaled(order_, tensor_acc_[i], tensor_scale_[i]);
   }
 
   // Total norm over all tensors, combined in tensor order.
   double total_norm() const {
-    return combine_scaled(order_, tensor_acc_.data(), tensor_exp_.data(),
+    return combine_scaled(order_, tensor_acc_.data(), tensor_scale_.data(),
                           static_cast<int64_t>(tensor_acc_.size()));
   }
 
-  int exponent(int64_t t) const { return tensor_exp_[static_cast<size_t>(t)]; }
+  // What tensor t's values are divided by in the rescue pass (1 if none).
+  double scale(int64_t t) const { return tensor_scale_[static_cast<size_t>(t)]; }
 
  private:
   NormOrder order_;
   std::vector<double> tensor_acc_;
   std::vector<double> tensor_amax_;
-  std::vector<int> tensor_exp_;
+  std::vector<double> tensor_scale_;
 };
 
 }  // namespace fastclip

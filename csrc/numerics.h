@@ -19,9 +19,9 @@ namespace fastclip {
 constexpr double kClipEpsilon = 1e-6;
 
 // Power sums below this may have lost digits to double underflow, so the
-// tensor is recomputed with a power-of-two scale. 2^-960 leaves 64 binary
-// orders of magnitude above the smallest normal double: contributions that
-// underflowed are then below 2^-64 of the sum.
+// tensor is recomputed with its values scaled (see ratio_power). 2^-960
+// leaves 64 binary orders of magnitude above the smallest normal double:
+// contributions that underflowed are then below 2^-64 of the sum.
 constexpr double kRescueTiny = 0x1p-960;
 
 // ---------------------------------------------------------------- bit casts
@@ -130,51 +130,71 @@ FASTCLIP_HD bool needs_rescue(double acc, double amax, bool all_overflowed) {
   return finite_data && (is_inf(acc) || acc < kRescueTiny || all_overflowed);
 }
 
-// The exponent e with amax = m * 2^e, 0.5 <= m < 1: x * 2^-e lies in [0, 1).
-FASTCLIP_HD int rescue_exponent(double amax) {
-  int e = 0;
-  frexp(amax, &e);
-  return e;
-}
-
-// Norm from a power sum S of values scaled by 2^-e: 2^e * S^(1/p).
-FASTCLIP_HD double root_scaled(NormOrder order, double acc, int e) {
+// A power sum scaled by s is the sum of (|x| / s)^p: the norm is
+// s * sum^(1/p). Rescued sums are scaled by max |x| itself, so their largest
+// term is exactly 1: nothing can overflow (the sum is at most the element
+// count) and only terms below 2^-1074 of the largest can underflow, for any
+// order p. A power-of-two scale could not do that for p above ~1022: the
+// largest scaled value would lie in [0.5, 1), and 0.5^1100 is below the
+// smallest double.
+//
+// (ratio)^p for a ratio of two scales, ratio <= 1: exact for p = 1, 2 when
+// the ratio is a power of two.
+FASTCLIP_HD double ratio_power(NormOrder order, double ratio) {
   switch (order.kind) {
     case NormKind::kOne:
-      return ldexp(acc, e);
+      return ratio;
     case NormKind::kTwo:
-      return ldexp(sqrt(acc), e);
+      return ratio * ratio;
+    default:
+      return pow(ratio, order.p);
+  }
+}
+
+// A power sum scaled by `from` re-expressed for the larger scale `to`; a
+// non-finite sum (from non-finite data) is kept: inf * 0 would be NaN.
+FASTCLIP_HD double rescale_sum(NormOrder order, double acc, double from, double to) {
+  if (from == to || !(acc <= 1.7976931348623157e308)) return acc;
+  const double ratio = from / to;
+  // p = 2: one factor at a time, so that a tiny ratio underflows the
+  // product only when the term is negligible anyway.
+  return order.kind == NormKind::kTwo ? acc * ratio * ratio : acc * ratio_power(order, ratio);
+}
+
+// Norm from a power sum of values scaled by s: s * sum^(1/p). A non-finite
+// sum (from inf or NaN data) is the norm itself, whatever the scale.
+FASTCLIP_HD double root_scaled(NormOrder order, double acc, double s) {
+  if (!(acc <= 1.7976931348623157e308)) return acc;
+  switch (order.kind) {
+    case NormKind::kOne:
+      return s * acc;
+    case NormKind::kTwo:
+      return s * sqrt(acc);
     case NormKind::kInf:
       return acc;
     default:
-      return ldexp(pow(acc, 1.0 / order.p), e);
+      return s * pow(acc, 1.0 / order.p);
   }
 }
 
 // Total norm from per-tensor power sums acc[t] of values scaled by
-// 2^-exps[t], summed in tensor order (fixed order: bitwise reproducible).
-FASTCLIP_HD double combine_scaled(NormOrder order, const double* acc, const int* exps, int64_t n) {
+// scales[t], summed in tensor order (fixed order: bitwise reproducible).
+FASTCLIP_HD double combine_scaled(NormOrder order, const double* acc, const double* scales, int64_t n) {
   if (order.kind == NormKind::kInf) {
     double m = 0.0;
     for (int64_t t = 0; t < n; ++t) m = nan_max(m, acc[t]);
     return m;
   }
-  // Align every sum to the largest exponent: shifts are <= 0, so nothing
-  // overflows and only negligible terms can underflow.
-  int top = 0;
-  bool seen = false;
+  // Align every sum to the largest scale: ratios are <= 1, so nothing
+  // overflows and only negligible terms can underflow. A zero sum carries
+  // no scale.
+  double top = 0.0;
   for (int64_t t = 0; t < n; ++t) {
-    if (acc[t] > 0.0 && (!seen || exps[t] > top)) {
-      top = exps[t];
-      seen = true;
-    }
+    if (acc[t] > 0.0 && scales[t] > top) top = scales[t];
   }
   double sum = 0.0;
-  for (int64_t t = 0; t < n; ++t) {
-    const int shift = exps[t] - top;
-    sum += shift == 0 ? acc[t] : acc[t] * exp2(static_cast<double>(shift) * order.p);
-  }
-  return root_scaled(order, sum, top);
+  for (int64_t t = 0; t < n; ++t) sum += acc[t] > 0.0 ? rescale_sum(order, acc[t], scales[t], top) : acc[t];
+  return root_scaled(order, sum, top > 0.0 ? top : 1.0);
 }
 
 // min(1, max_norm / (norm + 1e-6)), NaN-propagating like torch.clamp.

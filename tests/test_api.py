@@ -389,6 +389,44 @@ def test_general_order_fp32_extremes(ord, magnitude):
     _assert_grads_scaled(params, grads, ref_coef(max_norm, norm))
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("ord", [1023.0, 1100.0, 1500.0, 1e4, 1e300], ids=ord_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_orders_above_1022(dtype, ord, device):
+    # |x|**p underflows a double for |x| < 2**(-1074 / p): below 0.61 at
+    # p = 1500, even after scaling the largest |x| into [0.5, 1) by a power
+    # of two. Three magnitudes in three tensors: the largest term must be
+    # kept exactly, the others combined at their own scales.
+    grads = make_grads([(300,), (7, 11), (5,)], dtype, device, seed=31, scale=0.25)  # |x| < 1
+    grads[1].mul_(1e-3)
+    grads[2].mul_(0.5)
+    params = make_params(grads)
+    norm = ref_norm(grads, ord)
+    assert 0.0 < norm.item() < math.inf
+
+    assert_norm_close(fastclip.get_total_norm(grads, ord), norm)
+    total, each = fastclip.grad_norms(params, ord)
+    assert_norm_close(total, norm)
+    assert_norm_close(each, ref_norms_each(grads, ord))
+    max_norm = 0.5 * norm.item()
+    assert_norm_close(fastclip.clip_grad_norm_(params, max_norm, ord), norm)
+    _assert_grads_scaled(params, grads, ref_coef(max_norm, norm))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("ord", [1500.0, 3.5], ids=ord_id)
+def test_large_order_nonfinite_and_zero(ord, device):
+    # The scaled sums must keep torch's non-finite results: inf data gives
+    # inf, NaN gives NaN, and an all-zero list gives 0 (no 0 / 0).
+    def norm_of(values):
+        return fastclip.get_total_norm([torch.tensor(values, device=device)], ord).item()
+
+    assert norm_of([0.5, math.inf, 0.25]) == math.inf
+    assert math.isnan(norm_of([0.5, math.nan, 2.0]))
+    assert norm_of([0.0, 0.0]) == 0.0
+    assert norm_of([0.0, 0.75, 0.0]) == 0.75
+
+
 # -------------------------------------------------------- non-finite
 NONFINITE = {
     "nan": [(0, 3, math.nan)],

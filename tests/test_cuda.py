@@ -143,6 +143,10 @@ EXTREMES = [
     ("fp64 subnormal", torch.float64, 5e-324, [2.0, 1.0]),
     ("fp32 1e30 p=12", torch.float32, 1e30, [12.0]),
     ("fp32 1e-30 p=12", torch.float32, 1e-30, [12.0]),
+    # 0.3**1500 underflows a double, and so does 0.6**1500 (0.3 scaled by a
+    # power of two): the running-max scale keeps the largest term at 1.
+    ("fp32 0.3 p=1500", torch.float32, 0.3, [1500.0, 1e4]),
+    ("bf16 0.3 p=1500", torch.bfloat16, 0.3, [1500.0]),
 ]
 
 

@@ -99,15 +99,19 @@ def _as_real64(t: Tensor) -> Tensor:
 
 
 def _norm64(values: Tensor, ord: float) -> Tensor:
-    """vector_norm in float64, scaled by a power of two so that fp64 data near
-    the ends of the double range neither overflows nor underflows (the
-    scaling is exact, so this is still the plain torch formula)."""
+    """vector_norm in float64 of the values divided by a scale, times the
+    scale, so that data near the ends of the double range neither overflows
+    nor underflows. For p = 1, 2 and inf the scale is a power of two (exact:
+    still the plain torch formula); for a general p it is max |x| itself, so
+    that the largest term is exactly 1 and no order underflows it (a power
+    of two leaves it in [0.5, 1), and 0.5**1100 is below the smallest double)."""
     if values.numel() == 0:
         return torch.zeros((), dtype=torch.float64)
     amax = values.abs().max()
     if not (torch.isfinite(amax) and amax > 0):
         return torch.linalg.vector_norm(values, ord)
-    scale = 2.0 ** math.frexp(amax.item())[1]
+    exact = ord in (1.0, 2.0) or math.isinf(ord)
+    scale = 2.0 ** math.frexp(amax.item())[1] if exact else amax.item()
     return torch.linalg.vector_norm(values / scale, ord) * scale
 
 

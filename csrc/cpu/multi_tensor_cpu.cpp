@@ -104,7 +104,7 @@ NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vecto
   for_each_chunk(descs, chunks, [&](const ByteSpan& span, int64_t c) {
     const Chunk& ch = chunks[static_cast<size_t>(c)];
     const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
-    partials[static_cast<size_t>(c)] = norm_fn(dtype)(span.data, ch.size, order, false, 0);
+    partials[static_cast<size_t>(c)] = norm_fn(dtype)(span.data, ch.size, order, false, 1.0);
   });
   NormReducer reducer(order, static_cast<int64_t>(descs.size()));
   reducer.reduce(chunks, partials);
@@ -123,7 +123,7 @@ NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vecto
       const Chunk& ch = again[static_cast<size_t>(c)];
       const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
       again_partials[static_cast<size_t>(c)] =
-          norm_fn(dtype)(span.data, ch.size, order, true, reducer.exponent(ch.tensor));
+          norm_fn(dtype)(span.data, ch.size, order, true, reducer.scale(ch.tensor));
     });
     reducer.reduce(again, again_partials);
   }

@@ -57,7 +57,7 @@ struct BF16 {
 };
 
 // ----------------------------------------------------------------- norm
-// kScaled: the rescue pass, values multiplied by 2^-scale_exp first.
+// kScaled: the rescue pass, values divided by `divisor` first.
 // max that keeps NaN: once a lane holds NaN, no comparison replaces it.
 // Bitwise | instead of || keeps the loop free of branches (vectorizable).
 template <typename T>
@@ -67,7 +67,7 @@ FASTCLIP_ALWAYS_INLINE T max_keep_nan(T m, T v) {
 
 template <typename E, NormKind K, bool kScaled>
 FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, int64_t n, double p,
-                                                  int scale_exp) {
+                                                  double divisor) {
   using T = typename E::compute;
   // max |x| is only needed where a rescue can happen (see numerics.h); it
   // and the inf-norm are exact in the element's own compute type.
@@ -84,7 +84,7 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
     if (K == NormKind::kInf || kTrackMax) amax[l] = max_keep_nan(amax[l], std::fabs(raw));
     if (K == NormKind::kInf) return;
     double v = static_cast<double>(raw);
-    if (kScaled) v = std::ldexp(v, -scale_exp);
+    if (kScaled) v /= divisor;
     if (K == NormKind::kTwo) acc[l] += v * v;
     if (K == NormKind::kOne) acc[l] += std::fabs(v);
     if (K == NormKind::kP) acc[l] += std::pow(std::fabs(v), p);
@@ -108,25 +108,25 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
 
 template <typename E, bool kScaled>
 FASTCLIP_ALWAYS_INLINE NormPartial norm_span_order(const typename E::storage* x, int64_t n, NormOrder order,
-                                                   int scale_exp) {
+                                                   double divisor) {
   switch (order.kind) {
     case NormKind::kTwo:
-      return norm_span_impl<E, NormKind::kTwo, kScaled>(x, n, order.p, scale_exp);
+      return norm_span_impl<E, NormKind::kTwo, kScaled>(x, n, order.p, divisor);
     case NormKind::kOne:
-      return norm_span_impl<E, NormKind::kOne, kScaled>(x, n, order.p, scale_exp);
+      return norm_span_impl<E, NormKind::kOne, kScaled>(x, n, order.p, divisor);
     case NormKind::kInf:
-      return norm_span_impl<E, NormKind::kInf, kScaled>(x, n, order.p, scale_exp);
+      return norm_span_impl<E, NormKind::kInf, kScaled>(x, n, order.p, divisor);
     default:
-      return norm_span_impl<E, NormKind::kP, kScaled>(x, n, order.p, scale_exp);
+      return norm_span_impl<E, NormKind::kP, kScaled>(x, n, order.p, divisor);
   }
 }
 
 template <typename E>
 FASTCLIP_ALWAYS_INLINE NormPartial norm_span(const void* data, int64_t n, NormOrder order, bool scaled,
-                                             int scale_exp) {
+                                             double divisor) {
   const auto* x = static_cast<const typename E::storage*>(data);
-  return scaled ? norm_span_order<E, true>(x, n, order, scale_exp)
-                : norm_span_order<E, false>(x, n, order, scale_exp);
+  return scaled ? norm_span_order<E, true>(x, n, order, divisor)
+                : norm_span_order<E, false>(x, n, order, divisor);
 }
 
 // ---------------------------------------------------------- scale, clamp
@@ -166,17 +166,17 @@ void prefetch_bytes(const void* x, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += kCacheLine) __builtin_prefetch(p + offset, kRead, kLocalityL2);
 }
 
-FASTCLIP_CPU_CLONES NormPartial norm_span_f32(const void* x, int64_t n, NormOrder o, bool s, int e) {
-  return norm_span<F32>(x, n, o, s, e);
+FASTCLIP_CPU_CLONES NormPartial norm_span_f32(const void* x, int64_t n, NormOrder o, bool s, double d) {
+  return norm_span<F32>(x, n, o, s, d);
 }
-FASTCLIP_CPU_CLONES NormPartial norm_span_f64(const void* x, int64_t n, NormOrder o, bool s, int e) {
-  return norm_span<F64>(x, n, o, s, e);
+FASTCLIP_CPU_CLONES NormPartial norm_span_f64(const void* x, int64_t n, NormOrder o, bool s, double d) {
+  return norm_span<F64>(x, n, o, s, d);
 }
-FASTCLIP_CPU_CLONES NormPartial norm_span_bf16(const void* x, int64_t n, NormOrder o, bool s, int e) {
-  return norm_span<BF16>(x, n, o, s, e);
+FASTCLIP_CPU_CLONES NormPartial norm_span_bf16(const void* x, int64_t n, NormOrder o, bool s, double d) {
+  return norm_span<BF16>(x, n, o, s, d);
 }
-FASTCLIP_CPU_CLONES NormPartial norm_span_f16(const void* x, int64_t n, NormOrder o, bool s, int e) {
-  return norm_span<F16>(x, n, o, s, e);
+FASTCLIP_CPU_CLONES NormPartial norm_span_f16(const void* x, int64_t n, NormOrder o, bool s, double d) {
+  return norm_span<F16>(x, n, o, s, d);
 }
 
 FASTCLIP_CPU_CLONES void scale_span_f32(void* x, int64_t n, double c) { scale_span<F32>(x, n, c); }

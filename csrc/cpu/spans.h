@@ -10,16 +10,16 @@
 namespace fastclip {
 namespace cpu {
 
-// Norm partial of x[0, n). With `scaled`, values are multiplied by
-// 2^-scale_exp first (the overflow/underflow rescue pass).
-using NormSpanFn = NormPartial (*)(const void* x, int64_t n, NormOrder order, bool scaled, int scale_exp);
+// Norm partial of x[0, n). With `scaled`, values are divided by `divisor`
+// first (the overflow/underflow rescue pass; see NormReducer).
+using NormSpanFn = NormPartial (*)(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
 // In-place update of x[0, n) by a value (a coefficient or a clamp bound).
 using UpdateSpanFn = void (*)(void* x, int64_t n, double value);
 
-NormPartial norm_span_f32(const void* x, int64_t n, NormOrder order, bool scaled, int scale_exp);
-NormPartial norm_span_f64(const void* x, int64_t n, NormOrder order, bool scaled, int scale_exp);
-NormPartial norm_span_f16(const void* x, int64_t n, NormOrder order, bool scaled, int scale_exp);
-NormPartial norm_span_bf16(const void* x, int64_t n, NormOrder order, bool scaled, int scale_exp);
+NormPartial norm_span_f32(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
+NormPartial norm_span_f64(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
+NormPartial norm_span_f16(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
+NormPartial norm_span_bf16(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
 
 // x *= coef; 16-bit types compute in float and round once (torch's opmath).
 void scale_span_f32(void* x, int64_t n, double coef);

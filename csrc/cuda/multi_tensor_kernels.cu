@@ -16,10 +16,12 @@
 //   how many blocks ran: results are bitwise reproducible, with no
 //   floating-point atomics and nothing read back to the host.
 // Overflow: where a power sum can leave the double range (fp64 data, or a
-//   general order p), values are accumulated scaled by 2^-e, e the exponent
-//   of the largest |x| seen so far, with exact power-of-two rescaling when e
-//   grows. This replaces the CPU's second "rescue" pass: one pass, no
-//   decision on the host, and nothing between the norm and the scale launch.
+//   general order p), values are accumulated scaled: for p = 1, 2 by 2^e, e
+//   the exponent of the largest |x| seen so far, with exact power-of-two
+//   rescaling when e grows; for a general p by the largest |x| seen itself
+//   (its term is exactly 1, so no order p underflows it). This replaces the
+//   CPU's second "rescue" pass: one pass, no decision on the host, and
+//   nothing between the norm and the scale launch.
 // Scale and clamp: one launch each, in place, 16-byte loads and stores.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -53,6 +55,9 @@ constexpr int norm_blocks_per_sm(NormKind k) { return k == NormKind::kP ? kBlock
 // Smallest scaling exponent: 2^-e is then at most 2^1022, a normal double,
 // and values below 2^-1022 (subnormals) still scale into [0, 1).
 constexpr int kMinScaleExp = -1022;
+// Largest: 2^1024 is not a double. Values of 2^1023 and above (fp64 only)
+// then scale into [1, 2), whose squares cannot overflow either.
+constexpr int kMaxScaleExp = 1023;
 // Alignment of every region of the uploaded table and the scratch buffer.
 constexpr size_t kRegionAlign = 16;
 
@@ -187,17 +192,6 @@ __device__ void walk_chunk(T* x, int64_t size, const Element& element, const Vec
 }
 
 // ----------------------------------------------------------- power sums
-// A power sum re-expressed for values scaled by 2^d more (d <= 0): times
-// 2^(p * d), exact for p = 1, 2. Non-finite sums (from non-finite data) are
-// kept as they are: inf * 0 would be NaN.
-template <NormKind K>
-__device__ double shift_sum(double sum, int d, double p) {
-  if (d == 0 || !isfinite(sum)) return sum;
-  if (K == NormKind::kOne) return ldexp(sum, d);
-  if (K == NormKind::kTwo) return ldexp(sum, 2 * d);
-  return sum * exp2(p * static_cast<double>(d));
-}
-
 template <NormKind K>
 __device__ double power(double a, double p) {
   if (K == NormKind::kOne) return a;
@@ -206,16 +200,17 @@ __device__ double power(double a, double p) {
 }
 
 // Two power sums of possibly different scales (tensors of different dtypes,
-// or scaled and plain sums): aligned to the larger exponent, so shifts are
-// <= 0, nothing overflows, and only negligible terms can underflow. A zero
+// or scaled and plain sums): aligned to the larger scale, so ratios are
+// <= 1, nothing overflows, and only negligible terms can underflow. A zero
 // sum carries no scale and is skipped.
 template <NormKind K>
 __device__ ScaledSum combine(const ScaledSum& a, const ScaledSum& b, double p) {
-  if (K == NormKind::kInf) return ScaledSum{nan_max(a.sum, b.sum), 0};
+  if (K == NormKind::kInf) return ScaledSum{nan_max(a.sum, b.sum), 1.0};
   if (b.sum == 0.0) return a;
   if (a.sum == 0.0) return b;
-  const int top = a.exp > b.exp ? a.exp : b.exp;
-  return ScaledSum{shift_sum<K>(a.sum, a.exp - top, p) + shift_sum<K>(b.sum, b.exp - top, p), top};
+  const NormOrder order{K, p};
+  const double top = a.scale > b.scale ? a.scale : b.scale;
+  return ScaledSum{rescale_sum(order, a.sum, a.scale, top) + rescale_sum(order, b.sum, b.scale, top), top};
 }
 
 template <NormKind K>
@@ -233,26 +228,25 @@ struct Accumulator {
     if (K == NormKind::kOne) sum += fabs(v);
     if (K == NormKind::kInf) sum = nan_max(sum, fabs(v));
   }
-  __device__ ScaledSum result() const { return ScaledSum{sum, 0}; }
-  // Partials of one chunk share the scale 2^0: a plain sum (or max).
+  __device__ ScaledSum result() const { return ScaledSum{sum, 1.0}; }
+  // Partials of one chunk share the scale 1: a plain sum (or max).
   struct Merge {
     __device__ ScaledSum operator()(const ScaledSum& a, const ScaledSum& b, double) const {
-      return K == NormKind::kInf ? ScaledSum{nan_max(a.sum, b.sum), 0} : ScaledSum{a.sum + b.sum, 0};
+      return K == NormKind::kInf ? ScaledSum{nan_max(a.sum, b.sum), 1.0} : ScaledSum{a.sum + b.sum, 1.0};
     }
   };
 };
 
-// Scaled: sum of (|x| * 2^-exp)^p, where every |x| seen is below 2^exp.
-// A larger |x| raises exp and rescales the sum by an exact power of two
-// (for p = 1, 2); this happens at most a few times per thread and chunk.
-// inf and NaN are never compared into exp: they make the sum inf or NaN,
-// as they make torch's norm.
+// Scaled, p = 1, 2 (fp64 data): sum of (|x| * 2^-exp)^p, where every |x|
+// seen is below 2^exp (or 2^kMaxScaleExp). A larger |x| raises exp and
+// rescales the sum by an exact power of two; this happens at most a few
+// times per thread and chunk. inf and NaN are never compared into exp:
+// they make the sum inf or NaN, as they make torch's norm.
 template <NormKind K>
 struct Accumulator<K, true> {
   double sum = 0.0;
-  int exp = kMinScaleExp;
-  double limit = 0x1p-1022;  // 2^exp: the first magnitude that needs a larger exp
-  double scale = 0x1p1022;   // 2^-exp
+  double limit = ldexp(1.0, kMinScaleExp);  // 2^exp: the first magnitude that needs a larger exp
+  double scale = ldexp(1.0, -kMinScaleExp);  // 2^-exp
   double p;
   __device__ explicit Accumulator(double order_p) : p(order_p) {}
   __device__ void add(double v) {
@@ -263,17 +257,41 @@ struct Accumulator<K, true> {
   __device__ void grow(double a) {
     int e = 0;
     frexp(a, &e);  // a = m * 2^e, 0.5 <= m < 1, and e > exp
-    sum = shift_sum<K>(sum, exp - e, p);
-    exp = e;
-    limit = ldexp(1.0, e);  // inf for e = 1024: nothing finite is larger
+    e = e < kMaxScaleExp ? e : kMaxScaleExp;
+    const double next = ldexp(1.0, e);
+    sum = rescale_sum(NormOrder{K, p}, sum, limit, next);
+    limit = e == kMaxScaleExp ? INFINITY : next;  // nothing finite needs more
     scale = ldexp(1.0, -e);
   }
-  __device__ ScaledSum result() const { return ScaledSum{sum, exp}; }
+  __device__ ScaledSum result() const { return ScaledSum{sum, 1.0 / scale}; }
   using Merge = Combine<K>;
 };
 
+// Scaled, a general order p: sum of (|x| / top)^p, top the largest finite
+// |x| seen, whose own term is exactly 1. A larger |x| rescales the sum by
+// (top / |x|)^p. A sum that is still 0 has top 0 and carries no scale.
+template <>
+struct Accumulator<NormKind::kP, true> {
+  double sum = 0.0;
+  double top = 0.0;
+  double p;
+  __device__ explicit Accumulator(double order_p) : p(order_p) {}
+  __device__ void add(double v) {
+    const double a = fabs(v);
+    if (a > top && a <= DBL_MAX) {
+      sum = rescale_sum(NormOrder{NormKind::kP, p}, sum, top, a);
+      top = a;
+    }
+    // a == 0 adds nothing (and 0 / 0 would be NaN); inf and NaN make the
+    // sum inf or NaN.
+    if (a != 0.0) sum += pow(a / top, p);
+  }
+  __device__ ScaledSum result() const { return ScaledSum{sum, top}; }
+  using Merge = Combine<NormKind::kP>;
+};
+
 __device__ ScaledSum shfl_down(const ScaledSum& v, int offset) {
-  return ScaledSum{__shfl_down_sync(kFullMask, v.sum, offset), __shfl_down_sync(kFullMask, v.exp, offset)};
+  return ScaledSum{__shfl_down_sync(kFullMask, v.sum, offset), __shfl_down_sync(kFullMask, v.scale, offset)};
 }
 
 // Fixed-order tree over the block: shuffles within each warp, then warp 0
@@ -356,11 +374,11 @@ __device__ ScaledSum chunk_sum(const void* data, int64_t begin, int64_t size, do
 
 __device__ ScaledSum load_sum(const ScaledSum* s) {
   // L2 loads: the sums were written by other blocks (L1 is not coherent).
-  return ScaledSum{__ldcg(&s->sum), __ldcg(&s->exp)};
+  return ScaledSum{__ldcg(&s->sum), __ldcg(&s->scale)};
 }
 
 // The sum of no elements (a zero sum carries no scale).
-__device__ ScaledSum zero_sum() { return ScaledSum{0.0, kMinScaleExp}; }
+__device__ ScaledSum zero_sum() { return ScaledSum{0.0, 1.0}; }
 
 template <NormKind K>
 __global__ void __launch_bounds__(kThreads, norm_blocks_per_sm(K))
@@ -430,12 +448,12 @@ __global__ void __launch_bounds__(kThreads, norm_blocks_per_sm(K))
   for (int64_t t = threadIdx.x; t < table.num_tensors; t += kThreads) {
     const bool empty = table.chunk_start[t + 1] == table.chunk_start[t];
     const ScaledSum s = empty ? zero_sum() : load_sum(&out.tensor_sums[t]);
-    if (out.per_tensor != nullptr) out.per_tensor[t] = static_cast<float>(root_scaled(order, s.sum, s.exp));
+    if (out.per_tensor != nullptr) out.per_tensor[t] = static_cast<float>(root_scaled(order, s.sum, s.scale));
     acc = combine<K>(acc, s, p);
   }
   acc = block_reduce(acc, zero_sum(), p, warp_sums, Combine<K>{});
   if (threadIdx.x == 0) {
-    const double norm = root_scaled(order, acc.sum, acc.exp);
+    const double norm = root_scaled(order, acc.sum, acc.scale);
     *out.total = static_cast<float>(norm);
     if (out.coef != nullptr) *out.coef = clip_coefficient(max_norm, norm);
     if (out.nonfinite != nullptr) *out.nonfinite = (is_nan(norm) || is_inf(norm)) ? 1 : 0;

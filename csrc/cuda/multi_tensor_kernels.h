@@ -32,14 +32,16 @@ constexpr int kThreads = 256;
 // pow(), uses half as many.)
 constexpr int kBlocksPerSm = 4;
 
-// A power sum kept as sum * 2^(p * exp): the norm is 2^exp * sum^(1/p).
-// Plain float64 sums (fp32/fp16/bf16 with p = 1 or 2, and the inf-norm,
-// whose sums cannot leave the double range) have exp == 0; the others are
-// accumulated with values scaled by 2^-exp, where 2^exp bounds every |x|
-// seen, so they can neither overflow nor lose digits to underflow.
+// A power sum of values scaled by `scale`: the sum of (|x| / scale)^p, so
+// the norm is scale * sum^(1/p) (numerics.h: root_scaled). Plain float64
+// sums (fp32/fp16/bf16 with p = 1 or 2, and the inf-norm, whose sums cannot
+// leave the double range) have scale 1. fp64 data with p = 1, 2 is scaled
+// by a power of two that bounds every |x| seen (exact); a general order p
+// by the largest |x| seen, whose term is then exactly 1. Either way the sum
+// can neither overflow nor lose digits to underflow.
 struct ScaledSum {
   double sum;
-  int exp;
+  double scale;
 };
 
 // The descriptor table of one call, in device memory. chunk_start[t] is
