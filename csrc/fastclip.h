@@ -61,7 +61,7 @@ inline std::vector<Chunk> plan_chunks(const std::vector<TensorDesc>& tensors,
 // Host-side reduction of chunk partials into per-tensor and total norms.
 // It owns the overflow/underflow rescue decision (see numerics.h); the
 // caller re-runs the chunks of the tensors it marks, dividing their values
-// by the tensor's scale (its max |x|), and reduces those partials again.
+// by the tensor's scale, and reduces those partials again.
 class NormReducer {
  public:
   NormReducer(NormOrder order, int64_t num_tensors)
@@ -80,7 +80,8 @@ class NormReducer {
   }
 
   // Tensors whose power sums left the safe range and must be recomputed
-  // with their values divided by max |x|; sets that scale. Empty when none.
+  // with their values divided by a scale (numerics.h: rescue_scale); sets
+  // that scale. Empty when none.
   // tracks_max says whether the first pass recorded max |x| (it only does
   // where a rescue is possible at all: fp64 data or a general p).
   std::vector<int64_t> tensors_to_rescue(bool tracks_max) {
@@ -91,7 +92,7 @@ class NormReducer {
     const bool total_overflowed = is_inf(total);
     for (size_t t = 0; t < tensor_acc_.size(); ++t) {
       if (needs_rescue(tensor_acc_[t], tensor_amax_[t], total_overflowed)) {
-        tensor_scale_[t] = tensor_amax_[t];
+        tensor_scale_[t] = rescue_scale(order_, tensor_amax_[t]);
         tensor_acc_[t] = 0.0;
         out.push_back(static_cast<int64_t>(t));
       }

@@ -19,7 +19,7 @@ namespace fastclip {
 constexpr double kClipEpsilon = 1e-6;
 
 // Power sums below this may have lost digits to double underflow, so the
-// tensor is recomputed with its values scaled (see ratio_power). 2^-960
+// tensor is recomputed with its values scaled (see rescue_scale). 2^-960
 // leaves 64 binary orders of magnitude above the smallest normal double:
 // contributions that underflowed are then below 2^-64 of the sum.
 constexpr double kRescueTiny = 0x1p-960;
@@ -131,23 +131,39 @@ FASTCLIP_HD bool needs_rescue(double acc, double amax, bool all_overflowed) {
 }
 
 // A power sum scaled by s is the sum of (|x| / s)^p: the norm is
-// s * sum^(1/p). Rescued sums are scaled by max |x| itself, so their largest
-// term is exactly 1: nothing can overflow (the sum is at most the element
-// count) and only terms below 2^-1074 of the largest can underflow, for any
-// order p. A power-of-two scale could not do that for p above ~1022: the
-// largest scaled value would lie in [0.5, 1), and 0.5^1100 is below the
-// smallest double.
+// s * sum^(1/p). For p = 1, 2 the scale is a power of two (exact scaling);
+// for a general order p it is max |x| itself, so the largest term is
+// exactly 1: nothing can overflow (the sum is at most the element count)
+// and nothing that matters can underflow, for any order p. A power of two
+// could not do that for p above ~1022: the largest scaled value would lie
+// in [0.5, 1), and 0.5^1100 is below the smallest double.
 //
-// (ratio)^p for a ratio of two scales, ratio <= 1: exact for p = 1, 2 when
-// the ratio is a power of two.
-FASTCLIP_HD double ratio_power(NormOrder order, double ratio) {
+// The scale of a rescued tensor whose largest |x| is amax (finite, > 0).
+// 2^1024 is not a double: from 2^1023 on, values scale into [1, 2), whose
+// squares cannot overflow either.
+FASTCLIP_HD double rescue_scale(NormOrder order, double amax) {
+  constexpr int kMaxScaleExp = 1023;
+  if (order.kind == NormKind::kP) return amax;
+  int e = 0;
+  frexp(amax, &e);  // amax = m * 2^e, 0.5 <= m < 1
+  return ldexp(1.0, e < kMaxScaleExp ? e : kMaxScaleExp);
+}
+
+// (from / to)^p for 0 <= from <= to: one scaled value (or scale) relative
+// to a larger scale. Exact for p = 1 when the ratio is a power of two. For
+// a general p, a ratio that underflows is taken in logarithms: a tiny
+// ratio to a small power is not negligible ((5e-324 / 3)^0.01 = 6e-4).
+FASTCLIP_HD double ratio_power(NormOrder order, double from, double to) {
+  const double ratio = from / to;
   switch (order.kind) {
     case NormKind::kOne:
       return ratio;
     case NormKind::kTwo:
       return ratio * ratio;
     default:
-      return pow(ratio, order.p);
+      return ratio >= 2.2250738585072014e-308 || from == 0.0 || !(from <= 1.7976931348623157e308)
+                 ? pow(ratio, order.p)
+                 : exp2(order.p * (log2(from) - log2(to)));
   }
 }
 
@@ -155,10 +171,13 @@ FASTCLIP_HD double ratio_power(NormOrder order, double ratio) {
 // non-finite sum (from non-finite data) is kept: inf * 0 would be NaN.
 FASTCLIP_HD double rescale_sum(NormOrder order, double acc, double from, double to) {
   if (from == to || !(acc <= 1.7976931348623157e308)) return acc;
-  const double ratio = from / to;
-  // p = 2: one factor at a time, so that a tiny ratio underflows the
-  // product only when the term is negligible anyway.
-  return order.kind == NormKind::kTwo ? acc * ratio * ratio : acc * ratio_power(order, ratio);
+  if (order.kind == NormKind::kTwo) {
+    // One factor at a time: a tiny ratio underflows the product only when
+    // the term is negligible anyway.
+    const double ratio = from / to;
+    return acc * ratio * ratio;
+  }
+  return acc * ratio_power(order, from, to);
 }
 
 // Norm from a power sum of values scaled by s: s * sum^(1/p). A non-finite
@@ -172,8 +191,12 @@ FASTCLIP_HD double root_scaled(NormOrder order, double acc, double s) {
       return s * sqrt(acc);
     case NormKind::kInf:
       return acc;
-    default:
-      return s * pow(acc, 1.0 / order.p);
+    default: {
+      // With p < 1, acc^(1/p) can overflow where s * acc^(1/p) does not
+      // (s tiny): then in logarithms.
+      const double root = pow(acc, 1.0 / order.p);
+      return root <= 1.7976931348623157e308 ? s * root : exp2(log2(s) + log2(acc) / order.p);
+    }
   }
 }
 

@@ -414,6 +414,30 @@ def test_orders_above_1022(dtype, ord, device):
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize(
+    "values, ord",
+    [([5e-324, 3.0], 0.01), ([1e-300] * 1585, 0.01), ([1e-300] * 1585 + [2.0], 0.5), ([1e300] * 40, 0.999)],
+    ids=["subnormal-next-to-3", "root-beyond-range", "mixed", "huge"],
+)
+def test_small_orders_fp64_extremes(values, ord, device):
+    # p < 1: a tiny value next to a large one still counts
+    # ((5e-324 / 3)**0.01 = 6e-4), and sum**(1/p) of tiny values overflows a
+    # double although the norm (1e20) does not.
+    grads = [torch.tensor(values, dtype=torch.float64, device=device)]
+    norm = ref_norm(grads, ord)
+    assert 0.0 < norm.item() < math.inf
+    total, each = fastclip.grad_norms(make_params(grads), ord)
+    if norm.item() < 3e38:
+        assert_norm_close(total, norm)
+        assert_norm_close(each, ref_norms_each(grads, ord))
+    else:  # beyond float32: the total is inf, the clip still right
+        assert torch.isinf(total)
+    params = make_params(grads)
+    fastclip.clip_grad_norm_(params, 0.5, ord)
+    _assert_grads_scaled(params, grads, ref_coef(0.5, norm))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("ord", [1500.0, 3.5], ids=ord_id)
 def test_large_order_nonfinite_and_zero(ord, device):
     # The scaled sums must keep torch's non-finite results: inf data gives

@@ -101,7 +101,8 @@ def _as_real64(t: Tensor) -> Tensor:
 def _norm64(values: Tensor, ord: float) -> Tensor:
     """vector_norm in float64 of the values divided by a scale, times the
     scale, so that data near the ends of the double range neither overflows
-    nor underflows. For p = 1, 2 and inf the scale is a power of two (exact:
+    nor underflows (p < 1: unscaled where that stays finite). For p = 1, 2
+    and inf the scale is a power of two (exact:
     still the plain torch formula); for a general p it is max |x| itself, so
     that the largest term is exactly 1 and no order underflows it (a power
     of two leaves it in [0.5, 1), and 0.5**1100 is below the smallest double)."""
@@ -110,6 +111,13 @@ def _norm64(values: Tensor, ord: float) -> Tensor:
     amax = values.abs().max()
     if not (torch.isfinite(amax) and amax > 0):
         return torch.linalg.vector_norm(values, ord)
+    if ord < 1.0:
+        # |x|**p with p < 1 neither overflows nor underflows where |x| does
+        # not, and dividing by max |x| could underflow a tiny |x| whose
+        # small power still matters: plain, unless the sum overflows.
+        plain = torch.linalg.vector_norm(values, ord)
+        if torch.isfinite(plain):
+            return plain
     exact = ord in (1.0, 2.0) or math.isinf(ord)
     scale = 2.0 ** math.frexp(amax.item())[1] if exact else amax.item()
     return torch.linalg.vector_norm(values / scale, ord) * scale

@@ -284,7 +284,7 @@ struct Accumulator<NormKind::kP, true> {
     }
     // a == 0 adds nothing (and 0 / 0 would be NaN); inf and NaN make the
     // sum inf or NaN.
-    if (a != 0.0) sum += pow(a / top, p);
+    if (a != 0.0) sum += ratio_power(NormOrder{NormKind::kP, p}, a, top);
   }
   __device__ ScaledSum result() const { return ScaledSum{sum, top}; }
   using Merge = Combine<NormKind::kP>;

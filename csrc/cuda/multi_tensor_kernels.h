@@ -36,9 +36,10 @@ constexpr int kBlocksPerSm = 4;
 // the norm is scale * sum^(1/p) (numerics.h: root_scaled). Plain float64
 // sums (fp32/fp16/bf16 with p = 1 or 2, and the inf-norm, whose sums cannot
 // leave the double range) have scale 1. fp64 data with p = 1, 2 is scaled
-// by a power of two that bounds every |x| seen (exact); a general order p
-// by the largest |x| seen, whose term is then exactly 1. Either way the sum
-// can neither overflow nor lose digits to underflow.
+// by a power of two above every |x| seen (exact; 2^1023 at most, which
+// leaves values near the double maximum in [1, 2)); a general order p by
+// the largest |x| seen, whose term is then exactly 1. Either way the sum
+// can neither overflow nor lose digits that matter to underflow.
 struct ScaledSum {
   double sum;
   double scale;
