@@ -345,6 +345,47 @@ def test_norm_bits_do_not_depend_on_thread_count():
     assert_same_bits(one[1], many[1])
 
 
+def _fp16_edge_values(n=1003, seed=62):
+    """fp16 values with subnormals, the largest finite value, zeros and a
+    length that leaves a tail after whole vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=gen) * 300).half()
+    x[::7] = torch.tensor(6e-8).half()  # the smallest subnormal
+    x[1::11] = torch.tensor(-3.1e-5).half()  # a larger subnormal
+    x[5] = 65504.0
+    x[9] = 0.0
+    return x
+
+
+def test_fp16_paths_agree_with_and_without_flushed_denormals():
+    # fp16 runs through the F16C conversion instructions unless the thread
+    # flushes denormals (MXCSR DAZ/FTZ), and then through the portable
+    # conversion, whose results do not depend on that mode. Both must give
+    # the exact references, computed here before any mode change.
+    x = _fp16_edge_values()
+    ref = {ord: ref_norm([x], ord) for ord in (2.0, 1.0, math.inf)}
+    ref_scale = (x.float() * 0.3).half()
+    ref_clamp = x.clamp(-1e-5, 1e-5)
+    results = {}
+    for flush in (False, True):
+        if not torch.set_flush_denormal(flush):
+            pytest.skip("this CPU cannot flush denormals")
+        try:
+            norms = {ord: ops.multi_tensor_norm([x], ord, False)[0] for ord in ref}
+            scaled, clamped = x.clone(), x.clone()
+            ops.multi_tensor_scale_([scaled], torch.tensor(0.3))
+            ops.multi_tensor_clamp_([clamped], 1e-5)
+        finally:
+            torch.set_flush_denormal(False)
+        for ord, norm in norms.items():
+            assert_norm_close(norm, ref[ord], torch.float16)
+        assert torch.equal(scaled.view(torch.int16), ref_scale.view(torch.int16)), f"flush={flush}"
+        assert torch.equal(clamped.view(torch.int16), ref_clamp.view(torch.int16)), f"flush={flush}"
+        results[flush] = norms
+    for ord in ref:
+        assert_same_bits(results[False][ord], results[True][ord])
+
+
 # -------------------------------------------------------------- opcheck
 def _opcheck_tensors(device):
     return make_grads([(3,), (2, 5), (0,), ()], torch.float32, device, seed=60) + [
