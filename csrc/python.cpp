@@ -6,6 +6,7 @@
 //     call the fused ops through the dispatcher;
 //   - single_call_blocker: why a Python list cannot go to one op call.
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -77,6 +78,43 @@ bool reads_grad_in_cpp(PyTypeObject* type) {
   return plain;
 }
 
+// Reading an item's gradient follows a chain of pointers: the Python
+// object, its TensorImpl, the autograd meta, the gradient's TensorImpl.
+// After a training step has streamed its data through the caches every
+// link is a miss, taken one after the other for each item. Prefetching
+// link k of the item kChainAhead * (kChainLinks - k) places ahead turns
+// them into misses that overlap (10,000 gradients between their
+// parameters, caches flushed before each call: 2.0 -> 1.5 ms to gather
+// them from the parameters, 1.0 -> 0.6 ms from a list of the gradients).
+constexpr size_t kChainAhead = 8;
+constexpr size_t kChainLinks = 4;
+// Lines prefetched of a TensorImpl: its sizes, dtype, device and storage
+// fields span its first few cache lines.
+constexpr int kImplLines = 4;
+constexpr int kCacheLine = 64;
+
+void prefetch_lines(const void* p, int lines) {
+  for (int l = 0; l < lines; ++l) __builtin_prefetch(static_cast<const char*>(p) + l * kCacheLine);
+}
+
+// Prefetches link `link` of items[j]: 0 is the Python object, 1 its
+// TensorImpl, 2 the autograd meta, 3 the gradient (a list of tensors has
+// links 0 and 1 only). Each link's pointer was prefetched earlier. Only
+// items of `type` (already checked to be a tensor type whose .grad is read
+// in C++) are followed past the object itself.
+void prefetch_link(PyObject* items, size_t j, size_t link, PyTypeObject* type, bool grads) {
+  if (j >= static_cast<size_t>(PyList_GET_SIZE(items))) return;
+  PyObject* obj = PyList_GET_ITEM(items, static_cast<Py_ssize_t>(j));
+  if (link == 0) return __builtin_prefetch(obj);
+  if (type == nullptr || Py_TYPE(obj) != type || (link > 1 && !grads)) return;  // tensors: one link less
+  c10::TensorImpl* impl = THPVariable_Unpack(obj).unsafeGetTensorImpl();
+  if (link == 1) return prefetch_lines(impl, kImplLines);
+  c10::AutogradMetaInterface* meta = impl->autograd_meta();
+  if (meta == nullptr) return;
+  if (link == 2) return __builtin_prefetch(meta);
+  prefetch_lines(static_cast<torch::autograd::AutogradMeta*>(meta)->grad_.unsafeGetTensorImpl(), kImplLines);
+}
+
 // Tensors gathered from a Python list in one C++ pass and kept as C++
 // tensors: the gradients that are not None of a list of parameters, or the
 // elements of a list of tensors. A call through torch.ops would need a
@@ -89,7 +127,11 @@ class HeldTensors {
   // `grads`: take each element's .grad; `name` names the list in errors.
   HeldTensors(const pybind11::list& items, bool grads, const std::string& name) {
     tensors_.reserve(items.size());
+    PyTypeObject* plain = nullptr;  // the last item type read in C++ (lists hold one type)
     for (size_t i = 0; i < items.size(); ++i) {
+      for (size_t link = 0; link < kChainLinks; ++link) {
+        prefetch_link(items.ptr(), i + kChainAhead * (kChainLinks - link), link, plain, grads);
+      }
       PyObject* obj = items[i].ptr();
       if (!THPVariable_Check(obj)) {
         throw pybind11::type_error(name + "[" + std::to_string(i) + "] is a " + Py_TYPE(obj)->tp_name +
@@ -98,8 +140,10 @@ class HeldTensors {
       at::Tensor t;
       if (!grads) {
         t = THPVariable_Unpack(obj);
+        plain = Py_TYPE(obj);
       } else if (reads_grad_in_cpp(Py_TYPE(obj))) {
         t = THPVariable_Unpack(obj).grad();
+        plain = Py_TYPE(obj);
       } else {
         // This subclass may override .grad: ask Python.
         pybind11::object g = pybind11::reinterpret_borrow<pybind11::object>(obj).attr("grad");
