@@ -140,12 +140,17 @@ FASTCLIP_HD bool needs_rescue(double acc, double amax, bool all_overflowed) {
 //
 // The scale of a rescued tensor whose largest |x| is amax (finite, > 0).
 // 2^1024 is not a double: from 2^1023 on, values scale into [1, 2), whose
-// squares cannot overflow either.
+// squares cannot overflow either. The scale is never below the smallest
+// normal double: a thread that reads subnormals as 0 (DAZ) would divide by
+// 0. Data that small has a norm of 0 in float32 anyway.
 FASTCLIP_HD double rescue_scale(NormOrder order, double amax) {
+  constexpr int kMinScaleExp = -1022;  // 2^-1022: the smallest normal double
   constexpr int kMaxScaleExp = 1023;
-  if (order.kind == NormKind::kP) return amax;
+  constexpr double kSmallestNormal = 2.2250738585072014e-308;
+  if (order.kind == NormKind::kP) return amax > kSmallestNormal ? amax : kSmallestNormal;
   int e = 0;
   frexp(amax, &e);  // amax = m * 2^e, 0.5 <= m < 1
+  e = e < kMinScaleExp ? kMinScaleExp : e;
   return ldexp(1.0, e < kMaxScaleExp ? e : kMaxScaleExp);
 }
 

@@ -433,6 +433,35 @@ def test_small_orders_fp64_extremes(values, ord, device):
     _assert_grads_scaled(params, grads, ref_coef(0.5, norm))
 
 
+_WORKER_DAZ_SCRIPT = """
+import torch, fastclip
+torch.set_num_threads(2)
+torch.set_flush_denormal(True)
+torch.ones(2**22).sum()  # the intra-op worker thread starts with denormals flushed
+torch.set_flush_denormal(False)  # only for this thread
+tiny = torch.full((2**18,), 1e-310, dtype=torch.float64)  # subnormal: rescued
+ones = torch.ones(2**18, dtype=torch.float64)
+for p in (1.0, 2.0, 3.0):
+    print(fastclip.get_total_norm([tiny, ones], p).item(), fastclip.get_total_norm([tiny], p).item())
+"""
+
+
+def test_rescue_of_subnormal_fp64_with_a_flushing_worker_thread():
+    # torch.set_flush_denormal changes the calling thread only, so worker
+    # threads can read subnormals as 0 while the main thread does not. The
+    # rescue pass divides by a scale: a subnormal scale read as 0 made the
+    # norm of finite data NaN. A fresh process, so the pool starts flushed.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _WORKER_DAZ_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [[float(v) for v in line.split()] for line in out.stdout.split("\n") if line.strip()]
+    expected = [2.0**18, 2.0**9, 2.0**6]  # the ones alone; 1e-310 is 0 in float32
+    assert [r[0] for r in rows] == pytest.approx(expected, rel=1e-6)
+    assert [r[1] for r in rows] == [0.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("ord", [1500.0, 3.5], ids=ord_id)
 def test_large_order_nonfinite_and_zero(ord, device):

@@ -345,6 +345,24 @@ def test_norm_bits_do_not_depend_on_thread_count():
     assert_same_bits(one[1], many[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_scale_of_views_with_gaps_matches_dense_bits(dtype):
+    # Views with gaps are scaled through ATen, dense tensors by the kernels:
+    # the same coefficient must give the same bits. ATen's mul_ with a
+    # Python-number coefficient rounds it to a 16-bit dtype first.
+    gen = torch.Generator().manual_seed(63)
+    for _ in range(20):
+        base = (torch.randn(64, 3, generator=gen, dtype=torch.float64) * 10).to(dtype)
+        view, dense = base[:, 0], base[:, 0].clone()
+        before = dense.clone()
+        coef = torch.rand((), generator=gen, dtype=torch.float64) * 0.999  # not a float32 value
+        ops.multi_tensor_scale_([view], coef)
+        ops.multi_tensor_scale_([dense], coef)
+        assert_same_bits(view, dense)
+        if dtype in (torch.float16, torch.bfloat16):  # opmath: float32 product, one rounding
+            assert_same_bits(dense, (before.float() * coef.float()).to(dtype))
+
+
 def _fp16_edge_values(n=1003, seed=62):
     """fp16 values with subnormals, the largest finite value, zeros and a
     length that leaves a tail after whole vectors."""

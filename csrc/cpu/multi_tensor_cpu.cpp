@@ -147,7 +147,10 @@ void update_tensors(at::TensorList tensors, UpdateSpanFn (*pick)(DType), double 
   bump_versions(tensors);
 }
 
-void aten_scale(const at::Tensor& t, double coef) { t.mul_(coef); }
+// By a float64 0-dim tensor, not a Scalar: mul_(Scalar) rounds the
+// coefficient to a 16-bit tensor's dtype first, and the result would then
+// depend on whether a gradient is a view with gaps.
+void aten_scale(const at::Tensor& t, double coef) { t.mul_(at::scalar_tensor(coef, at::TensorOptions().dtype(at::kDouble))); }
 void aten_clamp(const at::Tensor& t, double bound) { t.clamp_(-bound, bound); }
 
 // In-place scale of a list by a host value.
