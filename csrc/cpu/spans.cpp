@@ -10,11 +10,12 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 // fp16 through the F16C conversion instructions, picked at run time: GCC
 // does not vectorize _Float16 conversions, and the portable integer-mask
-// conversion costs twice the time of bf16 per element.
+// conversion costs twice the time of bf16 per element. GCC only: the
+// target attribute is put on lambdas, which is GCC's syntax.
 #define FASTCLIP_F16C 1
 #endif
 
