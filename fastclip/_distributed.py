@@ -115,6 +115,19 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
     # public properties cost ~1 us more per tensor (10 ms on 10,000
     # tensors); to_local() under no_grad returns the same local tensor.
     direct = {"_spec", "_local_tensor"} <= set(getattr(DTensor, "__slots__", ()))
+    if direct:
+        # The common list (DTensors on one mesh, no Partial) read in C++:
+        # ~1 us per DTensor less, most of it hashing placements in Python.
+        from torch.distributed.tensor import Partial, Shard
+
+        from . import _ops
+
+        fast = _ops.unwrap_dtensors(tensors if isinstance(tensors, list) else list(tensors), DTensor, Shard, Partial)
+        if fast is not None:
+            locals_, keys, mesh = fast
+            if mesh.get_coordinate() is None:
+                raise ValueError(f"{name}: this process is not part of the DTensors' device mesh {mesh}")
+            return locals_, Sharding(mesh, keys)
     mesh = None
     locals_, keys = [], []
     key_of: dict = {}  # placements -> sharded mesh dims: lists repeat a few placements

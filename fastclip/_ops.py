@@ -60,6 +60,14 @@ def hold(items: list, grads: bool, name: str):
     return _C.HeldTensors(items, grads, name)
 
 
+def unwrap_dtensors(items: list, dtensor_type, shard_type, partial_type):
+    """``(locals, keys, mesh)`` of DTensors on one mesh read in C++, or None
+    (no extension, or a list Python must take item by item)."""
+    if _C is None or not hasattr(_C, "unwrap_dtensors"):
+        return None
+    return _C.unwrap_dtensors(items, dtensor_type, shard_type, partial_type)
+
+
 def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
     """Total norm (float32, 0-dim) and, if ``per_tensor``, each tensor's norm."""
     return torch.ops.fastclip.multi_tensor_norm.default(tensors, float(ord), bool(per_tensor))

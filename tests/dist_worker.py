@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 import fastclip
 
@@ -271,13 +271,40 @@ def bad_groups(rank: int, world: int) -> None:
     other = init_device_mesh("cpu", (world,), mesh_dim_names=("other",))
     a = distribute_tensor(torch.ones(8, 2), mesh, [Shard(0)])
     b = distribute_tensor(torch.ones(8, 2), other, [Shard(0)])
-    for mixed, match in (([a, torch.ones(3)], "plain tensor among DTensor"), ([a, b], "on mesh")):
+    c = DTensor.from_local(torch.ones(4, 2), mesh, [Partial()], run_check=False)
+    for mixed, match in (
+        ([a, torch.ones(3)], "plain tensor among DTensor"),
+        ([a, b], "on mesh"),
+        ([a, c], "Partial placement"),
+    ):
         try:
             fastclip.get_total_norm(mixed)
         except ValueError as error:
             assert match in str(error), str(error)
         else:
             raise AssertionError(f"no error for {match}")
+
+
+def unwrap_paths_agree(rank: int, world: int) -> None:
+    """DTensors read in C++ (the common list) and item by item in Python
+    (what the C++ path hands back) give the same local tensors and keys."""
+    from fastclip import _distributed, _ops
+
+    mesh = init_device_mesh("cpu", (2, world // 2))
+    mixes = [[Shard(0), Replicate()], [Replicate(), Shard(0)], [Replicate(), Replicate()], [Shard(0), Shard(1)]]
+    tensors = [distribute_tensor(torch.ones(8, 4) * (i + 1), mesh, p) for i, p in enumerate(mixes * 3)]
+    fast_locals, fast = _distributed.unwrap(tensors)
+    cpp = _ops.unwrap_dtensors
+    _ops.unwrap_dtensors = lambda *args: None
+    try:
+        slow_locals, slow = _distributed.unwrap(tensors)
+    finally:
+        _ops.unwrap_dtensors = cpp
+    assert cpp(tensors, DTensor, Shard, Partial) is not None, "the C++ path declined a plain DTensor list"
+    assert fast.keys == slow.keys, (fast.keys, slow.keys)
+    assert fast.mesh is slow.mesh
+    assert all(f is s for f, s in zip(fast_locals, slow_locals)) and len(fast_locals) == len(slow_locals)
+    assert fast.keys[:4] == [(0,), (1,), (), (0, 1)], fast.keys
 
 
 SCENARIOS = {
@@ -291,6 +318,7 @@ SCENARIOS = {
         nonfinite_same_decision,
         wrapper_over_fsdp2,
         bad_groups,
+        unwrap_paths_agree,
     )
 }
 
