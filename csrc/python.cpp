@@ -81,71 +81,42 @@ bool reads_grad_in_cpp(PyTypeObject* type) {
 // Reading an item's gradient follows a chain of pointers: the Python
 // object, its TensorImpl, the autograd meta, the gradient's TensorImpl.
 // After a training step has streamed its data through the caches every
-// link is a miss, taken one after the other for each item. ChainPrefetcher
-// requests link k of the item (kChainLinks - k) * kChainAhead places ahead,
-// each from the pointer its earlier link brought in, so that the misses of
-// many items overlap (10,000 gradients between their parameters, caches
-// flushed before each call: 2.0 -> 1.5 ms to gather them from the
-// parameters, 1.0 -> 0.6 ms from a list of the gradients).
-class ChainPrefetcher {
- public:
-  // `grads`: follow each item to its .grad (else the chain ends at the
-  // item's own TensorImpl).
-  ChainPrefetcher(PyObject* items, bool grads) : items_(items), grads_(grads) {}
+// link is a miss, taken one after the other for each item. Prefetching
+// link k of the item kChainAhead * (kChainLinks - k) places ahead turns
+// them into misses that overlap (10,000 gradients between their
+// parameters, caches flushed before each call: 2.0 -> 1.5 ms to gather
+// them from the parameters, 1.0 -> 0.6 ms from a list of the gradients).
+constexpr size_t kChainAhead = 8;
+constexpr size_t kChainLinks = 4;
+// Lines prefetched of a TensorImpl: its sizes, dtype, device and storage
+// fields span its first few cache lines.
+constexpr int kImplLines = 4;
+constexpr int kCacheLine = 64;
 
-  // Called before item i is read; `type` is an item type already checked
-  // to be a tensor whose .grad is read in C++ (nullptr: none yet). Only
-  // items of exactly that type are followed past the Python object.
-  void step(size_t i, PyTypeObject* type) {
-    const size_t n = static_cast<size_t>(PyList_GET_SIZE(items_));  // re-read: .grad getters may run Python
-    if (const size_t j = i + kChainLinks * kChainAhead; j < n) __builtin_prefetch(item(j));
-    if (const size_t j = i + (kChainLinks - 1) * kChainAhead; j < n) {
-      PyObject* obj = item(j);
-      c10::TensorImpl* impl = type != nullptr && Py_TYPE(obj) == type ? THPVariable_Unpack(obj).unsafeGetTensorImpl()
-                                                                      : nullptr;
-      slot(j).impl = impl;
-      if (impl != nullptr) prefetch_lines(impl, kImplLines);
-    }
-    if (!grads_) return;
-    if (const size_t j = i + (kChainLinks - 2) * kChainAhead; j < n) {
-      c10::TensorImpl* impl = slot(j).impl;
-      c10::AutogradMetaInterface* meta = impl != nullptr ? impl->autograd_meta() : nullptr;
-      slot(j).meta = meta;
-      if (meta != nullptr) __builtin_prefetch(meta);
-    }
-    if (const size_t j = i + (kChainLinks - 3) * kChainAhead; j < n) {
-      if (c10::AutogradMetaInterface* meta = slot(j).meta) {
-        prefetch_lines(static_cast<torch::autograd::AutogradMeta*>(meta)->grad_.unsafeGetTensorImpl(), kImplLines);
-      }
-    }
-  }
+void prefetch_lines(const void* p, int lines) {
+  for (int l = 0; l < lines; ++l) __builtin_prefetch(static_cast<const char*>(p) + l * kCacheLine);
+}
 
- private:
-  static constexpr size_t kChainAhead = 8;
-  static constexpr size_t kChainLinks = 4;  // object, TensorImpl, autograd meta, gradient
-  // Lines prefetched of a TensorImpl: its sizes, dtype, device and storage
-  // fields span its first few cache lines.
-  static constexpr int kImplLines = 4;
-  static constexpr int kCacheLine = 64;
-  // Pointers of the items in flight; a power of two above the distance.
-  static constexpr size_t kSlots = 64;
-  static_assert(kSlots > kChainLinks * kChainAhead, "the ring must hold every item in flight");
-
-  struct Slot {
-    c10::TensorImpl* impl = nullptr;
-    c10::AutogradMetaInterface* meta = nullptr;
-  };
-
-  static void prefetch_lines(const void* p, int lines) {
-    for (int l = 0; l < lines; ++l) __builtin_prefetch(static_cast<const char*>(p) + l * kCacheLine);
-  }
-  PyObject* item(size_t j) const { return PyList_GET_ITEM(items_, static_cast<Py_ssize_t>(j)); }
-  Slot& slot(size_t j) { return slots_[j % kSlots]; }
-
-  PyObject* items_;
-  bool grads_;
-  Slot slots_[kSlots];
-};
+// Prefetches link `link` of items[j]: 0 is the Python object, 1 its
+// TensorImpl, 2 the autograd meta, 3 the gradient (a list of tensors has
+// links 0 and 1 only). Each link's pointer was prefetched earlier. Every
+// link starts again from the list, which keeps the object alive: pointers
+// kept from an earlier step could be stale if a .grad getter (Python) has
+// changed the list meanwhile. Only
+// items of `type` (already checked to be a tensor type whose .grad is read
+// in C++) are followed past the object itself.
+void prefetch_link(PyObject* items, size_t j, size_t link, PyTypeObject* type, bool grads) {
+  if (j >= static_cast<size_t>(PyList_GET_SIZE(items))) return;
+  PyObject* obj = PyList_GET_ITEM(items, static_cast<Py_ssize_t>(j));
+  if (link == 0) return __builtin_prefetch(obj);
+  if (type == nullptr || Py_TYPE(obj) != type || (link > 1 && !grads)) return;  // tensors: one link less
+  c10::TensorImpl* impl = THPVariable_Unpack(obj).unsafeGetTensorImpl();
+  if (link == 1) return prefetch_lines(impl, kImplLines);
+  c10::AutogradMetaInterface* meta = impl->autograd_meta();
+  if (meta == nullptr) return;
+  if (link == 2) return __builtin_prefetch(meta);
+  prefetch_lines(static_cast<torch::autograd::AutogradMeta*>(meta)->grad_.unsafeGetTensorImpl(), kImplLines);
+}
 
 // Tensors gathered from a Python list in one C++ pass and kept as C++
 // tensors: the gradients that are not None of a list of parameters, or the
@@ -160,9 +131,10 @@ class HeldTensors {
   HeldTensors(const pybind11::list& items, bool grads, const std::string& name) {
     tensors_.reserve(items.size());
     PyTypeObject* plain = nullptr;  // the last item type read in C++ (lists hold one type)
-    ChainPrefetcher ahead(items.ptr(), grads);
     for (size_t i = 0; i < items.size(); ++i) {
-      ahead.step(i, plain);
+      for (size_t link = 0; link < kChainLinks; ++link) {
+        prefetch_link(items.ptr(), i + kChainAhead * (kChainLinks - link), link, plain, grads);
+      }
       PyObject* obj = items[i].ptr();
       if (!THPVariable_Check(obj)) {
         throw pybind11::type_error(name + "[" + std::to_string(i) + "] is a " + Py_TYPE(obj)->tp_name +
