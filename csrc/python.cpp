@@ -102,9 +102,8 @@ void prefetch_lines(const void* p, int lines) {
 // links 0 and 1 only). Each link's pointer was prefetched earlier. Every
 // link starts again from the list, which keeps the object alive: pointers
 // kept from an earlier step could be stale if a .grad getter (Python) has
-// changed the list meanwhile. Only
-// items of `type` (already checked to be a tensor type whose .grad is read
-// in C++) are followed past the object itself.
+// changed the list meanwhile. Only items of `type` (already checked to be
+// a tensor type whose .grad is read in C++) are followed past the object.
 void prefetch_link(PyObject* items, size_t j, size_t link, PyTypeObject* type, bool grads) {
   if (j >= static_cast<size_t>(PyList_GET_SIZE(items))) return;
   PyObject* obj = PyList_GET_ITEM(items, static_cast<Py_ssize_t>(j));
