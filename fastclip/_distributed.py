@@ -115,9 +115,10 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
     # public properties cost ~1 us more per tensor (10 ms on 10,000
     # tensors); to_local() under no_grad returns the same local tensor.
     direct = {"_spec", "_local_tensor"} <= set(getattr(DTensor, "__slots__", ()))
-    if direct:
+    if direct and not torch.compiler.is_compiling():
         # The common list (DTensors on one mesh, no Partial) read in C++:
         # ~1 us per DTensor less, most of it hashing placements in Python.
+        # Not while tracing: the C++ function is opaque to dynamo.
         from torch.distributed.tensor import Partial, Shard
 
         from . import _ops
