@@ -40,13 +40,15 @@ FASTCLIP_HD float float_of(uint32_t u) {
 // ------------------------------------------------ bfloat16 <-> float (exact)
 FASTCLIP_HD float bf16_to_float(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
 
-// Round to nearest even; NaN stays a quiet NaN of the same sign.
-FASTCLIP_HD uint16_t float_to_bf16(float f) {
+// f rounded to bfloat16, in the top half of a 32-bit word (the low half is
+// left over): round to nearest even; NaN stays a quiet NaN of the same
+// sign. All 32-bit operations, so vectorized loops need no narrowing.
+FASTCLIP_HD uint32_t bf16_word_of(float f) {
   const uint32_t u = bits_of(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
+  return f != f ? (u | 0x00400000u) : u + 0x7FFFu + ((u >> 16) & 1u);
 }
+
+FASTCLIP_HD uint16_t float_to_bf16(float f) { return static_cast<uint16_t>(bf16_word_of(f) >> 16); }
 
 // ----------------------------------------------------- float16 <-> float
 // Written as integer masks instead of branches so that compilers vectorize

@@ -363,6 +363,64 @@ def test_scale_of_views_with_gaps_matches_dense_bits(dtype):
             assert_same_bits(dense, (before.float() * coef.float()).to(dtype))
 
 
+BF16_EXPONENT = 0x7F80
+BF16_2_TO_64 = 0x5F80  # the exponent field of 2^64
+
+
+def _every_bf16(offset: int, below_2_to_64: bool = False) -> torch.Tensor:
+    """Every bfloat16 bit pattern (or every one below 2^64 in magnitude, whose
+    norms fit float32) but the last five (an odd length, and a tail after
+    whole vectors), at an element offset into its buffer: the CPU kernels
+    read bf16 as pairs from the view's start."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    if below_2_to_64:
+        bits = bits[(bits & BF16_EXPONENT) < BF16_2_TO_64]
+    bits = bits[:-5]
+    length = bits.numel()
+    buf = torch.empty(length + offset, dtype=torch.bfloat16)
+    buf.view(torch.int16)[offset:].copy_(bits)
+    return buf[offset:]
+
+
+def _assert_bf16_same_values(actual, expected):
+    """Same bits, except that a NaN need only be a NaN (torch's rounding makes
+    every NaN one canonical NaN; fastclip keeps sign and payload)."""
+    nan = actual.isnan()
+    assert torch.equal(nan, expected.isnan())
+    assert torch.equal(actual.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_bf16_every_value_scale_and_clamp(offset):
+    # Subnormal results, overflow to inf, ties to even, NaN and inf inputs.
+    for coef in (0.3, 0.5, 1.7e-8, 3.3e30, -1.0):
+        x = _every_bf16(offset)
+        expected = (x.float() * torch.tensor(coef).float()).to(torch.bfloat16)
+        ops.multi_tensor_scale_([x], torch.tensor(coef, dtype=torch.float64))
+        _assert_bf16_same_values(x, expected)
+    for bound in (1e-5, 3.0, 1e-39):
+        x = _every_bf16(offset)
+        expected = x.float().clamp(-bound, bound).to(torch.bfloat16)
+        ops.multi_tensor_clamp_([x], bound)
+        _assert_bf16_same_values(x, expected)
+
+
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+def test_bf16_every_value_norm(ord):
+    # Every bf16 value below 2^64 (subnormals included) at both alignments:
+    # exact against float64, and the same bits whatever the address of the
+    # first element.
+    norms = []
+    for offset in (0, 1):
+        x = _every_bf16(offset, below_2_to_64=True)
+        assert x.storage_offset() == offset and x.numel() > 40000
+        norms.append(ops.multi_tensor_norm([x], ord, False)[0])
+        assert_norm_close(norms[-1], ref_norm([x], ord))
+    assert_same_bits(norms[0], norms[1])
+    with_inf_nan = ops.multi_tensor_norm([_every_bf16(1)], ord, False)[0]
+    assert with_inf_nan.isnan()
+
+
 def _fp16_edge_values(n=1003, seed=62):
     """fp16 values with subnormals, the largest finite value, zeros and a
     length that leaves a tail after whole vectors."""

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -64,6 +65,36 @@ struct BF16 {
   static FASTCLIP_ALWAYS_INLINE uint16_t store(float v) { return float_to_bf16(v); }
 };
 
+// bf16 pairs: two adjacent elements as one 32-bit word (memcpy: any
+// alignment, no aliasing). Widening either one to float, and rounding
+// both back into one word, are in-lane shifts and masks; element-wise
+// 16-bit loops need cross-lane permutes per vector instead, and bf16 loops
+// are bound by that arithmetic per core, not by memory.
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+constexpr int kFirstShift = 16;  // the first element is the word's top half
+#else
+constexpr int kFirstShift = 0;
+#endif
+constexpr int kSecondShift = 16 - kFirstShift;
+
+FASTCLIP_ALWAYS_INLINE uint32_t load_pair(const uint16_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
+}
+FASTCLIP_ALWAYS_INLINE void store_pair(uint16_t* p, uint32_t w) { std::memcpy(p, &w, sizeof(w)); }
+// Element k (0 or 1) of a pair as float: its 16 bits moved to the top.
+FASTCLIP_ALWAYS_INLINE float bf16_first(uint32_t w) {
+  return float_of(kFirstShift ? (w & 0xFFFF0000u) : (w << 16));
+}
+FASTCLIP_ALWAYS_INLINE float bf16_second(uint32_t w) {
+  return float_of(kSecondShift ? (w & 0xFFFF0000u) : (w << 16));
+}
+// Two rounded words (bf16_word_of: the value in the top half) as one pair.
+FASTCLIP_ALWAYS_INLINE uint32_t bf16_join(uint32_t first, uint32_t second) {
+  return kFirstShift ? ((first & 0xFFFF0000u) | (second >> 16)) : ((first >> 16) | (second & 0xFFFF0000u));
+}
+
 // ----------------------------------------------------------------- norm
 // kScaled: the rescue pass, values divided by `divisor` first.
 // max that keeps NaN: once a lane holds NaN, no comparison replaces it.
@@ -87,8 +118,7 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
     amax[l] = T(0);
   }
 
-  auto step = [&](int l, int64_t i) __attribute__((always_inline)) {
-    const T raw = E::load(x, i);
+  auto step = [&](int l, T raw) __attribute__((always_inline)) {
     if (K == NormKind::kInf || kTrackMax) amax[l] = max_keep_nan(amax[l], std::fabs(raw));
     if (K == NormKind::kInf) return;
     double v = static_cast<double>(raw);
@@ -99,10 +129,24 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
   };
 
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) step(l, i + l);
+  if constexpr (std::is_same<E, BF16>::value) {
+    // bf16 read as pairs in 32-bit words (any 2-byte alignment): elements
+    // 2w and 2w+1 of a block go to lanes w and w + kLanes/2. Both widen by
+    // one in-lane shift or mask, where element-wise lanes cost a cross-lane
+    // permute per vector (bf16 norms are conversion-bound per core).
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int w = 0; w < kLanes / 2; ++w) {
+        const uint32_t pair = load_pair(x + i + 2 * w);
+        step(w, bf16_first(pair));
+        step(w + kLanes / 2, bf16_second(pair));
+      }
+    }
+  } else {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) step(l, E::load(x, i + l));
+    }
   }
-  for (int l = 0; i < n; ++i, ++l) step(l, i);
+  for (int l = 0; i < n; ++i, ++l) step(l, E::load(x, i));
 
   for (int width = kLanes / 2; width > 0; width /= 2) {
     for (int l = 0; l < width; ++l) {
@@ -141,7 +185,14 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span(const void* data, int64_t n, NormOr
 template <typename E, typename Op>
 FASTCLIP_ALWAYS_INLINE void update_span(void* data, int64_t n, const Op& op) {
   auto* x = static_cast<typename E::storage*>(data);
-  for (int64_t i = 0; i < n; ++i) x[i] = E::store(op(E::load(x, i)));
+  int64_t i = 0;
+  if constexpr (std::is_same<E, BF16>::value) {
+    for (; i + 2 <= n; i += 2) {
+      const uint32_t pair = load_pair(x + i);
+      store_pair(x + i, bf16_join(bf16_word_of(op(bf16_first(pair))), bf16_word_of(op(bf16_second(pair)))));
+    }
+  }
+  for (; i < n; ++i) x[i] = E::store(op(E::load(x, i)));
 }
 
 // 16-bit types compute in float and round once, as torch's opmath does.
