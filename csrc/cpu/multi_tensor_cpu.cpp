@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -30,6 +31,11 @@ constexpr int64_t kChunkElems = int64_t{1} << 16;
 
 // Below this many elements in a call, threads cost more than they save.
 constexpr int64_t kMinParallelElems = int64_t{1} << 15;
+
+// Work pieces taken by threads from a shared counter: enough per thread
+// that the last one is short, each at least a chunk's worth of elements.
+constexpr int64_t kPiecesPerThread = 32;
+constexpr int64_t kMinPieceElems = kChunkElems;
 
 // Prefetched head of the next span: one page, the part that the hardware
 // prefetchers read with demand misses before they pick up its stream.
@@ -57,18 +63,24 @@ ByteSpan byte_span(const std::vector<TensorDesc>& descs, const Chunk& ch) {
 }
 
 // Runs fn(span, c) for every chunk index c, each exactly once, on ATen's
-// threads. at::parallel_for cuts its range into equal contiguous pieces, so
-// the range is elements, not chunks: a thread takes the chunks that start
-// in its piece, and a few large tensors among many small ones still
-// balance. Before a chunk runs, the thread's next chunk is prefetched when
-// it lies elsewhere in memory: a model's gradients are separate
-// allocations with other memory (their parameters) between them, and the
-// hardware prefetchers, which follow one address stream, lose the stream
-// at every gradient and restart it with demand misses (10,000 gradients
-// between parameters, fp32, 2 threads: norm 7.8-9.0 -> 6.4-7.1 ms).
-// Walking a clip's scale pass backward, to start where the norm pass left
-// the caches warm, measured 3% faster to 7% slower in paired runs on the
-// development VM (whose L3 is shared with other tenants), so it is not done.
+// threads. The chunks are cut into pieces of about equal element counts
+// (chunks that start in a piece's element range belong to it, so a few
+// large tensors among many small ones still balance), and each thread
+// takes the next piece from a shared counter until none is left: on a
+// shared machine one core is often slower than the other, and a static
+// halving left the faster one waiting (10,000 tensors, fp32: 4.0 against
+// 4.5 ms per thread; paired runs of every benchmark set: 0-10% faster,
+// the worst 1.5% slower, within the noise).
+//
+// Before a chunk runs, the thread's next chunk is prefetched when it lies
+// elsewhere in memory: a model's gradients are separate allocations with
+// other memory (their parameters) between them, and the hardware
+// prefetchers, which follow one address stream, lose the stream at every
+// gradient and restart it with demand misses (10,000 gradients between
+// parameters, fp32, 2 threads: norm 7.8-9.0 -> 6.4-7.1 ms). Walking a
+// clip's scale pass backward, to start where the norm pass left the caches
+// warm, measured 3% faster to 7% slower in paired runs on the development
+// VM (whose L3 is shared with other tenants), so it is not done.
 template <typename Fn>
 void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks, const Fn& fn) {
   const int64_t count = static_cast<int64_t>(chunks.size());
@@ -78,9 +90,8 @@ void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chun
     start[static_cast<size_t>(c)] = total;
     total += chunks[static_cast<size_t>(c)].size;
   }
-  at::parallel_for(0, total, kMinParallelElems, [&](int64_t begin, int64_t end) {
-    const int64_t first = std::lower_bound(start.begin(), start.end(), begin) - start.begin();
-    const int64_t stop = std::lower_bound(start.begin(), start.end(), end) - start.begin();
+  // Chunks [first, stop), the next one prefetched while one runs.
+  auto run = [&](int64_t first, int64_t stop) {
     if (first >= stop) return;
     ByteSpan span = byte_span(descs, chunks[static_cast<size_t>(first)]);
     for (int64_t c = first; c < stop; ++c) {
@@ -96,6 +107,22 @@ void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chun
       }
       fn(span, c);
       span = next;
+    }
+  };
+  const int64_t threads = total < kMinParallelElems ? 1 : std::max<int64_t>(at::get_num_threads(), 1);
+  if (threads == 1 || at::in_parallel_region()) {
+    run(0, count);
+    return;
+  }
+  const int64_t piece = std::max(kMinPieceElems, (total + threads * kPiecesPerThread - 1) / (threads * kPiecesPerThread));
+  const int64_t pieces = (total + piece - 1) / piece;
+  std::atomic<int64_t> next_piece{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t p = next_piece.fetch_add(1, std::memory_order_relaxed); p < pieces;
+         p = next_piece.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t first = std::lower_bound(start.begin(), start.end(), p * piece) - start.begin();
+      const int64_t stop = std::lower_bound(start.begin(), start.end(), std::min(total, (p + 1) * piece)) - start.begin();
+      run(first, stop);
     }
   });
 }
