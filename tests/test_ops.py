@@ -390,19 +390,33 @@ def _assert_bf16_same_values(actual, expected):
     assert torch.equal(actual.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
 
 
+@pytest.mark.parametrize("flush", [False, True], ids=["denormals", "flush_denormal"])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_bf16_every_value_scale_and_clamp(offset):
-    # Subnormal results, overflow to inf, ties to even, NaN and inf inputs.
-    for coef in (0.3, 0.5, 1.7e-8, 3.3e30, -1.0):
-        x = _every_bf16(offset)
-        expected = (x.float() * torch.tensor(coef).float()).to(torch.bfloat16)
-        ops.multi_tensor_scale_([x], torch.tensor(coef, dtype=torch.float64))
-        _assert_bf16_same_values(x, expected)
-    for bound in (1e-5, 3.0, 1e-39):
-        x = _every_bf16(offset)
-        expected = x.float().clamp(-bound, bound).to(torch.bfloat16)
-        ops.multi_tensor_clamp_([x], bound)
-        _assert_bf16_same_values(x, expected)
+def test_bf16_every_value_scale_and_clamp(offset, flush):
+    # Subnormal results, overflow to inf, ties to even, NaN and inf inputs;
+    # on AVX512-BF16 CPUs both the hardware rounding and, for vectors with
+    # subnormal results or when the thread flushes denormals, the portable
+    # one. The reference is computed in the same mode, all on this thread
+    # (set_flush_denormal sets the mode of the calling thread only).
+    threads = torch.get_num_threads()
+    if not torch.set_flush_denormal(flush):
+        pytest.skip("this CPU cannot flush denormals")
+    if flush:
+        torch.set_num_threads(1)
+    try:
+        for coef in (0.3, 0.5, 1.7e-8, 3.3e30, -1.0):
+            x = _every_bf16(offset)
+            expected = (x.float() * torch.tensor(coef).float()).to(torch.bfloat16)
+            ops.multi_tensor_scale_([x], torch.tensor(coef, dtype=torch.float64))
+            _assert_bf16_same_values(x, expected)
+        for bound in (1e-5, 3.0, 1e-39):
+            x = _every_bf16(offset)
+            expected = x.float().clamp(-bound, bound).to(torch.bfloat16)
+            ops.multi_tensor_clamp_([x], bound)
+            _assert_bf16_same_values(x, expected)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("ord", ORDS, ids=ord_id)

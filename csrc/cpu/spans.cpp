@@ -13,11 +13,12 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
-// fp16 through the F16C conversion instructions, picked at run time: GCC
-// does not vectorize _Float16 conversions, and the portable integer-mask
-// conversion costs twice the time of bf16 per element. GCC only: the
-// target attribute is put on lambdas, which is GCC's syntax.
-#define FASTCLIP_F16C 1
+// Hardware conversions picked at run time: fp16 through F16C (GCC does not
+// vectorize _Float16 conversions, and the portable integer-mask conversion
+// costs twice the time of bf16 per element), and the rounding of bf16
+// scale and clamp results through AVX512-BF16. GCC only: the target
+// attribute is put on lambdas, which is GCC's syntax.
+#define FASTCLIP_X86_CONVERSIONS 1
 #endif
 
 // Hot loops are compiled for several x86 ISA levels and picked at load time
@@ -240,14 +241,14 @@ FASTCLIP_CPU_CLONES NormPartial norm_span_f16_portable(const void* x, int64_t n,
 
 FASTCLIP_CPU_CLONES void scale_span_f32(void* x, int64_t n, double c) { scale_span<F32>(x, n, c); }
 FASTCLIP_CPU_CLONES void scale_span_f64(void* x, int64_t n, double c) { scale_span<F64>(x, n, c); }
-FASTCLIP_CPU_CLONES void scale_span_bf16(void* x, int64_t n, double c) { scale_span<BF16>(x, n, c); }
+FASTCLIP_CPU_CLONES void scale_span_bf16_portable(void* x, int64_t n, double c) { scale_span<BF16>(x, n, c); }
 FASTCLIP_CPU_CLONES void scale_span_f16_portable(void* x, int64_t n, double c) { scale_span<F16>(x, n, c); }
 FASTCLIP_CPU_CLONES void clamp_span_f32(void* x, int64_t n, double v) { clamp_span<F32>(x, n, v); }
 FASTCLIP_CPU_CLONES void clamp_span_f64(void* x, int64_t n, double v) { clamp_span<F64>(x, n, v); }
-FASTCLIP_CPU_CLONES void clamp_span_bf16(void* x, int64_t n, double v) { clamp_span<BF16>(x, n, v); }
+FASTCLIP_CPU_CLONES void clamp_span_bf16_portable(void* x, int64_t n, double v) { clamp_span<BF16>(x, n, v); }
 FASTCLIP_CPU_CLONES void clamp_span_f16_portable(void* x, int64_t n, double v) { clamp_span<F16>(x, n, v); }
 
-#ifdef FASTCLIP_F16C
+#ifdef FASTCLIP_X86_CONVERSIONS
 namespace {
 
 #define FASTCLIP_F16C_TARGET __attribute__((target("avx2,fma,f16c")))
@@ -343,11 +344,91 @@ FASTCLIP_F16C_TARGET void update_f16c(uint16_t* x, int64_t n, const Op& op) {
   }
 }
 
+// ------------------------------------------------ bf16 through AVX512-BF16
+#define FASTCLIP_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+// vcvtne2ps2bf16 rounds to nearest even and quiets NaN exactly as
+// bf16_word_of does, but reads subnormal inputs as zero whatever the
+// MXCSR: a vector holding a subnormal result goes through the portable
+// rounding instead (checked against it on every bf16 value times several
+// coefficients). Not taken when the thread reads denormals as zero (DAZ),
+// a mode whose effect on the subnormal check is not worth relying on.
+bool bf16_cvt_usable() {
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bf16");
+  constexpr unsigned kDenormalsAreZero = 0x0040u;
+  return cpu && (_mm_getcsr() & kDenormalsAreZero) == 0;
+}
+
+// Sixteen bf16 values at p as floats. (GCC 12 warns, wrongly, that its
+// own _mm512_undefined_epi32 inside these intrinsics may be uninitialized.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTCLIP_BF16_TARGET inline __m512 load16_bf16(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#pragma GCC diagnostic pop
+
+// x = op(x) for 32 values at a time; a vector with a subnormal result and
+// the tail through `portable` (the same rounding), on the original values.
+template <typename Op>
+FASTCLIP_BF16_TARGET void update_bf16_avx512(uint16_t* x, int64_t n, const Op& op, UpdateSpanFn portable,
+                                             double value) {
+  constexpr int kSubnormal = 0x20;  // vfpclassps category: denormal
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 low = op(load16_bf16(x + i));
+    const __m512 high = op(load16_bf16(x + i + 16));
+    if ((_mm512_fpclass_ps_mask(low, kSubnormal) | _mm512_fpclass_ps_mask(high, kSubnormal)) != 0) {
+      portable(x + i, 32, value);
+      continue;
+    }
+    _mm512_storeu_si512(x + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
+  }
+  if (i < n) portable(x + i, n - i, value);
+}
+
 }  // namespace
 #endif
 
+void scale_span_bf16(void* x, int64_t n, double c) {
+#ifdef FASTCLIP_X86_CONVERSIONS
+  if (bf16_cvt_usable()) {
+    const float coef = static_cast<float>(c);
+    update_bf16_avx512(
+        static_cast<uint16_t*>(x), n,
+        [coef](__m512 v) FASTCLIP_BF16_TARGET { return _mm512_mul_ps(v, _mm512_set1_ps(coef)); },
+        scale_span_bf16_portable, c);
+    return;
+  }
+#endif
+  scale_span_bf16_portable(x, n, c);
+}
+
+void clamp_span_bf16(void* x, int64_t n, double bound) {
+#ifdef FASTCLIP_X86_CONVERSIONS
+  if (bf16_cvt_usable()) {
+    const float hi = static_cast<float>(bound);
+    update_bf16_avx512(
+        static_cast<uint16_t*>(x), n,
+        [hi](__m512 v) FASTCLIP_BF16_TARGET {
+          // NaN compares false both ways and is kept, as torch.clamp keeps it.
+          const __m512 top = _mm512_set1_ps(hi);
+          const __m512 bottom = _mm512_set1_ps(-hi);
+          v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, bottom, _CMP_LT_OQ), v, bottom);
+          return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, top, _CMP_GT_OQ), v, top);
+        },
+        clamp_span_bf16_portable, bound);
+    return;
+  }
+#endif
+  clamp_span_bf16_portable(x, n, bound);
+}
+
 NormPartial norm_span_f16(const void* x, int64_t n, NormOrder o, bool s, double d) {
-#ifdef FASTCLIP_F16C
+#ifdef FASTCLIP_X86_CONVERSIONS
   // The rescue pass (scaled) only ever runs for a general p: portable.
   if (!s && o.kind != NormKind::kP && f16c_usable()) {
     const auto* h = static_cast<const uint16_t*>(x);
@@ -365,7 +446,7 @@ NormPartial norm_span_f16(const void* x, int64_t n, NormOrder o, bool s, double 
 }
 
 void scale_span_f16(void* x, int64_t n, double c) {
-#ifdef FASTCLIP_F16C
+#ifdef FASTCLIP_X86_CONVERSIONS
   if (f16c_usable()) {
     const float coef = static_cast<float>(c);
     update_f16c(static_cast<uint16_t*>(x), n, [coef](__m256 v) FASTCLIP_F16C_TARGET {
@@ -378,7 +459,7 @@ void scale_span_f16(void* x, int64_t n, double c) {
 }
 
 void clamp_span_f16(void* x, int64_t n, double bound) {
-#ifdef FASTCLIP_F16C
+#ifdef FASTCLIP_X86_CONVERSIONS
   if (f16c_usable()) {
     const float hi = static_cast<float>(bound);
     update_f16c(static_cast<uint16_t*>(x), n, [hi](__m256 v) FASTCLIP_F16C_TARGET {
