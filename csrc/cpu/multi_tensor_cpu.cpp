@@ -69,8 +69,8 @@ ByteSpan byte_span(const std::vector<TensorDesc>& descs, const Chunk& ch) {
 // takes the next piece from a shared counter until none is left: on a
 // shared machine one core is often slower than the other, and a static
 // halving left the faster one waiting (10,000 tensors, fp32: 4.0 against
-// 4.5 ms per thread; paired runs of every benchmark set: 0-10% faster,
-// the worst 1.5% slower, within the noise).
+// 4.5 ms per thread; paired runs of the benchmark sets: clip 0-15% faster,
+// norm 8% faster to 3% slower, within the noise).
 //
 // Before a chunk runs, the thread's next chunk is prefetched when it lies
 // elsewhere in memory: a model's gradients are separate allocations with
