@@ -109,15 +109,18 @@ void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chun
       span = next;
     }
   };
-  const int64_t threads = total < kMinParallelElems ? 1 : std::max<int64_t>(at::get_num_threads(), 1);
-  if (threads == 1 || at::in_parallel_region()) {
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  const int64_t piece = std::max(kMinPieceElems, (total + threads * kPiecesPerThread - 1) / (threads * kPiecesPerThread));
+  const int64_t pieces = (total + piece - 1) / piece;
+  // No more threads than pieces: waking idle threads costs more than a
+  // small call's work.
+  const int64_t workers = std::min(threads, pieces);
+  if (total < kMinParallelElems || workers <= 1 || at::in_parallel_region()) {
     run(0, count);
     return;
   }
-  const int64_t piece = std::max(kMinPieceElems, (total + threads * kPiecesPerThread - 1) / (threads * kPiecesPerThread));
-  const int64_t pieces = (total + piece - 1) / piece;
   std::atomic<int64_t> next_piece{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t p = next_piece.fetch_add(1, std::memory_order_relaxed); p < pieces;
          p = next_piece.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t first = std::lower_bound(start.begin(), start.end(), p * piece) - start.begin();
