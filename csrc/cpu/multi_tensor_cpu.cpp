@@ -20,9 +20,42 @@
 #include "../ops.h"
 #include "spans.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define FASTCLIP_MXCSR 1
+#endif
+
 namespace fastclip {
 namespace cpu {
 namespace {
+
+// The caller's denormal mode (MXCSR DAZ and FTZ: torch.set_flush_denormal)
+// for the worker threads while they run a call's chunks. The mode belongs
+// to each thread and torch sets it only on the calling one; without this a
+// chunk would read subnormals as zero or not depending on which thread ran
+// it, and threads take pieces in no fixed order.
+class CallerDenormalMode {
+ public:
+#ifdef FASTCLIP_MXCSR
+  static constexpr unsigned kBits = 0x0040u | 0x8000u;  // DAZ | FTZ
+  CallerDenormalMode() : caller_(_mm_getcsr() & kBits) {}
+  // Applies the caller's mode on this thread until the returned guard ends.
+  struct Guard {
+    explicit Guard(unsigned mode) : saved(_mm_getcsr()) { _mm_setcsr((saved & ~kBits) | mode); }
+    ~Guard() { _mm_setcsr(saved); }
+    Guard(const Guard&) = delete;
+    Guard& operator=(const Guard&) = delete;
+    unsigned saved;
+  };
+  Guard apply() const { return Guard(caller_); }
+
+ private:
+  unsigned caller_;
+#else
+  struct Guard {};
+  Guard apply() const { return Guard{}; }
+#endif
+};
 
 // 64 Ki elements (256 KiB of float32) per chunk: large enough that the
 // per-chunk overhead vanishes, small enough that a big tensor splits
@@ -120,7 +153,9 @@ void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chun
     return;
   }
   std::atomic<int64_t> next_piece{0};
+  const CallerDenormalMode mode;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    [[maybe_unused]] const auto guard = mode.apply();
     for (int64_t p = next_piece.fetch_add(1, std::memory_order_relaxed); p < pieces;
          p = next_piece.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t first = std::lower_bound(start.begin(), start.end(), p * piece) - start.begin();
