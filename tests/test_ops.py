@@ -332,17 +332,32 @@ def test_norm_is_bitwise_deterministic(dtype, ord, device):
         assert_same_bits(each, first_each)
 
 
-def test_norm_bits_do_not_depend_on_thread_count():
-    tensors = _million(torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=dtype_id)
+def test_norm_and_clip_bits_do_not_depend_on_thread_count(dtype):
+    # Threads take pieces of the chunk list in no fixed order; partials are
+    # reduced in chunk order, so every thread count gives the same bits.
+    # A few multi-chunk tensors among many small ones, so that pieces end
+    # inside tensors and some pieces hold no chunk start.
+    tensors = _million(dtype) + make_grads([(n,) for n in range(1, 400, 7)], dtype, seed=51)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = ops.multi_tensor_norm(tensors, 2.0, True)
+        for count in (1, 2, 3, 8):
+            torch.set_num_threads(count)
+            total, each = ops.multi_tensor_norm(tensors, 2.0, True)
+            clipped = [t.clone() for t in tensors]
+            clip_total = ops.clip_(clipped, float(total) / 3, 2.0)
+            results.append((total, each, clip_total, clipped))
     finally:
         torch.set_num_threads(threads)
-    many = ops.multi_tensor_norm(tensors, 2.0, True)
-    assert_same_bits(one[0], many[0])
-    assert_same_bits(one[1], many[1])
+    first = results[0]
+    for total, each, clip_total, clipped in results[1:]:
+        assert_same_bits(total, first[0])
+        assert_same_bits(each, first[1])
+        assert_same_bits(clip_total, first[2])
+        for a, b in zip(clipped, first[3]):
+            assert_same_bits(a, b)
+    assert not torch.equal(first[3][0], tensors[0])  # the clip did scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
