@@ -7,6 +7,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -52,9 +53,14 @@ void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType devic
 }
 
 void check_writable(const char* op, at::TensorList tensors) {
+  const bool inference_mode = c10::InferenceMode::is_enabled();
   for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].is_non_overlapping_and_dense()) continue;  // the common case, one flag
-    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, op, ": tensors[", i,
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(inference_mode || !t.is_inference(), op, ": tensors[", i,
+                "] is an inference tensor, and an inplace update to an inference tensor outside InferenceMode "
+                "is not allowed (as in torch); clone() it first or call this under torch.inference_mode()");
+    if (t.is_non_overlapping_and_dense()) continue;  // the common case, one flag
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": tensors[", i,
                 "] has elements that share memory (an expand()ed view?), so it cannot be written in place; "
                 "clone() it first");
   }

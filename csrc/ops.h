@@ -20,7 +20,9 @@ namespace fastclip {
 void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType device_type);
 // For the in-place ops, before anything is written: no tensor may have
 // elements that share memory (an expand()ed view), which a kernel would
-// write twice; ATen refuses them in the same way.
+// write twice, and no tensor may be an inference tensor outside
+// InferenceMode. ATen refuses both too, but refuses the second only after
+// it has written.
 void check_writable(const char* op, at::TensorList tensors);
 void check_norm_order(const char* op, double ord);
 void check_max_norm(const char* op, double max_norm);

@@ -20,6 +20,9 @@ per group; see that module.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import types
 import warnings
 from typing import Iterable, Optional, Union
 
@@ -159,10 +162,26 @@ def _fallback_reason(t: Tensor) -> Optional[str]:
     return None
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# torch.no_grad() as a decorator adds a frame of this file between the user and us.
+_CONTEXTLIB_FILE = os.path.abspath(sys.modules["torch.utils._contextlib"].__file__)
+
+
+def _warn(message: str) -> None:
+    """warnings.warn attributed to the first caller outside fastclip (and
+    torch's no_grad wrapper), whichever function path led here."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or os.path.abspath(frame.f_code.co_filename) == _CONTEXTLIB_FILE
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
 def _warn_once(reason: str) -> None:
     if reason not in _warned and not torch.compiler.is_compiling():
         _warned.add(reason)
-        warnings.warn(f"fastclip: computing with plain PyTorch because {reason}", stacklevel=4)
+        _warn(f"fastclip: computing with plain PyTorch because {reason}")
 
 
 class _Part:
@@ -188,6 +207,15 @@ def _split(tensors: list[Tensor]) -> list[_Part]:
     ]
 
 
+def _index(indices: list[int], device: torch.device) -> Tensor:
+    """An int64 index tensor on ``device``; to a GPU from pinned memory,
+    asynchronously (a copy from pageable memory would sync the host)."""
+    index = torch.tensor(indices, dtype=torch.long)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, per_tensor: bool):
     """Total norm (float64, on ``first``) and per-tensor norms over all parts."""
     totals = []
@@ -199,8 +227,7 @@ def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, pe
             total, part_each = _ops.multi_tensor_norm(part.tensors, ord, per_tensor)
         totals.append(total.to(first, torch.float64))
         if per_tensor:
-            index = torch.tensor(part.indices, dtype=torch.long, device=first)
-            each.index_copy_(0, index, part_each.to(first, torch.float32))
+            each.index_copy_(0, _index(part.indices, first), part_each.to(first, torch.float32))
     return _fallback.combine(torch.stack(totals), ord), each
 
 
@@ -398,6 +425,11 @@ def clip_grad_norm_(
     ``process_group`` must be passed by one rank only.
     """
     del foreach
+    if isinstance(parameters, types.GeneratorType):
+        parameters = list(parameters)  # read once, by whichever path follows
+        if not parameters:
+            _warn("`parameters` is an empty generator, no gradient clipping will occur.")  # as torch warns
+    error_if_nonfinite = bool(error_if_nonfinite)
     held = _held(parameters, True, "parameters")
     max_norm = _max_norm(max_norm)
     norm_type = _norm_type(norm_type)
@@ -491,5 +523,5 @@ def grad_norms(parameters: TensorOrTensors, norm_type: float = 2.0, process_grou
         return total, each
     have = [i for i, p in enumerate(params) if p.grad is not None]
     out = torch.zeros((len(params),), dtype=torch.float32, device=each.device)
-    out.index_copy_(0, torch.tensor(have, dtype=torch.long, device=each.device), each)
+    out.index_copy_(0, _index(have, each.device), each)
     return total, out

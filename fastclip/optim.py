@@ -247,6 +247,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
             grads, one_call = _clip._grads(params, held)
             held = None
             if len(grads) == 0 and not groups:
+                # No gradient: the norm torch's clip_grad_norm_ returns for none.
+                device = self.last_norm.device if self.last_norm is not None else torch.device("cpu")
+                self.last_norm = torch.zeros((), device=device)
+                self.last_clip_coef = torch.ones((), device=device)
                 self.optimizer.step()
                 return loss
         divisor, scaler_found = self._incoming_scale()

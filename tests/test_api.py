@@ -229,6 +229,42 @@ def test_tensor_or_iterable_arguments(fn, form):
             assert_same_bits(p.grad, q.grad)
 
 
+def test_empty_generator_warns_as_torch_does():
+    for clip in (fastclip.clip_grad_norm_, torch.nn.utils.clip_grad_norm_):
+        with pytest.warns(UserWarning, match="`parameters` is an empty generator") as seen:
+            total = clip((p for p in []), 1.0)
+        assert seen[0].filename == __file__  # the caller's line, through the no_grad wrapper
+        assert_same_bits(total, torch.tensor(0.0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastclip.clip_grad_norm_([], 1.0)  # an empty list is not a generator: no warning
+        fastclip.clip_grad_norm_((p for p in _params(seed=8, with_none=False)), 1.0)  # nor a full one
+
+
+def test_fallback_warning_points_at_the_caller(fresh_warnings):
+    params = _params(seed=8, with_none=False) + make_params([torch.ones(3, dtype=torch.complex64)])
+    with pytest.warns(UserWarning, match="fastclip: computing with plain PyTorch") as seen:
+        fastclip.clip_grad_norm_(params, 0.5)
+    assert seen[0].filename == __file__
+
+
+@pytest.mark.parametrize("flag", [1, "yes", torch.tensor(True), 0, ""])
+def test_error_if_nonfinite_is_read_as_truth_value(flag):
+    params = _params(seed=8, with_none=False)
+    reference = clone_params(params)
+    total = fastclip.clip_grad_norm_(params, 0.5, error_if_nonfinite=flag)
+    expected = fastclip.clip_grad_norm_(reference, 0.5, error_if_nonfinite=bool(flag))
+    assert_same_bits(total, expected)
+    params[0].grad[0] = math.nan
+    if flag:
+        with pytest.raises(RuntimeError, match="non-finite"):
+            fastclip.clip_grad_norm_(params, 0.5, error_if_nonfinite=flag)
+    else:
+        assert math.isnan(fastclip.clip_grad_norm_(params, 0.5, error_if_nonfinite=flag).item())
+
+
 @pytest.mark.parametrize("fn", ["clip_grad_norm_", "grad_norms", "clip_grad_value_", "clip_grads_with_norm_"])
 def test_params_without_grad_are_skipped(fn):
     with_none = _params(seed=9)

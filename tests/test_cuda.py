@@ -136,6 +136,27 @@ def test_gapped_views_on_cuda_scale_through_strides():
     assert (base[:, 1::2] == SENTINEL).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_gapped_views_of_more_than_8_dims_match_the_cpu_bits(dtype):
+    # Views of more than kMaxViewDims dimensions are scaled by ATen in the
+    # glue: in float for 16-bit dtypes, so that they get the kernels' bits
+    # (ATen would round a float64 device coefficient to the dtype first).
+    def run(device, coef):
+        base = torch.full((3, 2, 2, 2, 2, 2, 2, 2, 4), SENTINEL, dtype=dtype, device=device)
+        view = base[..., ::2]  # 9 dimensions with a gap
+        view.copy_(make_grads([tuple(view.shape)], dtype, "cpu", seed=12, scale=3.0)[0].to(device))
+        dense = make_grads([(40,)], dtype, "cpu", seed=13, scale=3.0)[0].to(device)
+        ops.multi_tensor_scale_([view, dense], coef)
+        assert (base[..., 1::2] == SENTINEL).all()
+        return view.cpu(), dense.cpu()
+
+    coef = torch.tensor(0.3, dtype=torch.float64)  # not exact in any dtype
+    expected = run("cpu", coef)
+    for on in ("cpu", "cuda"):
+        for got, want in zip(run("cuda", coef.to(on)), expected):
+            assert_same_bits(got, want)
+
+
 # ------------------------------------------------- overflow and underflow
 EXTREMES = [
     ("fp64 1e200", torch.float64, 1e200, [2.0, 1.0, 3.5]),

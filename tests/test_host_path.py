@@ -8,7 +8,8 @@ ops do for autograd.
   that require grad while grad mode is on (nothing modified), and bump the
   version counters of what they may have written, so that autograd catches
   a saved tensor modified by a clip.
-- In-place ops refuse views whose elements share memory, before writing.
+- In-place ops refuse views whose elements share memory, and inference
+  tensors outside InferenceMode (as torch does, but before writing).
 """
 from __future__ import annotations
 
@@ -242,6 +243,40 @@ def test_in_place_ops_refuse_self_overlapping_views(call, device):
     with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements that share memory"):
         call(tensors)
     assert_untouched(tensors, before)  # the dense tensors before it too
+
+
+# ------------------------------------------------------ inference tensors
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@in_place_param
+def test_in_place_ops_refuse_inference_tensors_outside_inference_mode(call, device):
+    require_kernel(device)
+    dense = make_grads([(6,), (4, 4)], torch.float32, device, seed=10, scale=3.0)
+    with torch.inference_mode():
+        frozen = torch.full((5,), 7.0, device=device)
+    tensors = [dense[0], frozen, dense[1]]
+    before = snapshot(dense)  # an inference tensor has no version counter to snapshot
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is an inference tensor"):
+        call(tensors)
+    assert_untouched(dense, before)  # the tensor before it too
+    assert torch.equal(frozen, torch.full((5,), 7.0, device=device))
+    with torch.inference_mode():  # allowed in InferenceMode, as in torch
+        call(tensors)
+    assert not torch.equal(frozen, torch.full((5,), 7.0, device=device))
+
+
+def test_clip_grad_norm_refuses_inference_gradient_and_reads_it():
+    params = make_params(make_grads([(6,), (3,)], seed=11, scale=3.0))
+    with torch.inference_mode():
+        params[1].grad = torch.full((3,), 7.0)
+    before = snapshot([params[0].grad])
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        fastclip.clip_grad_norm_(params, 0.1)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        fastclip.clip_grad_value_(params, 0.1)
+    assert_untouched([params[0].grad], before)
+    assert torch.equal(params[1].grad, torch.full((3,), 7.0))
+    # Reading is fine, as in torch.
+    assert_norm_close(fastclip.get_total_norm([p.grad for p in params]), ref_norm([p.grad for p in params]))
 
 
 def test_clip_grad_norm_refuses_self_overlapping_gradient():

@@ -441,6 +441,15 @@ def test_step_without_gradients_steps_the_inner_optimizer():
     before = _param_bits(model)
     opt.step()
     _assert_bits_equal(before, model)
+    assert float(opt.last_norm) == 0.0 and float(opt.last_clip_coef) == 1.0  # torch's norm of no gradient
+    # After a step with gradients, a step without them does not report the old norm.
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    opt.step()
+    assert float(opt.last_norm) > MAX_NORM and float(opt.last_clip_coef) < 1.0
+    opt.zero_grad()
+    opt.step()
+    assert float(opt.last_norm) == 0.0 and float(opt.last_clip_coef) == 1.0
 
 
 def test_order_inf_and_one():

@@ -153,7 +153,14 @@ void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, cons
   for (int64_t i : which) {
     const at::Tensor& t = tensors[static_cast<size_t>(i)];
     if (t.dim() > kMaxViewDims) {
-      t.mul_(aten_coef);
+      // ATen would round a float64 device coefficient to a 16-bit dtype
+      // before multiplying; the kernels multiply by float(coef) and round
+      // once, which computing in float reproduces.
+      if (t.element_size() == 2) {
+        t.copy_(t.to(at::kFloat).mul_(aten_coef.to(at::kFloat)));
+      } else {
+        t.mul_(aten_coef);
+      }
       continue;
     }
     StridedView& v = batch.views[batch.count++];
