@@ -7,7 +7,6 @@ any rank fails the spawning test with that rank's traceback.
 """
 from __future__ import annotations
 
-import copy
 import gc
 import math
 import os

@@ -405,6 +405,31 @@ def test_scale_of_views_with_gaps_matches_dense_bits(dtype):
             assert_same_bits(dense, (before.float() * coef.float()).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_data_not_aligned_to_its_element_size(dtype):
+    # torch.frombuffer can place a tensor at any byte: the CPU kernels read
+    # and write it (no aligned vector access after a peeled head) and give
+    # the bits of an aligned copy. 100,003 elements: more than a chunk.
+    numel, size = 100_003, torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(64)
+    values = (torch.randn(numel, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    for byte in range(1, size):
+        buf = bytearray(numel * size + size)
+        odd = torch.frombuffer(buf, dtype=dtype, offset=byte, count=numel)
+        assert odd.data_ptr() % size == byte
+        odd.copy_(values)
+        even = values.clone()
+        for ord in ORDS:
+            for a, b in zip(ops.multi_tensor_norm([odd], ord, True), ops.multi_tensor_norm([even], ord, True)):
+                assert_same_bits(a, b)
+        assert_same_bits(ops.clip_([odd], 1.0, 2.0), ops.clip_([even], 1.0, 2.0))
+        assert_same_bits(odd, even)
+        ops.multi_tensor_clamp_([odd], 0.001)
+        ops.multi_tensor_clamp_([even], 0.001)
+        assert_same_bits(odd, even)
+        assert buf[:byte] == bytearray(byte) and buf[byte + numel * size :] == bytearray(size - byte)
+
+
 BF16_EXPONENT = 0x7F80
 BF16_2_TO_64 = 0x5F80  # the exponent field of 2^64
 
