@@ -28,10 +28,16 @@ def median_wall_us(fn, calls=50, warmup=5):
     return statistics.median(samples), min(samples), max(samples)
 
 
+# Cycles the GPU spins before the timed calls, so that the host queues all
+# of them first and the events measure GPU work, not the host's issue rate.
+SPIN_CYCLES = int(5e8)
+
+
 def gpu_us(fn, calls=50):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
     torch.cuda.synchronize()
+    torch.cuda._sleep(SPIN_CYCLES)
     start.record()
     for _ in range(calls):
         fn()

@@ -84,7 +84,8 @@ def groups_of(process_group) -> list:
 def collective_device(groups: list) -> torch.device:
     """Where a rank with no local tensors keeps its (zero) contribution."""
     dist = _dist()
-    if groups and dist.get_backend(groups[0]) == "nccl":
+    # A default group made without a backend reports "cpu:gloo,cuda:nccl".
+    if groups and "nccl" in str(dist.get_backend(groups[0])):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -185,8 +185,9 @@ def test_scaled_accumulation_matches_cpu_rescue(dtype, value, ords):
         torch.testing.assert_close(total.cpu(), cpu_total, rtol=1e-6, atol=0)
         torch.testing.assert_close(each.cpu(), cpu_each, rtol=1e-6, atol=0)
         norm = ref_norm(cpu, ord)
-        if 0 < norm.item() < 3e38:
-            assert_norm_close(total, norm)
+        # Against the reference as float32 holds it: 0 for the fp64 norms
+        # below float32's range (1e-200, subnormals), inf above it.
+        assert_norm_close(total, norm.to(torch.float32))
         max_norm = 0.5 * norm.item() if norm.item() > 0 else 1.0
         expected = [ref_scaled(t, ref_coef(max_norm, norm)) for t in cpu]
         ops.clip_(gpu, max_norm, ord)

@@ -69,12 +69,20 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}"[:REASON_CHARS]
 
 
+def _is_device_fault(error: BaseException) -> bool:
+    """A CUDA error (illegal address and the like), after which the context is unusable."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(error, accelerator_error)) or "CUDA error" in str(error)
+
+
 @contextlib.contextmanager
 def _reported(row: Row) -> Iterator[None]:
     """Run the body; an exception becomes the row's status instead of ending the run."""
     try:
         yield
     except Exception as error:
+        if _is_device_fault(error):
+            raise  # the context is lost: every later row would fail with it, misattributed
         if isinstance(error, Unavailable):
             status = f"unavailable: {error}"
         elif isinstance(error, Skipped):
