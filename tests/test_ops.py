@@ -246,7 +246,13 @@ def test_clamp_matches_torch(case, dtype, clip_value, device):
     ops.multi_tensor_clamp_(tensors, clip_value)
 
     for t, e in zip(tensors, expected):
-        assert_identical(t, e)
+        if clip_value == 0.0 and device != "cpu":
+            # Clamped to [-0, +0]: which zero min/max return for zeros of
+            # opposite signs is left open by IEEE 754, and by torch's device
+            # kernels (fminf/fmaxf); the CPU case checks the bits.
+            torch.testing.assert_close(t, e, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert_identical(t, e)
     _assert_gaps_kept(gaps, gap_copies)
 
 
