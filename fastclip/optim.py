@@ -19,9 +19,10 @@ How the clip reaches the gradients depends on the inner optimizer:
 Non-finite gradients (``nonfinite=``):
   ``"skip"``       (default) the step leaves parameters and optimizer state
                    bit-identical and ``skipped_steps`` (a device tensor) counts
-                   it. With a fused inner optimizer that already has state
-                   this happens on the device through ``found_inf``; otherwise
-                   it costs one host read of a flag per step.
+                   it. With a fused inner optimizer that already has state,
+                   or keeps none (SGD without momentum), this happens on the
+                   device through ``found_inf``; otherwise it costs one host
+                   read of a flag per step.
   ``"error"``      raise a RuntimeError naming the first non-finite
                    parameter (by name when the optimizer was built from
                    ``named_parameters()``) before anything is modified; one
@@ -327,6 +328,12 @@ class ClippedOptimizer(torch.optim.Optimizer):
             return all(state.values())  # every parameter has an entry: no per-parameter lookups
         return all(p.grad is None or bool(state.get(p)) for group in self.optimizer.param_groups for p in group["params"])
 
+    def _keeps_no_state(self) -> bool:
+        """SGD without momentum: a step skipped through ``found_inf`` leaves no
+        state behind, so even a first step can be skipped on the device."""
+        inner = self.optimizer
+        return isinstance(inner, torch.optim.SGD) and all(g.get("momentum", 0) == 0 for g in inner.param_groups)
+
     def _fused_step(self, coef: Tensor, divisor: Optional[Tensor], found: Tensor, policy: str) -> None:
         inner = self.optimizer
         saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__}
@@ -336,7 +343,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             divisor = prior if divisor is None else divisor.to(coef.device, torch.float64) * prior
         if "found_inf" in saved:
             found = torch.maximum(found, (saved["found_inf"].to(found.device) > 0).float())
-        on_device = policy == "skip" and self._has_state()
+        on_device = policy == "skip" and (self._keeps_no_state() or self._has_state())
         if not on_device and not self._check_finite(found, policy):
             return
         total = 1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef

@@ -238,6 +238,40 @@ def test_skip_on_fused_path_reads_nothing_back(device, name, cls, kwargs, monkey
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_fused_sgd_without_momentum_skips_on_the_device_from_the_first_step(device, monkeypatch):
+    """It keeps no state, so no step, not even the first, needs a host read."""
+    model = _model(torch.float32, device)
+    reference = copy.deepcopy(model)
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2, fused=True), max_norm=MAX_NORM)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=1e-2)
+    batches = _batches(torch.float32, device, 3)
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("host read inside ClippedOptimizer.step")
+
+    for batch, bad in ((batches[0], math.nan), (batches[1], None), (batches[2], math.inf)):
+        before = _param_bits(model)
+        _loss(model, batch).backward()
+        _loss(reference, batch).backward()
+        if bad is not None:
+            _inject(model, bad)
+        with monkeypatch.context() as patch:
+            for method in ("item", "__bool__", "tolist", "__float__", "__int__"):
+                patch.setattr(torch.Tensor, method, no_host_read)
+            opt.step()
+        if bad is not None:
+            _assert_bits_equal(before, model)
+        else:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM)
+            ref_opt.step()
+            _assert_params_close(reference, model, torch.float32)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert int(opt.skipped_steps) == 2
+    assert len(opt.state) == 0 or all(not s for s in opt.state.values())
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=[row[0] for row in OPTIMIZERS])
 @pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
 def test_error_names_the_parameter_and_modifies_nothing(device, name, cls, kwargs, named):
