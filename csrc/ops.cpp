@@ -10,10 +10,12 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 
 namespace fastclip {
 
@@ -127,14 +129,84 @@ TensorTable::TensorTable(at::TensorList tensors, Access access) {
     const DType dtype = to_dtype(t.scalar_type());
     if (t.numel() == 0 || t.is_non_overlapping_and_dense()) {
       descs_.push_back(TensorDesc{t.numel() == 0 ? nullptr : t.data_ptr(), t.numel(), dtype});
+      storages_.push_back(t.numel() == 0 ? nullptr : t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
     } else if (access == kRead) {
       copies_.push_back(t.contiguous());
       descs_.push_back(TensorDesc{copies_.back().data_ptr(), t.numel(), dtype});
+      storages_.push_back(nullptr);
     } else {
       strided_.push_back(static_cast<int64_t>(i));
       descs_.push_back(TensorDesc{nullptr, 0, dtype});
+      storages_.push_back(nullptr);
     }
   }
+}
+
+namespace {
+// A descriptor's bytes, as addresses.
+struct ByteRange {
+  uintptr_t begin;
+  uintptr_t end;
+};
+
+ByteRange byte_range(const TensorDesc& d) {
+  const auto begin = reinterpret_cast<uintptr_t>(d.data);
+  return ByteRange{begin, begin + static_cast<uintptr_t>(d.numel * dtype_size(d.dtype))};
+}
+}  // namespace
+
+bool TensorTable::spans_overlap() const {
+  // The common layouts pass in one sequential walk: every span after the
+  // previous one, or every span before it (views of one buffer in order,
+  // gradients allocated one after the other).
+  bool up = true, down = true;
+  ByteRange last{0, 0};
+  size_t live = 0;  // descriptors of a tensor's own storage
+  for (size_t i = 0; i < descs_.size(); ++i) {
+    if (storages_[i] == nullptr) continue;
+    const ByteRange r = byte_range(descs_[i]);
+    if (live++ > 0) {
+      up = up && last.end <= r.begin;
+      down = down && r.end <= last.begin;
+    }
+    last = r;
+  }
+  if (live < 2 || up || down) return false;
+  // Otherwise only tensors of one storage can share bytes: look for a
+  // storage held twice (open addressing, at most half full; the table is
+  // kept per thread, fresh pages for it on every call cost more than the rest).
+  size_t slots = 2;
+  while (slots < 2 * live) slots *= 2;
+  thread_local std::vector<const void*> keys;
+  keys.assign(slots, nullptr);
+  constexpr uint64_t kFibonacci = 0x9E3779B97F4A7C15ull;  // multiplicative hashing
+  constexpr int kHashShift = 20;
+  bool shared = false;
+  for (size_t i = 0; i < descs_.size() && !shared; ++i) {
+    const void* key = storages_[i];
+    if (key == nullptr) continue;
+    size_t h = static_cast<size_t>((reinterpret_cast<uintptr_t>(key) * kFibonacci) >> kHashShift) & (slots - 1);
+    while (keys[h] != nullptr && keys[h] != key) h = (h + 1) & (slots - 1);
+    shared = keys[h] == key;
+    keys[h] = key;
+  }
+  if (!shared) return false;
+  // Rare: compare ranges within each storage, sorted by (storage, begin):
+  // a range that starts before the previous one of its storage ends overlaps it.
+  std::vector<std::tuple<const void*, uintptr_t, uintptr_t>> ranges;
+  ranges.reserve(live);
+  for (size_t i = 0; i < descs_.size(); ++i) {
+    if (storages_[i] == nullptr) continue;
+    const ByteRange r = byte_range(descs_[i]);
+    ranges.emplace_back(storages_[i], r.begin, r.end);
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    if (std::get<0>(ranges[k]) == std::get<0>(ranges[k - 1]) && std::get<1>(ranges[k]) < std::get<2>(ranges[k - 1])) {
+      return true;
+    }
+  }
+  return false;
 }
 
 void bump_versions(at::TensorList tensors) {

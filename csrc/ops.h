@@ -58,9 +58,14 @@ class TensorTable {
   // Every descriptor is the tensor's own memory (no read copy, no view
   // left to ATen): the table serves reads and writes alike.
   bool in_place() const { return copies_.empty() && strided_.empty(); }
+  // Two descriptors share bytes: the same tensor twice in the list, or
+  // overlapping views of one storage. Their writes must then run in list
+  // order, as torch's loop over the tensors does, not at the same time.
+  bool spans_overlap() const;
 
  private:
   std::vector<TensorDesc> descs_;
+  std::vector<const void*> storages_;  // each descriptor's StorageImpl (nullptr: empty or a copy)
   std::vector<int64_t> strided_;
   std::vector<at::Tensor> copies_;  // keeps contiguous read copies alive
 };

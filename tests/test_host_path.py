@@ -25,10 +25,12 @@ from testing import (
     DEVICE_PARAMS,
     assert_identical,
     assert_norm_close,
+    assert_scaled_close,
     assert_untouched,
     clone_params,
     make_grads,
     make_params,
+    ref_coef,
     ref_norm,
     require_kernel,
     snapshot,
@@ -243,6 +245,46 @@ def test_in_place_ops_refuse_self_overlapping_views(call, device):
     with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements that share memory"):
         call(tensors)
     assert_untouched(tensors, before)  # the dense tensors before it too
+
+
+# ------------------------------------------- entries that share memory
+def _shared_lists():
+    """Lists whose entries share bytes, each with the values torch's loop
+    over the tensors (one in-place multiply after the other) leaves."""
+    out = []
+    t = torch.linspace(-3.0, 3.0, 70_000)
+    out.append(("same tensor twice", lambda: (lambda x: [x, x])(t.clone())))
+    out.append(("a view and its base", lambda: (lambda x: [x, x.view(100, 700)])(t.clone())))
+    out.append(("overlapping slices", lambda: (lambda x: [x[:50_000], x[20_000:]])(t.clone())))
+    out.append(("shared among others", lambda: (lambda x: [torch.ones(40_000), x[10:], torch.ones(9), x.view(7, 10_000)])(t.clone())))
+    return out
+
+
+@pytest.mark.parametrize("name,build", _shared_lists(), ids=[n for n, _ in _shared_lists()])
+def test_entries_sharing_memory_are_written_in_list_order(name, build):
+    # With several threads the entries' chunks would otherwise be written
+    # at the same time: some elements scaled once, others twice, run to run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(20):
+            tensors, expected = build(), build()
+            coef = torch.tensor(0.5, dtype=torch.float64)
+            ops.multi_tensor_scale_(tensors, coef)
+            for e in expected:  # torch's loop: one entry after the other
+                e.mul_(coef)
+            for t, e in zip(tensors, expected):
+                assert_identical(t, e)
+
+            tensors, expected = build(), build()
+            norm = ref_norm(expected)  # every entry counted, as torch counts it
+            ops.clip_(tensors, 1.0, 2.0)
+            for e in expected:
+                e.mul_(ref_coef(1.0, norm))
+            for t, e in zip(tensors, expected):
+                assert_scaled_close(t, e)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------ inference tensors
