@@ -229,7 +229,13 @@ void prefetch_bytes(const void* x, int64_t bytes) {
 FASTCLIP_CPU_CLONES NormPartial norm_span_f32(const void* x, int64_t n, NormOrder o, bool s, double d) {
   return norm_span<F32>(x, n, o, s, d);
 }
-FASTCLIP_CPU_CLONES NormPartial norm_span_f64(const void* x, int64_t n, NormOrder o, bool s, double d) {
+// No fused multiply-add for float64: its squares are inexact, so a fused
+// square-and-add (the x86-64-v3/v4 clones, where GCC contracts) and a
+// separate one (the baseline clone) gave different bits on different CPUs.
+// Memory-bound, so the separate add costs nothing measurable.
+FASTCLIP_CPU_CLONES __attribute__((optimize("fp-contract=off"))) NormPartial norm_span_f64(const void* x, int64_t n,
+                                                                                         NormOrder o, bool s,
+                                                                                         double d) {
   return norm_span<F64>(x, n, o, s, d);
 }
 FASTCLIP_CPU_CLONES NormPartial norm_span_bf16(const void* x, int64_t n, NormOrder o, bool s, double d) {
