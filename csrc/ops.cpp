@@ -127,6 +127,10 @@ TensorTable::TensorTable(at::TensorList tensors, Access access) {
     }
     const at::Tensor& t = tensors[i];
     const DType dtype = to_dtype(t.scalar_type());
+    // A storage resized to nothing under a tensor (untyped_storage().resize_(0),
+    // as FSDP does to free parameters) leaves no memory behind its elements.
+    TORCH_CHECK(t.numel() == 0 || t.data_ptr() != nullptr, "fastclip: tensors[", i,
+                "] has elements but no memory behind them (its storage was resized to 0 bytes)");
     if (t.numel() == 0 || t.is_non_overlapping_and_dense()) {
       descs_.push_back(TensorDesc{t.numel() == 0 ? nullptr : t.data_ptr(), t.numel(), dtype});
       storages_.push_back(t.numel() == 0 ? nullptr : t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());

@@ -134,7 +134,9 @@ class HeldTensors {
       for (size_t link = 0; link < kChainLinks; ++link) {
         prefetch_link(items.ptr(), i + kChainAhead * (kChainLinks - link), link, plain, grads);
       }
-      PyObject* obj = items[i].ptr();
+      // Held for the iteration: a .grad or __class__ in Python could change the list.
+      const pybind11::object item = items[i];
+      PyObject* obj = item.ptr();
       if (!THPVariable_Check(obj)) {
         throw pybind11::type_error(name + "[" + std::to_string(i) + "] is a " + Py_TYPE(obj)->tp_name +
                                    ", not a torch.Tensor");
@@ -249,7 +251,9 @@ std::optional<std::tuple<pybind11::list, pybind11::list, pybind11::object>> unwr
   pybind11::list locals, keys;
   pybind11::object mesh;
   for (size_t i = 0; i < items.size(); ++i) {
-    PyObject* obj = PyList_GET_ITEM(items.ptr(), static_cast<Py_ssize_t>(i));
+    // Held for the iteration: isinstance and attribute reads can run Python.
+    const auto item = pybind11::reinterpret_borrow<pybind11::object>(PyList_GET_ITEM(items.ptr(), static_cast<Py_ssize_t>(i)));
+    PyObject* obj = item.ptr();
     if (Py_TYPE(obj) != dtensor_like) {
       if (PyObject_IsInstance(obj, dtensor_type.ptr()) != 1) {
         PyErr_Clear();

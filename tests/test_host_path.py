@@ -287,6 +287,19 @@ def test_entries_sharing_memory_are_written_in_list_order(name, build):
         torch.set_num_threads(threads)
 
 
+def test_tensor_whose_storage_was_freed_is_refused_before_writing():
+    # FSDP frees a parameter's memory with untyped_storage().resize_(0); its
+    # data pointer is then null (torch's own norm of it crashes).
+    freed = torch.ones(5)
+    freed.untyped_storage().resize_(0)
+    dense = make_grads([(6,)], seed=14, scale=3.0)
+    before = snapshot(dense)
+    for call in (lambda ts: ops.multi_tensor_norm(ts, 2.0, False), lambda ts: ops.clip_(ts, 0.1, 2.0)):
+        with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements but no memory behind them"):
+            call(dense + [freed])
+    assert_untouched(dense, before)
+
+
 # ------------------------------------------------------ inference tensors
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @in_place_param
