@@ -393,6 +393,32 @@ def test_caller_flush_denormal_mode_applies_to_every_chunk(dtype):
     assert (ops.multi_tensor_norm(tensors, 2.0, True)[1] > 0).all()
 
 
+@pytest.mark.parametrize("op", ["scale", "clamp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_views_with_gaps_written_in_the_callers_denormal_mode(dtype, op):
+    # A view with gaps is written through a contiguous copy by the same
+    # kernels, in the caller's mode; ATen's own threads would not have it.
+    n = 400_000  # several threads' worth
+    dense = torch.full((n,), 1e-39, dtype=dtype)
+    base = torch.full((2 * n,), 1e-39, dtype=dtype)
+    view = base[::2]
+    call = (lambda ts: ops.multi_tensor_scale_(ts, torch.tensor(0.5))) if op == "scale" else (
+        lambda ts: ops.multi_tensor_clamp_(ts, 1e-40))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    if not torch.set_flush_denormal(True):
+        torch.set_num_threads(threads)
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        call([dense, view])
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    assert torch.equal(dense.float(), torch.zeros(n))  # subnormals read as zero
+    assert_same_bits(view, dense)
+    assert_same_bits(base[1::2], torch.full((n,), 1e-39, dtype=dtype))  # the gaps
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_scale_of_views_with_gaps_matches_dense_bits(dtype):
     # Views with gaps are scaled through ATen, dense tensors by the kernels:

@@ -227,25 +227,29 @@ void update_all(const TensorTable& table, const std::vector<Chunk>& chunks, Upda
       write_in_order(table, chunks));
 }
 
-// In-place update of a list by a host value; views with gaps go to ATen.
-void update_tensors(at::TensorList tensors, UpdateSpanFn (*pick)(DType), double value,
-                    void (*aten_update)(const at::Tensor&, double)) {
+// In-place update of a list by a host value. A view with gaps is updated
+// through a contiguous copy by the same span kernels and copied back, one
+// view at a time in list order: ATen's mul_/clamp_ would run on ATen's
+// threads, which do not have the caller's denormal mode (found in review:
+// under flush-denormal half of a gapped view's subnormals were kept), and a
+// copy does no arithmetic.
+void update_tensors(at::TensorList tensors, UpdateSpanFn (*pick)(DType), double value) {
   const TensorTable table(tensors, TensorTable::kWrite);
   update_all(table, plan_chunks(table.descs(), kChunkElems), pick, value);
-  for (int64_t i : table.strided()) aten_update(tensors[static_cast<size_t>(i)], value);
+  for (int64_t i : table.strided()) {
+    const at::Tensor& view = tensors[static_cast<size_t>(i)];
+    const at::Tensor copy = view.contiguous();
+    const TensorTable one(copy, TensorTable::kWrite);
+    update_all(one, plan_chunks(one.descs(), kChunkElems), pick, value);
+    view.copy_(copy);
+  }
   bump_versions(tensors);
 }
-
-// By a float64 0-dim tensor, not a Scalar: mul_(Scalar) rounds the
-// coefficient to a 16-bit tensor's dtype first, and the result would then
-// depend on whether a gradient is a view with gaps.
-void aten_scale(const at::Tensor& t, double coef) { t.mul_(at::scalar_tensor(coef, at::TensorOptions().dtype(at::kDouble))); }
-void aten_clamp(const at::Tensor& t, double bound) { t.clamp_(-bound, bound); }
 
 // In-place scale of a list by a host value.
 void scale_tensors(at::TensorList tensors, double coef) {
   if (coef == 1.0) return;  // the contract: no memory traffic at all
-  update_tensors(tensors, scale_fn, coef, aten_scale);
+  update_tensors(tensors, scale_fn, coef);
 }
 
 at::Tensor scalar_float(double v) {
@@ -285,7 +289,7 @@ void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
   check_writable(kOp, tensors);
   check_clip_value(kOp, clip_value);
   if (std::isinf(clip_value)) return;  // clamping to +-inf changes nothing
-  update_tensors(tensors, clamp_fn, clip_value, aten_clamp);
+  update_tensors(tensors, clamp_fn, clip_value);
 }
 
 at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord, bool error_if_nonfinite) {
