@@ -210,6 +210,18 @@ def test_skip_leaves_everything_bit_identical(device, name, cls, kwargs, bad, at
     assert any(not torch.equal(old, p) for old, p in zip(params, model.parameters())), "the next step did not proceed"
 
 
+def _step_without_host_reads(opt, monkeypatch) -> None:
+    """opt.step(), failing on any read of a tensor's value by the host."""
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("host read inside ClippedOptimizer.step")
+
+    with monkeypatch.context() as patch:
+        for method in ("item", "__bool__", "tolist", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, method, no_host_read)
+        opt.step()
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("name,cls,kwargs", FUSED, ids=[row[0] for row in FUSED])
 def test_skip_on_fused_path_reads_nothing_back(device, name, cls, kwargs, monkeypatch):
@@ -221,18 +233,11 @@ def test_skip_on_fused_path_reads_nothing_back(device, name, cls, kwargs, monkey
     _loss(model, batches[0]).backward()
     opt.step()
     opt.zero_grad()
-
-    def no_host_read(*args, **kwargs):
-        raise AssertionError("host read inside ClippedOptimizer.step")
-
     for batch, bad in ((batches[1], math.nan), (batches[2], None)):
         _loss(model, batch).backward()
         if bad is not None:
             _inject(model, bad)
-        with monkeypatch.context() as patch:
-            for method in ("item", "__bool__", "tolist", "__float__", "__int__"):
-                patch.setattr(torch.Tensor, method, no_host_read)
-            opt.step()
+        _step_without_host_reads(opt, monkeypatch)
         opt.zero_grad()
     assert int(opt.skipped_steps) == 1
 
@@ -245,20 +250,13 @@ def test_fused_sgd_without_momentum_skips_on_the_device_from_the_first_step(devi
     opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2, fused=True), max_norm=MAX_NORM)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=1e-2)
     batches = _batches(torch.float32, device, 3)
-
-    def no_host_read(*args, **kwargs):
-        raise AssertionError("host read inside ClippedOptimizer.step")
-
     for batch, bad in ((batches[0], math.nan), (batches[1], None), (batches[2], math.inf)):
         before = _param_bits(model)
         _loss(model, batch).backward()
         _loss(reference, batch).backward()
         if bad is not None:
             _inject(model, bad)
-        with monkeypatch.context() as patch:
-            for method in ("item", "__bool__", "tolist", "__float__", "__int__"):
-                patch.setattr(torch.Tensor, method, no_host_read)
-            opt.step()
+        _step_without_host_reads(opt, monkeypatch)
         if bad is not None:
             _assert_bits_equal(before, model)
         else:
