@@ -115,6 +115,16 @@ void check_coef(const char* op, const at::Tensor& coef, const c10::Device& devic
               coef.device(), " but the tensors are on ", device);
 }
 
+namespace {
+// Every element of `t` (numel > 0) lies in its storage's allocation.
+bool within_storage(const at::Tensor& t, const c10::StorageImpl* storage) {
+  if (storage == nullptr || storage->data() == nullptr) return false;
+  int64_t last = t.storage_offset();  // the farthest element, in elements (strides are >= 0)
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return (last + 1) * static_cast<int64_t>(t.element_size()) <= static_cast<int64_t>(storage->nbytes());
+}
+}  // namespace
+
 TensorTable::TensorTable(at::TensorList tensors, Access access) {
   // A tensor's data pointer lives in its StorageImpl, a separate object
   // that is usually cold: requesting it kStorageAhead tensors ahead lets
@@ -127,13 +137,17 @@ TensorTable::TensorTable(at::TensorList tensors, Access access) {
     }
     const at::Tensor& t = tensors[i];
     const DType dtype = to_dtype(t.scalar_type());
-    // A storage resized to nothing under a tensor (untyped_storage().resize_(0),
-    // as FSDP does to free parameters) leaves no memory behind its elements.
-    TORCH_CHECK(t.numel() == 0 || t.data_ptr() != nullptr, "fastclip: tensors[", i,
-                "] has elements but no memory behind them (its storage was resized to 0 bytes)");
-    if (t.numel() == 0 || t.is_non_overlapping_and_dense()) {
-      descs_.push_back(TensorDesc{t.numel() == 0 ? nullptr : t.data_ptr(), t.numel(), dtype});
-      storages_.push_back(t.numel() == 0 ? nullptr : t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+    const int64_t numel = t.numel();
+    const c10::StorageImpl* storage = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+    // A storage resized under a tensor (untyped_storage().resize_(0), as
+    // FSDP frees parameters) can leave its elements without memory.
+    TORCH_CHECK(numel == 0 || within_storage(t, storage), "fastclip: tensors[", i,
+                "] has elements beyond the memory of its storage (",
+                storage == nullptr ? int64_t{0} : static_cast<int64_t>(storage->nbytes()),
+                " bytes; was it resized or freed?)");
+    if (numel == 0 || t.is_non_overlapping_and_dense()) {
+      descs_.push_back(TensorDesc{numel == 0 ? nullptr : t.data_ptr(), numel, dtype});
+      storages_.push_back(numel == 0 ? nullptr : storage);
     } else if (access == kRead) {
       copies_.push_back(t.contiguous());
       descs_.push_back(TensorDesc{copies_.back().data_ptr(), t.numel(), dtype});
@@ -185,16 +199,40 @@ bool TensorTable::spans_overlap() const {
   keys.assign(slots, nullptr);
   constexpr uint64_t kFibonacci = 0x9E3779B97F4A7C15ull;  // multiplicative hashing
   constexpr int kHashShift = 20;
-  bool shared = false;
-  for (size_t i = 0; i < descs_.size() && !shared; ++i) {
-    const void* key = storages_[i];
-    if (key == nullptr) continue;
+  const auto slot_of = [&](const void* key) {
     size_t h = static_cast<size_t>((reinterpret_cast<uintptr_t>(key) * kFibonacci) >> kHashShift) & (slots - 1);
     while (keys[h] != nullptr && keys[h] != key) h = (h + 1) & (slots - 1);
-    shared = keys[h] == key;
+    return h;
+  };
+  bool shared = false;
+  for (size_t i = 0; i < descs_.size(); ++i) {  // every storage goes in: the walk below finds each
+    const void* key = storages_[i];
+    if (key == nullptr) continue;
+    const size_t h = slot_of(key);
+    shared = shared || keys[h] == key;
     keys[h] = key;
   }
   if (!shared) return false;
+  // Views of shared storages (gradient buckets, flat buffers): the same walk
+  // per storage, its last range and directions kept in its slot; only a
+  // storage whose ranges are in no address order needs the sort below.
+  std::vector<ByteRange> last_of(slots, ByteRange{0, 0});
+  std::vector<uint8_t> seen(slots, 0), rising(slots, 1), falling(slots, 1);
+  bool unordered = false;
+  for (size_t i = 0; i < descs_.size() && !unordered; ++i) {
+    const void* key = storages_[i];
+    if (key == nullptr) continue;
+    const size_t h = slot_of(key);
+    const ByteRange r = byte_range(descs_[i]);
+    if (seen[h]) {
+      rising[h] = rising[h] && last_of[h].end <= r.begin;
+      falling[h] = falling[h] && r.end <= last_of[h].begin;
+      unordered = !rising[h] && !falling[h];
+    }
+    seen[h] = 1;
+    last_of[h] = r;
+  }
+  if (!unordered) return false;
   // Rare: compare ranges within each storage, sorted by (storage, begin):
   // a range that starts before the previous one of its storage ends overlaps it.
   std::vector<std::tuple<const void*, uintptr_t, uintptr_t>> ranges;

@@ -46,8 +46,10 @@ DType to_dtype(at::ScalarType t);
 
 // The tensors of one call as flat spans. A tensor that is non-overlapping
 // and dense is used in place. Any other view (a slice with gaps) is copied
-// to a contiguous buffer for reading, and left to ATen for writing, where
-// `strided` lists it and its write descriptor is empty.
+// to a contiguous buffer for reading; for writing, `strided` lists it and
+// its write descriptor is empty (the device code writes it through a
+// contiguous copy or its strides). Every tensor's elements must lie in its
+// storage's memory (checked: a storage can be resized under a tensor).
 class TensorTable {
  public:
   enum Access { kRead, kWrite };

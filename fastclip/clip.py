@@ -162,18 +162,16 @@ def _fallback_reason(t: Tensor) -> Optional[str]:
     return None
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-# torch.no_grad() as a decorator adds a frame of this file between the user and us.
-_CONTEXTLIB_FILE = os.path.abspath(sys.modules["torch.utils._contextlib"].__file__)
+# Frames skipped when a warning is attributed: fastclip's own, and torch's
+# between the user and us (the no_grad decorator, an optimizer's step hooks).
+_SKIPPED_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
 
 
 def _warn(message: str) -> None:
-    """warnings.warn attributed to the first caller outside fastclip (and
-    torch's no_grad wrapper), whichever function path led here."""
+    """warnings.warn attributed to the first caller outside fastclip and
+    torch, whichever function path led here."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and (
-        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or os.path.abspath(frame.f_code.co_filename) == _CONTEXTLIB_FILE
-    ):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED_DIRS):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
 
@@ -248,10 +246,26 @@ def _coef_for(coef: Tensor, device: torch.device) -> Tensor:
     return coef if coef.device in (device, _CPU) else coef.to(device)
 
 
+def _refuse_inference(tensors: list[Tensor]) -> None:
+    """Before the split path writes anything: the ops refuse an inference
+    tensor outside InferenceMode before writing, the fallback's torch ops
+    only after, by which time other parts are written."""
+    if torch.is_inference_mode_enabled():
+        return
+    for i, t in enumerate(tensors):
+        if t.is_inference():
+            raise RuntimeError(
+                f"gradient {i} (counting non-None gradients) is an inference tensor, and an inplace update to "
+                "an inference tensor outside InferenceMode is not allowed (as in torch); clone() it first or "
+                "call this under torch.inference_mode()"
+            )
+
+
 def _scale(tensors: list[Tensor], coef: Tensor, one_call: bool) -> None:
     if one_call:
         _ops.multi_tensor_scale_(tensors, _coef_for(coef, tensors[0].device))
         return
+    _refuse_inference(tensors)
     for part in _split(tensors):
         part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
 
@@ -453,6 +467,7 @@ def clip_grad_norm_(
         _raise_if_nonfinite(total, norm_type)
         _scale(grads, _coefficient(max_norm, total), one_call)
         return total
+    _refuse_inference(grads)
     parts = _split(grads)
     first = grads[0].device
     total, _ = _split_norms(parts, first, len(grads), norm_type, per_tensor=False)
@@ -485,6 +500,7 @@ def clip_grad_value_(
     if one_call:
         _ops.multi_tensor_clamp_(grads, clip_value)
         return
+    _refuse_inference(grads)
     parts = _split(grads)
     for part in parts:
         if part.impl is _fallback:

@@ -248,6 +248,28 @@ def test_fallback_warning_points_at_the_caller(fresh_warnings):
     with pytest.warns(UserWarning, match="fastclip: computing with plain PyTorch") as seen:
         fastclip.clip_grad_norm_(params, 0.5)
     assert seen[0].filename == __file__
+    # Through an optimizer's step, whose hooks wrapper is torch's code.
+    fastclip.clip._warned.clear()
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), max_norm=0.5)
+    with pytest.warns(UserWarning, match="fastclip: computing with plain PyTorch") as seen:
+        opt.step()
+    assert seen[0].filename == __file__
+
+
+def test_split_path_refuses_inference_gradient_before_writing(fresh_warnings):
+    # A complex gradient sends the list to the split path, where the
+    # fallback's torch ops would raise only after the other parts are written.
+    params = _params(seed=8, with_none=False) + [torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))]
+    with torch.inference_mode():
+        params[-1].grad = frozen = torch.full((3,), 3.0 + 0j, dtype=torch.complex64)
+    assert params[-1].grad.is_inference()
+    before = snapshot(_grads(params)[:-1])
+    for call in (lambda: fastclip.clip_grad_norm_(params, 0.1), lambda: fastclip.clip_grad_value_(params, 0.1),
+                 lambda: fastclip.clip_grads_with_norm_(params, 0.1, torch.tensor(5.0))):
+        with pytest.raises(RuntimeError, match="is an inference tensor"):
+            call()
+        assert_untouched(_grads(params)[:-1], before)
+        assert torch.equal(frozen, torch.full((3,), 3.0 + 0j, dtype=torch.complex64))
 
 
 @pytest.mark.parametrize("flag", [1, "yes", torch.tensor(True), 0, ""])

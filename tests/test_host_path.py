@@ -288,15 +288,20 @@ def test_entries_sharing_memory_are_written_in_list_order(name, build):
 
 
 def test_tensor_whose_storage_was_freed_is_refused_before_writing():
-    # FSDP frees a parameter's memory with untyped_storage().resize_(0); its
-    # data pointer is then null (torch's own norm of it crashes).
+    # FSDP frees a parameter's memory with untyped_storage().resize_(0); a
+    # tensor over it, or a view at an offset into it, then has elements
+    # beyond its storage (torch's own norm of it crashes).
     freed = torch.ones(5)
     freed.untyped_storage().resize_(0)
+    flat = torch.ones(1000)
+    offset_view, gapped_view = flat[500:], flat[100:300:2]
+    flat.untyped_storage().resize_(100)  # 25 floats left
     dense = make_grads([(6,)], seed=14, scale=3.0)
     before = snapshot(dense)
-    for call in (lambda ts: ops.multi_tensor_norm(ts, 2.0, False), lambda ts: ops.clip_(ts, 0.1, 2.0)):
-        with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements but no memory behind them"):
-            call(dense + [freed])
+    for bad in (freed, offset_view, gapped_view):
+        for call in (lambda ts: ops.multi_tensor_norm(ts, 2.0, False), lambda ts: ops.clip_(ts, 0.1, 2.0)):
+            with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements beyond the memory of its storage"):
+                call(dense + [bad])
     assert_untouched(dense, before)
 
 

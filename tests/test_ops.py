@@ -418,9 +418,9 @@ def test_views_with_gaps_written_in_the_callers_denormal_mode(dtype, op):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_scale_of_views_with_gaps_matches_dense_bits(dtype):
-    # Views with gaps are scaled through ATen, dense tensors by the kernels:
-    # the same coefficient must give the same bits. ATen's mul_ with a
-    # Python-number coefficient rounds it to a 16-bit dtype first.
+    # Views with gaps are scaled through a contiguous copy (CPU) or their
+    # strides (CUDA), dense tensors in place: the same coefficient must give
+    # the same bits, float32 product and one rounding for 16-bit dtypes.
     gen = torch.Generator().manual_seed(63)
     for _ in range(20):
         base = (torch.randn(64, 3, generator=gen, dtype=torch.float64) * 10).to(dtype)

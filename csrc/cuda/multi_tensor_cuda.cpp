@@ -239,11 +239,24 @@ void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   if (tensors.empty() || std::isinf(clip_value)) return;  // clamping to +-inf changes nothing
   const c10::Device device = tensors[0].device();
   const c10::cuda::CUDAGuard guard(device);
+  const int sms = sm_count(device.index());
+  const cudaStream_t stream = current_stream(device);
   const TensorTable table(tensors, TensorTable::kWrite);
   const Upload up = upload(table.descs(), device, Scratch::kNone);
-  launch_clamp(up.table, clip_value, sm_count(device.index()), current_stream(device));
+  launch_clamp(up.table, clip_value, sms, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for (int64_t i : table.strided()) tensors[static_cast<size_t>(i)].clamp_(-clip_value, clip_value);
+  if (!table.strided().empty()) {
+    // Views with gaps: through contiguous copies and the same kernel, then
+    // copied back. ATen's clamp_ (fminf/fmaxf) may give +0.0 where the
+    // kernels give -0.0 (a negative value clamped to a bound of 0).
+    std::vector<at::Tensor> copies;
+    for (int64_t i : table.strided()) copies.push_back(tensors[static_cast<size_t>(i)].contiguous());
+    const TensorTable dense(copies, TensorTable::kWrite);
+    const Upload dense_up = upload(dense.descs(), device, Scratch::kNone);
+    launch_clamp(dense_up.table, clip_value, sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (size_t k = 0; k < copies.size(); ++k) tensors[static_cast<size_t>(table.strided()[k])].copy_(copies[k]);
+  }
   bump_versions(tensors);
 }
 
