@@ -119,7 +119,9 @@ def _norm64(values: Tensor, ord: float) -> Tensor:
         if torch.isfinite(plain):
             return plain
     exact = ord in (1.0, 2.0) or math.isinf(ord)
-    scale = 2.0 ** math.frexp(amax.item())[1] if exact else amax.item()
+    # 2**(e - 1) puts max |x| in [1, 2): 2**e itself is not a double when
+    # max |x| >= 2**1023.
+    scale = math.ldexp(1.0, math.frexp(amax.item())[1] - 1) if exact else amax.item()
     return torch.linalg.vector_norm(values / scale, ord) * scale
 
 

@@ -1,0 +1,151 @@
+// C entry points (for ctypes) that run fastclip's CUDA launchers under the
+// emulator of emu.h, the way the torch glue (csrc/cuda/multi_tensor_cuda.cpp)
+// drives them: the table built by build_table() in host memory and copied
+// ("uploaded") into a buffer that also holds the norm scratch, the scratch
+// poisoned with NaN bytes first, and the clip's scale launch reading the
+// coefficient that the norm launch left in that scratch. Included at the
+// end of the translation unit that tests/test_cuda_emulated.py generates
+// from the kernel source, so it sees the launchers and emu::config().
+#include <cstdlib>
+#include <exception>
+#include <memory>
+
+namespace {
+
+constexpr size_t kAlign = 64;
+constexpr unsigned char kPoisonTable = 0xA5;
+constexpr unsigned char kPoisonScratch = 0xFF;  // NaN in every float type
+
+struct Buffer {
+  std::unique_ptr<char, decltype(&std::free)> bytes{nullptr, &std::free};
+  explicit Buffer(size_t n, unsigned char poison) {
+    const size_t rounded = (n + kAlign - 1) / kAlign * kAlign + kAlign;
+    bytes.reset(static_cast<char*>(std::aligned_alloc(kAlign, rounded)));
+    if (!bytes) throw std::bad_alloc();
+    memset(bytes.get(), poison, rounded);
+  }
+  char* get() const { return bytes.get(); }
+};
+
+// A table as the glue uploads it, with `extra` bytes of scratch after it.
+struct Uploaded {
+  fastclip::cuda::TableLayout layout;
+  Buffer device;
+  fastclip::cuda::DeviceTable table;
+  Uploaded(const fastclip::TensorDesc* descs, int64_t n, bool norm_scratch)
+      : layout(fastclip::cuda::table_layout(n)), device(1, 0), table{} {
+    Buffer host(layout.bytes, kPoisonTable);
+    const int64_t chunks = fastclip::cuda::build_table(descs, n, layout, host.get());
+    const size_t extra = norm_scratch ? fastclip::cuda::norm_scratch_bytes(n, chunks) : 0;
+    device = Buffer(layout.bytes + extra, kPoisonScratch);
+    memcpy(device.get(), host.get(), layout.bytes);
+    table = fastclip::cuda::device_table(device.get(), layout, n, chunks);
+  }
+  void* scratch() const { return device.get() + layout.bytes; }
+  fastclip::cuda::Ticket* tickets() const { return fastclip::cuda::device_tickets(device.get(), layout); }
+};
+
+// Runs fn(), turning an exception (an emulated kernel's failure) into a
+// message and a nonzero return.
+template <typename Fn>
+int guarded(char* error, int64_t error_len, const Fn& fn) {
+  try {
+    fn();
+    return 0;
+  } catch (const std::exception& e) {
+    if (error_len > 0) {
+      strncpy(error, e.what(), static_cast<size_t>(error_len - 1));
+      error[error_len - 1] = '\0';
+    }
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void emu_configure(int workers, uint64_t seed) {
+  emu::config().workers = workers;
+  emu::config().seed = seed;
+}
+
+// Norm launch; with `clip`, also the scale launch by the coefficient it left
+// on the "device" (as fastclip::clip_). per_tensor may be null. The ticket
+// counters' sum after the launch goes to *tickets_left (the contract: 0).
+int emu_norm(const fastclip::TensorDesc* descs, int64_t n, double ord, double max_norm, int clip, int num_sms,
+             float* total, float* per_tensor, double* coef, int32_t* nonfinite, uint64_t* tickets_left,
+             int64_t* num_chunks, char* error, int64_t error_len) {
+  return guarded(error, error_len, [&] {
+    const Uploaded up(descs, n, true);
+    fastclip::cuda::NormOutputs out{};
+    fastclip::cuda::norm_scratch(up.scratch(), n, up.table.num_chunks, &out);
+    out.tickets = up.tickets();
+    out.total = total;
+    out.per_tensor = per_tensor;
+    fastclip::cuda::launch_norm(up.table, fastclip::make_norm_order(ord), max_norm, out, num_sms, nullptr);
+    if (clip != 0) {
+      const fastclip::cuda::Coefficient c{out.coef, fastclip::DType::kFloat64, 0.0};
+      fastclip::cuda::launch_scale(up.table, c, num_sms, nullptr);
+    }
+    *coef = *out.coef;
+    *nonfinite = *out.nonfinite;
+    uint64_t left = 0;
+    for (int64_t t = 0; t <= n; ++t) left += up.tickets()[t];
+    *tickets_left = left;
+    *num_chunks = up.table.num_chunks;
+  });
+}
+
+// Scale by a coefficient read from `coef_device` (of dtype coef_dtype) when
+// it is not null, else coef_host.
+int emu_scale(const fastclip::TensorDesc* descs, int64_t n, const void* coef_device, int32_t coef_dtype,
+              double coef_host, int num_sms, char* error, int64_t error_len) {
+  return guarded(error, error_len, [&] {
+    const Uploaded up(descs, n, false);
+    const fastclip::cuda::Coefficient c{coef_device, static_cast<fastclip::DType>(coef_dtype), coef_host};
+    fastclip::cuda::launch_scale(up.table, c, num_sms, nullptr);
+  });
+}
+
+int emu_clamp(const fastclip::TensorDesc* descs, int64_t n, double bound, int num_sms, char* error,
+              int64_t error_len) {
+  return guarded(error, error_len, [&] {
+    const Uploaded up(descs, n, false);
+    fastclip::cuda::launch_clamp(up.table, bound, num_sms, nullptr);
+  });
+}
+
+int emu_scale_strided(const fastclip::cuda::StridedView* views, int32_t count, const void* coef_device,
+                      int32_t coef_dtype, double coef_host, int num_sms, char* error, int64_t error_len) {
+  return guarded(error, error_len, [&] {
+    if (count < 0 || count > fastclip::cuda::kMaxViewsPerLaunch) throw std::runtime_error("too many views");
+    fastclip::cuda::StridedViews batch{};
+    for (int32_t i = 0; i < count; ++i) batch.views[i] = views[i];
+    batch.count = count;
+    const fastclip::cuda::Coefficient c{coef_device, static_cast<fastclip::DType>(coef_dtype), coef_host};
+    fastclip::cuda::launch_scale_strided(batch, c, num_sms, nullptr);
+  });
+}
+
+// Self-test kernels of the emulator: a warp shuffle reached by half a warp,
+// and a __syncthreads skipped by one thread, must be reported (mode 0 and
+// 1); mode 2 is the same kernel with uniform control flow, which must run.
+namespace selftest {
+__global__ void divergent(int mode, int* out) {
+  int v = static_cast<int>(threadIdx.x);
+  if (mode == 0 && threadIdx.x % 32 < 16) v += __shfl_down_sync(0xffffffffu, v, 1);
+  if (mode == 1 && threadIdx.x != 5) __syncthreads();
+  if (mode == 2) {
+    v += __shfl_down_sync(0xffffffffu, v, 1);
+    __syncthreads();
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = v;
+}
+}  // namespace selftest
+
+int emu_selftest(int mode, int* out, char* error, int64_t error_len) {
+  return guarded(error, error_len, [&] { ::emu::Launch(2, 64, 0, nullptr).run(selftest::divergent, mode, out); });
+}
+
+}  // extern "C"

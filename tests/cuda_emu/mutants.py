@@ -1,0 +1,108 @@
+"""Negative controls for tests/test_cuda_emulated.py: plants one bug at a
+time in a copy of the CUDA kernel source, runs the emulated tests against it
+(FASTCLIP_CUDA_EMULATOR_SOURCE) and prints whether they caught it. Every
+mutant must be caught (a crash of the test process counts: the emulated
+kernel wrote or read where it must not).
+
+    python tests/cuda_emu/mutants.py [name ...]     # ~10 s per mutant
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "csrc" / "cuda" / "multi_tensor_kernels.cu"
+
+# name: (what the bug is, text in the source, its replacement)
+MUTANTS = {
+    "no_sync_before_warp0": (
+        "warp 0 reads the warp sums before the other warps wrote them",
+        "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();",
+        "  if (lane == 0) warp_sums[warp] = v;"),
+    "no_sync_after_reduce": (
+        "warp sums overwritten by the next chunk while warp 0 still reads them",
+        "  __syncthreads();  // warp_sums may be reused at once", ""),
+    "shuffle_tree_short": (
+        "the warp tree starts at offset 8 and drops half the lanes",
+        "  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = merge(v, shfl_down(v, offset), p);\n"
+        "  if (lane == 0)",
+        "  for (int offset = kWarpSize / 4; offset > 0; offset /= 2) v = merge(v, shfl_down(v, offset), p);\n"
+        "  if (lane == 0)"),
+    "tail_one_past": (
+        "the tail reads one element past the chunk",
+        "if (s.tail_begin + threadIdx.x < size)", "if (s.tail_begin + threadIdx.x <= size)"),
+    "head_one_short": (
+        "the misaligned head is one element short",
+        "int64_t head = misalign == 0 ? 0 : (kVecBytes - misalign) / static_cast<int64_t>(sizeof(typename E::storage));",
+        "int64_t head = misalign == 0 ? 0 : (kVecBytes - misalign) / static_cast<int64_t>(sizeof(typename E::storage))"
+        " - 1;"),
+    "tensor_ticket_early": (
+        "a tensor's partials reduced before its last chunk is counted",
+        "== static_cast<Ticket>(count - 1)", "== static_cast<Ticket>(count - 2)"),
+    "tensor_ticket_not_reset": (
+        "a tensor's ticket left nonzero for the next launch",
+        "        out.tickets[span.tensor] = 0;  // ready for the next launch", ""),
+    "grid_ticket_early": (
+        "the total folded by a block that is not the last",
+        "static_cast<Ticket>(gridDim.x - 1)", "static_cast<Ticket>(gridDim.x - 2)"),
+    "stale_tensor_hint": (
+        "the previous chunk's tensor kept without checking its end",
+        "  if (starts[hint] <= c && c < starts[hint + 1]) return hint;", "  if (starts[hint] <= c) return hint;"),
+    "search_bound": (
+        "the 32-ary search's upper bound not clamped",
+        "    hi = hi < lo + step ? hi : lo + step;", "    hi = lo + step;"),
+    "scale_exponent_unclamped": (
+        "a scale of 2^1024 (inf) for fp64 values at or above 2^1023",
+        "    e = e < kMaxScaleExp ? e : kMaxScaleExp;", ""),
+    "combine_unscaled": (
+        "sums of different scales added without rescaling",
+        "  return ScaledSum{rescale_sum(order, a.sum, a.scale, top) + rescale_sum(order, b.sum, b.scale, top), top};",
+        "  (void)order;\n  return ScaledSum{a.sum + b.sum, top};"),
+    "coefficient_one_writes": (
+        "the scale kernel writes x * 1",
+        "  if (c == 1.0) return;  // the contract: no gradient bytes touched\n  update_all(table, ScaleBy{c});",
+        "  update_all(table, ScaleBy{c});"),
+    "clamp_fmin_fmax": (
+        "clamp through fmin/fmax (NaN becomes the bound)",
+        "    v = v < lo ? lo : v;\n    return v > hi ? hi : v;", "    return fmin(fmax(v, lo), hi);"),
+    "pack_swapped": (
+        "two 16-bit elements swapped when a vector is stored",
+        "return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));",
+        "return make_uint4(pack2(v[1], v[0]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));"),
+    "strided_wrong_stride": (
+        "a strided view's dimensions paired with the wrong strides",
+        "      offset += rest % v.sizes[d] * v.strides[d];",
+        "      offset += rest % v.sizes[d] * v.strides[v.dims - 1 - d];"),
+}
+
+
+def main(names) -> int:
+    text = SOURCE.read_text()
+    missed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (what, old, new) in MUTANTS.items():
+            if names and name not in names:
+                continue
+            if text.count(old) != 1:
+                print(f"{name}: the text to mutate is not in the source once; update this script")
+                return 2
+            mutant = Path(tmp) / f"{name}.cu"
+            mutant.write_text(text.replace(old, new))
+            env = dict(os.environ, FASTCLIP_CUDA_EMULATOR_SOURCE=str(mutant))
+            done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_cuda_emulated.py", "-q", "-p",
+                                   "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True)
+            lines = done.stdout.strip().splitlines()
+            summary = lines[-1] if done.returncode > 0 and lines else f"test process died (exit {done.returncode})"
+            caught = done.returncode != 0
+            print(f"{'caught' if caught else 'MISSED'}  {name:26s} {what}: {summary if caught else ''}", flush=True)
+            if not caught:
+                missed.append(name)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

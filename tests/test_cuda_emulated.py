@@ -1,0 +1,472 @@
+"""fastclip's CUDA kernels, run on the CPU under an emulator of the CUDA
+execution model (tests/cuda_emu/emu.h), against the float64 reference and
+torch's CPU arithmetic.
+
+The kernel source (csrc/cuda/multi_tensor_kernels.cu) is compiled unmodified
+by the host compiler, with its ``<<<...>>>`` launches rewritten into calls of
+the emulator. Every CUDA thread is a fiber and every block an OS thread
+(blocks run concurrently, in a random order, threads in a random order
+between collectives); warp shuffles, ballots and __syncthreads are strict
+collectives that fail the launch when a thread of the warp or block misses
+them. This tests the kernels' logic (chunk lookup, head/vector/tail split,
+scaled accumulation, the reduction trees, the ticket protocol between
+blocks, the early exit on a coefficient of 1) without a GPU. It does not
+test what only hardware shows: the GPU's weaker memory model, device libm,
+speed. tests/test_cuda.py covers those on a GPU.
+
+Needs g++ on x86-64 and the CUDA toolkit's headers (cuda_runtime.h,
+cuda_fp16.h, cuda_bf16.h); skipped without them, unless
+FASTCLIP_CUDA_EMULATOR_REQUIRED=1 (CI sets it where nvcc is installed), which
+turns the skip into a failure. FASTCLIP_CUDA_EMULATOR_SOURCE points the build
+at another kernel source (negative controls: a kernel with a bug planted).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import pytest
+import torch
+from torch import Tensor
+
+from testing import (
+    DTYPES,
+    ORDS,
+    assert_identical,
+    assert_norm_close,
+    assert_same_bits,
+    dtype_id,
+    ord_id,
+    ref_coef,
+    ref_norm,
+    ref_norms_each,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU_DIR = ROOT / "tests" / "cuda_emu"
+KERNEL_SOURCE = ROOT / "csrc" / "cuda" / "multi_tensor_kernels.cu"
+
+# fastclip::DType values (csrc/fastclip.h).
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+MAX_VIEW_DIMS = 8  # kMaxViewDims (multi_tensor_kernels.h)
+MAX_VIEWS = 16  # kMaxViewsPerLaunch
+CHUNK = 1 << 16  # kChunkElems
+H200_SMS = 132
+ERROR_BYTES = 4096
+
+# A signaling NaN of each dtype: any arithmetic on it (x * 1 included) gives
+# a quiet NaN, so a value still signaling after a call was never written.
+SIGNALING_NAN_BITS = {
+    torch.float32: (0x7F800001, torch.int32),
+    torch.float64: (0x7FF0000000000001, torch.int64),
+    torch.float16: (0x7C01, torch.int16),
+    torch.bfloat16: (0x7F81, torch.int16),
+}
+
+
+class _Desc(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("numel", ctypes.c_int64), ("dtype", ctypes.c_int32)]
+
+
+class _View(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("numel", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("dims", ctypes.c_int32),
+        ("sizes", ctypes.c_int64 * MAX_VIEW_DIMS),
+        ("strides", ctypes.c_int64 * MAX_VIEW_DIMS),
+    ]
+
+
+def _cuda_include() -> Optional[Path]:
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parents[1]))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return Path(c) / "include"
+    return None
+
+
+def _translation_unit(source: Path) -> str:
+    """The kernel source with its launches rewritten for the emulator."""
+    text = source.read_text()
+    launch = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(.*?)>>>\((.*?)\);")
+    rewritten, count = launch.subn(r"::emu::Launch(\2).run(\1, \3);", text)
+    if count == 0 or count != text.count("<<<"):
+        raise RuntimeError(f"{source}: rewrote {count} of {text.count('<<<')} kernel launches")
+    return f'#include "emu.h"\n#line 1 "{source}"\n{rewritten}\n#include "driver.cpp"\n'
+
+
+def _build(out_dir: Path) -> ctypes.CDLL:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise _Unavailable(f"the emulator's fiber switch is x86-64 only (this is {platform.machine()})")
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise _Unavailable("no C++ compiler (g++)")
+    include = _cuda_include()
+    if include is None:
+        raise _Unavailable("no CUDA toolkit headers (cuda_runtime.h)")
+    source = Path(os.environ.get("FASTCLIP_CUDA_EMULATOR_SOURCE", KERNEL_SOURCE))
+    tu = out_dir / "kernels_emulated.cpp"
+    tu.write_text(_translation_unit(source))
+    lib = out_dir / "libfastclip_cuda_emulated.so"
+    cmd = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror",
+           "-I", str(EMU_DIR), "-I", str(source.parent), "-I", str(KERNEL_SOURCE.parent), "-I", str(ROOT / "csrc"),
+           "-isystem", str(include),
+           "-o", str(lib), str(tu), "-lpthread"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{done.stderr[-6000:]}")
+    return ctypes.CDLL(str(lib))
+
+
+class _Unavailable(Exception):
+    pass
+
+
+class Emulated:
+    """The launchers of multi_tensor_kernels.h on CPU tensors, through the
+    emulator (tests/cuda_emu/driver.cpp mirrors the torch glue's use of them)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        c = ctypes
+        lib.emu_configure.argtypes = [c.c_int, c.c_uint64]
+        lib.emu_norm.argtypes = [c.c_void_p, c.c_int64, c.c_double, c.c_double, c.c_int, c.c_int, c.c_void_p,
+                                 c.c_void_p, c.POINTER(c.c_double), c.POINTER(c.c_int32), c.POINTER(c.c_uint64),
+                                 c.POINTER(c.c_int64), c.c_char_p, c.c_int64]
+        lib.emu_scale.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_int32, c.c_double, c.c_int, c.c_char_p,
+                                  c.c_int64]
+        lib.emu_clamp.argtypes = [c.c_void_p, c.c_int64, c.c_double, c.c_int, c.c_char_p, c.c_int64]
+        lib.emu_scale_strided.argtypes = [c.c_void_p, c.c_int32, c.c_void_p, c.c_int32, c.c_double, c.c_int,
+                                          c.c_char_p, c.c_int64]
+        lib.emu_selftest.argtypes = [c.c_int, c.c_void_p, c.c_char_p, c.c_int64]
+        self.configure()
+
+    def configure(self, workers: int = 4, seed: int = 1) -> None:
+        """OS threads running blocks at once, and the seed of the block and thread orders."""
+        self.lib.emu_configure(workers, seed)
+
+    @staticmethod
+    def _descs(tensors: Sequence[Tensor]):
+        for t in tensors:
+            assert t.device.type == "cpu" and t.is_contiguous(), "the driver takes dense CPU tensors"
+        return (_Desc * max(len(tensors), 1))(
+            *[_Desc(t.data_ptr(), t.numel(), DTYPE_CODES[t.dtype]) for t in tensors])
+
+    @staticmethod
+    def _check(rc: int, error) -> None:
+        if rc != 0:
+            raise RuntimeError(error.value.decode())
+
+    def norm(self, tensors: Sequence[Tensor], ord: float = 2.0, max_norm: float = 1.0, clip: bool = False,
+             num_sms: int = 2) -> dict:
+        c = ctypes
+        n = len(tensors)
+        total = torch.full((), float("nan"))  # poisoned: the kernel must write them
+        each = torch.full((n,), float("nan"))
+        coef, nonfinite = c.c_double(), c.c_int32(-1)
+        left, chunks = c.c_uint64(), c.c_int64()
+        error = c.create_string_buffer(ERROR_BYTES)
+        rc = self.lib.emu_norm(self._descs(tensors), n, ord, max_norm, int(clip), num_sms, total.data_ptr(),
+                               each.data_ptr(), c.byref(coef), c.byref(nonfinite), c.byref(left), c.byref(chunks),
+                               error, ERROR_BYTES)
+        self._check(rc, error)
+        return {"total": total, "each": each, "coef": coef.value, "nonfinite": nonfinite.value,
+                "tickets_left": left.value, "chunks": chunks.value}
+
+    @staticmethod
+    def _coef_args(coef):
+        if isinstance(coef, Tensor):
+            return coef.data_ptr(), DTYPE_CODES[coef.dtype], 0.0
+        return None, DTYPE_CODES[torch.float64], float(coef)
+
+    def scale(self, tensors: Sequence[Tensor], coef, num_sms: int = 2) -> None:
+        """coef: a host float, or a 0-dim CPU tensor read as the device coefficient."""
+        error = ctypes.create_string_buffer(ERROR_BYTES)
+        self._check(self.lib.emu_scale(self._descs(tensors), len(tensors), *self._coef_args(coef), num_sms, error,
+                                       ERROR_BYTES), error)
+
+    def clamp(self, tensors: Sequence[Tensor], bound: float, num_sms: int = 2) -> None:
+        error = ctypes.create_string_buffer(ERROR_BYTES)
+        self._check(self.lib.emu_clamp(self._descs(tensors), len(tensors), bound, num_sms, error, ERROR_BYTES),
+                    error)
+
+    def scale_strided(self, views: Sequence[Tensor], coef, num_sms: int = 2) -> None:
+        structs = []
+        for v in views:
+            assert v.dim() <= MAX_VIEW_DIMS
+            sizes = list(v.shape) + [1] * (MAX_VIEW_DIMS - v.dim())
+            strides = list(v.stride()) + [1] * (MAX_VIEW_DIMS - v.dim())
+            structs.append(_View(v.data_ptr(), v.numel(), DTYPE_CODES[v.dtype], v.dim(),
+                                 (ctypes.c_int64 * MAX_VIEW_DIMS)(*sizes), (ctypes.c_int64 * MAX_VIEW_DIMS)(*strides)))
+        array = (_View * max(len(structs), 1))(*structs)
+        error = ctypes.create_string_buffer(ERROR_BYTES)
+        self._check(self.lib.emu_scale_strided(array, len(structs), *self._coef_args(coef), num_sms, error,
+                                               ERROR_BYTES), error)
+
+    def selftest(self, mode: int) -> List[int]:
+        out = torch.full((128,), -1, dtype=torch.int32)
+        error = ctypes.create_string_buffer(ERROR_BYTES)
+        self._check(self.lib.emu_selftest(mode, out.data_ptr(), error, ERROR_BYTES), error)
+        return out.tolist()
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory) -> Emulated:
+    try:
+        lib = _build(tmp_path_factory.mktemp("cuda_emu"))
+    except _Unavailable as why:
+        if os.environ.get("FASTCLIP_CUDA_EMULATOR_REQUIRED") == "1":
+            pytest.fail(f"CUDA emulator required but unavailable: {why}")
+        pytest.skip(f"CUDA emulator unavailable: {why}")
+    e = Emulated(lib)
+    yield e
+    e.configure()
+
+
+# ---------------------------------------------------------------- helpers
+def _values(n: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> Tensor:
+    return (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def _misaligned(n: int, dtype: torch.dtype, offset: int, gen: torch.Generator) -> Tensor:
+    """A contiguous view that starts `offset` elements into its buffer (not
+    16-byte aligned for offset > 0): the kernels' scalar head path."""
+    return _values(n + offset, dtype, gen)[offset:]
+
+
+def _odd_list(dtype: torch.dtype, gen: torch.Generator) -> List[Tensor]:
+    """Empty, single, odd sizes, chunk boundaries (65536 = one chunk exactly),
+    several chunks, and views at every element offset up to a vector."""
+    per_vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    tensors = [_values(n, dtype, gen) for n in (0, 1, 3, 5 * 123 * 123, CHUNK, CHUNK + 1, 3 * CHUNK + 17)]
+    tensors += [_misaligned(n, dtype, off, gen) for off in range(1, per_vec) for n in (1, per_vec - 1, 1000 + off)]
+    tensors.append(_values(0, dtype, gen))
+    return tensors
+
+
+def _signaling(n: int, dtype: torch.dtype) -> Tensor:
+    bits, ints = SIGNALING_NAN_BITS[dtype]
+    return torch.full((n,), bits, dtype=ints).view(dtype)
+
+
+def _opmath_scaled(t: Tensor, coef: float) -> Tensor:
+    """x * coef as torch computes it on the CPU: in float64 for fp64, else in
+    float32 with the coefficient rounded to float32 (the kernels' contract)."""
+    if t.dtype == torch.float64:
+        return t * coef
+    return (t.float() * torch.tensor(coef, dtype=torch.float64).float()).to(t.dtype)
+
+
+# ----------------------------------------------------------------- tests
+def test_emulator_reports_divergent_collectives(emu):
+    """The emulator itself: a shuffle reached by half a warp, or a
+    __syncthreads one thread skips, fails the launch; uniform code runs, and
+    the shuffle moves lane i+1's value to lane i (lane 31 keeps its own)."""
+    with pytest.raises(RuntimeError, match="__shfl_down_sync"):
+        emu.selftest(0)
+    with pytest.raises(RuntimeError, match="__syncthreads"):
+        emu.selftest(1)
+    out = emu.selftest(2)
+    for block in range(2):
+        for t in range(64):
+            lane = t % 32
+            assert out[block * 64 + t] == (2 * t + 1 if lane < 31 else 2 * t), (block, t)
+
+
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_norm_of_odd_list_matches_float64_reference(emu, dtype, ord):
+    gen = torch.Generator().manual_seed(3)
+    tensors = _odd_list(dtype, gen)
+    r = emu.norm(tensors, ord, max_norm=1.0)
+    expected = ref_norm(tensors, ord)
+    assert_norm_close(r["total"], expected, dtype)
+    assert_norm_close(r["each"], ref_norms_each(tensors, ord), dtype)
+    assert r["coef"] == pytest.approx(ref_coef(1.0, expected).item(), rel=1e-12)
+    assert r["nonfinite"] == 0
+    assert r["tickets_left"] == 0
+    assert r["chunks"] == sum((t.numel() + CHUNK - 1) // CHUNK for t in tensors)
+
+
+def test_many_tensors_of_mixed_dtypes(emu):
+    """1,000 tensors, four dtypes, some of several chunks: the 32-ary tensor
+    search with ballots, per-tensor tickets and the grid's last block."""
+    gen = torch.Generator().manual_seed(4)
+    sizes = torch.randint(0, 3000, (1000,), generator=gen).tolist()
+    sizes[10], sizes[500], sizes[999] = 2 * CHUNK + 3, CHUNK, 3 * CHUNK
+    tensors = [_values(n, DTYPES[i % 4], gen) for i, n in enumerate(sizes)]
+    for ord in (2.0, math.inf):
+        r = emu.norm(tensors, ord, num_sms=3)
+        assert_norm_close(r["total"], ref_norm(tensors, ord))
+        assert_norm_close(r["each"], ref_norms_each(tensors, ord))
+        assert r["tickets_left"] == 0
+
+
+def test_same_bits_whatever_the_grid_and_schedule(emu):
+    """The contract of launch_norm: bitwise reproducible, independent of the
+    grid size and of the order in which blocks and threads run."""
+    gen = torch.Generator().manual_seed(5)
+    tensors = [_values(n, DTYPES[i % 4], gen, scale=10.0 ** (i % 7 - 3))
+               for i, n in enumerate([5, 3 * CHUNK + 1, 70000, 1, 0, 4097, 2 * CHUNK])]
+    tensors.append(_values(1000, torch.float64, gen, scale=1e300))  # scaled fp64 sums
+    for ord in ORDS:
+        runs = []
+        for workers, seed, sms in ((1, 1, 1), (4, 2, 2), (3, 9, 7), (8, 5, H200_SMS)):
+            emu.configure(workers, seed)
+            runs.append(emu.norm(tensors, ord, num_sms=sms))
+        emu.configure()
+        for r in runs[1:]:
+            assert_same_bits(r["total"], runs[0]["total"])
+            assert_same_bits(r["each"], runs[0]["each"])
+            assert r["coef"] == runs[0]["coef"]
+
+
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+def test_values_at_the_ends_of_every_range(emu, ord):
+    """fp32 1e30 (squares beyond float32), fp16 norms beyond 65504, fp64
+    near the double maximum and among the subnormals (the scaled sums), and
+    all of them in one list (sums of different scales combined)."""
+    gen = torch.Generator().manual_seed(6)
+    cases = [
+        [_values(3000, torch.float32, gen, 1e30)],
+        [torch.full((1000,), 60000.0, dtype=torch.float16)],
+        [_values(5000, torch.float64, gen, 1e307), torch.tensor([1.7e308, -1.7e308], dtype=torch.float64)],
+        [_values(CHUNK + 9, torch.float64, gen, 1e-310), torch.tensor([5e-324], dtype=torch.float64)],
+        [_values(100, torch.float64, gen, 1e300), _values(100, torch.float32, gen, 1e-30),
+         _values(100, torch.bfloat16, gen, 1e30), _values(100, torch.float64, gen, 1e-300)],
+        # At and above 2**1023 (the largest scale is 2**1023): finite double
+        # norms beyond float32, whose coefficient must still be right.
+        [torch.tensor([1e308], dtype=torch.float64)],
+        [_values(CHUNK + 5, torch.float64, gen, 1e303), torch.tensor([-9e307, 1e-308], dtype=torch.float64)],
+    ]
+    for tensors in cases:
+        r = emu.norm(tensors, ord)
+        expected = ref_norm(tensors, ord)
+        if math.isfinite(expected.item()) and expected.item() < torch.finfo(torch.float32).max:
+            # Norms below float32's range come back as float32 rounds them (to 0).
+            assert_norm_close(r["total"], expected.float())
+            assert_norm_close(r["each"], ref_norms_each(tensors, ord).float())
+            assert r["nonfinite"] == 0
+        else:  # beyond float32: inf as a float32, flagged non-finite only if the double is
+            assert r["total"].item() == math.inf
+            assert r["nonfinite"] == int(not math.isfinite(expected.item()))
+        assert r["coef"] == pytest.approx(ref_coef(1.0, expected).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_nonfinite_values_propagate_and_are_flagged(emu, dtype, bad):
+    gen = torch.Generator().manual_seed(7)
+    for ord in ORDS:
+        tensors = [_values(CHUNK + 100, dtype, gen), _values(33, dtype, gen)]
+        tensors[0][CHUNK + 50] = bad
+        r = emu.norm(tensors, ord)
+        expected = torch.linalg.vector_norm(torch.cat([t.double() for t in tensors]), ord).float()
+        assert_identical(r["total"], expected)
+        assert_identical(r["each"][0], expected)
+        assert r["nonfinite"] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_clip_scales_every_element_by_the_coefficient_it_computed(emu, dtype):
+    """clip_: the norm launch leaves the coefficient on the device, the scale
+    launch reads it; every element equals torch's CPU product by it."""
+    gen = torch.Generator().manual_seed(8)
+    tensors = _odd_list(dtype, gen)
+    original = [t.clone() for t in tensors]
+    r = emu.norm(tensors, 2.0, max_norm=0.5, clip=True)
+    assert_norm_close(r["total"], ref_norm(original))
+    assert 0.0 < r["coef"] < 1.0
+    for before, after in zip(original, tensors):
+        assert_same_bits(after, _opmath_scaled(before, r["coef"]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_coefficient_one_writes_nothing(emu, dtype):
+    """Signaling NaNs would come back quiet from any write (even x * 1)."""
+    tensors = [_signaling(n, dtype) for n in (1, 7, CHUNK + 3)] + [_signaling(100, dtype)[1:]]
+    sources = [None] + [torch.tensor(1.0, dtype=d) for d in DTYPES]
+    for coef in sources:
+        emu.scale(tensors, 1.0 if coef is None else coef)
+        for t in tensors:
+            assert_same_bits(t, _signaling(t.numel(), dtype))
+    # The control: a coefficient of 2 writes (and quiets) them all.
+    emu.scale(tensors, torch.tensor(2.0))
+    for t in tensors:
+        assert torch.isnan(t).all() and not torch.equal(t.view(SIGNALING_NAN_BITS[dtype][1]),
+                                                         _signaling(t.numel(), dtype).view(SIGNALING_NAN_BITS[dtype][1]))
+
+
+@pytest.mark.parametrize("coef_dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_scale_by_a_device_coefficient_of_any_dtype(emu, dtype, coef_dtype):
+    gen = torch.Generator().manual_seed(9)
+    tensors = _odd_list(dtype, gen)
+    tensors.append(torch.tensor([1e-40, -1e-45, 3e38, -0.0, math.inf, -math.inf], dtype=torch.float64).to(dtype))
+    original = [t.clone() for t in tensors]
+    coef = torch.tensor(0.3, dtype=coef_dtype)
+    emu.scale(tensors, coef)
+    for before, after in zip(original, tensors):
+        assert_same_bits(after, _opmath_scaled(before, coef.double().item()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_clamp_bits_match_torch_cpu_clamp(emu, dtype):
+    gen = torch.Generator().manual_seed(10)
+    special = torch.tensor([0.0, -0.0, math.nan, math.inf, -math.inf, 1e-40, -1e-40, 0.25, -0.25, 7.0, -7.0],
+                           dtype=torch.float64).to(dtype)
+    for bound in (0.0, 0.25, 1.0, 1e-42):
+        tensors = _odd_list(dtype, gen) + [special.clone()]
+        expected = [t.clamp(-bound, bound) for t in tensors]
+        emu.clamp(tensors, bound)
+        for got, want in zip(tensors, expected):
+            assert_identical(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_strided_views_scaled_in_place_and_gaps_untouched(emu, dtype):
+    """Views with gaps, 1 to 8 dimensions, 16 per launch (the most one
+    launch takes): every element of the view scaled as torch's CPU product,
+    every byte between them left alone."""
+    gen = torch.Generator().manual_seed(11)
+    bases, views = [], []
+    for i in range(MAX_VIEWS):
+        dims = i % MAX_VIEW_DIMS + 1
+        shape = [2 + (i + d) % 3 for d in range(dims)]
+        shape[-1] *= 2
+        base = _values(math.prod(shape), dtype, gen).reshape(shape)
+        view = base[..., ::2]
+        if dims > 1:
+            view = view.transpose(0, dims - 1)
+        bases.append(base)
+        views.append(view)
+    before = [b.clone() for b in bases]
+    coef = torch.tensor(0.37, dtype=torch.float64)
+    emu.scale_strided(views, coef)
+    for b0, b1 in zip(before, bases):
+        assert_same_bits(b1[..., ::2], _opmath_scaled(b0[..., ::2], coef.item()))
+        assert_same_bits(b1[..., 1::2], b0[..., 1::2])
+
+
+def test_empty_lists(emu):
+    """launch_norm always launches: an empty table still writes a zero norm
+    and coefficient 1; a table of empty tensors likewise."""
+    for tensors in ([], [torch.zeros(0)], [torch.zeros(0, dtype=torch.bfloat16), torch.zeros(0, 5)]):
+        r = emu.norm(tensors, 2.0)
+        assert r["total"].item() == 0.0 and r["coef"] == 1.0 and r["nonfinite"] == 0 and r["chunks"] == 0
+        assert torch.equal(r["each"], torch.zeros(len(tensors)))
+        emu.scale(tensors, 0.5)
+        emu.clamp(tensors, 0.5)
