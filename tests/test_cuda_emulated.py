@@ -301,6 +301,57 @@ def test_norm_of_odd_list_matches_float64_reference(emu, dtype, ord):
     assert r["chunks"] == sum((t.numel() + CHUNK - 1) // CHUNK for t in tensors)
 
 
+@pytest.mark.parametrize("ord", [0.01, 0.5, 1.5, 1500.0, 1e300], ids=ord_id)
+def test_general_orders_whose_powers_leave_the_double_range(emu, ord):
+    """A general p accumulates (|x| / max |x|)^p: orders whose powers of
+    ordinary values underflow or overflow a double still give the norm."""
+    gen = torch.Generator().manual_seed(12)
+    tensors = [_values(CHUNK + 300, torch.float32, gen), _values(777, torch.float64, gen, 1e200),
+               _values(5000, torch.bfloat16, gen, 1e-20), _values(3, torch.float16, gen)]
+    # The last group is the one whose norm of order 0.01 is finite (2^100 * ...).
+    for group in (tensors, tensors[:1], tensors[2:], [tensors[3][:2]]):
+        r = emu.norm(group, ord)
+        expected = ref_norm(group, ord)
+        if expected.item() < torch.finfo(torch.float32).max:
+            assert_norm_close(r["total"], expected.float())
+        else:
+            assert r["total"].item() == math.inf
+        each = ref_norms_each(group, ord)
+        finite = each < torch.finfo(torch.float32).max
+        assert_norm_close(r["each"][finite], each[finite].float())
+        # p = 0.01: (sum of ~70,000 terms near 1)^100 is beyond the double range.
+        assert r["nonfinite"] == int(not math.isfinite(expected.item()))
+
+
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.mark.large
+def test_tensor_beyond_2_pow_31_elements(emu):
+    """64-bit element offsets: a bf16 tensor of 2^31 + 5 elements (4 GiB,
+    32,769 chunks), its only nonzero values at the very end and at 2^31 - 1.
+    About 30 s."""
+    n = 2**31 + 5
+    if _available_bytes() < 3 * n:
+        pytest.skip("needs about 6 GiB of free memory")
+    x = torch.zeros(n, dtype=torch.bfloat16)
+    x[2**31 - 1] = 1.0
+    x[-3:] = torch.tensor([3.0, 4.0, 12.0])
+    r = emu.norm([x], 2.0, num_sms=H200_SMS)
+    assert r["total"].item() == pytest.approx(math.sqrt(170.0), rel=1e-7)
+    assert r["chunks"] == (n + CHUNK - 1) // CHUNK and r["tickets_left"] == 0
+    emu.scale([x], 0.5, num_sms=H200_SMS)
+    assert x[-3:].tolist() == [1.5, 2.0, 6.0] and x[2**31 - 1].item() == 0.5
+    assert x[: 2**31 - 1].count_nonzero().item() == 0
+
+
 def test_many_tensors_of_mixed_dtypes(emu):
     """1,000 tensors, four dtypes, some of several chunks: the 32-ary tensor
     search with ballots, per-tensor tickets and the grid's last block."""
