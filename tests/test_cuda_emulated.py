@@ -257,6 +257,57 @@ def _odd_list(dtype: torch.dtype, gen: torch.Generator) -> List[Tensor]:
     return tensors
 
 
+class GuardedMemory:
+    """Tensors placed against inaccessible pages: an emulated kernel that
+    reads or writes one byte before or after a tensor crashes the test
+    process (SIGSEGV, with faulthandler's traceback) instead of passing."""
+
+    PROT_NONE, PROT_RW = 0, 3
+    MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
+
+    def __init__(self):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.mmap.restype = ctypes.c_void_p
+        self.libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_long]
+        self.libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.mappings = []
+
+    def place(self, values: Tensor, at_end: bool) -> Tensor:
+        """A copy of `values` whose last byte (at_end) or first byte is next
+        to a guard page; a guard page lies on the other side too."""
+        nbytes = values.numel() * values.element_size()
+        if nbytes == 0:
+            return values.clone()
+        span = (nbytes + self.page - 1) // self.page * self.page
+        total = span + 2 * self.page
+        base = self.libc.mmap(None, total, self.PROT_RW, self.MAP_PRIVATE_ANONYMOUS, -1, 0)
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        self.mappings.append((base, total))
+        for guard in (base, base + self.page + span):
+            if self.libc.mprotect(guard, self.page, self.PROT_NONE) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect failed")
+        start = base + self.page + (span - nbytes if at_end else 0)
+        out = torch.frombuffer((ctypes.c_char * nbytes).from_address(start), dtype=values.dtype)
+        out.copy_(values.flatten())
+        return out
+
+    def release(self) -> None:
+        for base, total in self.mappings:
+            self.libc.munmap(base, total)
+        self.mappings.clear()
+
+
+@pytest.fixture
+def guarded():
+    memory = GuardedMemory()
+    yield memory
+    memory.release()
+
+
 def _signaling(n: int, dtype: torch.dtype) -> Tensor:
     bits, ints = SIGNALING_NAN_BITS[dtype]
     return torch.full((n,), bits, dtype=ints).view(dtype)
@@ -350,6 +401,30 @@ def test_tensor_beyond_2_pow_31_elements(emu):
     emu.scale([x], 0.5, num_sms=H200_SMS)
     assert x[-3:].tolist() == [1.5, 2.0, 6.0] and x[2**31 - 1].item() == 0.5
     assert x[: 2**31 - 1].count_nonzero().item() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_no_access_outside_the_tensors(emu, guarded, dtype):
+    """Every size up to a few vectors and around chunk boundaries, at both
+    ends of a page: norm, clip, scale and clamp touch no byte outside the
+    tensors (a stray access crashes), and still give the right values."""
+    gen = torch.Generator().manual_seed(13)
+    sizes = list(range(1, 41)) + [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 9]
+    tensors = [guarded.place(_values(n, dtype, gen), at_end=k % 2 == 0) for k, n in enumerate(sizes)]
+    tensors += [guarded.place(_values(n, dtype, gen), at_end=k % 2 == 1) for k, n in enumerate(sizes)]
+    for ord in ORDS:
+        r = emu.norm(tensors, ord)
+        assert_norm_close(r["total"], ref_norm(tensors, ord))
+        assert_norm_close(r["each"], ref_norms_each(tensors, ord))
+    original = [t.clone() for t in tensors]
+    r = emu.norm(tensors, 2.0, max_norm=1.0, clip=True)
+    for before, after in zip(original, tensors):
+        assert_same_bits(after, _opmath_scaled(before, r["coef"]))
+    emu.scale(tensors, torch.tensor(3.0))
+    expected = [t.clamp(-0.01, 0.01) for t in tensors]
+    emu.clamp(tensors, 0.01)
+    for got, want in zip(tensors, expected):
+        assert_identical(got, want)
 
 
 def test_many_tensors_of_mixed_dtypes(emu):
