@@ -98,13 +98,29 @@ def _cuda_include() -> Optional[Path]:
     return None
 
 
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1] + " "
+    except OSError:
+        pass
+    return ""
+
+
 def _translation_unit(source: Path) -> str:
-    """The kernel source with its launches rewritten for the emulator."""
+    """The kernel source with its launches rewritten for the emulator, and a
+    call after each __shared__ declaration that poisons the variable once
+    per block (on the same line: compiler messages keep the source's lines)."""
     text = source.read_text()
     launch = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(.*?)>>>\((.*?)\);")
     rewritten, count = launch.subn(r"::emu::Launch(\2).run(\1, \3);", text)
     if count == 0 or count != text.count("<<<"):
         raise RuntimeError(f"{source}: rewrote {count} of {text.count('<<<')} kernel launches")
+    shared = re.compile(r"^(\s*__shared__\s+[\w:<>]+\s+(\w+)\s*(?:\[[^\]]*\])?\s*;)", re.MULTILINE)
+    rewritten, declared = shared.subn(r"\1 ::emu::poison_shared(&\2, sizeof(\2));", rewritten)
+    if declared != text.count("__shared__"):
+        raise RuntimeError(f"{source}: found {declared} of {text.count('__shared__')} __shared__ declarations")
     return f'#include "emu.h"\n#line 1 "{source}"\n{rewritten}\n#include "driver.cpp"\n'
 
 
@@ -121,7 +137,14 @@ def _build(out_dir: Path) -> ctypes.CDLL:
     tu = out_dir / "kernels_emulated.cpp"
     tu.write_text(_translation_unit(source))
     lib = out_dir / "libfastclip_cuda_emulated.so"
+    # UBSan's alignment check, trapping (SIGILL, no runtime library): a GPU
+    # faults on a misaligned 16-byte access, x86 does not. No shadow-stack marking (the fibers swap stacks); stack
+    # probes so a large frame cannot jump a fiber's guard page. FMA where
+    # the CPU has it, as the GPU has (nvcc contracts a * b + c).
+    fma = "-mfma" if " fma " in _cpu_flags() else "-mno-fma"
     cmd = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror",
+           "-fsanitize=alignment", "-fsanitize-undefined-trap-on-error", "-fcf-protection=none",
+           "-fstack-clash-protection", fma,
            "-I", str(EMU_DIR), "-I", str(source.parent), "-I", str(KERNEL_SOURCE.parent), "-I", str(ROOT / "csrc"),
            "-isystem", str(include),
            "-o", str(lib), str(tu), "-lpthread"]
@@ -135,6 +158,9 @@ class _Unavailable(Exception):
     pass
 
 
+BASE_SEED = int(os.environ.get("FASTCLIP_CUDA_EMULATOR_SEED", "1"))
+
+
 class Emulated:
     """The launchers of multi_tensor_kernels.h on CPU tensors, through the
     emulator (tests/cuda_emu/driver.cpp mirrors the torch glue's use of them)."""
@@ -142,21 +168,23 @@ class Emulated:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         c = ctypes
+        buf, i64, u64p = c.c_char_p, c.c_int64, c.POINTER(c.c_uint64)
         lib.emu_configure.argtypes = [c.c_int, c.c_uint64]
-        lib.emu_norm.argtypes = [c.c_void_p, c.c_int64, c.c_double, c.c_double, c.c_int, c.c_int, c.c_void_p,
-                                 c.c_void_p, c.POINTER(c.c_double), c.POINTER(c.c_int32), c.POINTER(c.c_uint64),
-                                 c.POINTER(c.c_int64), c.c_char_p, c.c_int64]
-        lib.emu_scale.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_int32, c.c_double, c.c_int, c.c_char_p,
-                                  c.c_int64]
-        lib.emu_clamp.argtypes = [c.c_void_p, c.c_int64, c.c_double, c.c_int, c.c_char_p, c.c_int64]
-        lib.emu_scale_strided.argtypes = [c.c_void_p, c.c_int32, c.c_void_p, c.c_int32, c.c_double, c.c_int,
-                                          c.c_char_p, c.c_int64]
-        lib.emu_selftest.argtypes = [c.c_int, c.c_void_p, c.c_char_p, c.c_int64]
+        lib.emu_norm.argtypes = [c.c_void_p, i64, c.c_double, c.c_int, c.c_void_p, c.c_void_p, u64p,
+                                 c.POINTER(i64), buf, i64]
+        lib.emu_clip.argtypes = [c.c_void_p, i64, c.c_void_p, i64, c.c_void_p, c.c_int32, c.c_double, c.c_double,
+                                 c.c_int, c.c_void_p, c.POINTER(c.c_double), c.POINTER(c.c_int32), u64p, buf, i64]
+        lib.emu_scale.argtypes = [c.c_void_p, i64, c.c_void_p, c.c_int32, c.c_double, c.c_int, buf, i64]
+        lib.emu_clamp.argtypes = [c.c_void_p, i64, c.c_double, c.c_int, buf, i64]
+        lib.emu_scale_strided.argtypes = [c.c_void_p, c.c_int32, c.c_void_p, c.c_int32, c.c_double, c.c_int, buf,
+                                          i64]
+        lib.emu_selftest.argtypes = [c.c_int, c.c_void_p, buf, i64]
         self.configure()
 
-    def configure(self, workers: int = 4, seed: int = 1) -> None:
-        """OS threads running blocks at once, and the seed of the block and thread orders."""
-        self.lib.emu_configure(workers, seed)
+    def configure(self, workers: int = 4, seed: int = 0) -> None:
+        """OS threads running blocks at once, and the seed of the block and
+        thread orders (offset by FASTCLIP_CUDA_EMULATOR_SEED)."""
+        self.lib.emu_configure(workers, BASE_SEED + seed)
 
     @staticmethod
     def _descs(tensors: Sequence[Tensor]):
@@ -166,25 +194,48 @@ class Emulated:
             *[_Desc(t.data_ptr(), t.numel(), DTYPE_CODES[t.dtype]) for t in tensors])
 
     @staticmethod
-    def _check(rc: int, error) -> None:
-        if rc != 0:
+    def _views(views: Sequence[Tensor]):
+        assert len(views) <= MAX_VIEWS
+        structs = []
+        for v in views:
+            assert v.dim() <= MAX_VIEW_DIMS
+            sizes = list(v.shape) + [1] * (MAX_VIEW_DIMS - v.dim())
+            strides = list(v.stride()) + [1] * (MAX_VIEW_DIMS - v.dim())
+            structs.append(_View(v.data_ptr(), v.numel(), DTYPE_CODES[v.dtype], v.dim(),
+                                 (ctypes.c_int64 * MAX_VIEW_DIMS)(*sizes), (ctypes.c_int64 * MAX_VIEW_DIMS)(*strides)))
+        return (_View * max(len(structs), 1))(*structs)
+
+    @staticmethod
+    def _run(fn, *args) -> None:
+        error = ctypes.create_string_buffer(ERROR_BYTES)
+        if fn(*args, error, ERROR_BYTES) != 0:
             raise RuntimeError(error.value.decode())
 
-    def norm(self, tensors: Sequence[Tensor], ord: float = 2.0, max_norm: float = 1.0, clip: bool = False,
-             num_sms: int = 2) -> dict:
+    def norm(self, tensors: Sequence[Tensor], ord: float = 2.0, num_sms: int = 2, per_tensor: bool = True) -> dict:
+        """fastclip::multi_tensor_norm (outputs poisoned with NaN first)."""
         c = ctypes
-        n = len(tensors)
-        total = torch.full((), float("nan"))  # poisoned: the kernel must write them
-        each = torch.full((n,), float("nan"))
-        coef, nonfinite = c.c_double(), c.c_int32(-1)
+        total = torch.full((), float("nan"))
+        each = torch.full((len(tensors),), float("nan"))
         left, chunks = c.c_uint64(), c.c_int64()
-        error = c.create_string_buffer(ERROR_BYTES)
-        rc = self.lib.emu_norm(self._descs(tensors), n, ord, max_norm, int(clip), num_sms, total.data_ptr(),
-                               each.data_ptr(), c.byref(coef), c.byref(nonfinite), c.byref(left), c.byref(chunks),
-                               error, ERROR_BYTES)
-        self._check(rc, error)
-        return {"total": total, "each": each, "coef": coef.value, "nonfinite": nonfinite.value,
-                "tickets_left": left.value, "chunks": chunks.value}
+        self._run(self.lib.emu_norm, self._descs(tensors), len(tensors), ord, num_sms, total.data_ptr(),
+                  each.data_ptr() if per_tensor else None, c.byref(left), c.byref(chunks))
+        return {"total": total, "each": each if per_tensor else None, "tickets_left": left.value,
+                "chunks": chunks.value}
+
+    def clip(self, tensors: Sequence[Tensor], max_norm: float, ord: float = 2.0, num_sms: int = 2) -> dict:
+        """fastclip::clip_: dense tensors in place; views with gaps (not
+        contiguous here) read through contiguous copies and scaled through
+        their strides, as the glue does."""
+        c = ctypes
+        read = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        write = [t for t in tensors if t.is_contiguous()]
+        views = [t for t in tensors if not t.is_contiguous()]
+        total = torch.full((), float("nan"))
+        coef, nonfinite, left = c.c_double(), c.c_int32(-1), c.c_uint64()
+        self._run(self.lib.emu_clip, self._descs(read), len(read), self._descs(write), len(write), self._views(views),
+                  len(views), max_norm, ord, num_sms, total.data_ptr(), c.byref(coef), c.byref(nonfinite),
+                  c.byref(left))
+        return {"total": total, "coef": coef.value, "nonfinite": nonfinite.value, "tickets_left": left.value}
 
     @staticmethod
     def _coef_args(coef):
@@ -194,32 +245,17 @@ class Emulated:
 
     def scale(self, tensors: Sequence[Tensor], coef, num_sms: int = 2) -> None:
         """coef: a host float, or a 0-dim CPU tensor read as the device coefficient."""
-        error = ctypes.create_string_buffer(ERROR_BYTES)
-        self._check(self.lib.emu_scale(self._descs(tensors), len(tensors), *self._coef_args(coef), num_sms, error,
-                                       ERROR_BYTES), error)
+        self._run(self.lib.emu_scale, self._descs(tensors), len(tensors), *self._coef_args(coef), num_sms)
 
     def clamp(self, tensors: Sequence[Tensor], bound: float, num_sms: int = 2) -> None:
-        error = ctypes.create_string_buffer(ERROR_BYTES)
-        self._check(self.lib.emu_clamp(self._descs(tensors), len(tensors), bound, num_sms, error, ERROR_BYTES),
-                    error)
+        self._run(self.lib.emu_clamp, self._descs(tensors), len(tensors), bound, num_sms)
 
     def scale_strided(self, views: Sequence[Tensor], coef, num_sms: int = 2) -> None:
-        structs = []
-        for v in views:
-            assert v.dim() <= MAX_VIEW_DIMS
-            sizes = list(v.shape) + [1] * (MAX_VIEW_DIMS - v.dim())
-            strides = list(v.stride()) + [1] * (MAX_VIEW_DIMS - v.dim())
-            structs.append(_View(v.data_ptr(), v.numel(), DTYPE_CODES[v.dtype], v.dim(),
-                                 (ctypes.c_int64 * MAX_VIEW_DIMS)(*sizes), (ctypes.c_int64 * MAX_VIEW_DIMS)(*strides)))
-        array = (_View * max(len(structs), 1))(*structs)
-        error = ctypes.create_string_buffer(ERROR_BYTES)
-        self._check(self.lib.emu_scale_strided(array, len(structs), *self._coef_args(coef), num_sms, error,
-                                               ERROR_BYTES), error)
+        self._run(self.lib.emu_scale_strided, self._views(views), len(views), *self._coef_args(coef), num_sms)
 
     def selftest(self, mode: int) -> List[int]:
         out = torch.full((128,), -1, dtype=torch.int32)
-        error = ctypes.create_string_buffer(ERROR_BYTES)
-        self._check(self.lib.emu_selftest(mode, out.data_ptr(), error, ERROR_BYTES), error)
+        self._run(self.lib.emu_selftest, mode, out.data_ptr())
         return out.tolist()
 
 
@@ -257,13 +293,34 @@ def _odd_list(dtype: torch.dtype, gen: torch.Generator) -> List[Tensor]:
     return tensors
 
 
-class GuardedMemory:
-    """Tensors placed against inaccessible pages: an emulated kernel that
-    reads or writes one byte before or after a tensor crashes the test
-    process (SIGSEGV, with faulthandler's traceback) instead of passing."""
+class Prefixes:
+    """The elements before each view of `tensors` in its base tensor
+    (misaligned views: the bytes a head that starts too early would hit)."""
 
-    PROT_NONE, PROT_RW = 0, 3
+    def __init__(self, tensors: Sequence[Tensor]):
+        self.saved = []
+        for t in tensors:
+            base = t._base
+            if base is not None and t.numel() > 0:
+                offset = (t.data_ptr() - base.data_ptr()) // t.element_size()
+                self.saved.append((base, offset, base.flatten()[:offset].clone()))
+
+    def assert_untouched(self) -> None:
+        for base, offset, before in self.saved:
+            assert_same_bits(base.flatten()[:offset], before)
+
+
+class GuardedMemory:
+    """Tensors between inaccessible pages, with the spare bytes between a
+    tensor and its pages filled with a sentinel: a kernel that reaches a
+    page crashes the test process (SIGSEGV, with faulthandler's traceback),
+    and one that reads or writes a spare byte changes a norm or the sentinel
+    (0x7B bytes: large finite values in every dtype, so a read changes any
+    norm and a write by any coefficient other than 1 changes the bytes)."""
+
+    PROT_NONE, PROT_READ, PROT_RW = 0, 1, 3
     MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
+    SENTINEL = 0x7B
 
     def __init__(self):
         self.libc = ctypes.CDLL(None, use_errno=True)
@@ -274,31 +331,46 @@ class GuardedMemory:
         self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.mappings = []
+        self.spares = []  # (address, bytes) of sentinel-filled spare bytes
 
-    def place(self, values: Tensor, at_end: bool) -> Tensor:
-        """A copy of `values` whose last byte (at_end) or first byte is next
-        to a guard page; a guard page lies on the other side too."""
+    def _protect(self, address: int, size: int, prot: int) -> None:
+        if self.libc.mprotect(address, size, prot) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect failed")
+
+    def place(self, values: Tensor, lead: Optional[int] = None, readonly: bool = False) -> Tensor:
+        """A copy of `values` starting `lead` bytes after a guard page (None:
+        ending right at the next guard page); `readonly` makes its pages
+        read-only, so that any write crashes."""
         nbytes = values.numel() * values.element_size()
         if nbytes == 0:
             return values.clone()
-        span = (nbytes + self.page - 1) // self.page * self.page
-        total = span + 2 * self.page
-        base = self.libc.mmap(None, total, self.PROT_RW, self.MAP_PRIVATE_ANONYMOUS, -1, 0)
+        span = (nbytes + (lead or 0) + self.page - 1) // self.page * self.page
+        lead_bytes = span - nbytes if lead is None else lead
+        base = self.libc.mmap(None, span + 2 * self.page, self.PROT_RW, self.MAP_PRIVATE_ANONYMOUS, -1, 0)
         if base in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), "mmap failed")
-        self.mappings.append((base, total))
-        for guard in (base, base + self.page + span):
-            if self.libc.mprotect(guard, self.page, self.PROT_NONE) != 0:
-                raise OSError(ctypes.get_errno(), "mprotect failed")
-        start = base + self.page + (span - nbytes if at_end else 0)
+        self.mappings.append((base, span + 2 * self.page))
+        data = base + self.page
+        ctypes.memset(data, self.SENTINEL, span)
+        start = data + lead_bytes
+        self.spares += [(data, lead_bytes), (start + nbytes, span - lead_bytes - nbytes)]
         out = torch.frombuffer((ctypes.c_char * nbytes).from_address(start), dtype=values.dtype)
         out.copy_(values.flatten())
+        self._protect(base, self.page, self.PROT_NONE)
+        self._protect(data + span, self.page, self.PROT_NONE)
+        if readonly:
+            self._protect(data, span, self.PROT_READ)
         return out
+
+    def assert_spares_untouched(self) -> None:
+        for address, size in self.spares:
+            assert ctypes.string_at(address, size) == bytes([self.SENTINEL]) * size, "a spare byte was written"
 
     def release(self) -> None:
         for base, total in self.mappings:
             self.libc.munmap(base, total)
         self.mappings.clear()
+        self.spares.clear()
 
 
 @pytest.fixture
@@ -308,17 +380,29 @@ def guarded():
     memory.release()
 
 
-def _signaling(n: int, dtype: torch.dtype) -> Tensor:
-    bits, ints = SIGNALING_NAN_BITS[dtype]
-    return torch.full((n,), bits, dtype=ints).view(dtype)
-
-
 def _opmath_scaled(t: Tensor, coef: float) -> Tensor:
     """x * coef as torch computes it on the CPU: in float64 for fp64, else in
     float32 with the coefficient rounded to float32 (the kernels' contract)."""
     if t.dtype == torch.float64:
         return t * coef
     return (t.float() * torch.tensor(coef, dtype=torch.float64).float()).to(t.dtype)
+
+
+def _check_clip(emu: Emulated, tensors: Sequence[Tensor], max_norm: float, ord: float = 2.0,
+                num_sms: int = 2) -> dict:
+    """Clips `tensors` and checks what can be checked without a reference
+    norm: every element is torch's CPU product by the coefficient the
+    kernels computed, the bytes before views untouched, the tickets zero,
+    the flag right; returns the clip's outputs."""
+    before = [t.clone() for t in tensors]
+    prefixes = Prefixes(tensors)
+    r = emu.clip(tensors, max_norm, ord, num_sms=num_sms)
+    for b, t in zip(before, tensors):
+        assert_identical(t, _opmath_scaled(b, r["coef"]) if r["coef"] != 1.0 else b)
+    prefixes.assert_untouched()
+    assert r["tickets_left"] == 0
+    assert r["nonfinite"] == int(not math.isfinite(ref_norm(before, ord).item()))
+    return r
 
 
 # ----------------------------------------------------------------- tests
@@ -339,17 +423,23 @@ def test_emulator_reports_divergent_collectives(emu):
 
 @pytest.mark.parametrize("ord", ORDS, ids=ord_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_norm_of_odd_list_matches_float64_reference(emu, dtype, ord):
+def test_odd_list_norm_and_clip(emu, dtype, ord):
+    """Norm (with and without per-tensor norms: the glue passes null) and
+    clip of the odd list: the float64 reference, the coefficient to 1e-12
+    (a dropped element shows there), every element of the clip."""
     gen = torch.Generator().manual_seed(3)
     tensors = _odd_list(dtype, gen)
-    r = emu.norm(tensors, ord, max_norm=1.0)
+    r = emu.norm(tensors, ord)
     expected = ref_norm(tensors, ord)
     assert_norm_close(r["total"], expected, dtype)
     assert_norm_close(r["each"], ref_norms_each(tensors, ord), dtype)
-    assert r["coef"] == pytest.approx(ref_coef(1.0, expected).item(), rel=1e-12)
-    assert r["nonfinite"] == 0
     assert r["tickets_left"] == 0
     assert r["chunks"] == sum((t.numel() + CHUNK - 1) // CHUNK for t in tensors)
+    assert_same_bits(emu.norm(tensors, ord, per_tensor=False)["total"], r["total"])
+    c = _check_clip(emu, tensors, max_norm=0.5, ord=ord)
+    assert_same_bits(c["total"], r["total"])
+    assert c["coef"] == pytest.approx(ref_coef(0.5, expected).item(), rel=1e-12)
+    assert c["coef"] < 1.0
 
 
 @pytest.mark.parametrize("ord", [0.01, 0.5, 1.5, 1500.0, 1e300], ids=ord_id)
@@ -371,7 +461,31 @@ def test_general_orders_whose_powers_leave_the_double_range(emu, ord):
         finite = each < torch.finfo(torch.float32).max
         assert_norm_close(r["each"][finite], each[finite].float())
         # p = 0.01: (sum of ~70,000 terms near 1)^100 is beyond the double range.
-        assert r["nonfinite"] == int(not math.isfinite(expected.item()))
+        c = _check_clip(emu, [t.clone() for t in group], max_norm=1e-3, ord=ord)
+        assert c["coef"] == pytest.approx(ref_coef(1e-3, expected).item(), rel=1e-9)
+
+
+def test_tiny_values_that_decide_the_norm(emu):
+    """Where tiny values matter: fp64 subnormals under p = 0.01 (each term
+    (5e-324)^0.01 ~ 6e-4), and terms whose ratio to the largest value
+    underflows a double ((1e-300 / 1e30)^0.01 ~ 5e-4, through logarithms),
+    in one tensor and across tensors (sums of different scales combined)."""
+    gen = torch.Generator().manual_seed(14)
+    subnormals = (torch.rand(2000, generator=gen, dtype=torch.float64) * 1e-310).clamp_min(5e-324)
+    cases = [
+        [subnormals],
+        [torch.cat([torch.tensor([1e30], dtype=torch.float64), torch.full((20,), 1e-300, dtype=torch.float64)])],
+        [torch.tensor([1e30], dtype=torch.float64), torch.full((20,), 1e-300, dtype=torch.float64)],
+        [torch.tensor([1e30], dtype=torch.float32), torch.full((20,), 1e-300, dtype=torch.float64)],
+    ]
+    for tensors in cases:
+        r = emu.norm(tensors, 0.01)
+        expected = ref_norm(tensors, 0.01)
+        # Without the tiny terms the norm would be 1e30, or 0 for the subnormals.
+        assert expected.item() > 2e30 or len(tensors[0]) == 2000
+        assert_norm_close(r["total"], expected)
+        each = ref_norms_each(tensors, 0.01)
+        assert_norm_close(r["each"], each.float())
 
 
 def _available_bytes() -> int:
@@ -403,28 +517,48 @@ def test_tensor_beyond_2_pow_31_elements(emu):
     assert x[: 2**31 - 1].count_nonzero().item() == 0
 
 
+def test_tensor_of_300_chunks(emu):
+    """More chunks in one tensor than threads in a block: the block that
+    counts the last chunk folds the partials in several rounds per thread."""
+    gen = torch.Generator().manual_seed(15)
+    x = _values(300 * CHUNK - 7, torch.float32, gen)
+    expected = ref_norm([x])
+    for sms in (1, H200_SMS):
+        r = emu.norm([x], 2.0, num_sms=sms)
+        assert_norm_close(r["total"], expected)
+        assert r["chunks"] == 300 and r["tickets_left"] == 0
+    c = _check_clip(emu, [x], max_norm=1.0, num_sms=H200_SMS)
+    assert c["coef"] == pytest.approx(ref_coef(1.0, expected).item(), rel=1e-12)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_no_access_outside_the_tensors(emu, guarded, dtype):
-    """Every size up to a few vectors and around chunk boundaries, at both
-    ends of a page: norm, clip, scale and clamp touch no byte outside the
-    tensors (a stray access crashes), and still give the right values."""
+    """Every size up to a few vectors and around chunk boundaries, ending at
+    a guard page or starting 0 to 17 bytes after one: norm, clip, scale and
+    clamp touch no byte outside the tensors."""
     gen = torch.Generator().manual_seed(13)
+    size = torch.tensor([], dtype=dtype).element_size()
     sizes = list(range(1, 41)) + [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 9]
-    tensors = [guarded.place(_values(n, dtype, gen), at_end=k % 2 == 0) for k, n in enumerate(sizes)]
-    tensors += [guarded.place(_values(n, dtype, gen), at_end=k % 2 == 1) for k, n in enumerate(sizes)]
+    tensors = []
+    for k, n in enumerate(sizes):
+        tensors.append(guarded.place(_values(n, dtype, gen)))
+        tensors.append(guarded.place(_values(n, dtype, gen), lead=(k % 9) * size))
     for ord in ORDS:
         r = emu.norm(tensors, ord)
         assert_norm_close(r["total"], ref_norm(tensors, ord))
         assert_norm_close(r["each"], ref_norms_each(tensors, ord))
-    original = [t.clone() for t in tensors]
-    r = emu.norm(tensors, 2.0, max_norm=1.0, clip=True)
-    for before, after in zip(original, tensors):
-        assert_same_bits(after, _opmath_scaled(before, r["coef"]))
+    guarded.assert_spares_untouched()
+    _check_clip(emu, tensors, max_norm=1.0)
+    guarded.assert_spares_untouched()
+    before = [t.clone() for t in tensors]
     emu.scale(tensors, torch.tensor(3.0))
+    for b, t in zip(before, tensors):
+        assert_same_bits(t, _opmath_scaled(b, 3.0))
     expected = [t.clamp(-0.01, 0.01) for t in tensors]
     emu.clamp(tensors, 0.01)
     for got, want in zip(tensors, expected):
         assert_identical(got, want)
+    guarded.assert_spares_untouched()
 
 
 def test_many_tensors_of_mixed_dtypes(emu):
@@ -439,25 +573,32 @@ def test_many_tensors_of_mixed_dtypes(emu):
         assert_norm_close(r["total"], ref_norm(tensors, ord))
         assert_norm_close(r["each"], ref_norms_each(tensors, ord))
         assert r["tickets_left"] == 0
+    _check_clip(emu, tensors, max_norm=1.0, num_sms=H200_SMS)
 
 
 def test_same_bits_whatever_the_grid_and_schedule(emu):
     """The contract of launch_norm: bitwise reproducible, independent of the
-    grid size and of the order in which blocks and threads run."""
+    grid size and of the order in which blocks and threads run (four grid
+    sizes, four seeds of the block and thread orders)."""
     gen = torch.Generator().manual_seed(5)
     tensors = [_values(n, DTYPES[i % 4], gen, scale=10.0 ** (i % 7 - 3))
                for i, n in enumerate([5, 3 * CHUNK + 1, 70000, 1, 0, 4097, 2 * CHUNK])]
     tensors.append(_values(1000, torch.float64, gen, scale=1e300))  # scaled fp64 sums
-    for ord in ORDS:
-        runs = []
-        for workers, seed, sms in ((1, 1, 1), (4, 2, 2), (3, 9, 7), (8, 5, H200_SMS)):
-            emu.configure(workers, seed)
-            runs.append(emu.norm(tensors, ord, num_sms=sms))
+    try:
+        for ord in ORDS:
+            runs = []
+            # Grids of 4, 8, 20 and 528 blocks.
+            for workers, seed, sms in ((1, 1, 1), (4, 2, 2), (3, 9, 5), (8, 5, H200_SMS)):
+                emu.configure(workers, seed)
+                r = emu.norm(tensors, ord, num_sms=sms)
+                r["coef"] = emu.clip([t.clone() for t in tensors], 1.0, ord, num_sms=sms)["coef"]
+                runs.append(r)
+            for r in runs[1:]:
+                assert_same_bits(r["total"], runs[0]["total"])
+                assert_same_bits(r["each"], runs[0]["each"])
+                assert r["coef"] == runs[0]["coef"]
+    finally:
         emu.configure()
-        for r in runs[1:]:
-            assert_same_bits(r["total"], runs[0]["total"])
-            assert_same_bits(r["each"], runs[0]["each"])
-            assert r["coef"] == runs[0]["coef"]
 
 
 @pytest.mark.parametrize("ord", ORDS, ids=ord_id)
@@ -485,16 +626,18 @@ def test_values_at_the_ends_of_every_range(emu, ord):
             # Norms below float32's range come back as float32 rounds them (to 0).
             assert_norm_close(r["total"], expected.float())
             assert_norm_close(r["each"], ref_norms_each(tensors, ord).float())
-            assert r["nonfinite"] == 0
-        else:  # beyond float32: inf as a float32, flagged non-finite only if the double is
+        else:  # beyond float32: inf as a float32
             assert r["total"].item() == math.inf
-            assert r["nonfinite"] == int(not math.isfinite(expected.item()))
-        assert r["coef"] == pytest.approx(ref_coef(1.0, expected).item(), rel=1e-12)
+        c = _check_clip(emu, [t.clone() for t in tensors], max_norm=1.0, ord=ord)
+        assert c["coef"] == pytest.approx(ref_coef(1.0, expected).item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_nonfinite_values_propagate_and_are_flagged(emu, dtype, bad):
+    """NaN and inf give torch's norm, set the flag, and the clip scales by
+    the coefficient they give (NaN, or 0 for an infinite norm) as torch's
+    clip_grad_norm_ does."""
     gen = torch.Generator().manual_seed(7)
     for ord in ORDS:
         tensors = [_values(CHUNK + 100, dtype, gen), _values(33, dtype, gen)]
@@ -503,37 +646,35 @@ def test_nonfinite_values_propagate_and_are_flagged(emu, dtype, bad):
         expected = torch.linalg.vector_norm(torch.cat([t.double() for t in tensors]), ord).float()
         assert_identical(r["total"], expected)
         assert_identical(r["each"][0], expected)
-        assert r["nonfinite"] == 1
+        c = _check_clip(emu, tensors, max_norm=1.0, ord=ord)
+        assert c["nonfinite"] == 1
+        assert math.isnan(c["coef"]) if math.isnan(expected.item()) else c["coef"] == 0.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_clip_scales_every_element_by_the_coefficient_it_computed(emu, dtype):
-    """clip_: the norm launch leaves the coefficient on the device, the scale
-    launch reads it; every element equals torch's CPU product by it."""
-    gen = torch.Generator().manual_seed(8)
-    tensors = _odd_list(dtype, gen)
-    original = [t.clone() for t in tensors]
-    r = emu.norm(tensors, 2.0, max_norm=0.5, clip=True)
-    assert_norm_close(r["total"], ref_norm(original))
-    assert 0.0 < r["coef"] < 1.0
-    for before, after in zip(original, tensors):
-        assert_same_bits(after, _opmath_scaled(before, r["coef"]))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_coefficient_one_writes_nothing(emu, dtype):
-    """Signaling NaNs would come back quiet from any write (even x * 1)."""
-    tensors = [_signaling(n, dtype) for n in (1, 7, CHUNK + 3)] + [_signaling(100, dtype)[1:]]
-    sources = [None] + [torch.tensor(1.0, dtype=d) for d in DTYPES]
-    for coef in sources:
-        emu.scale(tensors, 1.0 if coef is None else coef)
-        for t in tensors:
-            assert_same_bits(t, _signaling(t.numel(), dtype))
-    # The control: a coefficient of 2 writes (and quiets) them all.
-    emu.scale(tensors, torch.tensor(2.0))
-    for t in tensors:
-        assert torch.isnan(t).all() and not torch.equal(t.view(SIGNALING_NAN_BITS[dtype][1]),
-                                                         _signaling(t.numel(), dtype).view(SIGNALING_NAN_BITS[dtype][1]))
+def test_no_write_when_the_coefficient_is_one(emu, guarded, dtype):
+    """Tensors and a strided view's base in read-only memory (any write
+    crashes): a clip whose norm is below max_norm, scale by 1 from the host
+    or from a device coefficient of any dtype, and the strided kernel's
+    early exit. The control writes to the same tensors once made writable."""
+    gen = torch.Generator().manual_seed(16)
+    values = [_values(n, dtype, gen) for n in (1, 7, CHUNK + 3, 100)]
+    tensors = [guarded.place(v, readonly=True) for v in values[:3]]
+    tensors.append(guarded.place(values[3], lead=torch.tensor([], dtype=dtype).element_size(), readonly=True))
+    base = guarded.place(_values(4 * 6, dtype, gen), readonly=True).view(4, 6)
+    view = base[:, ::2]
+    c = emu.clip(tensors + [view], max_norm=1e6)
+    assert c["coef"] == 1.0 and c["tickets_left"] == 0
+    for coef in [1.0] + [torch.tensor(1.0, dtype=d) for d in DTYPES]:
+        emu.scale(tensors, coef)
+        emu.scale_strided([view], coef)
+    for t, v in zip(tensors, values):
+        assert_same_bits(t, v)
+    # The control: the same calls with a coefficient of 2 write.
+    writable = [t.clone() for t in tensors]
+    emu.scale(writable, torch.tensor(2.0))
+    for t, v in zip(writable, values):
+        assert_same_bits(t, _opmath_scaled(v, 2.0))
 
 
 @pytest.mark.parametrize("coef_dtype", DTYPES, ids=dtype_id)
@@ -543,10 +684,12 @@ def test_scale_by_a_device_coefficient_of_any_dtype(emu, dtype, coef_dtype):
     tensors = _odd_list(dtype, gen)
     tensors.append(torch.tensor([1e-40, -1e-45, 3e38, -0.0, math.inf, -math.inf], dtype=torch.float64).to(dtype))
     original = [t.clone() for t in tensors]
+    prefixes = Prefixes(tensors)
     coef = torch.tensor(0.3, dtype=coef_dtype)
     emu.scale(tensors, coef)
     for before, after in zip(original, tensors):
         assert_same_bits(after, _opmath_scaled(before, coef.double().item()))
+    prefixes.assert_untouched()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -556,22 +699,22 @@ def test_clamp_bits_match_torch_cpu_clamp(emu, dtype):
                            dtype=torch.float64).to(dtype)
     for bound in (0.0, 0.25, 1.0, 1e-42):
         tensors = _odd_list(dtype, gen) + [special.clone()]
+        prefixes = Prefixes(tensors)
         expected = [t.clamp(-bound, bound) for t in tensors]
         emu.clamp(tensors, bound)
         for got, want in zip(tensors, expected):
             assert_identical(got, want)
+        prefixes.assert_untouched()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_strided_views_scaled_in_place_and_gaps_untouched(emu, dtype):
-    """Views with gaps, 1 to 8 dimensions, 16 per launch (the most one
-    launch takes): every element of the view scaled as torch's CPU product,
-    every byte between them left alone."""
-    gen = torch.Generator().manual_seed(11)
+def _gapped_views(dtype: torch.dtype, gen: torch.Generator, count: int, elements: int):
+    """`count` views with gaps of 1 to 8 dimensions, about `elements` each,
+    some transposed; returns (bases, views)."""
     bases, views = [], []
-    for i in range(MAX_VIEWS):
+    for i in range(count):
         dims = i % MAX_VIEW_DIMS + 1
-        shape = [2 + (i + d) % 3 for d in range(dims)]
+        side = max(2, round(elements ** (1.0 / dims)))
+        shape = [side + (i + d) % 3 for d in range(dims)]
         shape[-1] *= 2
         base = _values(math.prod(shape), dtype, gen).reshape(shape)
         view = base[..., ::2]
@@ -579,12 +722,42 @@ def test_strided_views_scaled_in_place_and_gaps_untouched(emu, dtype):
             view = view.transpose(0, dims - 1)
         bases.append(base)
         views.append(view)
+    return bases, views
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_strided_views_scaled_in_place_and_gaps_untouched(emu, dtype):
+    """16 views with gaps (the most one launch takes), 1 to 8 dimensions,
+    ~100,000 elements each on an H200-sized grid (33 blocks per view): every
+    element of the views scaled as torch's CPU product, every element in
+    their gaps left alone."""
+    gen = torch.Generator().manual_seed(11)
+    bases, views = _gapped_views(dtype, gen, MAX_VIEWS, 100_000)
     before = [b.clone() for b in bases]
     coef = torch.tensor(0.37, dtype=torch.float64)
-    emu.scale_strided(views, coef)
+    emu.scale_strided(views, coef, num_sms=H200_SMS)
     for b0, b1 in zip(before, bases):
         assert_same_bits(b1[..., ::2], _opmath_scaled(b0[..., ::2], coef.item()))
         assert_same_bits(b1[..., 1::2], b0[..., 1::2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_clip_with_views_that_have_gaps(emu, dtype):
+    """The glue's other clip path: the norm over contiguous copies of the
+    views with gaps, the dense tensors scaled from a second table, the
+    views through their strides, all by the coefficient in the norm's
+    scratch."""
+    gen = torch.Generator().manual_seed(17)
+    bases, views = _gapped_views(dtype, gen, 5, 3000)
+    dense = [_values(n, dtype, gen) for n in (CHUNK + 1, 7)] + [_misaligned(100, dtype, 1, gen)]
+    tensors = [dense[0], views[0], dense[1], views[1], views[2], dense[2], views[3], views[4]]
+    gaps = [b[..., 1::2].clone() for b in bases]
+    expected = ref_norm(tensors)
+    c = _check_clip(emu, tensors, max_norm=1.0)
+    assert_norm_close(c["total"], expected, dtype)
+    assert c["coef"] == pytest.approx(ref_coef(1.0, expected).item(), rel=1e-12)
+    for base, gap in zip(bases, gaps):
+        assert_same_bits(base[..., 1::2], gap)
 
 
 def test_empty_lists(emu):
@@ -592,7 +765,9 @@ def test_empty_lists(emu):
     and coefficient 1; a table of empty tensors likewise."""
     for tensors in ([], [torch.zeros(0)], [torch.zeros(0, dtype=torch.bfloat16), torch.zeros(0, 5)]):
         r = emu.norm(tensors, 2.0)
-        assert r["total"].item() == 0.0 and r["coef"] == 1.0 and r["nonfinite"] == 0 and r["chunks"] == 0
+        assert r["total"].item() == 0.0 and r["chunks"] == 0
         assert torch.equal(r["each"], torch.zeros(len(tensors)))
+        c = emu.clip(tensors, 1.0)
+        assert c["total"].item() == 0.0 and c["coef"] == 1.0 and c["nonfinite"] == 0
         emu.scale(tensors, 0.5)
         emu.clamp(tensors, 0.5)

@@ -2,8 +2,10 @@
 // emulator of emu.h, the way the torch glue (csrc/cuda/multi_tensor_cuda.cpp)
 // drives them: the table built by build_table() in host memory and copied
 // ("uploaded") into a buffer that also holds the norm scratch, the scratch
-// poisoned with NaN bytes first, and the clip's scale launch reading the
-// coefficient that the norm launch left in that scratch. Included at the
+// poisoned with NaN bytes first, the norm op's null outputs, and the clip's
+// scale launches reading the coefficient that the norm launch left in that
+// scratch. The host-side parts of the glue (argument checks, TensorTable,
+// the error_if_nonfinite read, ATen's copies) are not run here. Included at the
 // end of the translation unit that tests/test_cuda_emulated.py generates
 // from the kernel source, so it sees the launchers and emu::config().
 #include <cstdlib>
@@ -61,6 +63,13 @@ int guarded(char* error, int64_t error_len, const Fn& fn) {
   }
 }
 
+// Sum of the ticket counters after a launch (the contract: 0).
+uint64_t tickets_left(const Uploaded& up) {
+  uint64_t left = 0;
+  for (int64_t t = 0; t <= up.table.num_tensors; ++t) left += up.tickets()[t];
+  return left;
+}
+
 }  // namespace
 
 extern "C" {
@@ -70,12 +79,10 @@ void emu_configure(int workers, uint64_t seed) {
   emu::config().seed = seed;
 }
 
-// Norm launch; with `clip`, also the scale launch by the coefficient it left
-// on the "device" (as fastclip::clip_). per_tensor may be null. The ticket
-// counters' sum after the launch goes to *tickets_left (the contract: 0).
-int emu_norm(const fastclip::TensorDesc* descs, int64_t n, double ord, double max_norm, int clip, int num_sms,
-             float* total, float* per_tensor, double* coef, int32_t* nonfinite, uint64_t* tickets_left,
-             int64_t* num_chunks, char* error, int64_t error_len) {
+// fastclip::multi_tensor_norm as the glue runs it: no coefficient, no flag,
+// max_norm 0; per_tensor may be null.
+int emu_norm(const fastclip::TensorDesc* descs, int64_t n, double ord, int num_sms, float* total, float* per_tensor,
+             uint64_t* tickets, int64_t* num_chunks, char* error, int64_t error_len) {
   return guarded(error, error_len, [&] {
     const Uploaded up(descs, n, true);
     fastclip::cuda::NormOutputs out{};
@@ -83,17 +90,48 @@ int emu_norm(const fastclip::TensorDesc* descs, int64_t n, double ord, double ma
     out.tickets = up.tickets();
     out.total = total;
     out.per_tensor = per_tensor;
+    out.coef = nullptr;
+    out.nonfinite = nullptr;
+    fastclip::cuda::launch_norm(up.table, fastclip::make_norm_order(ord), 0.0, out, num_sms, nullptr);
+    *tickets = tickets_left(up);
+    *num_chunks = up.table.num_chunks;
+  });
+}
+
+// fastclip::clip_ as the glue runs it: the norm launch over `read` (the
+// dense tensors in place, views with gaps as contiguous copies), which
+// leaves the coefficient in its scratch; the scale launch over `write` (the
+// dense tensors) reading it, from the same table when nothing has gaps,
+// else from a second upload; then the strided launch over the views with
+// gaps. No per-tensor norms. The coefficient and the non-finite flag are
+// copied out for the test to see.
+int emu_clip(const fastclip::TensorDesc* read, int64_t n_read, const fastclip::TensorDesc* write, int64_t n_write,
+             const fastclip::cuda::StridedView* views, int32_t n_views, double max_norm, double ord, int num_sms,
+             float* total, double* coef, int32_t* nonfinite, uint64_t* tickets, char* error, int64_t error_len) {
+  return guarded(error, error_len, [&] {
+    const bool all_dense = n_views == 0;
+    if (n_views < 0 || n_views > fastclip::cuda::kMaxViewsPerLaunch) throw std::runtime_error("too many views");
+    const Uploaded up(all_dense ? write : read, all_dense ? n_write : n_read, true);
+    fastclip::cuda::NormOutputs out{};
+    fastclip::cuda::norm_scratch(up.scratch(), up.table.num_tensors, up.table.num_chunks, &out);
+    out.tickets = up.tickets();
+    out.total = total;
+    out.per_tensor = nullptr;
     fastclip::cuda::launch_norm(up.table, fastclip::make_norm_order(ord), max_norm, out, num_sms, nullptr);
-    if (clip != 0) {
-      const fastclip::cuda::Coefficient c{out.coef, fastclip::DType::kFloat64, 0.0};
+    const fastclip::cuda::Coefficient c{out.coef, fastclip::DType::kFloat64, 0.0};
+    if (all_dense) {
       fastclip::cuda::launch_scale(up.table, c, num_sms, nullptr);
+    } else {
+      const Uploaded scale_up(write, n_write, false);
+      fastclip::cuda::launch_scale(scale_up.table, c, num_sms, nullptr);
+      fastclip::cuda::StridedViews batch{};
+      for (int32_t i = 0; i < n_views; ++i) batch.views[i] = views[i];
+      batch.count = n_views;
+      fastclip::cuda::launch_scale_strided(batch, c, num_sms, nullptr);
     }
     *coef = *out.coef;
     *nonfinite = *out.nonfinite;
-    uint64_t left = 0;
-    for (int64_t t = 0; t <= n; ++t) left += up.tickets()[t];
-    *tickets_left = left;
-    *num_chunks = up.table.num_chunks;
+    *tickets = tickets_left(up);
   });
 }
 

@@ -7,19 +7,27 @@
 // What is emulated, and how:
 // - every CUDA thread is a fiber with its own stack; the fibers of a block
 //   run on one OS thread, switched only at collectives (__syncthreads, warp
-//   shuffles and ballots), in an order drawn from a seed (run_block: random
-//   round robin, or whole warps running ahead of others);
+//   shuffles and ballots), in an order drawn from the seed and the block's
+//   id (run_block: random round robin, or whole warps running ahead);
 // - blocks run concurrently on several OS threads (so the kernels' ticket
 //   protocol between blocks runs with real concurrency), in a random order;
 // - __shared__ variables are per OS thread (static thread_local), which is
 //   per block because a worker runs one block at a time;
 // - collectives are strict: a __syncthreads must be reached by every thread
-//   of the block and a full-mask shuffle or ballot by all 32 lanes at the
-//   same kind of collective, or the launch fails with a divergence error
-//   (real hardware would hang or give undefined results);
+//   of the block (none may have returned: CUDA leaves that undefined) and a
+//   full-mask shuffle or ballot by all 32 lanes at the same kind of
+//   collective, or the launch fails (a deadlock or divergence error);
+// - __shared__ variables are filled with 0xFF bytes (NaN) when a block first
+//   reaches their declaration, so a read before any write is not a zero;
+// - atomics are relaxed and __ldcg is a relaxed load, as on the GPU, so that
+//   __threadfence is the only fence the kernels get;
 // - 16-bit conversions are the CUDA toolkit's own host implementations.
-// Not emulated: the GPU's weak memory model (x86 is stronger), timing,
-// caches, and device math libraries (host libm's pow may differ by an ulp).
+// Not emulated: the GPU's weak memory model (x86 and the compiler order
+// more than the GPU must), races between threads of one block (a thread runs
+// alone until its next collective, so read-modify-writes never interleave),
+// misaligned 16-byte accesses (the build adds UBSan's alignment check),
+// timing, caches, and device arithmetic: libm's pow may differ from the
+// device's by an ulp, and nvcc contracts a * b + c into FMAs where g++ may not.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -38,6 +46,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <unordered_set>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -138,6 +147,7 @@ struct Block {
   const std::function<void()>* body = nullptr;
   Group all;
   std::vector<Group> warps;
+  std::unordered_set<void*> shared;  // __shared__ variables poisoned in this block
   std::string error;
 };
 
@@ -149,8 +159,13 @@ inline void yield_to_scheduler() {
 }
 
 // Called by emu_fiber_entry (asm) on a fiber's first switch.
+// An exception (from an intrinsic) must not unwind into the asm entry.
 extern "C" __attribute__((used)) void emu_fiber_main(Fiber* f) {
-  (*f->block->body)();
+  try {
+    (*f->block->body)();
+  } catch (const std::exception& e) {
+    f->block->error = e.what();
+  }
   f->done = true;
   for (;;) yield_to_scheduler();  // never resumed once done
 }
@@ -162,6 +177,7 @@ inline void arrive(Group& g, int expected, const char* kind) {
   if (g.arrived == 0) g.kind = kind;
   if (strcmp(g.kind, kind) != 0) {
     f->block->error = std::string("divergent collectives: ") + kind + " against " + g.kind;
+    for (;;) yield_to_scheduler();  // parked: the scheduler stops the block
   }
   if (++g.arrived == expected) {
     g.arrived = 0;
@@ -174,6 +190,12 @@ inline void arrive(Group& g, int expected, const char* kind) {
   yield_to_scheduler();  // resumed only once the generation moved on
   f->waiting_at = nullptr;
   f->wait_group = nullptr;
+}
+
+// Called where a __shared__ variable is declared (the test build adds the
+// call): the first thread of a block to get there fills it with 0xFF.
+inline void poison_shared(void* p, size_t bytes) {
+  if (current->block->shared.insert(p).second) memset(p, 0xFF, bytes);
 }
 
 inline Group& warp_group() {
@@ -313,11 +335,10 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   std::atomic<int64_t> next{0};
   std::mutex error_mutex;
   std::string error;
-  auto worker = [&](uint64_t seed) {
+  auto worker = [&]() {
     Stacks stacks(threads);
     std::vector<Fiber> fibers(static_cast<size_t>(threads));
     for (int i = 0; i < threads; ++i) fibers[static_cast<size_t>(i)].stack_top = stacks.top(i);
-    std::mt19937_64 fiber_rng(seed);
     for (int64_t k = next.fetch_add(1); k < blocks; k = next.fetch_add(1)) {
       const int64_t id = order[static_cast<size_t>(k)];
       Block b;
@@ -328,7 +349,10 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
       b.threads = threads;
       b.body = &body;
       b.warps.resize(static_cast<size_t>((threads + kWarpSize - 1) / kWarpSize));
-      run_block(b, fibers, fiber_rng);
+      // Each block's schedule from the seed and its id alone: reproducible
+      // whichever worker runs it.
+      std::mt19937_64 block_rng(config().seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(id));
+      run_block(b, fibers, block_rng);
       if (!b.error.empty()) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (error.empty()) {
@@ -341,8 +365,8 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   };
   const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(config().workers, blocks)));
   std::vector<std::thread> pool;
-  for (int w = 1; w < workers; ++w) pool.emplace_back(worker, config().seed + static_cast<uint64_t>(w));
-  worker(config().seed);
+  for (int w = 1; w < workers; ++w) pool.emplace_back(worker);
+  worker();
   for (std::thread& t : pool) t.join();
   if (!error.empty()) throw std::runtime_error("emulated kernel failed: " + error);
 }
@@ -395,7 +419,7 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = ::emu::kW
   const int lanes = std::min(::emu::kWarpSize, f->block->threads - f->linear / ::emu::kWarpSize * ::emu::kWarpSize);
   memcpy(&g.slots[lane], &value, sizeof(T));
   ::emu::arrive(g, lanes, "__shfl_down_sync");  // every lane's value is in
-  const int source = lane + static_cast<int>(delta);
+  const int source = lane + static_cast<int>(delta & 31u);  // PTX reads 5 bits of the offset
   T out;
   memcpy(&out, &g.slots[source < lanes ? source : lane], sizeof(T));
   ::emu::arrive(g, lanes, "__shfl_down_sync (read)");  // every lane has read
@@ -418,16 +442,18 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
 
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 
-// Loads that bypass L1 (other blocks' writes): atomic loads here.
+// Loads that bypass L1 (other blocks' writes): relaxed atomic loads, with
+// no ordering of their own (as on the GPU).
 template <typename T>
 T __ldcg(const T* p) {
   T out;
-  __atomic_load(p, &out, __ATOMIC_ACQUIRE);
+  __atomic_load(p, &out, __ATOMIC_RELAXED);
   return out;
 }
 
+// Relaxed, as CUDA's atomicAdd: ordering comes from __threadfence only.
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+  return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
 
 namespace emu {
