@@ -25,7 +25,8 @@ def _dense_values(t: Tensor) -> Tensor:
 def _norm64(t: Tensor, ord: float) -> Tensor:
     values = _dense_values(t)
     if values.is_complex():
-        values = values.abs()
+        # |z| in double: complex64's abs() would round every magnitude to float32.
+        values = values.to(torch.complex128).abs()
     if values.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=t.device)  # torch's inf-norm refuses empty tensors
     norm = torch.linalg.vector_norm(values, ord, dtype=torch.float64)
@@ -59,9 +60,15 @@ def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool) -> tu
     return total.to(torch.float32), each.to(torch.float32)
 
 
+_DOUBLE = (torch.float64, torch.complex128)
+
+
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     for t in tensors:
-        t.mul_(coef.to(t.device))
+        # The kernels' arithmetic: float32 (the coefficient rounded to float32)
+        # unless the data is double. A float64 coefficient would make torch
+        # multiply a 0-dim tensor in double and round twice.
+        t.mul_(coef.to(device=t.device, dtype=torch.float64 if t.dtype in _DOUBLE else torch.float32))
 
 
 def check_clampable(tensors: list[Tensor], names: list[str]) -> None:

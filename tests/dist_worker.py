@@ -225,7 +225,8 @@ def nonfinite_same_decision(rank: int, world: int) -> None:
         grads = [p.grad.clone() for p in params]
         try:
             fastclip.clip_grad_norm_(params, MAX_NORM, error_if_nonfinite=True, process_group=dist.group.WORLD)
-        except RuntimeError:
+        except RuntimeError as error:
+            assert "non-finite" in str(error), error
             for g, p in zip(grads, params):  # nothing was modified
                 torch.testing.assert_close(p.grad, g, rtol=0.0, atol=0.0, equal_nan=True)
         else:

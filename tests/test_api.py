@@ -707,6 +707,9 @@ def _mixed_grads(coalesced=False):
     return [dense[0], _sparse(torch.float32, coalesced), dense[1], complex_grad]
 
 
+SPLIT_PATH_RTOL = 2.0**-22
+
+
 @pytest.mark.parametrize("ord", ORDS, ids=ord_id)
 def test_split_path_sparse_and_complex(ord, fresh_warnings):
     grads = _mixed_grads()
@@ -728,12 +731,14 @@ def test_split_path_sparse_and_complex(ord, fresh_warnings):
     coef = ref_coef(max_norm, norm)
     for after, g in zip(_grads(params), grads):
         assert after.layout == g.layout
-        assert_scaled_close(after, ref_scaled(g, coef))
+        # The split path combines the kernels' float32 norm of their part, so
+        # its coefficient is exact to float32 rounding only: 2 float32 ulps.
+        assert_scaled_close(after, ref_scaled(g, coef), rtol=SPLIT_PATH_RTOL)
 
 
 def test_split_path_torch_cannot_do_sparse_norms():
     # Why the reference densifies: torch's own clip fails on a sparse gradient.
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="linalg_vector_norm.*Sparse"):
         torch.nn.utils.clip_grad_norm_(make_params([_sparse(torch.float32, False)]), 1.0)
 
 
@@ -855,7 +860,7 @@ def test_clip_grad_norm_on_device(device, dtype, ord):
 @pytest.mark.skipif(not HAS_CUDA, reason="several devices need a CUDA device")
 @pytest.mark.filterwarnings("ignore:fastclip")
 @pytest.mark.parametrize("first", ["cpu", "cuda"])
-def test_several_devices(first):
+def test_several_devices_cuda_and_cpu(first):
     other = "cuda" if first == "cpu" else "cpu"
     grads = make_grads([(17,), (4, 9)], torch.float32, first, seed=25) + make_grads([(33,)], torch.float32, other, 26)
     params = make_params(grads)

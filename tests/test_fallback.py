@@ -116,6 +116,19 @@ def test_fallback_clip_against_reference(dtype, ord, fallback):
         assert_scaled_close(p, ref_scaled(g, ref_coef(max_norm, norm)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+def test_fallback_clip_grads_with_norm_against_reference(dtype, fallback):
+    params = _params(dtype, seed=4)
+    grads = [g.clone() for g in _grads(params)]
+    total = torch.tensor(7.5)
+    with pytest.warns(UserWarning, match="fastclip"):
+        fastclip.clip_grads_with_norm_(params, 3.0, total)
+    coef = ref_coef(3.0, total)
+    assert 0.3 < coef.item() < 0.5
+    for p, g in zip(_grads(params), grads):
+        assert_scaled_close(p, ref_scaled(g, coef))
+
+
 @pytest.mark.parametrize("ord", [2.0, 1.0, math.inf], ids=ord_id)
 def test_fallback_with_empty_tensor(ord, fallback):
     grads = make_grads([(7,), (3, 0), (0,)], seed=6)

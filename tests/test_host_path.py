@@ -72,11 +72,21 @@ def _params(device, dtype=torch.float32, seed=0, scale=3.0):
 # ------------------------------------------------- fast path vs torch.ops
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_held_path_equals_torch_ops_path(device, dtype):
+def test_held_path_equals_torch_ops_path(device, dtype, monkeypatch):
     require_kernel(device)
     fast = _params(device, dtype)
     slow = clone_params(fast)
     mode = _RecordOps()
+    # The first run must really take the C++ holder: record what hold() gives.
+    holders = []
+    real_hold = _ops.hold
+
+    def spy(*args, **kwargs):
+        held = real_hold(*args, **kwargs)
+        holders.append(held is not None and held.one_call)
+        return held
+
+    monkeypatch.setattr(_ops, "hold", spy)
     # Every public function, once through the C++ holder and once through torch.ops.
     results_fast = [
         fastclip.get_total_norm([p.grad for p in fast], 3.5),
@@ -85,6 +95,7 @@ def test_held_path_equals_torch_ops_path(device, dtype):
     ]
     fastclip.clip_grads_with_norm_(fast, 1.0, torch.tensor(4.0))
     fastclip.clip_grad_value_(fast, 0.01)
+    assert len(holders) == 5 and all(holders), holders
     with mode:
         results_slow = [
             fastclip.get_total_norm([p.grad for p in slow], 3.5),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastclip
-from testing import DEVICE_PARAMS, HAS_CUDA, dtype_id
+from testing import DEVICE_PARAMS, HAS_CUDA, dtype_id, ref_coef, ref_norm
 
 MAX_NORM = 1.0
 STEPS = 20
@@ -46,6 +46,10 @@ PLAIN = [row for row in OPTIMIZERS if not row[0].endswith("fused")]
 # bf16 ulp of the coefficient per step.
 PARAM_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 NORM_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
+# The wrapper's coefficient against the one from the float64 norm of the
+# gradients it was given: Adam-type steps barely depend on a common scale of
+# the gradients, so parameters alone would not show a wrong coefficient.
+COEF_RTOL = 2.0**-22
 
 
 def _model(dtype: torch.dtype, device: str, seed: int = 0) -> torch.nn.Module:
@@ -70,6 +74,10 @@ def _batches(dtype: torch.dtype, device: str, steps: int = STEPS):
 def _loss(model, batch):
     x, y, gain = batch
     return ((model(x) - y).float() ** 2).mean() * gain
+
+
+def ref_norm_of_grads(model: torch.nn.Module) -> torch.Tensor:
+    return ref_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def _requires_fused_device(kwargs: dict, device: str) -> None:
@@ -124,10 +132,12 @@ def test_matches_torch_loop(device, dtype, name, cls, kwargs):
         ref_opt.step()
         ref_opt.zero_grad()
         _loss(model, batch).backward()
+        expected_coef = ref_coef(MAX_NORM, ref_norm_of_grads(model)).item()
         opt.step()
         opt.zero_grad()
         torch.testing.assert_close(opt.last_norm, ref_norm.float(), rtol=NORM_RTOL[dtype], atol=0.0)
         coefs.append(float(opt.last_clip_coef))
+        assert coefs[-1] == pytest.approx(expected_coef, rel=COEF_RTOL)
         _assert_params_close(ref_model, model, dtype)
     assert min(coefs) < 0.01 and max(coefs) == 1.0  # both regimes were exercised
     assert int(opt.skipped_steps) == 0
