@@ -141,10 +141,10 @@ def _build(out_dir: Path) -> ctypes.CDLL:
     # faults on a misaligned 16-byte access, x86 does not. No shadow-stack marking (the fibers swap stacks); stack
     # probes so a large frame cannot jump a fiber's guard page. FMA where
     # the CPU has it, as the GPU has (nvcc contracts a * b + c).
-    fma = "-mfma" if " fma " in _cpu_flags() else "-mno-fma"
+    fma = ["-mfma", "-ffp-contract=fast"] if " fma " in _cpu_flags() else ["-mno-fma"]
     cmd = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror",
            "-fsanitize=alignment", "-fsanitize-undefined-trap-on-error", "-fcf-protection=none",
-           "-fstack-clash-protection", fma,
+           "-fstack-clash-protection", *fma,
            "-I", str(EMU_DIR), "-I", str(source.parent), "-I", str(KERNEL_SOURCE.parent), "-I", str(ROOT / "csrc"),
            "-isystem", str(include),
            "-o", str(lib), str(tu), "-lpthread"]
