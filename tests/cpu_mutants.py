@@ -1,0 +1,142 @@
+"""Negative controls for the CPU test suite: plants one bug at a time in a
+copy of the C++ sources, rebuilds that copy in place and runs the suite
+against it (without the distributed, benchmark and emulated-CUDA files,
+which test other code). Every mutant must be caught: tests that fail, or a
+test process killed by a signal. The unmodified copy must pass first.
+
+    python tests/cpu_mutants.py [name ...]     # ~2 min per mutant on 2 cores
+
+The copy lives in a temporary directory; this checkout and its build are
+not touched.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 900
+PYTEST = [sys.executable, "-m", "pytest", "tests", "-q", "-x", "-p", "no:cacheprovider",
+          "--ignore=tests/test_distributed.py", "--ignore=tests/test_benchmark.py",
+          "--ignore=tests/test_cuda_emulated.py"]
+
+# name: (file, what the bug is, text in the file, its replacement)
+MUTANTS = {
+    "norm_tail_dropped": (
+        "csrc/cpu/spans.cpp", "the norm's scalar tail skips the last element",
+        "for (int l = 0; i < n; ++i, ++l) step(l, E::load(x, i));",
+        "for (int l = 0; i + 1 < n; ++i, ++l) step(l, E::load(x, i));"),
+    "scale_in_double": (
+        "csrc/cpu/spans.cpp", "fp32/16-bit scaled in double, then rounded (not torch's opmath)",
+        "update_span<E>(data, n, [c](T v) __attribute__((always_inline)) { return v * c; });",
+        "update_span<E>(data, n, [coef](T v) __attribute__((always_inline)) "
+        "{ return static_cast<T>(static_cast<double>(v) * coef); });"),
+    "bf16_pairs_swapped": (
+        "csrc/cpu/spans.cpp", "the portable bf16 update writes the two elements of a pair swapped",
+        "store_pair(x + i, bf16_join(bf16_word_of(op(bf16_first(pair))), bf16_word_of(op(bf16_second(pair)))));",
+        "store_pair(x + i, bf16_join(bf16_word_of(op(bf16_second(pair))), bf16_word_of(op(bf16_first(pair)))));"),
+    "clamp_nan_to_bound": (
+        "csrc/cpu/spans.cpp", "clamp turns NaN into the lower bound",
+        "    v = v < lo ? lo : v;\n    return v > hi ? hi : v;",
+        "    v = !(v >= lo) ? lo : v;\n    return v > hi ? hi : v;"),
+    "max_drops_nan": (
+        "csrc/cpu/spans.cpp", "the inf-norm's max drops NaN",
+        "  return ((v > m) | (v != v)) ? v : m;", "  return (v > m) ? v : m;"),
+    "bf16_truncates": (
+        "csrc/numerics.h", "float to bf16 truncates instead of rounding to nearest even",
+        "return f != f ? (u | 0x00400000u) : u + 0x7FFFu + ((u >> 16) & 1u);",
+        "return f != f ? (u | 0x00400000u) : u;"),
+    "epsilon_changed": (
+        "csrc/numerics.h", "the clip's epsilon 1e-7 instead of torch's 1e-6",
+        "constexpr double kClipEpsilon = 1e-6;", "constexpr double kClipEpsilon = 1e-7;"),
+    # (Moving the rescue's threshold from 2^-960 to 2^-1020 is not caught,
+    # and cannot be through the API: it changes fp64 norms below float32's
+    # range, returned as 0, by ~2^-45 relative, and their coefficient is
+    # decided by the 1e-6 epsilon.)
+    "no_underflow_rescue": (
+        "csrc/numerics.h", "power sums that underflowed are not recomputed scaled",
+        "return finite_data && (is_inf(acc) || acc < kRescueTiny || all_overflowed);",
+        "return finite_data && (is_inf(acc) || all_overflowed);"),
+    "workers_ignore_denormal_mode": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "worker threads run without the caller's flush-denormal mode",
+        "    [[maybe_unused]] const auto guard = mode.apply();\n", ""),
+    "coefficient_one_writes": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "scale by exactly 1 still writes",
+        "  if (coef == 1.0) return;  // the contract: no memory traffic at all\n  update_tensors", "  update_tensors"),
+    "shared_memory_races": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "entries that share memory written by two threads at once",
+        "  if (at::get_num_threads() <= 1 || at::in_parallel_region()) return false;",
+        "  return false;"),
+    "freed_storage_accepted": (
+        "csrc/ops.cpp", "tensors beyond their storage's bytes not refused",
+        "TORCH_CHECK(numel == 0 || within_storage(t, storage),",
+        "TORCH_CHECK(numel == 0 || true || within_storage(t, storage),"),
+}
+
+
+def run(cmd, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def build(copy: Path) -> None:
+    done = run([sys.executable, "setup.py", "build_ext", "--inplace"], copy)
+    if done.returncode != 0:
+        raise RuntimeError("build failed:\n" + done.stderr[-3000:])
+
+
+def verdict(done: subprocess.CompletedProcess) -> str:
+    lines = done.stdout.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    if done.returncode < 0:
+        return f"caught: test process killed by signal {-done.returncode}"
+    if done.returncode == 1 and " failed" in summary:
+        failed = [line for line in lines if line.startswith("FAILED")]
+        return f"caught: {failed[0] if failed else summary}"
+    return f"not caught (exit {done.returncode}): {summary or done.stderr[-300:]}"
+
+
+def main(names) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "fastclip"
+        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+        for name in files.stdout.split():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+        build(copy)
+        where = run([sys.executable, "-c", "import fastclip; print(fastclip.__file__)"], copy).stdout.strip()
+        if not where.startswith(str(copy)):
+            print(f"the copy's tests would import fastclip from {where}; uninstall other copies first")
+            return 2
+        control = run(PYTEST, copy)
+        if control.returncode != 0:
+            print("the unmodified copy fails the tests; fix that first:\n" + control.stdout[-2000:])
+            return 2
+        missed = []
+        for name, (path, what, old, new) in MUTANTS.items():
+            if names and name not in names:
+                continue
+            source = copy / path
+            text = source.read_text()
+            if text.count(old) != 1:
+                print(f"{name}: the text to mutate is not in {path} once; update this script")
+                return 2
+            source.write_text(text.replace(old, new))
+            try:
+                build(copy)
+                result = verdict(run(PYTEST, copy))
+            except subprocess.TimeoutExpired:
+                result = f"caught: no result within {TIMEOUT_S} s (a hang)"
+            finally:
+                source.write_text(text)
+            print(f"{name:30s} {what}: {result}", flush=True)
+            if not result.startswith("caught"):
+                missed.append(name)
+    print(f"{len(missed)} missed" + (f": {', '.join(missed)}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
