@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mutation import attempt, finish, report
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
 PYTEST = [sys.executable, "-m", "pytest", "tests", "-q", "-x", "-p", "no:cacheprovider",
@@ -87,17 +89,6 @@ def build(copy: Path) -> None:
         raise RuntimeError("build failed:\n" + done.stderr[-3000:])
 
 
-def verdict(done: subprocess.CompletedProcess) -> str:
-    lines = done.stdout.strip().splitlines()
-    summary = lines[-1] if lines else ""
-    if done.returncode < 0:
-        return f"caught: test process killed by signal {-done.returncode}"
-    if done.returncode == 1 and " failed" in summary:
-        failed = [line for line in lines if line.startswith("FAILED")]
-        return f"caught: {failed[0] if failed else summary}"
-    return f"not caught (exit {done.returncode}): {summary or done.stderr[-300:]}"
-
-
 def main(names) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "fastclip"
@@ -126,16 +117,11 @@ def main(names) -> int:
             source.write_text(text.replace(old, new))
             try:
                 build(copy)
-                result = verdict(run(PYTEST, copy))
-            except subprocess.TimeoutExpired:
-                result = f"caught: no result within {TIMEOUT_S} s (a hang)"
+                result = attempt(lambda: run(PYTEST, copy), TIMEOUT_S)
             finally:
                 source.write_text(text)
-            print(f"{name:30s} {what}: {result}", flush=True)
-            if not result.startswith("caught"):
-                missed.append(name)
-    print(f"{len(missed)} missed" + (f": {', '.join(missed)}" if missed else ""))
-    return 1 if missed else 0
+            report(missed, name, f"{name:30s} {what}: {result}", result)
+    return finish(missed)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from mutation import attempt, finish, report  # noqa: E402
 SEEDS = (1, 2, 3)
 TIMEOUT_S = 600
 SOURCE = ROOT / "csrc" / "cuda" / "multi_tensor_kernels.cu"
@@ -100,19 +102,6 @@ def run_tests(source: Path, seed: int) -> subprocess.CompletedProcess:
                           text=True, timeout=TIMEOUT_S)
 
 
-def verdict(done: subprocess.CompletedProcess) -> str:
-    """'caught ...' only for failed tests (pytest's exit 1 with failures) or
-    a test process killed by a signal (a stray access); anything else (a
-    build error, a collection error) is not a catch."""
-    lines = done.stdout.strip().splitlines()
-    summary = lines[-1] if lines else ""
-    if done.returncode < 0:
-        return f"caught: test process killed by signal {-done.returncode}"
-    if done.returncode == 1 and " failed" in summary and " error" not in summary:
-        return f"caught: {summary}"
-    return f"not caught (exit {done.returncode}): {summary or done.stderr[-300:]}"
-
-
 def main(names) -> int:
     text = SOURCE.read_text()
     control = run_tests(SOURCE, SEEDS[0])
@@ -131,17 +120,11 @@ def main(names) -> int:
             mutant.write_text(text.replace(old, new))
             # Schedules come from the seed: a race may need another one.
             for seed in SEEDS:
-                try:
-                    result = verdict(run_tests(mutant, seed))
-                except subprocess.TimeoutExpired:
-                    result = f"caught: no result within {TIMEOUT_S} s (a hang)"
+                result = attempt(lambda: run_tests(mutant, seed), TIMEOUT_S)
                 if result.startswith("caught"):
                     break
-            print(f"{name:32s} {what}: {result} (seed {seed})", flush=True)
-            if not result.startswith("caught"):
-                missed.append(name)
-    print(f"{len(missed)} missed" + (f": {', '.join(missed)}" if missed else ""))
-    return 1 if missed else 0
+            report(missed, name, f"{name:32s} {what}: {result} (seed {seed})", result)
+    return finish(missed)
 
 
 if __name__ == "__main__":
