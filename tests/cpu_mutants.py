@@ -1,6 +1,6 @@
 """Negative controls for the CPU test suite: plants one bug at a time in a
-copy of the C++ sources, rebuilds that copy in place and runs the suite
-against it (without the distributed, benchmark and emulated-CUDA files,
+copy of the C++ and Python sources, rebuilds that copy in place and runs
+the suite against it (without the distributed, benchmark and emulated-CUDA files,
 which test other code). Every mutant must be caught: tests that fail, or a
 test process killed by a signal. The unmodified copy must pass first.
 
@@ -76,6 +76,35 @@ MUTANTS = {
         "csrc/ops.cpp", "tensors beyond their storage's bytes not refused",
         "TORCH_CHECK(numel == 0 || within_storage(t, storage),",
         "TORCH_CHECK(numel == 0 || true || within_storage(t, storage),"),
+    # The Python layer.
+    "nan_max_norm_accepted": (
+        "fastclip/clip.py", "max_norm NaN accepted",
+        "    if not (math.isfinite(value) and value >= 0.0):\n        raise ValueError(f\"max_norm",
+        "    if not (not math.isinf(value) and not value < 0.0):\n        raise ValueError(f\"max_norm"),
+    "negative_clip_value_accepted": (
+        "fastclip/clip.py", "a negative clip_value accepted",
+        "    if not value >= 0.0:  # also rejects NaN\n        raise ValueError(f\"clip_value",
+        "    if value != value:\n        raise ValueError(f\"clip_value"),
+    "coefficient_not_clamped": (
+        "fastclip/clip.py", "the split path's coefficient not clamped to 1 (small norms scaled up)",
+        "    return torch.clamp(max_norm / (total_norm.to(torch.float64) + 1e-6), max=1.0)",
+        "    return max_norm / (total_norm.to(torch.float64) + 1e-6)"),
+    "fallback_combine_unscaled": (
+        "fastclip/_fallback.py", "the fallback combines per-tensor norms without scaling (overflow)",
+        "    return torch.linalg.vector_norm(norms / scale, ord) * scale",
+        "    return torch.linalg.vector_norm(norms, ord)"),
+    "fused_step_divisor_inverted": (
+        "fastclip/optim.py", "the fused step's grad_scale multiplies by the coefficient instead of dividing",
+        "    total = 1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef",
+        "    total = coef if divisor is None else divisor.to(coef.device, torch.float64) * coef"),
+    "user_grad_scale_ignored": (
+        "fastclip/optim.py", "a grad_scale the user set on the inner optimizer is dropped",
+        "            divisor = prior if divisor is None else divisor.to(coef.device, torch.float64) * prior",
+        "            pass"),
+    "user_found_inf_ignored": (
+        "fastclip/optim.py", "a found_inf the user set on the inner optimizer is dropped",
+        "            found = torch.maximum(found, (saved[\"found_inf\"].to(found.device) > 0).float())",
+        "            pass"),
 }
 
 

@@ -349,6 +349,26 @@ def test_huge_finite_gradients_are_clipped_not_zeroed(device):
 
 
 # ------------------------------------------------------------------ drop-in
+def test_grad_scale_and_found_inf_set_on_the_inner_fused_optimizer():
+    """As documented: a grad_scale the user set on the fused inner optimizer
+    is multiplied into its divisor, and a found_inf it carries still skips
+    the step (with the wrapper's own flag OR-ed in)."""
+    model = _model(torch.float32, "cpu")
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    opt = fastclip.ClippedOptimizer(inner, max_norm=1e9)  # no clipping: coefficient 1
+    _loss(model, _batches(torch.float32, "cpu")[0]).backward()
+    expected = [(p - 0.1 * p.grad / 4.0).detach() for p in model.parameters()]
+    inner.grad_scale = torch.tensor(4.0)
+    opt.step()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, **PARAM_TOL[torch.float32])
+    before = _param_bits(model)
+    inner.found_inf = torch.tensor(1.0)
+    opt.step()
+    _assert_bits_equal(before, model)
+    assert int(opt.skipped_steps) == 1
+
+
 def test_is_an_optimizer_sharing_the_inner_state():
     model = _model(torch.float32, "cpu")
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
