@@ -33,9 +33,9 @@ MUTANTS = {
         "for (int l = 0; i + 1 < n; ++i, ++l) step(l, E::load(x, i));"),
     "scale_in_double": (
         "csrc/cpu/spans.cpp", "fp32/16-bit scaled in double, then rounded (not torch's opmath)",
-        "update_span<E>(data, n, [c](T v) __attribute__((always_inline)) { return v * c; });",
+        "update_span<E>(data, n, [c](T v) __attribute__((always_inline)) { return v * c; }, prefetch);",
         "update_span<E>(data, n, [coef](T v) __attribute__((always_inline)) "
-        "{ return static_cast<T>(static_cast<double>(v) * coef); });"),
+        "{ return static_cast<T>(static_cast<double>(v) * coef); }, prefetch);"),
     "bf16_pairs_swapped": (
         "csrc/cpu/spans.cpp", "the portable bf16 update writes the two elements of a pair swapped",
         "store_pair(x + i, bf16_join(bf16_word_of(op(bf16_first(pair))), bf16_word_of(op(bf16_second(pair)))));",
@@ -72,6 +72,17 @@ MUTANTS = {
         "csrc/cpu/multi_tensor_cpu.cpp", "entries that share memory written by two threads at once",
         "  if (at::get_num_threads() <= 1 || at::in_parallel_region()) return false;",
         "  return false;"),
+    # The software prefetcher (tests/test_prefetch_stream.py): it cannot
+    # change a result, only which lines are asked for and when.
+    "prefetch_past_segment_head": (
+        "csrc/cpu/spans.h", "the prefetcher walks whole large tensors, past their head",
+        "if (line_ >= end_ || line_pos_ >= head_end_) next_span();", "if (line_ >= end_) next_span();"),
+    "prefetch_segments_never_continue": (
+        "csrc/cpu/spans.h", "every chunk starts a segment of its own (whole tensors prefetched)",
+        "if (!continues) head_end_ = s.pos + head_;", "head_end_ = s.pos + head_;"),
+    "prefetch_lead_dropped_per_chunk": (
+        "csrc/cpu/spans.h", "the prefetcher starts each chunk with no lead",
+        "target_ = spans_[c].pos + lead_;", "target_ = spans_[c].pos;"),
     "freed_storage_accepted": (
         "csrc/ops.cpp", "tensors beyond their storage's bytes not refused",
         "TORCH_CHECK(numel == 0 || within_storage(t, storage),",

@@ -70,34 +70,32 @@ constexpr int64_t kMinParallelElems = int64_t{1} << 15;
 constexpr int64_t kPiecesPerThread = 32;
 constexpr int64_t kMinPieceElems = kChunkElems;
 
-// Prefetched head of the next span: one page, the part that the hardware
-// prefetchers read with demand misses before they pick up its stream.
-// Prefetching whole spans measured slower: the requests then queue ahead
-// of the running span's own loads. Two to four spans ahead, or 16 KiB,
-// measured no better (paired runs, 10,000 fp32 or bf16 tensors between
-// their parameters).
-constexpr int64_t kPrefetchMaxBytes = int64_t{4} << 10;
-
-// Spans that start within this distance after the end of the previous one
-// are left to the hardware prefetchers, which follow them as one stream
-// (views of one buffer; back-to-back allocations, whose gaps are
-// allocator headers and small objects). Prefetching those measured slower.
-constexpr int64_t kAdjacentBytes = int64_t{1} << 10;
+// How far the software prefetcher runs ahead of the kernels (see
+// PrefetchStream). 10,000 gradients between their parameters, one thread,
+// fp32 norm: 2 KiB ahead 7.0 ms, 4 KiB 5.1, 8 KiB 4.1, 16 KiB 4.0, against
+// 9.1 without and 2.6 for the same bytes in one buffer (where it costs
+// nothing measurable). The lead stays well inside a core's L2.
+constexpr int64_t kPrefetchLeadBytes = int64_t{16} << 10;
+// How much of each segment of adjacent chunks the software prefetcher
+// covers before it leaves the stream to the hardware (see PrefetchStream).
+constexpr int64_t kPrefetchHeadBytes = int64_t{16} << 10;
 
 // ----------------------------------------------------------- the driver
-// One chunk's bytes.
-struct ByteSpan {
-  char* data;
-  int64_t bytes;
-};
-
-ByteSpan byte_span(const std::vector<TensorDesc>& descs, const Chunk& ch) {
-  const TensorDesc& d = descs[static_cast<size_t>(ch.tensor)];
-  const int64_t size = dtype_size(d.dtype);
-  return ByteSpan{static_cast<char*>(d.data) + ch.begin * size, ch.size * size};
+// Every chunk's bytes, with its position in the stream of all of them.
+std::vector<StreamSpan> stream_spans(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks) {
+  std::vector<StreamSpan> spans(chunks.size());
+  int64_t pos = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const Chunk& ch = chunks[c];
+    const TensorDesc& d = descs[static_cast<size_t>(ch.tensor)];
+    const int64_t size = dtype_size(d.dtype);
+    spans[c] = StreamSpan{static_cast<char*>(d.data) + ch.begin * size, ch.size * size, pos};
+    pos += ch.size * size;
+  }
+  return spans;
 }
 
-// Runs fn(span, c) for every chunk index c, each exactly once, on ATen's
+// Runs fn(data, c, prefetch) for every chunk index c, each exactly once, on ATen's
 // threads. The chunks are cut into pieces of about equal element counts
 // (chunks that start in a piece's element range belong to it, so a few
 // large tensors among many small ones still balance), and each thread
@@ -107,15 +105,16 @@ ByteSpan byte_span(const std::vector<TensorDesc>& descs, const Chunk& ch) {
 // 4.5 ms per thread; paired runs of the benchmark sets: clip 0-15% faster,
 // norm 8% faster to 3% slower, within the noise).
 //
-// Before a chunk runs, the thread's next chunk is prefetched when it lies
-// elsewhere in memory: a model's gradients are separate allocations with
-// other memory (their parameters) between them, and the hardware
-// prefetchers, which follow one address stream, lose the stream at every
-// gradient and restart it with demand misses (10,000 gradients between
-// parameters, fp32, 2 threads: norm 7.8-9.0 -> 6.4-7.1 ms). Walking a
-// clip's scale pass backward, to start where the norm pass left the caches
-// warm, measured 3% faster to 7% slower in paired runs on the development
-// VM (whose L3 is shared with other tenants), so it is not done.
+// Each thread's run of chunks is prefetched ahead of its kernels by a
+// PrefetchStream: a model's gradients are separate allocations with other
+// memory (their parameters) between them, and the hardware prefetchers,
+// which follow one address stream, lose the stream at every gradient.
+// Before it (10,000 gradients between parameters, 2 threads), the head of
+// the next chunk was prefetched when it lay elsewhere: norm 7.8-9.0 ->
+// 6.4-7.1 ms; see the README for the stream's numbers. Walking a clip's
+// scale pass backward, to start where the norm pass left the caches warm,
+// measured 3% faster to 7% slower in paired runs on the development VM
+// (whose L3 is shared with other tenants), so it is not done.
 //
 // `in_order`: one thread runs every chunk in list order (writes to spans
 // that share bytes; see TensorTable::spans_overlap).
@@ -129,23 +128,13 @@ void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chun
     start[static_cast<size_t>(c)] = total;
     total += chunks[static_cast<size_t>(c)].size;
   }
-  // Chunks [first, stop), the next one prefetched while one runs.
+  const std::vector<StreamSpan> spans = stream_spans(descs, chunks);
+  // Chunks [first, stop), prefetched ahead as one stream.
   auto run = [&](int64_t first, int64_t stop) {
-    if (first >= stop) return;
-    ByteSpan span = byte_span(descs, chunks[static_cast<size_t>(first)]);
+    PrefetchStream prefetch(spans.data(), first, stop, kPrefetchLeadBytes, kPrefetchHeadBytes);
     for (int64_t c = first; c < stop; ++c) {
-      ByteSpan next{nullptr, 0};
-      if (c + 1 < stop) {
-        next = byte_span(descs, chunks[static_cast<size_t>(c + 1)]);
-        // Addresses as integers: the spans are usually different allocations.
-        const auto span_end = reinterpret_cast<uintptr_t>(span.data) + static_cast<uintptr_t>(span.bytes);
-        const auto gap = reinterpret_cast<uintptr_t>(next.data) - span_end;  // huge when next starts before end
-        if (gap > static_cast<uintptr_t>(kAdjacentBytes)) {
-          prefetch_bytes(next.data, std::min(next.bytes, kPrefetchMaxBytes));
-        }
-      }
-      fn(span, c);
-      span = next;
+      prefetch.start_span(c);
+      fn(spans[static_cast<size_t>(c)].data, c, prefetch);
     }
   };
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
@@ -175,10 +164,10 @@ void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chun
 // sums that left the double range.
 NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks, NormOrder order) {
   std::vector<NormPartial> partials(chunks.size());
-  for_each_chunk(descs, chunks, [&](const ByteSpan& span, int64_t c) {
+  for_each_chunk(descs, chunks, [&](char* data, int64_t c, PrefetchStream& prefetch) {
     const Chunk& ch = chunks[static_cast<size_t>(c)];
     const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
-    partials[static_cast<size_t>(c)] = norm_fn(dtype)(span.data, ch.size, order, false, 1.0);
+    partials[static_cast<size_t>(c)] = norm_fn(dtype)(data, ch.size, order, false, 1.0, prefetch);
   });
   NormReducer reducer(order, static_cast<int64_t>(descs.size()));
   reducer.reduce(chunks, partials);
@@ -193,11 +182,11 @@ NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vecto
     for (const Chunk& ch : chunks)
       if (marked[static_cast<size_t>(ch.tensor)]) again.push_back(ch);
     std::vector<NormPartial> again_partials(again.size());
-    for_each_chunk(descs, again, [&](const ByteSpan& span, int64_t c) {
+    for_each_chunk(descs, again, [&](char* data, int64_t c, PrefetchStream& prefetch) {
       const Chunk& ch = again[static_cast<size_t>(c)];
       const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
       again_partials[static_cast<size_t>(c)] =
-          norm_fn(dtype)(span.data, ch.size, order, true, reducer.scale(ch.tensor));
+          norm_fn(dtype)(data, ch.size, order, true, reducer.scale(ch.tensor), prefetch);
     });
     reducer.reduce(again, again_partials);
   }
@@ -220,9 +209,9 @@ void update_all(const TensorTable& table, const std::vector<Chunk>& chunks, Upda
   const std::vector<TensorDesc>& descs = table.descs();
   for_each_chunk(
       descs, chunks,
-      [&](const ByteSpan& span, int64_t c) {
+      [&](char* data, int64_t c, PrefetchStream& prefetch) {
         const Chunk& ch = chunks[static_cast<size_t>(c)];
-        pick(descs[static_cast<size_t>(ch.tensor)].dtype)(span.data, ch.size, value);
+        pick(descs[static_cast<size_t>(ch.tensor)].dtype)(data, ch.size, value, prefetch);
       },
       write_in_order(table, chunks));
 }

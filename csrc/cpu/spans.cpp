@@ -29,7 +29,6 @@
 #else
 #define FASTCLIP_CPU_CLONES
 #endif
-#define FASTCLIP_ALWAYS_INLINE inline __attribute__((always_inline))
 #if defined(__GNUC__) && !defined(__clang__)
 #define FASTCLIP_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
 #else
@@ -112,7 +111,7 @@ FASTCLIP_ALWAYS_INLINE T max_keep_nan(T m, T v) {
 
 template <typename E, NormKind K, bool kScaled>
 FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, int64_t n, double p,
-                                                  double divisor) {
+                                                  double divisor, PrefetchStream& prefetch) {
   using T = typename E::compute;
   // max |x| is only needed where a rescue can happen (see numerics.h); it
   // and the inf-norm are exact in the element's own compute type.
@@ -134,6 +133,7 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
     if (K == NormKind::kP) acc[l] += std::pow(std::fabs(v), p);
   };
 
+  constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(typename E::storage));
   int64_t i = 0;
   if constexpr (std::is_same<E, BF16>::value) {
     // bf16 read as pairs in 32-bit words (any 2-byte alignment): elements
@@ -141,6 +141,7 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
     // one in-lane shift or mask, where element-wise lanes cost a cross-lane
     // permute per vector (bf16 norms are conversion-bound per core).
     for (; i + kLanes <= n; i += kLanes) {
+      prefetch.advance(kBlockBytes);
       for (int w = 0; w < kLanes / 2; ++w) {
         const uint32_t pair = load_pair(x + i + 2 * w);
         step(w, bf16_first(pair));
@@ -149,6 +150,7 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
     }
   } else {
     for (; i + kLanes <= n; i += kLanes) {
+      prefetch.advance(kBlockBytes);
       for (int l = 0; l < kLanes; ++l) step(l, E::load(x, i + l));
     }
   }
@@ -166,98 +168,99 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
 
 template <typename E, bool kScaled>
 FASTCLIP_ALWAYS_INLINE NormPartial norm_span_order(const typename E::storage* x, int64_t n, NormOrder order,
-                                                   double divisor) {
+                                                   double divisor, PrefetchStream& prefetch) {
   switch (order.kind) {
     case NormKind::kTwo:
-      return norm_span_impl<E, NormKind::kTwo, kScaled>(x, n, order.p, divisor);
+      return norm_span_impl<E, NormKind::kTwo, kScaled>(x, n, order.p, divisor, prefetch);
     case NormKind::kOne:
-      return norm_span_impl<E, NormKind::kOne, kScaled>(x, n, order.p, divisor);
+      return norm_span_impl<E, NormKind::kOne, kScaled>(x, n, order.p, divisor, prefetch);
     case NormKind::kInf:
-      return norm_span_impl<E, NormKind::kInf, kScaled>(x, n, order.p, divisor);
+      return norm_span_impl<E, NormKind::kInf, kScaled>(x, n, order.p, divisor, prefetch);
     default:
-      return norm_span_impl<E, NormKind::kP, kScaled>(x, n, order.p, divisor);
+      return norm_span_impl<E, NormKind::kP, kScaled>(x, n, order.p, divisor, prefetch);
   }
 }
 
 template <typename E>
 FASTCLIP_ALWAYS_INLINE NormPartial norm_span(const void* data, int64_t n, NormOrder order, bool scaled,
-                                             double divisor) {
+                                             double divisor, PrefetchStream& prefetch) {
   const auto* x = static_cast<const typename E::storage*>(data);
-  return scaled ? norm_span_order<E, true>(x, n, order, divisor)
-                : norm_span_order<E, false>(x, n, order, divisor);
+  return scaled ? norm_span_order<E, true>(x, n, order, divisor, prefetch)
+                : norm_span_order<E, false>(x, n, order, divisor, prefetch);
 }
 
 // ---------------------------------------------------------- scale, clamp
 template <typename E, typename Op>
-FASTCLIP_ALWAYS_INLINE void update_span(void* data, int64_t n, const Op& op) {
+FASTCLIP_ALWAYS_INLINE void update_span(void* data, int64_t n, const Op& op, PrefetchStream& prefetch) {
   auto* x = static_cast<typename E::storage*>(data);
+  // bf16: elements i and i + 1 as one 32-bit word (see load_pair).
+  auto update_pair = [&](auto i) __attribute__((always_inline)) {  // generic: instantiated for bf16 only
+    const uint32_t pair = load_pair(x + i);
+    store_pair(x + i, bf16_join(bf16_word_of(op(bf16_first(pair))), bf16_word_of(op(bf16_second(pair)))));
+  };
+  constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(typename E::storage));
   int64_t i = 0;
-  if constexpr (std::is_same<E, BF16>::value) {
-    for (; i + 2 <= n; i += 2) {
-      const uint32_t pair = load_pair(x + i);
-      store_pair(x + i, bf16_join(bf16_word_of(op(bf16_first(pair))), bf16_word_of(op(bf16_second(pair)))));
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch.advance(kBlockBytes);
+    if constexpr (std::is_same<E, BF16>::value) {
+      for (int w = 0; w < kLanes; w += 2) update_pair(i + w);
+    } else {
+      for (int l = 0; l < kLanes; ++l) x[i + l] = E::store(op(E::load(x, i + l)));
     }
+  }
+  if constexpr (std::is_same<E, BF16>::value) {
+    for (; i + 2 <= n; i += 2) update_pair(i);
   }
   for (; i < n; ++i) x[i] = E::store(op(E::load(x, i)));
 }
 
 // 16-bit types compute in float and round once, as torch's opmath does.
 template <typename E>
-FASTCLIP_ALWAYS_INLINE void scale_span(void* data, int64_t n, double coef) {
+FASTCLIP_ALWAYS_INLINE void scale_span(void* data, int64_t n, double coef, PrefetchStream& prefetch) {
   using T = typename E::compute;
   const T c = static_cast<T>(coef);
-  update_span<E>(data, n, [c](T v) __attribute__((always_inline)) { return v * c; });
+  update_span<E>(data, n, [c](T v) __attribute__((always_inline)) { return v * c; }, prefetch);
 }
 
 // NaN compares false both ways and is kept, as torch.clamp keeps it.
 template <typename E>
-FASTCLIP_ALWAYS_INLINE void clamp_span(void* data, int64_t n, double bound) {
+FASTCLIP_ALWAYS_INLINE void clamp_span(void* data, int64_t n, double bound, PrefetchStream& prefetch) {
   using T = typename E::compute;
   const T hi = static_cast<T>(bound);
   const T lo = -hi;
   update_span<E>(data, n, [lo, hi](T v) __attribute__((always_inline)) {
     v = v < lo ? lo : v;
     return v > hi ? hi : v;
-  });
+  }, prefetch);
 }
 
 }  // namespace
 
-void prefetch_bytes(const void* x, int64_t bytes) {
-  constexpr int64_t kCacheLine = 64;
-  constexpr int kRead = 0;
-  constexpr int kLocalityL2 = 1;  // prefetcht2 on x86
-  const char* p = static_cast<const char*>(x);
-  for (int64_t offset = 0; offset < bytes; offset += kCacheLine) __builtin_prefetch(p + offset, kRead, kLocalityL2);
-}
-
-FASTCLIP_CPU_CLONES NormPartial norm_span_f32(const void* x, int64_t n, NormOrder o, bool s, double d) {
-  return norm_span<F32>(x, n, o, s, d);
+FASTCLIP_CPU_CLONES FASTCLIP_NORM_SPAN(norm_span_f32) {
+  return norm_span<F32>(x, n, order, scaled, divisor, prefetch);
 }
 // No fused multiply-add for float64: its squares are inexact, so a fused
 // square-and-add (the x86-64-v3/v4 clones, where GCC contracts) and a
 // separate one (the baseline clone) gave different bits on different CPUs.
 // Measured: 4% slower from L2 on one core, the same from memory.
-FASTCLIP_CPU_CLONES FASTCLIP_NO_FP_CONTRACT NormPartial norm_span_f64(const void* x, int64_t n,
-                                                                                         NormOrder o, bool s,
-                                                                                         double d) {
-  return norm_span<F64>(x, n, o, s, d);
+FASTCLIP_CPU_CLONES FASTCLIP_NO_FP_CONTRACT FASTCLIP_NORM_SPAN(norm_span_f64) {
+  return norm_span<F64>(x, n, order, scaled, divisor, prefetch);
 }
-FASTCLIP_CPU_CLONES NormPartial norm_span_bf16(const void* x, int64_t n, NormOrder o, bool s, double d) {
-  return norm_span<BF16>(x, n, o, s, d);
+FASTCLIP_CPU_CLONES FASTCLIP_NORM_SPAN(norm_span_bf16) {
+  return norm_span<BF16>(x, n, order, scaled, divisor, prefetch);
 }
-FASTCLIP_CPU_CLONES NormPartial norm_span_f16_portable(const void* x, int64_t n, NormOrder o, bool s, double d) {
-  return norm_span<F16>(x, n, o, s, d);
+FASTCLIP_CPU_CLONES FASTCLIP_NORM_SPAN(norm_span_f16_portable) {
+  return norm_span<F16>(x, n, order, scaled, divisor, prefetch);
 }
 
-FASTCLIP_CPU_CLONES void scale_span_f32(void* x, int64_t n, double c) { scale_span<F32>(x, n, c); }
-FASTCLIP_CPU_CLONES void scale_span_f64(void* x, int64_t n, double c) { scale_span<F64>(x, n, c); }
-FASTCLIP_CPU_CLONES void scale_span_bf16_portable(void* x, int64_t n, double c) { scale_span<BF16>(x, n, c); }
-FASTCLIP_CPU_CLONES void scale_span_f16_portable(void* x, int64_t n, double c) { scale_span<F16>(x, n, c); }
-FASTCLIP_CPU_CLONES void clamp_span_f32(void* x, int64_t n, double v) { clamp_span<F32>(x, n, v); }
-FASTCLIP_CPU_CLONES void clamp_span_f64(void* x, int64_t n, double v) { clamp_span<F64>(x, n, v); }
-FASTCLIP_CPU_CLONES void clamp_span_bf16_portable(void* x, int64_t n, double v) { clamp_span<BF16>(x, n, v); }
-FASTCLIP_CPU_CLONES void clamp_span_f16_portable(void* x, int64_t n, double v) { clamp_span<F16>(x, n, v); }
+FASTCLIP_CPU_CLONES FASTCLIP_UPDATE_SPAN(scale_span_f32) { scale_span<F32>(x, n, value, prefetch); }
+FASTCLIP_CPU_CLONES FASTCLIP_UPDATE_SPAN(scale_span_f64) { scale_span<F64>(x, n, value, prefetch); }
+FASTCLIP_CPU_CLONES FASTCLIP_UPDATE_SPAN(scale_span_bf16_portable) { scale_span<BF16>(x, n, value, prefetch); }
+FASTCLIP_CPU_CLONES FASTCLIP_UPDATE_SPAN(scale_span_f16_portable) { scale_span<F16>(x, n, value, prefetch); }
+FASTCLIP_CPU_CLONES FASTCLIP_UPDATE_SPAN(clamp_span_f32) { clamp_span<F32>(x, n, value, prefetch); }
+FASTCLIP_CPU_CLONES FASTCLIP_UPDATE_SPAN(clamp_span_f64) { clamp_span<F64>(x, n, value, prefetch); }
+FASTCLIP_CPU_CLONES FASTCLIP_UPDATE_SPAN(clamp_span_bf16_portable) { clamp_span<BF16>(x, n, value, prefetch); }
+FASTCLIP_CPU_CLONES FASTCLIP_UPDATE_SPAN(clamp_span_f16_portable) { clamp_span<F16>(x, n, value, prefetch); }
 
 #ifdef FASTCLIP_X86_CONVERSIONS
 namespace {
@@ -293,13 +296,15 @@ FASTCLIP_F16C_TARGET inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm2
 constexpr int kVecs = kLanes / 8;  // fp16 vectors of 8 per step
 
 template <NormKind K>
-FASTCLIP_F16C_TARGET NormPartial norm_f16c(const uint16_t* x, int64_t n) {
+FASTCLIP_F16C_TARGET NormPartial norm_f16c(const uint16_t* x, int64_t n, PrefetchStream& prefetch) {
+  constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(uint16_t));
   __m256d acc[2 * kVecs];  // lanes 4k..4k+3
   __m256 amax[kVecs];      // lanes 8k..8k+7 (inf-norm)
   for (int k = 0; k < 2 * kVecs; ++k) acc[k] = _mm256_setzero_pd();
   for (int k = 0; k < kVecs; ++k) amax[k] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    prefetch.advance(kBlockBytes);
     for (int k = 0; k < kVecs; ++k) {
       const __m256 v = load8(x + i + 8 * k);
       if (K == NormKind::kInf) {
@@ -343,8 +348,13 @@ FASTCLIP_F16C_TARGET NormPartial norm_f16c(const uint16_t* x, int64_t n) {
 
 // x = op(x) for 8 floats at a time; the tail through the portable conversions.
 template <typename Op>
-FASTCLIP_F16C_TARGET void update_f16c(uint16_t* x, int64_t n, const Op& op) {
+FASTCLIP_F16C_TARGET void update_f16c(uint16_t* x, int64_t n, const Op& op, PrefetchStream& prefetch) {
+  constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(uint16_t));
   int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch.advance(kBlockBytes);
+    for (int k = 0; k < kVecs; ++k) store8(x + i + 8 * k, op(load8(x + i + 8 * k)));
+  }
   for (; i + 8 <= n; i += 8) store8(x + i, op(load8(x + i)));
   if (i < n) {
     // The tail as one padded vector: the same hardware rounding as the body.
@@ -386,42 +396,45 @@ FASTCLIP_BF16_TARGET inline __m512 load16_bf16(const uint16_t* p) {
 // the tail through `portable` (the same rounding), on the original values.
 template <typename Op>
 FASTCLIP_BF16_TARGET void update_bf16_avx512(uint16_t* x, int64_t n, const Op& op, UpdateSpanFn portable,
-                                             double value) {
+                                             double value, PrefetchStream& prefetch) {
   constexpr int kSubnormal = 0x20;  // vfpclassps category: denormal
+  constexpr int64_t kBlock = 32;
+  PrefetchStream none;  // the blocks given to `portable` are already counted here
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
+  for (; i + kBlock <= n; i += kBlock) {
+    prefetch.advance(kBlock * static_cast<int64_t>(sizeof(uint16_t)));
     const __m512 low = op(load16_bf16(x + i));
     const __m512 high = op(load16_bf16(x + i + 16));
     if ((_mm512_fpclass_ps_mask(low, kSubnormal) | _mm512_fpclass_ps_mask(high, kSubnormal)) != 0) {
-      portable(x + i, 32, value);
+      portable(x + i, kBlock, value, none);
       continue;
     }
     _mm512_storeu_si512(x + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
   }
-  if (i < n) portable(x + i, n - i, value);
+  if (i < n) portable(x + i, n - i, value, none);
 }
 
 }  // namespace
 #endif
 
-void scale_span_bf16(void* x, int64_t n, double c) {
+FASTCLIP_UPDATE_SPAN(scale_span_bf16) {
 #ifdef FASTCLIP_X86_CONVERSIONS
   if (bf16_cvt_usable()) {
-    const float coef = static_cast<float>(c);
+    const float coef = static_cast<float>(value);
     update_bf16_avx512(
         static_cast<uint16_t*>(x), n,
         [coef](__m512 v) FASTCLIP_BF16_TARGET { return _mm512_mul_ps(v, _mm512_set1_ps(coef)); },
-        scale_span_bf16_portable, c);
+        scale_span_bf16_portable, value, prefetch);
     return;
   }
 #endif
-  scale_span_bf16_portable(x, n, c);
+  scale_span_bf16_portable(x, n, value, prefetch);
 }
 
-void clamp_span_bf16(void* x, int64_t n, double bound) {
+FASTCLIP_UPDATE_SPAN(clamp_span_bf16) {
 #ifdef FASTCLIP_X86_CONVERSIONS
   if (bf16_cvt_usable()) {
-    const float hi = static_cast<float>(bound);
+    const float hi = static_cast<float>(value);
     update_bf16_avx512(
         static_cast<uint16_t*>(x), n,
         [hi](__m512 v) FASTCLIP_BF16_TARGET {
@@ -431,59 +444,59 @@ void clamp_span_bf16(void* x, int64_t n, double bound) {
           v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, bottom, _CMP_LT_OQ), v, bottom);
           return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, top, _CMP_GT_OQ), v, top);
         },
-        clamp_span_bf16_portable, bound);
+        clamp_span_bf16_portable, value, prefetch);
     return;
   }
 #endif
-  clamp_span_bf16_portable(x, n, bound);
+  clamp_span_bf16_portable(x, n, value, prefetch);
 }
 
-NormPartial norm_span_f16(const void* x, int64_t n, NormOrder o, bool s, double d) {
+FASTCLIP_NORM_SPAN(norm_span_f16) {
 #ifdef FASTCLIP_X86_CONVERSIONS
   // The rescue pass (scaled) only ever runs for a general p: portable.
-  if (!s && o.kind != NormKind::kP && f16c_usable()) {
+  if (!scaled && order.kind != NormKind::kP && f16c_usable()) {
     const auto* h = static_cast<const uint16_t*>(x);
-    switch (o.kind) {
+    switch (order.kind) {
       case NormKind::kTwo:
-        return norm_f16c<NormKind::kTwo>(h, n);
+        return norm_f16c<NormKind::kTwo>(h, n, prefetch);
       case NormKind::kOne:
-        return norm_f16c<NormKind::kOne>(h, n);
+        return norm_f16c<NormKind::kOne>(h, n, prefetch);
       default:
-        return norm_f16c<NormKind::kInf>(h, n);
+        return norm_f16c<NormKind::kInf>(h, n, prefetch);
     }
   }
 #endif
-  return norm_span_f16_portable(x, n, o, s, d);
+  return norm_span_f16_portable(x, n, order, scaled, divisor, prefetch);
 }
 
-void scale_span_f16(void* x, int64_t n, double c) {
+FASTCLIP_UPDATE_SPAN(scale_span_f16) {
 #ifdef FASTCLIP_X86_CONVERSIONS
   if (f16c_usable()) {
-    const float coef = static_cast<float>(c);
-    update_f16c(static_cast<uint16_t*>(x), n, [coef](__m256 v) FASTCLIP_F16C_TARGET {
-      return _mm256_mul_ps(v, _mm256_set1_ps(coef));
-    });
+    const float coef = static_cast<float>(value);
+    update_f16c(
+        static_cast<uint16_t*>(x), n,
+        [coef](__m256 v) FASTCLIP_F16C_TARGET { return _mm256_mul_ps(v, _mm256_set1_ps(coef)); }, prefetch);
     return;
   }
 #endif
-  scale_span_f16_portable(x, n, c);
+  scale_span_f16_portable(x, n, value, prefetch);
 }
 
-void clamp_span_f16(void* x, int64_t n, double bound) {
+FASTCLIP_UPDATE_SPAN(clamp_span_f16) {
 #ifdef FASTCLIP_X86_CONVERSIONS
   if (f16c_usable()) {
-    const float hi = static_cast<float>(bound);
+    const float hi = static_cast<float>(value);
     update_f16c(static_cast<uint16_t*>(x), n, [hi](__m256 v) FASTCLIP_F16C_TARGET {
       // NaN compares false both ways and is kept, as torch.clamp keeps it.
       const __m256 top = _mm256_set1_ps(hi);
       const __m256 bottom = _mm256_set1_ps(-hi);
       v = _mm256_blendv_ps(v, bottom, _mm256_cmp_ps(v, bottom, _CMP_LT_OQ));
       return _mm256_blendv_ps(v, top, _mm256_cmp_ps(v, top, _CMP_GT_OQ));
-    });
+    }, prefetch);
     return;
   }
 #endif
-  clamp_span_f16_portable(x, n, bound);
+  clamp_span_f16_portable(x, n, value, prefetch);
 }
 
 }  // namespace cpu

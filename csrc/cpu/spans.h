@@ -5,38 +5,142 @@
 
 #include <cstdint>
 
+#define FASTCLIP_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// One cache line asked for ahead of use, into L2 (prefetcht2 on x86; t0
+// and nta measured slower, and prefetching for writing, prefetchw, no
+// faster in the scale pass). tests/test_prefetch_stream.py defines it to
+// record the lines instead.
+#ifndef FASTCLIP_PREFETCH_LINE
+#define FASTCLIP_PREFETCH_LINE(address) __builtin_prefetch((address), 0, 1)
+#endif
+
 #include "../fastclip.h"
 
 namespace fastclip {
 namespace cpu {
 
-// Norm partial of x[0, n). With `scaled`, values are divided by `divisor`
-// first (the overflow/underflow rescue pass; see NormReducer).
-using NormSpanFn = NormPartial (*)(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
-// In-place update of x[0, n) by a value (a coefficient or a clamp bound).
-using UpdateSpanFn = void (*)(void* x, int64_t n, double value);
+// A thread's chunks as one stream of bytes: each chunk's bytes, and where
+// they start in the stream (bytes of the chunks before it).
+struct StreamSpan {
+  char* data;
+  int64_t bytes;
+  int64_t pos;
+};
 
-NormPartial norm_span_f32(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
-NormPartial norm_span_f64(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
-NormPartial norm_span_f16(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
-NormPartial norm_span_bf16(const void* x, int64_t n, NormOrder order, bool scaled, double divisor);
+// A software prefetcher that walks a thread's chunks a fixed number of
+// bytes ahead of the kernel reading them, one cache line per line read.
+// Hardware prefetchers follow one address stream and lose it wherever the
+// next gradient starts more than a few lines after the last one ended (a
+// model's gradients are separate allocations, with their parameters in
+// between): each restart costs demand misses, and 10,000 gradients of 8
+// KiB on average streamed at 8 GB/s per core against 25 GB/s for the same
+// bytes in one buffer (one thread; see the README's layout results). A
+// steady stream, rather than a burst per chunk, keeps the prefetches from
+// queueing ahead of the running chunk's own loads. Only the head of each
+// segment (a run of chunks that follow each other in memory) is
+// prefetched: past it the hardware has the stream, and prefetching all of
+// a large tensor as well measured 5-15% slower. It never changes what the
+// kernels compute, only when lines arrive.
+class PrefetchStream {
+ public:
+  static constexpr int64_t kLine = 64;
+  // A chunk that starts at most this far after the previous one ended
+  // continues its segment: the hardware prefetchers bridged gaps of 256
+  // bytes at full speed and lost the stream at 1 KiB (one thread, fp32).
+  static constexpr int64_t kAdjacentBytes = 256;
+
+  PrefetchStream() = default;  // prefetches nothing
+  // Chunks [first, stop) of `spans`: the first `head` bytes of each
+  // segment, `lead` bytes ahead of the reader.
+  PrefetchStream(const StreamSpan* spans, int64_t first, int64_t stop, int64_t lead, int64_t head)
+      : spans_(spans), next_(first), stop_(stop), lead_(lead), head_(head) {
+    next_span();
+  }
+
+  // The kernel starts reading chunk c (this resets any drift of the
+  // kernels' per-block accounting, which leaves tails out).
+  FASTCLIP_ALWAYS_INLINE void start_span(int64_t c) {
+    target_ = spans_[c].pos + lead_;
+    pump();
+  }
+  // The kernel has read `bytes` more of the current chunk.
+  FASTCLIP_ALWAYS_INLINE void advance(int64_t bytes) {
+    target_ += bytes;
+    pump();
+  }
+
+ private:
+  // The next line is always one to prefetch (a chunk's last line is
+  // followed at once by the next chunk's first, which may start inside it).
+  FASTCLIP_ALWAYS_INLINE void pump() {
+    while (line_pos_ < target_) {
+      FASTCLIP_PREFETCH_LINE(line_);
+      line_ += kLine;
+      line_pos_ += kLine;
+      if (line_ >= end_ || line_pos_ >= head_end_) next_span();
+    }
+  }
+  // Moves to the first line of the next chunk that has one to prefetch.
+  void next_span() {
+    for (; next_ < stop_; ++next_) {
+      const StreamSpan& s = spans_[next_];
+      const auto address = reinterpret_cast<uintptr_t>(s.data);
+      const bool continues = address >= previous_end_ && address - previous_end_ <= kAdjacentBytes;
+      previous_end_ = address + static_cast<uintptr_t>(s.bytes);
+      if (!continues) head_end_ = s.pos + head_;
+      if (s.bytes == 0 || s.pos >= head_end_) continue;  // nothing, or past its segment's head
+      const auto offset = static_cast<int64_t>(address % static_cast<uintptr_t>(kLine));
+      line_ = s.data - offset;
+      end_ = s.data + s.bytes;
+      line_pos_ = s.pos - offset;
+      ++next_;
+      return;
+    }
+    line_pos_ = INT64_MAX;  // the stream has ended
+  }
+
+  const StreamSpan* spans_ = nullptr;
+  int64_t next_ = 0;
+  int64_t stop_ = 0;
+  int64_t lead_ = 0;
+  int64_t head_ = 0;
+  int64_t target_ = 0;          // stream position the prefetches have to reach
+  const char* line_ = nullptr;  // next line to prefetch, in chunk next_ - 1
+  const char* end_ = nullptr;
+  int64_t line_pos_ = INT64_MAX;  // stream position of line_ (none: the stream has ended)
+  int64_t head_end_ = 0;        // stream position where this segment's head ends
+  uintptr_t previous_end_ = 0;  // address after the last chunk looked at
+};
+
+// Norm partial of x[0, n). With `scaled`, values are divided by `divisor`
+// first (the overflow/underflow rescue pass; see NormReducer). Every
+// kernel reports the bytes it reads to `prefetch`.
+using NormSpanFn = NormPartial (*)(const void* x, int64_t n, NormOrder order, bool scaled, double divisor,
+                                   PrefetchStream& prefetch);
+// In-place update of x[0, n) by a value (a coefficient or a clamp bound).
+using UpdateSpanFn = void (*)(void* x, int64_t n, double value, PrefetchStream& prefetch);
+
+#define FASTCLIP_NORM_SPAN(name) \
+  NormPartial name(const void* x, int64_t n, NormOrder order, bool scaled, double divisor, PrefetchStream& prefetch)
+#define FASTCLIP_UPDATE_SPAN(name) void name(void* x, int64_t n, double value, PrefetchStream& prefetch)
+
+FASTCLIP_NORM_SPAN(norm_span_f32);
+FASTCLIP_NORM_SPAN(norm_span_f64);
+FASTCLIP_NORM_SPAN(norm_span_f16);
+FASTCLIP_NORM_SPAN(norm_span_bf16);
 
 // x *= coef; 16-bit types compute in float and round once (torch's opmath).
-void scale_span_f32(void* x, int64_t n, double coef);
-void scale_span_f64(void* x, int64_t n, double coef);
-void scale_span_f16(void* x, int64_t n, double coef);
-void scale_span_bf16(void* x, int64_t n, double coef);
-
-// Asks the memory system for x[0, bytes) ahead of use, into L2 (not L1:
-// the span that is running is using L1). Only worth it where hardware
-// prefetchers cannot see the next span coming (see multi_tensor_cpu.cpp).
-void prefetch_bytes(const void* x, int64_t bytes);
+FASTCLIP_UPDATE_SPAN(scale_span_f32);
+FASTCLIP_UPDATE_SPAN(scale_span_f64);
+FASTCLIP_UPDATE_SPAN(scale_span_f16);
+FASTCLIP_UPDATE_SPAN(scale_span_bf16);
 
 // x = clamp(x, -bound, bound); NaN stays NaN.
-void clamp_span_f32(void* x, int64_t n, double bound);
-void clamp_span_f64(void* x, int64_t n, double bound);
-void clamp_span_f16(void* x, int64_t n, double bound);
-void clamp_span_bf16(void* x, int64_t n, double bound);
+FASTCLIP_UPDATE_SPAN(clamp_span_f32);
+FASTCLIP_UPDATE_SPAN(clamp_span_f64);
+FASTCLIP_UPDATE_SPAN(clamp_span_f16);
+FASTCLIP_UPDATE_SPAN(clamp_span_bf16);
 
 inline NormSpanFn norm_fn(DType d) {
   switch (d) {
