@@ -79,7 +79,7 @@ MUTANTS = {
         "if (line_ >= end_ || line_pos_ >= head_end_) next_span();", "if (line_ >= end_) next_span();"),
     "prefetch_segments_never_continue": (
         "csrc/cpu/spans.h", "every chunk starts a segment of its own (whole tensors prefetched)",
-        "if (!continues) head_end_ = s.pos + head_;", "head_end_ = s.pos + head_;"),
+        "if (!continues) head_end_ = s.pos + head_;", "if (!continues || head_ > 0) head_end_ = s.pos + head_;"),
     "prefetch_lead_dropped_per_chunk": (
         "csrc/cpu/spans.h", "the prefetcher starts each chunk with no lead",
         "target_ = spans_[c].pos + lead_;", "target_ = spans_[c].pos;"),
