@@ -71,10 +71,13 @@ constexpr int64_t kPiecesPerThread = 32;
 constexpr int64_t kMinPieceElems = kChunkElems;
 
 // How far the software prefetcher runs ahead of the kernels (see
-// PrefetchStream). 10,000 gradients between their parameters, one thread,
-// fp32 norm: 2 KiB ahead 7.0 ms, 4 KiB 5.1, 8 KiB 4.1, 16 KiB 4.0, against
-// 9.1 without and 2.6 for the same bytes in one buffer (where it costs
-// nothing measurable). The lead stays well inside a core's L2.
+// PrefetchStream). A C++ model of 10,000 gradients with 4 KiB between
+// them, one thread, fp32 norm: 2 KiB ahead 7.0 ms, 4 KiB 5.1, 8 KiB 4.1,
+// 16 KiB 4.0, against 9.1 without and 2.6 for the same bytes back to back
+// (where it cost nothing measurable). Through the ops, 2 threads, the
+// benchmark's interleaved list, fp32 norm, three rounds: 4 KiB 6.6-7.0 ms,
+// 8 KiB 6.2-7.3, 16 KiB 5.2-5.8, 32 KiB 5.7-6.3, 64 KiB 5.6-5.8, none
+// 8.0-9.5. The lead stays well inside L2.
 constexpr int64_t kPrefetchLeadBytes = int64_t{16} << 10;
 // How much of each segment of adjacent chunks the software prefetcher
 // covers before it leaves the stream to the hardware (see PrefetchStream).
@@ -108,13 +111,13 @@ std::vector<StreamSpan> stream_spans(const std::vector<TensorDesc>& descs, const
 // Each thread's run of chunks is prefetched ahead of its kernels by a
 // PrefetchStream: a model's gradients are separate allocations with other
 // memory (their parameters) between them, and the hardware prefetchers,
-// which follow one address stream, lose the stream at every gradient.
-// Before it (10,000 gradients between parameters, 2 threads), the head of
-// the next chunk was prefetched when it lay elsewhere: norm 7.8-9.0 ->
-// 6.4-7.1 ms; see the README for the stream's numbers. Walking a clip's
-// scale pass backward, to start where the norm pass left the caches warm,
-// measured 3% faster to 7% slower in paired runs on the development VM
-// (whose L3 is shared with other tenants), so it is not done.
+// which follow one address stream, lose the stream at every gradient
+// (10,000 gradients between their parameters, 2 threads, against the
+// previous design, which prefetched the first 4 KiB of the next chunk:
+// norm 6.41 -> 4.82-5.00 ms fp32, 4.72 -> 3.56-3.67 ms bf16). Walking a
+// clip's scale pass backward, to start where the norm pass left the caches
+// warm, measured 3% faster to 7% slower in paired runs on the development
+// VM (whose L3 is shared with other tenants), so it is not done.
 //
 // `in_order`: one thread runs every chunk in list order (writes to spans
 // that share bytes; see TensorTable::spans_overlap).
