@@ -76,7 +76,7 @@ class PrefetchStream {
   // followed at once by the next chunk's first, which may start inside it).
   FASTCLIP_ALWAYS_INLINE void pump() {
     while (line_pos_ < target_) {
-      FASTCLIP_PREFETCH_LINE(line_);
+      FASTCLIP_PREFETCH_LINE(reinterpret_cast<const char*>(line_));
       line_ += kLine;
       line_pos_ += kLine;
       if (line_ >= end_ || line_pos_ >= head_end_) next_span();
@@ -91,10 +91,10 @@ class PrefetchStream {
       previous_end_ = address + static_cast<uintptr_t>(s.bytes);
       if (!continues) head_end_ = s.pos + head_;
       if (s.bytes == 0 || s.pos >= head_end_) continue;  // nothing, or past its segment's head
-      const auto offset = static_cast<int64_t>(address % static_cast<uintptr_t>(kLine));
-      line_ = s.data - offset;
-      end_ = s.data + s.bytes;
-      line_pos_ = s.pos - offset;
+      const uintptr_t offset = address % static_cast<uintptr_t>(kLine);
+      line_ = address - offset;
+      end_ = previous_end_;
+      line_pos_ = s.pos - static_cast<int64_t>(offset);
       ++next_;
       return;
     }
@@ -107,8 +107,10 @@ class PrefetchStream {
   int64_t lead_ = 0;
   int64_t head_ = 0;
   int64_t target_ = 0;          // stream position the prefetches have to reach
-  const char* line_ = nullptr;  // next line to prefetch, in chunk next_ - 1
-  const char* end_ = nullptr;
+  // Addresses as integers: lines start up to 63 bytes before a chunk and
+  // may end past its allocation, where pointer arithmetic is undefined.
+  uintptr_t line_ = 0;  // next line to prefetch, in chunk next_ - 1
+  uintptr_t end_ = 0;
   int64_t line_pos_ = INT64_MAX;  // stream position of line_ (none: the stream has ended)
   int64_t head_end_ = 0;        // stream position where this segment's head ends
   uintptr_t previous_end_ = 0;  // address after the last chunk looked at
