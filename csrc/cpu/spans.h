@@ -51,9 +51,10 @@ class PrefetchStream {
   // bytes at full speed and lost the stream at 1 KiB (one thread, fp32).
   static constexpr int64_t kAdjacentBytes = 256;
 
-  PrefetchStream() = default;  // prefetches nothing
+  PrefetchStream() = default;  // prefetches nothing (kernels given it only call advance)
   // Chunks [first, stop) of `spans`: the first `head` bytes of each
-  // segment, `lead` bytes ahead of the reader.
+  // segment, `lead` bytes ahead of the reader (both far below 2^62: stream
+  // positions are added to them).
   PrefetchStream(const StreamSpan* spans, int64_t first, int64_t stop, int64_t lead, int64_t head)
       : spans_(spans), next_(first), stop_(stop), lead_(lead), head_(head) {
     next_span();
@@ -113,7 +114,7 @@ class PrefetchStream {
   uintptr_t end_ = 0;
   int64_t line_pos_ = INT64_MAX;  // stream position of line_ (none: the stream has ended)
   int64_t head_end_ = 0;        // stream position where this segment's head ends
-  uintptr_t previous_end_ = 0;  // address after the last chunk looked at
+  uintptr_t previous_end_ = UINTPTR_MAX;  // address after the last chunk looked at (none yet)
 };
 
 // Norm partial of x[0, n). With `scaled`, values are divided by `divisor`
