@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "../fastclip.h"
@@ -84,21 +85,31 @@ constexpr int64_t kPrefetchLeadBytes = int64_t{16} << 10;
 constexpr int64_t kPrefetchHeadBytes = int64_t{16} << 10;
 
 // ----------------------------------------------------------- the driver
-// Every chunk's bytes, with its position in the stream of all of them.
-std::vector<StreamSpan> stream_spans(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks) {
-  std::vector<StreamSpan> spans(chunks.size());
-  int64_t pos = 0;
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    const Chunk& ch = chunks[c];
-    const TensorDesc& d = descs[static_cast<size_t>(ch.tensor)];
-    const int64_t size = dtype_size(d.dtype);
-    spans[c] = StreamSpan{static_cast<char*>(d.data) + ch.begin * size, ch.size * size, pos};
-    pos += ch.size * size;
+// The work of one pass over a table: its chunks, where each starts in
+// element count (for cutting pieces) and in bytes (for the prefetcher).
+// Built once per table and chunk plan; the clip's two passes share it.
+struct Work {
+  Work(const std::vector<TensorDesc>& table_descs, std::vector<Chunk> planned)
+      : descs(table_descs), chunks(std::move(planned)), start(chunks.size()), spans(chunks.size()) {
+    int64_t pos = 0;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      const Chunk& ch = chunks[c];
+      const TensorDesc& d = descs[static_cast<size_t>(ch.tensor)];
+      const int64_t size = dtype_size(d.dtype);
+      start[c] = total;
+      spans[c] = StreamSpan{static_cast<char*>(d.data) + ch.begin * size, ch.size * size, pos};
+      total += ch.size;
+      pos += ch.size * size;
+    }
   }
-  return spans;
-}
+  const std::vector<TensorDesc>& descs;
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> start;     // elements of the chunks before each
+  std::vector<StreamSpan> spans;  // each chunk's bytes and stream position
+  int64_t total = 0;              // elements in all chunks
+};
 
-// Runs fn(data, c, prefetch) for every chunk index c, each exactly once, on ATen's
+// Runs fn(data, c, prefetch) for every chunk index c of `work`, each exactly once, on ATen's
 // threads. The chunks are cut into pieces of about equal element counts
 // (chunks that start in a piece's element range belong to it, so a few
 // large tensors among many small ones still balance), and each thread
@@ -122,16 +133,11 @@ std::vector<StreamSpan> stream_spans(const std::vector<TensorDesc>& descs, const
 // `in_order`: one thread runs every chunk in list order (writes to spans
 // that share bytes; see TensorTable::spans_overlap).
 template <typename Fn>
-void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks, const Fn& fn,
-                    bool in_order = false) {
-  const int64_t count = static_cast<int64_t>(chunks.size());
-  std::vector<int64_t> start(chunks.size());
-  int64_t total = 0;
-  for (int64_t c = 0; c < count; ++c) {
-    start[static_cast<size_t>(c)] = total;
-    total += chunks[static_cast<size_t>(c)].size;
-  }
-  const std::vector<StreamSpan> spans = stream_spans(descs, chunks);
+void for_each_chunk(const Work& work, const Fn& fn, bool in_order = false) {
+  const int64_t count = static_cast<int64_t>(work.chunks.size());
+  const int64_t total = work.total;
+  const std::vector<int64_t>& start = work.start;
+  const std::vector<StreamSpan>& spans = work.spans;
   // Chunks [first, stop), prefetched ahead as one stream.
   auto run = [&](int64_t first, int64_t stop) {
     PrefetchStream prefetch(spans.data(), first, stop, kPrefetchLeadBytes, kPrefetchHeadBytes);
@@ -165,9 +171,11 @@ void for_each_chunk(const std::vector<TensorDesc>& descs, const std::vector<Chun
 
 // Norm of every tensor and of all of them, with the rescue pass for power
 // sums that left the double range.
-NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vector<Chunk>& chunks, NormOrder order) {
+NormReducer compute_norms(const Work& work, NormOrder order) {
+  const std::vector<TensorDesc>& descs = work.descs;
+  const std::vector<Chunk>& chunks = work.chunks;
   std::vector<NormPartial> partials(chunks.size());
-  for_each_chunk(descs, chunks, [&](char* data, int64_t c, PrefetchStream& prefetch) {
+  for_each_chunk(work, [&](char* data, int64_t c, PrefetchStream& prefetch) {
     const Chunk& ch = chunks[static_cast<size_t>(c)];
     const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
     partials[static_cast<size_t>(c)] = norm_fn(dtype)(data, ch.size, order, false, 1.0, prefetch);
@@ -184,14 +192,15 @@ NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vecto
     std::vector<Chunk> again;
     for (const Chunk& ch : chunks)
       if (marked[static_cast<size_t>(ch.tensor)]) again.push_back(ch);
-    std::vector<NormPartial> again_partials(again.size());
-    for_each_chunk(descs, again, [&](char* data, int64_t c, PrefetchStream& prefetch) {
-      const Chunk& ch = again[static_cast<size_t>(c)];
+    const Work again_work(descs, std::move(again));
+    std::vector<NormPartial> again_partials(again_work.chunks.size());
+    for_each_chunk(again_work, [&](char* data, int64_t c, PrefetchStream& prefetch) {
+      const Chunk& ch = again_work.chunks[static_cast<size_t>(c)];
       const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
       again_partials[static_cast<size_t>(c)] =
           norm_fn(dtype)(data, ch.size, order, true, reducer.scale(ch.tensor), prefetch);
     });
-    reducer.reduce(again, again_partials);
+    reducer.reduce(again_work.chunks, again_partials);
   }
   return reducer;
 }
@@ -200,23 +209,20 @@ NormReducer compute_norms(const std::vector<TensorDesc>& descs, const std::vecto
 // would run on several threads and two spans share bytes (the same tensor
 // twice in a list scales it twice, as torch's loop does, and never with
 // two threads on the same elements at once).
-bool write_in_order(const TensorTable& table, const std::vector<Chunk>& chunks) {
+bool write_in_order(const TensorTable& table, const Work& work) {
   if (at::get_num_threads() <= 1 || at::in_parallel_region()) return false;
-  int64_t total = 0;
-  for (const Chunk& ch : chunks) total += ch.size;
-  return total >= kMinParallelElems && table.spans_overlap();
+  return work.total >= kMinParallelElems && table.spans_overlap();
 }
 
-void update_all(const TensorTable& table, const std::vector<Chunk>& chunks, UpdateSpanFn (*pick)(DType),
-                double value) {
-  const std::vector<TensorDesc>& descs = table.descs();
+// `work` is over `table`'s descriptors.
+void update_all(const TensorTable& table, const Work& work, UpdateSpanFn (*pick)(DType), double value) {
   for_each_chunk(
-      descs, chunks,
+      work,
       [&](char* data, int64_t c, PrefetchStream& prefetch) {
-        const Chunk& ch = chunks[static_cast<size_t>(c)];
-        pick(descs[static_cast<size_t>(ch.tensor)].dtype)(data, ch.size, value, prefetch);
+        const Chunk& ch = work.chunks[static_cast<size_t>(c)];
+        pick(work.descs[static_cast<size_t>(ch.tensor)].dtype)(data, ch.size, value, prefetch);
       },
-      write_in_order(table, chunks));
+      write_in_order(table, work));
 }
 
 // In-place update of a list by a host value. A view with gaps is updated
@@ -227,12 +233,12 @@ void update_all(const TensorTable& table, const std::vector<Chunk>& chunks, Upda
 // copy does no arithmetic.
 void update_tensors(at::TensorList tensors, UpdateSpanFn (*pick)(DType), double value) {
   const TensorTable table(tensors, TensorTable::kWrite);
-  update_all(table, plan_chunks(table.descs(), kChunkElems), pick, value);
+  update_all(table, Work(table.descs(), plan_chunks(table.descs(), kChunkElems)), pick, value);
   for (int64_t i : table.strided()) {
     const at::Tensor& view = tensors[static_cast<size_t>(i)];
     const at::Tensor copy = view.contiguous();
     const TensorTable one(copy, TensorTable::kWrite);
-    update_all(one, plan_chunks(one.descs(), kChunkElems), pick, value);
+    update_all(one, Work(one.descs(), plan_chunks(one.descs(), kChunkElems)), pick, value);
     view.copy_(copy);
   }
   bump_versions(tensors);
@@ -257,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
   check_norm_order(kOp, ord);
   const TensorTable table(tensors, TensorTable::kRead);
   const NormReducer norms =
-      compute_norms(table.descs(), plan_chunks(table.descs(), kChunkElems), make_norm_order(ord));
+      compute_norms(Work(table.descs(), plan_chunks(table.descs(), kChunkElems)), make_norm_order(ord));
   const int64_t n = static_cast<int64_t>(tensors.size());
   at::Tensor each = at::empty({per_tensor ? n : 0}, at::TensorOptions().dtype(at::kFloat));
   if (per_tensor) {
@@ -291,17 +297,17 @@ at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord, bool er
   check_max_norm(kOp, max_norm);
   check_norm_order(kOp, ord);
   const TensorTable table(tensors, TensorTable::kRead);
-  const std::vector<Chunk> chunks = plan_chunks(table.descs(), kChunkElems);
-  const double total = compute_norms(table.descs(), chunks, make_norm_order(ord)).total_norm();
+  const Work work(table.descs(), plan_chunks(table.descs(), kChunkElems));
+  const double total = compute_norms(work, make_norm_order(ord)).total_norm();
   if (error_if_nonfinite) check_norm_finite(total, ord);
   // The coefficient comes from the double norm: it stays right even when
   // the norm itself is beyond float32 range.
   const double coef = clip_coefficient(max_norm, total);
   if (coef == 1.0) return scalar_float(total);  // the contract: no memory traffic at all
   if (table.in_place()) {
-    // Every tensor was read in place: the same table and chunks serve the
+    // Every tensor was read in place: the same table and Work serve the
     // scale pass (the common case; no second walk over the tensors).
-    update_all(table, chunks, scale_fn, coef);
+    update_all(table, work, scale_fn, coef);
     bump_versions(tensors);
   } else {
     scale_tensors(tensors, coef);
