@@ -40,6 +40,14 @@ MUTANTS = {
         "csrc/cpu/spans.cpp", "the portable bf16 update writes the two elements of a pair swapped",
         "store_pair(x + i, bf16_join(bf16_word_of(op(bf16_first(pair))), bf16_word_of(op(bf16_second(pair)))));",
         "store_pair(x + i, bf16_join(bf16_word_of(op(bf16_second(pair))), bf16_word_of(op(bf16_first(pair)))));"),
+    "bf16_avx512_words_unpermuted": (
+        "csrc/cpu/spans.cpp", "the AVX512-BF16 update stores its even results, then its odd ones",
+        "_mm512_storeu_si512(x + i, _mm512_permutexvar_epi16(interleave, rounded));",
+        "_mm512_storeu_si512(x + i, rounded);"),
+    "bf16_avx512_subnormals_unchecked": (
+        "csrc/cpu/spans.cpp", "the AVX512-BF16 update rounds subnormal results itself (to zero)",
+        "if ((_mm512_fpclass_ps_mask(even, kSubnormal) | _mm512_fpclass_ps_mask(odd, kSubnormal)) != 0) {",
+        "if (false) {"),
     "clamp_nan_to_bound": (
         "csrc/cpu/spans.cpp", "clamp turns NaN into the lower bound",
         "    v = v < lo ? lo : v;\n    return v > hi ? hi : v;",

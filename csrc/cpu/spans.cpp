@@ -382,37 +382,48 @@ bool bf16_cvt_usable() {
   return cpu && (_mm_getcsr() & kDenormalsAreZero) == 0;
 }
 
-// Sixteen bf16 values at p as floats. (GCC 12 warns, wrongly, that its
-// own _mm512_undefined_epi32 inside these intrinsics may be uninitialized.)
+// Where the words of vcvtne2ps2bf16(odd, even) go: its result holds the
+// 16 even elements, then the 16 odd ones; element 2k is word k, 2k + 1 is
+// word 16 + k.
+alignas(64) constexpr uint16_t kInterleaveWords[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// (GCC 12 warns, wrongly, that its own _mm512_undefined_epi32 inside
+// _mm512_slli_epi32 may be uninitialized.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-FASTCLIP_BF16_TARGET inline __m512 load16_bf16(const uint16_t* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-#pragma GCC diagnostic pop
-
 // x = op(x) for 32 values at a time; a vector with a subnormal result and
 // the tail through `portable` (the same rounding), on the original values.
+// The 32 values are read as 16 pairs (see load_pair): the even elements
+// widen by a shift and the odd ones by a mask, in lane, and one word
+// permute puts the rounded results back in order. Widening 16 elements at
+// a time (vpmovzxwd, a cross-lane shuffle, and a shift) measured 17.9
+// against 22.2 G elements/s on one Zen 4 core from L2, with the same bits.
 template <typename Op>
 FASTCLIP_BF16_TARGET void update_bf16_avx512(uint16_t* x, int64_t n, const Op& op, UpdateSpanFn portable,
                                              double value, PrefetchStream& prefetch) {
+  static_assert(kFirstShift == 0, "x86 is little-endian: element 2w is the low half of pair word w");
   constexpr int kSubnormal = 0x20;  // vfpclassps category: denormal
   constexpr int64_t kBlock = 32;
+  const __m512i high_halves = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i interleave = _mm512_load_si512(kInterleaveWords);
   PrefetchStream none;  // the blocks given to `portable` are already counted here
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     prefetch.advance(kBlock * static_cast<int64_t>(sizeof(uint16_t)));
-    const __m512 low = op(load16_bf16(x + i));
-    const __m512 high = op(load16_bf16(x + i + 16));
-    if ((_mm512_fpclass_ps_mask(low, kSubnormal) | _mm512_fpclass_ps_mask(high, kSubnormal)) != 0) {
+    const __m512i pairs = _mm512_loadu_si512(x + i);
+    const __m512 even = op(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)));
+    const __m512 odd = op(_mm512_castsi512_ps(_mm512_and_si512(pairs, high_halves)));
+    if ((_mm512_fpclass_ps_mask(even, kSubnormal) | _mm512_fpclass_ps_mask(odd, kSubnormal)) != 0) {
       portable(x + i, kBlock, value, none);
       continue;
     }
-    _mm512_storeu_si512(x + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
+    const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even));
+    _mm512_storeu_si512(x + i, _mm512_permutexvar_epi16(interleave, rounded));
   }
   if (i < n) portable(x + i, n - i, value, none);
 }
+#pragma GCC diagnostic pop
 
 }  // namespace
 #endif
