@@ -48,6 +48,11 @@ MUTANTS = {
         "csrc/cpu/spans.cpp", "the AVX512-BF16 update rounds subnormal results itself (to zero)",
         "if ((_mm512_fpclass_ps_mask(even, kSubnormal) | _mm512_fpclass_ps_mask(odd, kSubnormal)) != 0) {",
         "if (false) {"),
+    "chunk_offsets_32_bit": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "a chunk's byte offset in its tensor truncated to 32 bits",
+        "spans[c] = StreamSpan{static_cast<char*>(d.data) + ch.begin * size, ch.size * size, pos};",
+        "spans[c] = StreamSpan{static_cast<char*>(d.data) + static_cast<int32_t>(ch.begin * size), "
+        "ch.size * size, pos};"),
     "clamp_nan_to_bound": (
         "csrc/cpu/spans.cpp", "clamp turns NaN into the lower bound",
         "    v = v < lo ? lo : v;\n    return v > hi ? hi : v;",

@@ -42,6 +42,7 @@ from testing import (
     assert_identical,
     assert_norm_close,
     assert_same_bits,
+    available_memory_bytes,
     dtype_id,
     ord_id,
     ref_coef,
@@ -488,23 +489,13 @@ def test_tiny_values_that_decide_the_norm(emu):
         assert_norm_close(r["each"], each.float())
 
 
-def _available_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 @pytest.mark.large
 def test_tensor_beyond_2_pow_31_elements(emu):
     """64-bit element offsets: a bf16 tensor of 2^31 + 5 elements (4 GiB,
     32,769 chunks), its only nonzero values at the very end and at 2^31 - 1.
     About 30 s."""
     n = 2**31 + 5
-    if _available_bytes() < 3 * n:
+    if available_memory_bytes() < 3 * n:
         pytest.skip("needs about 6 GiB of free memory")
     x = torch.zeros(n, dtype=torch.bfloat16)
     x[2**31 - 1] = 1.0

@@ -25,6 +25,7 @@ from testing import (
     assert_same_bits,
     assert_scaled_close,
     assert_untouched,
+    available_memory_bytes,
     dtype_id,
     gapped_view,
     make_grads,
@@ -697,3 +698,41 @@ def test_op_mixed_devices_error_cuda_and_cpu(op):
     with pytest.raises(RuntimeError, match=r"tensors\[1\] is on cpu"):
         call()
     assert_untouched(tensors, before)
+
+
+@pytest.mark.large
+def test_cpu_tensor_beyond_2_pow_31_elements():
+    """64-bit sizes and offsets in the CPU driver and kernels: one bf16
+    tensor of 2^31 + 5 elements (4 GiB, 32,769 chunks), all ones (so a chunk
+    dropped or counted twice changes the sum) but for a few values around
+    element 2^31 and at the end. Sums of squares of small integers are
+    exact in float64, so the norm is checked to the float32 rounding of the
+    exact value and the clip's products bit for bit. Peak memory about
+    5 GB."""
+    n = 2**31 + 5
+    if available_memory_bytes() < 3 * n:
+        pytest.skip("needs about 6.5 GB of free memory")
+    x = torch.ones(n, dtype=torch.bfloat16)
+    specials = {2**31 - 1: 2.0, 2**31: 3.0, 2**31 + 1: 4.0, n - 1: 5.0}
+    for index, value in specials.items():
+        x[index] = value
+    sum_sq = (n - len(specials)) + sum(v * v for v in specials.values())
+    expected = torch.tensor(math.sqrt(sum_sq), dtype=torch.float64)
+
+    total, each = ops.multi_tensor_norm([x], 2.0, True)
+    assert_norm_close(total, expected, torch.bfloat16)
+    assert_norm_close(each[0], expected, torch.bfloat16)
+    inf_total, _ = ops.multi_tensor_norm([x], math.inf, False)
+    assert inf_total.item() == 5.0
+
+    # Clip to a quarter of the norm: the coefficient is 0.25 to within 1e-6
+    # relative, so every product rounds to the same bf16 as times 0.25.
+    returned = ops.clip_([x], 0.25 * math.sqrt(sum_sq), 2.0)
+    assert_norm_close(returned, expected, torch.bfloat16)
+    for index, value in specials.items():
+        assert x[index].item() == 0.25 * value, index
+    # Compared a slice at a time: a bool tensor of all of x is 2 GiB more,
+    # and bool.sum() of it went through int64 (17 GiB).
+    step = 2**28
+    others = sum(int(x[s : s + step].ne(0.25).count_nonzero()) for s in range(0, n, step))
+    assert others == len(specials)

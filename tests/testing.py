@@ -32,6 +32,18 @@ DEVICE_PARAMS = [
 ]
 
 
+def available_memory_bytes() -> int:
+    """The host memory the kernel says is available (MemAvailable), 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def require_kernel(device: str) -> None:
     """Skip an op-level test on a device the extension has no kernel for."""
     if not _ops.has_kernel(device):
