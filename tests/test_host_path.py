@@ -260,26 +260,32 @@ def test_in_place_ops_refuse_self_overlapping_views(call, device):
 
 # ------------------------------------------- entries that share memory
 def _shared_lists():
-    """Lists whose entries share bytes, each with the values torch's loop
-    over the tensors (one in-place multiply after the other) leaves."""
+    """Lists whose entries share bytes (dense, and views with gaps), each
+    built on a device, with the values torch's loop over the tensors (one
+    in-place multiply after the other) leaves."""
     out = []
     t = torch.linspace(-3.0, 3.0, 70_000)
-    out.append(("same tensor twice", lambda: (lambda x: [x, x])(t.clone())))
-    out.append(("a view and its base", lambda: (lambda x: [x, x.view(100, 700)])(t.clone())))
-    out.append(("overlapping slices", lambda: (lambda x: [x[:50_000], x[20_000:]])(t.clone())))
-    out.append(("shared among others", lambda: (lambda x: [torch.ones(40_000), x[10:], torch.ones(9), x.view(7, 10_000)])(t.clone())))
-    return out
+    out.append(("same tensor twice", lambda x: [x, x]))
+    out.append(("a view and its base", lambda x: [x, x.view(100, 700)]))
+    out.append(("overlapping slices", lambda x: [x[:50_000], x[20_000:]]))
+    out.append(("shared among others",
+                lambda x: [torch.ones(40_000, device=x.device), x[10:], torch.ones(9, device=x.device), x.view(7, 10_000)]))
+    out.append(("overlapping views with gaps", lambda x: [x[:60_000:2], x[10_000::3], x[:60_000:2]]))
+    return [(name, lambda device, make=make: make(t.to(device))) for name, make in out]
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("name,build", _shared_lists(), ids=[n for n, _ in _shared_lists()])
-def test_entries_sharing_memory_are_written_in_list_order(name, build):
-    # With several threads the entries' chunks would otherwise be written
-    # at the same time: some elements scaled once, others twice, run to run.
+def test_entries_sharing_memory_are_written_in_list_order(name, build, device):
+    # With several threads (a GPU: several blocks of one launch) the
+    # entries' chunks would otherwise be written at the same time: some
+    # elements scaled once, others twice, run to run.
+    require_kernel(device)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for _ in range(20):
-            tensors, expected = build(), build()
+            tensors, expected = build(device), build(device)
             coef = torch.tensor(0.5, dtype=torch.float64)
             ops.multi_tensor_scale_(tensors, coef)
             for e in expected:  # torch's loop: one entry after the other
@@ -287,7 +293,7 @@ def test_entries_sharing_memory_are_written_in_list_order(name, build):
             for t, e in zip(tensors, expected):
                 assert_identical(t, e)
 
-            tensors, expected = build(), build()
+            tensors, expected = build(device), build(device)
             norm = ref_norm(expected)  # every entry counted, as torch counts it
             ops.clip_(tensors, 1.0, 2.0)
             for e in expected:

@@ -17,7 +17,8 @@
 //   3. norm: one launch; clip_: the norm launch, which leaves the
 //      coefficient on the device, then the scale launch, which returns at
 //      once when that coefficient is 1 (views with gaps, which gradients
-//      almost never are, add a copy for reading and a strided scale launch).
+//      almost never are, add a copy for reading and a strided scale launch;
+//      entries that share bytes are scaled one launch each, in list order).
 // The one host read: clip_ with error_if_nonfinite reads the non-finite
 // flag before scaling (torch's clip_grad_norm_ syncs there as well).
 #include <ATen/ATen.h>
@@ -28,6 +29,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <optional>
@@ -139,11 +141,48 @@ NormOutputs norm_outputs(const Upload& up) {
   return out;
 }
 
+// Scales the dense entries of `table`, whose flat table `up` holds: in one
+// launch, or, where two entries share bytes (the same tensor listed twice,
+// a view and its base), one launch per entry in list order, as the CPU
+// writes them. In one launch two blocks would read and write the same
+// elements at once: some scaled once, others twice, run to run; torch's
+// loop scales such elements twice. (Clamping twice changes nothing, so the
+// clamp needs no such order.)
+void scale_dense(const TensorTable& table, const Upload& up, const Coefficient& coef, const c10::Device& device,
+                 int sms, cudaStream_t stream) {
+  if (!table.spans_overlap()) {
+    launch_scale(up.table, coef, sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  for (const TensorDesc& d : table.descs()) {
+    if (d.numel == 0) continue;  // empty, or a view with gaps (scale_views)
+    const Upload one = upload(std::vector<TensorDesc>{d}, device, Scratch::kNone);
+    launch_scale(one.table, coef, sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Whether two of the views `which` of `tensors` are over one storage (and
+// so may share bytes).
+bool views_share_storage(at::TensorList tensors, const std::vector<int64_t>& which) {
+  std::vector<const c10::StorageImpl*> storages;
+  storages.reserve(which.size());
+  for (int64_t i : which) {
+    storages.push_back(tensors[static_cast<size_t>(i)].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+  }
+  std::sort(storages.begin(), storages.end());
+  return std::adjacent_find(storages.begin(), storages.end()) != storages.end();
+}
+
 // Scales the views with gaps that TensorTable leaves out of the flat table
-// (`which`), batched into launch_scale_strided calls; the rare view of more
-// than kMaxViewDims dimensions goes to ATen with `aten_coef` (0-dim).
+// (`which`), batched into launch_scale_strided calls (one view per launch,
+// in list order, where two views are over one storage: see scale_dense);
+// the rare view of more than kMaxViewDims dimensions goes to ATen with
+// `aten_coef` (0-dim).
 void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, const Coefficient& coef,
                  const at::Tensor& aten_coef, int sms, cudaStream_t stream) {
+  const int64_t per_launch = views_share_storage(tensors, which) ? 1 : kMaxViewsPerLaunch;
   StridedViews batch{};
   const auto flush = [&] {
     launch_scale_strided(batch, coef, sms, stream);
@@ -172,7 +211,7 @@ void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, cons
       v.sizes[d] = t.size(d);
       v.strides[d] = t.stride(d);
     }
-    if (batch.count == kMaxViewsPerLaunch) flush();
+    if (batch.count == per_launch) flush();
   }
   if (batch.count > 0) flush();
 }
@@ -225,8 +264,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   const cudaStream_t stream = current_stream(device);
   const TensorTable table(tensors, TensorTable::kWrite);
   const Upload up = upload(table.descs(), device, Scratch::kNone);
-  launch_scale(up.table, c, sms, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scale_dense(table, up, c, device, sms, stream);
   scale_views(tensors, table.strided(), c, coef.is_cpu() ? coef.reshape({}) : coef_device.reshape({}), sms, stream);
   bump_versions(tensors);  // a device coefficient may be 1: the host cannot know, so it says "may have written"
 }
@@ -294,12 +332,11 @@ at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool e
 
   const Coefficient coef{out.coef, DType::kFloat64, 0.0};
   if (all_dense) {
-    launch_scale(up.table, coef, sms, stream);
+    scale_dense(write, up, coef, device, sms, stream);
   } else {
     const Upload scale_up = upload(write.descs(), device, Scratch::kNone);
-    launch_scale(scale_up.table, coef, sms, stream);
+    scale_dense(write, scale_up, coef, device, sms, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!all_dense) {
     scale_views(tensors, write.strided(), coef, up.view(out.coef, 1, at::kDouble).reshape({}), sms, stream);
   }
