@@ -5,12 +5,15 @@
 //     gathered in one C++ pass and kept as C++ tensors, with methods that
 //     call the fused ops through the dispatcher;
 //   - single_call_blocker: why a Python list cannot go to one op call.
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/extension.h>
 
+#include <memory>
 #include <optional>
 #include <string>
+#include <typeinfo>
 #include <unordered_map>
 #include <vector>
 
@@ -127,8 +130,9 @@ void prefetch_link(PyObject* items, size_t j, size_t link, PyTypeObject* type, b
 class HeldTensors {
  public:
   // `grads`: take each element's .grad; `name` names the list in errors.
-  HeldTensors(const pybind11::list& items, bool grads, const std::string& name) {
+  HeldTensors(const pybind11::list& items, bool grads, const std::string& name) : grads_(grads), name_(name) {
     tensors_.reserve(items.size());
+    positions_.reserve(items.size());
     PyTypeObject* plain = nullptr;  // the last item type read in C++ (lists hold one type)
     for (size_t i = 0; i < items.size(); ++i) {
       for (size_t link = 0; link < kChainLinks; ++link) {
@@ -161,6 +165,7 @@ class HeldTensors {
         if (const char* b = blocker(t, tensors_.empty() ? t : tensors_.front())) why_ = b;
       }
       tensors_.push_back(std::move(t));
+      positions_.push_back(static_cast<int64_t>(i));
     }
     if (!why_ && !tensors_.empty() && !has_kernels(tensors_.front().device().type())) why_ = "no kernels";
   }
@@ -184,39 +189,88 @@ class HeldTensors {
     static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
     require_one_call("norm");
     pybind11::gil_scoped_release no_gil;
-    return op.call(tensors_, ord, per_tensor);
+    return named_errors([&] { return op.call(tensors_, ord, per_tensor); });
   }
 
   void scale_(const at::Tensor& coef) const {
     static const auto op = op_handle<ScaleSig>("fastclip::multi_tensor_scale_");
     require_one_call("scale_");
     pybind11::gil_scoped_release no_gil;
-    op.call(tensors_, coef);
+    named_errors([&] { op.call(tensors_, coef); });
   }
 
   void clamp_(double clip_value) const {
     static const auto op = op_handle<ClampSig>("fastclip::multi_tensor_clamp_");
     require_one_call("clamp_");
     pybind11::gil_scoped_release no_gil;
-    op.call(tensors_, clip_value);
+    named_errors([&] { op.call(tensors_, clip_value); });
   }
 
   at::Tensor clip_(double max_norm, double ord, bool error_if_nonfinite) const {
     static const auto op = op_handle<ClipSig>("fastclip::clip_");
     require_one_call("clip_");
     pybind11::gil_scoped_release no_gil;
-    return op.call(tensors_, max_norm, ord, error_if_nonfinite);
+    return named_errors([&] { return op.call(tensors_, max_norm, ord, error_if_nonfinite); });
   }
 
  private:
+  // Runs an op call; an error of the op that names its argument's element,
+  // "tensors[k]", names the caller's instead: `name[i]`, or `name[i].grad`
+  // (items whose .grad is None are not in the op's list, so k and i differ).
+  template <typename Call>
+  auto named_errors(const Call& call) const -> decltype(call()) {
+    try {
+      return call();
+    } catch (const c10::Error& e) {
+      if (typeid(e) != typeid(c10::Error)) throw;  // a typed error (ValueError...) as it is
+      std::string message = e.what_without_backtrace();
+      static const std::string kElement = "tensors[";
+      const size_t at = message.find(kElement);
+      const size_t close = at == std::string::npos ? at : message.find(']', at);
+      if (close == std::string::npos) throw;
+      const std::string digits = message.substr(at + kElement.size(), close - at - kElement.size());
+      if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) throw;
+      const size_t k = std::stoull(digits);
+      if (k >= positions_.size()) throw;
+      message.replace(at, close + 1 - at, name_ + "[" + std::to_string(positions_[k]) + "]" + (grads_ ? ".grad" : ""));
+      TORCH_CHECK(false, message);
+    }
+  }
+
   void require_one_call(const char* method) const {
     TORCH_CHECK(one_call(), "HeldTensors.", method, ": the tensors cannot go to one op call (",
                 tensors_.empty() ? std::string("empty") : *why_, ")");
   }
 
   std::vector<at::Tensor> tensors_;
+  std::vector<int64_t> positions_;  // each tensor's item in the caller's list
+  bool grads_;                      // the tensors are the items' .grad
+  std::string name_;                // the caller's name for the list
   std::optional<std::string> why_;  // why one op call cannot take them all
 };
+
+// A HeldTensors built under torch's warning handler: torch's warning on
+// reading .grad of a non-leaf tensor (TORCH_WARN) then reaches Python's
+// warnings, as when Python reads .grad, instead of stderr. The handler
+// hands its warnings to Python when it ends, and throws python_error where
+// a filter turns one into an error; it ends before the object is returned.
+std::unique_ptr<HeldTensors> hold_with_python_warnings(const pybind11::list& items, bool grads,
+                                                       const std::string& name) {
+  std::unique_ptr<HeldTensors> held;
+  try {
+    torch::PyWarningHandler handler;
+    try {
+      held = std::make_unique<HeldTensors>(items, grads, name);
+    } catch (...) {
+      handler.set_in_exception();  // one error at a time: its warnings go to stderr
+      throw;
+    }
+  } catch (python_error& e) {
+    e.restore();
+    throw pybind11::error_already_set();
+  }
+  return held;
+}
 
 // The local tensors of a list of DTensors and, for each, the tuple of mesh
 // dimensions that shard it (its Shard placements), plus the mesh; or None
@@ -323,8 +377,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "('sparse', 'complex', 'dtype', 'devices' or 'subclass').");
   pybind11::class_<HeldTensors>(m, "HeldTensors",
                                 "Gradients (or tensors) gathered in C++, with the fused ops as methods.")
-      .def(pybind11::init<const pybind11::list&, bool, const std::string&>(), pybind11::arg("items"),
-           pybind11::arg("grads"), pybind11::arg("name"))
+      .def(pybind11::init(&fastclip::hold_with_python_warnings), pybind11::arg("items"), pybind11::arg("grads"),
+           pybind11::arg("name"))
       .def("__len__", &HeldTensors::size)
       .def_property_readonly("one_call", &HeldTensors::one_call,
                              "True when the list is not empty and one op call takes it all.")

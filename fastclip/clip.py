@@ -246,18 +246,45 @@ def _coef_for(coef: Tensor, device: torch.device) -> Tensor:
     return coef if coef.device in (device, _CPU) else coef.to(device)
 
 
-def _refuse_inference(tensors: list[Tensor]) -> None:
-    """Before the split path writes anything: the ops refuse an inference
-    tensor outside InferenceMode before writing, the fallback's torch ops
-    only after, by which time other parts are written."""
-    if torch.is_inference_mode_enabled():
+def _beyond_storage(t: Tensor) -> bool:
+    """A dense tensor with elements past its storage's memory (a storage
+    resized under it, as FSDP frees parameters)."""
+    if t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta":
+        return False
+    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size() > t.untyped_storage().nbytes()
+
+
+def _refuse_unwritable(tensors: list[Tensor]) -> None:
+    """Before the split path writes anything, what any part would refuse:
+    one op call checks its whole list before writing, but the parts are
+    written one after the other (kernels, plain PyTorch, devices), so a
+    part refused after another was written would leave the list half
+    scaled. The ops refuse an inference tensor outside InferenceMode, a
+    tensor whose elements share memory and one beyond its storage; the
+    fallback's torch ops refuse the first two only while writing. Not
+    while dynamo traces (it cannot trace these checks; the ops still refuse
+    such tensors when the graph runs)."""
+    if torch.compiler.is_compiling():
         return
+    inference_ok = torch.is_inference_mode_enabled()
     for i, t in enumerate(tensors):
-        if t.is_inference():
+        name = f"gradient {i} (counting non-None gradients)"
+        if not inference_ok and t.is_inference():
             raise RuntimeError(
-                f"gradient {i} (counting non-None gradients) is an inference tensor, and an inplace update to "
+                f"{name} is an inference tensor, and an inplace update to "
                 "an inference tensor outside InferenceMode is not allowed (as in torch); clone() it first or "
                 "call this under torch.inference_mode()"
+            )
+        if t.layout == torch.strided and torch._debug_has_internal_overlap(t) == 1:
+            raise RuntimeError(
+                f"{name} has elements that share memory (an expand()ed view?), so it cannot be written in "
+                "place; clone() it first"
+            )
+        if _beyond_storage(t):
+            raise RuntimeError(
+                f"{name} has elements beyond the memory of its storage "
+                f"({t.untyped_storage().nbytes()} bytes; was it resized or freed?)"
             )
 
 
@@ -265,7 +292,7 @@ def _scale(tensors: list[Tensor], coef: Tensor, one_call: bool) -> None:
     if one_call:
         _ops.multi_tensor_scale_(tensors, _coef_for(coef, tensors[0].device))
         return
-    _refuse_inference(tensors)
+    _refuse_unwritable(tensors)
     for part in _split(tensors):
         part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
 
@@ -462,15 +489,14 @@ def clip_grad_norm_(
         return torch.tensor(0.0)
     if one_call:
         return _ops.clip_(grads, max_norm, norm_type, error_if_nonfinite)
-    if error_if_nonfinite:
-        total, _ = _norms(grads, norm_type, False, one_call)
-        _raise_if_nonfinite(total, norm_type)
-        _scale(grads, _coefficient(max_norm, total), one_call)
-        return total
-    _refuse_inference(grads)
+    _refuse_unwritable(grads)
     parts = _split(grads)
     first = grads[0].device
     total, _ = _split_norms(parts, first, len(grads), norm_type, per_tensor=False)
+    if error_if_nonfinite:
+        # On the float64 norm, as the fused op decides (a finite norm above
+        # float32's range is clipped, and returned as inf).
+        _raise_if_nonfinite(total, norm_type)
     coef = _coefficient(max_norm, total)
     for part in parts:
         part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
@@ -500,7 +526,7 @@ def clip_grad_value_(
     if one_call:
         _ops.multi_tensor_clamp_(grads, clip_value)
         return
-    _refuse_inference(grads)
+    _refuse_unwritable(grads)
     parts = _split(grads)
     for part in parts:
         if part.impl is _fallback:

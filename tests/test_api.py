@@ -9,6 +9,7 @@ document the difference.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -270,6 +271,111 @@ def test_split_path_refuses_inference_gradient_before_writing(fresh_warnings):
             call()
         assert_untouched(_grads(params)[:-1], before)
         assert torch.equal(frozen, torch.full((3,), 3.0 + 0j, dtype=torch.complex64))
+
+
+def _freed_view():
+    flat = torch.ones(1000)
+    view = flat[500:]
+    flat.untyped_storage().resize_(100)  # 25 floats left under a view of 500
+    return view
+
+
+# Gradients a part of the split path refuses: the kernels (an expanded or a
+# freed dense tensor) or the fallback's torch ops, while writing (an
+# expanded complex one), each listed after a part that would be written first.
+_UNWRITABLE = {
+    "expanded-after-fallback": (lambda: [_sparse(torch.float32, True), torch.ones(4), torch.full((1,), 7.0).expand(3)],
+                                r"gradient 2 .*share memory"),
+    "freed-after-fallback": (lambda: [_sparse(torch.float32, True), _freed_view()],
+                             r"gradient 1 .*beyond the memory of its storage"),
+    "expanded-complex-after-kernels": (lambda: [torch.ones(4), torch.full((1,), 7.0 + 1j).expand(3)],
+                                       r"gradient 1 .*share memory"),
+}
+_WRITERS = {
+    "clip_grad_norm_": lambda ps: fastclip.clip_grad_norm_(ps, 0.1),
+    "clip_grad_norm_-error_if_nonfinite": lambda ps: fastclip.clip_grad_norm_(ps, 0.1, error_if_nonfinite=True),
+    "clip_grads_with_norm_": lambda ps: fastclip.clip_grads_with_norm_(ps, 0.1, torch.tensor(5.0)),
+    "clip_grad_value_": lambda ps: fastclip.clip_grad_value_(ps, 0.1),
+}
+
+
+@pytest.mark.parametrize("writer", list(_WRITERS), ids=list(_WRITERS))
+@pytest.mark.parametrize("case", list(_UNWRITABLE), ids=list(_UNWRITABLE))
+def test_split_path_refuses_unwritable_gradient_before_writing(case, writer, fresh_warnings):
+    # The split path writes its parts one after the other: a gradient that a
+    # later part refuses must stop the call before any part is written.
+    build, match = _UNWRITABLE[case]
+    grads = build()
+    if writer == "clip_grad_value_" and grads[-1].is_complex():
+        pytest.skip("complex gradients are refused by clip_grad_value_'s own check")
+    params = []
+    for g in grads:  # the gradients themselves (make_params would clone them whole)
+        params.append(torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype)))
+        params[-1].grad = g
+    writable = grads[:-1]
+    before = [g.to_dense().clone() for g in writable]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's once-only notice
+        with pytest.raises(RuntimeError, match=match):
+            _WRITERS[writer](params)
+    for g, b in zip(writable, before):
+        assert_identical(g.to_dense(), b)
+
+
+@pytest.mark.parametrize("writer", list(_WRITERS), ids=list(_WRITERS))
+def test_op_errors_name_the_parameter_not_the_op_list(writer):
+    # The op sees only the gradients that are not None: its "tensors[1]" is
+    # parameters[2] here, and the error says so.
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
+    params[1].grad = torch.ones(4)
+    params[2].grad = torch.full((1,), 7.0).expand(3)
+    with pytest.raises(RuntimeError, match=r": parameters\[2\]\.grad has elements that share memory"):
+        _WRITERS[writer](params)
+    assert torch.equal(params[1].grad, torch.ones(4))
+
+
+def test_non_leaf_grad_warning_is_a_python_warning():
+    # Reading .grad of a non-leaf tensor makes torch warn (TORCH_WARN in
+    # C++, where fastclip reads gradients): a Python warning, as for torch's
+    # clip_grad_norm_, which filters can catch or turn into an error.
+    leaf = torch.ones(3, requires_grad=True)
+    non_leaf = leaf * 2.0
+    non_leaf.sum().backward()
+    leaf_param = torch.nn.Parameter(torch.zeros(2))
+    leaf_param.grad = torch.full((2,), 4.0)
+    with pytest.warns(UserWarning, match="not a leaf Tensor"):
+        fastclip.clip_grad_norm_([leaf_param, non_leaf], 1.0)
+    torch.testing.assert_close(leaf_param.grad, torch.full((2,), 1.0 / math.sqrt(2.0)), rtol=1e-6, atol=0)
+    before = leaf_param.grad.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="not a leaf Tensor"):
+            fastclip.clip_grad_norm_([leaf_param, non_leaf], 0.1)
+    assert_identical(leaf_param.grad, before)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-call", "split-path"])
+def test_error_if_nonfinite_decides_on_the_float64_norm(split, fresh_warnings):
+    # Gradients whose norm (4.2e38) is finite but beyond float32's range:
+    # clipped, the norm returned as inf, and no error, whether the list goes
+    # to the fused op (fp32) or through the split path (complex64, norms in
+    # float64 by the fallback), which decided on the float32 norm and
+    # raised. (A kernel part's norm on the split path is the op's float32
+    # one: see test_split_path_fp64_beyond_float32_range.)
+    if split:
+        grads = [torch.full((2,), 3e38 + 0j, dtype=torch.complex64), torch.ones(3)]
+    else:
+        grads = [torch.full((2,), 3e38)]
+    params = make_params(grads)
+    norm = ref_norm(grads)
+    assert torch.isfinite(norm) and norm > torch.finfo(torch.float32).max
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's once-only notice
+        total = fastclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    assert torch.isinf(total)
+    coef = ref_coef(1.0, norm).to(torch.float32)  # float32 products, as the kernels and the fallback make them
+    for p, g in zip(params, grads):
+        assert_identical(p.grad, g.clone().mul_(coef))
 
 
 @pytest.mark.parametrize("flag", [1, "yes", torch.tensor(True), 0, ""])
@@ -828,6 +934,22 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(fastclip.clip_grad_norm_, fullgraph=True)
     total = compiled(params, 0.1)
     expected = fastclip.clip_grad_norm_(eager_params, 0.1)
+    assert_same_bits(total, expected)
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_torch_compile_fullgraph_split_path_matches_eager(fresh_warnings):
+    # A complex gradient sends the list through the split path (kernels and
+    # plain PyTorch); its checks before writing are skipped while dynamo
+    # traces (torch.is_inference_mode_enabled() breaks a graph).
+    torch._dynamo.reset()
+    grads = [torch.linspace(-2.0, 3.0, 40), torch.complex(torch.ones(6), torch.linspace(0.0, 1.0, 6))]
+    params, eager_params = make_params(grads), make_params(grads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's once-only notice
+        total = torch.compile(fastclip.clip_grad_norm_, fullgraph=True)(params, 0.1)
+        expected = fastclip.clip_grad_norm_(eager_params, 0.1)
     assert_same_bits(total, expected)
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
