@@ -42,34 +42,52 @@ __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_
 
 
 # ----------------------------------------------------------------- checks
-def _norm_type(norm_type) -> float:
+def _as_float(value, name: str, what: str) -> float:
+    """float(value), or the error float() gives (TypeError for None or a
+    complex number, as torch's functions raise; ValueError for a string that
+    is no number), naming the argument."""
     try:
-        p = float(norm_type)
-    except (TypeError, ValueError):
-        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}") from None
+        return float(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {value!r}") from None
+    except ValueError:
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
+def _norm_type(norm_type) -> float:
+    what = "a positive number or inf"
+    p = _as_float(norm_type, "norm_type", what)
     if not p > 0.0:  # also rejects NaN
-        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
+        raise ValueError(f"norm_type must be {what}, got {norm_type!r}")
     return p
 
 
 def _max_norm(max_norm) -> float:
-    try:
-        value = float(max_norm)
-    except (TypeError, ValueError):
-        raise ValueError(f"max_norm must be a finite number >= 0, got {max_norm!r}") from None
+    what = "a finite number >= 0"
+    value = _as_float(max_norm, "max_norm", what)
     if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"max_norm must be a finite number >= 0, got {max_norm!r}")
+        raise ValueError(f"max_norm must be {what}, got {max_norm!r}")
     return value
 
 
 def _clip_value(clip_value) -> float:
-    try:
-        value = float(clip_value)
-    except (TypeError, ValueError):
-        raise ValueError(f"clip_value must be a number >= 0, got {clip_value!r}") from None
+    what = "a number >= 0"
+    value = _as_float(clip_value, "clip_value", what)
     if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"clip_value must be a number >= 0, got {clip_value!r}")
+        raise ValueError(f"clip_value must be {what}, got {clip_value!r}")
     return value
+
+
+def _total_norm(total_norm) -> Tensor:
+    """clip_grads_with_norm_'s total_norm as a real one-element tensor."""
+    what = "a real number or a real tensor of one element"
+    if not isinstance(total_norm, Tensor):
+        return torch.tensor(_as_float(total_norm, "total_norm", what), dtype=torch.float64)
+    if total_norm.is_complex():
+        raise TypeError(f"total_norm must be {what}, got a {total_norm.dtype} tensor")
+    if total_norm.numel() != 1:
+        raise ValueError(f"total_norm must be {what}, got a tensor of shape {tuple(total_norm.shape)}")
+    return total_norm.reshape(())
 
 
 def _not_a_tensor(items: list, name: str) -> TypeError:
@@ -428,8 +446,7 @@ def clip_grads_with_norm_(
     held = _held(parameters, True, "parameters")
     if isinstance(total_norm, Tensor) and hasattr(total_norm, "to_local"):
         total_norm = total_norm.to_local()  # torch's DTensor norms are replicated
-    if not isinstance(total_norm, Tensor):
-        total_norm = torch.tensor(float(total_norm), dtype=torch.float64)
+    total_norm = _total_norm(total_norm)
     if held is not None and held.one_call:
         _scale_held(held, _coefficient(max_norm, total_norm))
         return

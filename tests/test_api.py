@@ -750,13 +750,24 @@ BAD_INPUTS = [
     ("with_norm max_norm=nan", lambda ps: _with_norm(ps, math.nan), ValueError, "max_norm"),
     ("with_norm max_norm=inf", lambda ps: _with_norm(ps, math.inf), ValueError, "max_norm"),
 ]
-for _bad in [0, 0.0, -1, -math.inf, math.nan, "abc", None]:
+# None and complex numbers are no real number at all: TypeError, as torch's float() raises.
+for _bad, _error in [(0, ValueError), (0.0, ValueError), (-1, ValueError), (-math.inf, ValueError),
+                     (math.nan, ValueError), ("abc", ValueError), (None, TypeError), (2 + 1j, TypeError)]:
     BAD_INPUTS += [
-        (f"clip norm_type={_bad!r}", lambda ps, b=_bad: fastclip.clip_grad_norm_(ps, 1.0, b), ValueError, "norm_type"),
-        (f"total norm_type={_bad!r}", lambda ps, b=_bad: fastclip.get_total_norm(_grads(ps), b), ValueError,
+        (f"clip norm_type={_bad!r}", lambda ps, b=_bad: fastclip.clip_grad_norm_(ps, 1.0, b), _error, "norm_type"),
+        (f"total norm_type={_bad!r}", lambda ps, b=_bad: fastclip.get_total_norm(_grads(ps), b), _error,
          "norm_type"),
-        (f"grad_norms norm_type={_bad!r}", lambda ps, b=_bad: fastclip.grad_norms(ps, b), ValueError, "norm_type"),
+        (f"grad_norms norm_type={_bad!r}", lambda ps, b=_bad: fastclip.grad_norms(ps, b), _error, "norm_type"),
     ]
+BAD_INPUTS += [
+    ("max_norm=None", lambda ps: fastclip.clip_grad_norm_(ps, None), TypeError, "max_norm"),
+    ("clip_value=None", lambda ps: fastclip.clip_grad_value_(ps, None), TypeError, "clip_value"),
+    ("with_norm total_norm=None", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, None), TypeError, "total_norm"),
+    ("with_norm total_norm complex", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, torch.tensor(5.0 + 1j)),
+     TypeError, "total_norm"),
+    ("with_norm total_norm of 2", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, torch.ones(2)), ValueError,
+     "total_norm"),
+]
 BAD_INPUTS += [
     ("clip_value=-1", lambda ps: fastclip.clip_grad_value_(ps, -1.0), ValueError, "clip_value"),
     ("clip_value=nan", lambda ps: fastclip.clip_grad_value_(ps, math.nan), ValueError, "clip_value"),
