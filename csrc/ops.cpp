@@ -54,6 +54,27 @@ void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType devic
   }
 }
 
+namespace {
+// Every element of `t` (numel > 0) lies in its storage's allocation.
+bool within_storage(const at::Tensor& t, const c10::StorageImpl* storage) {
+  if (storage == nullptr || storage->data() == nullptr) return false;
+  int64_t last = t.storage_offset();  // the farthest element, in elements (strides are >= 0)
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return (last + 1) * static_cast<int64_t>(t.element_size()) <= static_cast<int64_t>(storage->nbytes());
+}
+}  // namespace
+
+const char* unwritable_reason(const at::Tensor& t) {
+  if (t.layout() != at::kStrided) return nullptr;
+  if (!c10::InferenceMode::is_enabled() && t.is_inference()) return "inference";
+  if (!t.is_non_overlapping_and_dense() && at::has_internal_overlap(t) == at::MemOverlap::Yes) return "overlap";
+  if (t.numel() > 0 && t.device().type() != c10::DeviceType::Meta &&
+      !within_storage(t, t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl())) {
+    return "storage";
+  }
+  return nullptr;
+}
+
 void check_writable(const char* op, at::TensorList tensors) {
   const bool inference_mode = c10::InferenceMode::is_enabled();
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -114,16 +135,6 @@ void check_coef(const char* op, const at::Tensor& coef, const c10::Device& devic
   TORCH_CHECK(coef.device().is_cpu() || coef.device() == device, op, ": coef is on ",
               coef.device(), " but the tensors are on ", device);
 }
-
-namespace {
-// Every element of `t` (numel > 0) lies in its storage's allocation.
-bool within_storage(const at::Tensor& t, const c10::StorageImpl* storage) {
-  if (storage == nullptr || storage->data() == nullptr) return false;
-  int64_t last = t.storage_offset();  // the farthest element, in elements (strides are >= 0)
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  return (last + 1) * static_cast<int64_t>(t.element_size()) <= static_cast<int64_t>(storage->nbytes());
-}
-}  // namespace
 
 TensorTable::TensorTable(at::TensorList tensors, Access access) {
   // A tensor's data pointer lives in its StorageImpl, a separate object

@@ -24,6 +24,11 @@ void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType devic
 // InferenceMode. ATen refuses both too, but refuses the second only after
 // it has written.
 void check_writable(const char* op, at::TensorList tensors);
+// What check_writable and TensorTable would refuse in `t` (any layout; only
+// dense tensors are checked), or nullptr: "inference", "overlap" (elements
+// that share memory) or "storage" (elements beyond its storage's memory).
+// The Python API's split path asks it of every tensor before writing any.
+const char* unwritable_reason(const at::Tensor& t);
 void check_norm_order(const char* op, double ord);
 void check_max_norm(const char* op, double max_norm);
 void check_clip_value(const char* op, double clip_value);

@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <typeinfo>
 #include <unordered_map>
 #include <vector>
@@ -262,7 +263,7 @@ std::unique_ptr<HeldTensors> hold_with_python_warnings(const pybind11::list& ite
     try {
       held = std::make_unique<HeldTensors>(items, grads, name);
     } catch (...) {
-      handler.set_in_exception();  // one error at a time: its warnings go to stderr
+      handler.set_in_exception();  // one error at a time: a warning a filter would raise is printed instead
       throw;
     }
   } catch (python_error& e) {
@@ -372,6 +373,18 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using fastclip::HeldTensors;
   m.doc() = "fastclip: fused multi-tensor gradient norm and clipping kernels";
+  m.def(
+      "first_unwritable",
+      [](const std::vector<at::Tensor>& tensors) -> std::optional<std::tuple<int64_t, std::string>> {
+        for (size_t i = 0; i < tensors.size(); ++i) {
+          if (const char* why = fastclip::unwritable_reason(tensors[i])) {
+            return std::make_tuple(static_cast<int64_t>(i), std::string(why));
+          }
+        }
+        return std::nullopt;
+      },
+      pybind11::arg("tensors"),
+      "(index, 'inference' | 'overlap' | 'storage') of the first tensor an in-place op would refuse, or None.");
   m.def("single_call_blocker", &fastclip::single_call_blocker, pybind11::arg("tensors"),
         "None if the tensors can go to one fastclip op call, else the reason "
         "('sparse', 'complex', 'dtype', 'devices' or 'subclass').");

@@ -264,15 +264,6 @@ def _coef_for(coef: Tensor, device: torch.device) -> Tensor:
     return coef if coef.device in (device, _CPU) else coef.to(device)
 
 
-def _beyond_storage(t: Tensor) -> bool:
-    """A dense tensor with elements past its storage's memory (a storage
-    resized under it, as FSDP frees parameters)."""
-    if t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta":
-        return False
-    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return (last + 1) * t.element_size() > t.untyped_storage().nbytes()
-
-
 def _refuse_unwritable(tensors: list[Tensor]) -> None:
     """Before the split path writes anything, what any part would refuse:
     one op call checks its whole list before writing, but the parts are
@@ -285,25 +276,26 @@ def _refuse_unwritable(tensors: list[Tensor]) -> None:
     such tensors when the graph runs)."""
     if torch.compiler.is_compiling():
         return
-    inference_ok = torch.is_inference_mode_enabled()
-    for i, t in enumerate(tensors):
-        name = f"gradient {i} (counting non-None gradients)"
-        if not inference_ok and t.is_inference():
-            raise RuntimeError(
-                f"{name} is an inference tensor, and an inplace update to "
-                "an inference tensor outside InferenceMode is not allowed (as in torch); clone() it first or "
-                "call this under torch.inference_mode()"
-            )
-        if t.layout == torch.strided and torch._debug_has_internal_overlap(t) == 1:
-            raise RuntimeError(
-                f"{name} has elements that share memory (an expand()ed view?), so it cannot be written in "
-                "place; clone() it first"
-            )
-        if _beyond_storage(t):
-            raise RuntimeError(
-                f"{name} has elements beyond the memory of its storage "
-                f"({t.untyped_storage().nbytes()} bytes; was it resized or freed?)"
-            )
+    found = _ops.first_unwritable(tensors)
+    if found is None:
+        return
+    i, why = found
+    name = f"gradient {i} (counting non-None gradients)"
+    if why == "inference":
+        raise RuntimeError(
+            f"{name} is an inference tensor, and an inplace update to "
+            "an inference tensor outside InferenceMode is not allowed (as in torch); clone() it first or "
+            "call this under torch.inference_mode()"
+        )
+    if why == "overlap":
+        raise RuntimeError(
+            f"{name} has elements that share memory (an expand()ed view?), so it cannot be written in "
+            "place; clone() it first"
+        )
+    raise RuntimeError(
+        f"{name} has elements beyond the memory of its storage "
+        f"({tensors[i].untyped_storage().nbytes()} bytes; was it resized or freed?)"
+    )
 
 
 def _scale(tensors: list[Tensor], coef: Tensor, one_call: bool) -> None:
