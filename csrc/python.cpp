@@ -274,14 +274,15 @@ std::unique_ptr<HeldTensors> hold_with_python_warnings(const pybind11::list& ite
 }
 
 // The local tensors of a list of DTensors and, for each, the tuple of mesh
-// dimensions that shard it (its Shard placements), plus the mesh; or None
-// when the list is anything else than DTensors whose spec and local tensor
-// are slots, on one mesh, without Partial placements. Python then takes
+// dimensions that shard it (placements of `shard_types`), plus the mesh; or
+// None when the list is anything else than DTensors whose spec and local
+// tensor are slots, on one mesh, with only shard and replicate placements
+// (no Partial, none of an unknown type). Python then takes
 // the list item by item and raises its errors. Reading these attributes
 // from Python costs ~1 us per DTensor (placements hash in Python).
 std::optional<std::tuple<pybind11::list, pybind11::list, pybind11::object>> unwrap_dtensors(
-    const pybind11::list& items, const pybind11::handle& dtensor_type, const pybind11::handle& shard_type,
-    const pybind11::handle& partial_type) {
+    const pybind11::list& items, const pybind11::handle& dtensor_type, const pybind11::handle& shard_types,
+    const pybind11::handle& replicate_type, const pybind11::handle& partial_type) {
   constexpr size_t kMaxMeshDims = 63;  // sharded dimensions as bits of a mask
   // Interned once (kept for the life of the process).
   static const struct {
@@ -296,9 +297,11 @@ std::optional<std::tuple<pybind11::list, pybind11::list, pybind11::object>> unwr
     if (value == nullptr) PyErr_Clear();
     return pybind11::reinterpret_steal<pybind11::object>(value);
   };
+  // Anything but a shard-like or replicated placement (Partial, a type
+  // this code does not know) goes to the Python loop, which raises.
   struct PlacementKind {
     bool shard;
-    bool partial;
+    bool known;
   };
   std::unordered_map<PyTypeObject*, PlacementKind> kinds;  // decided once per placement type
   std::unordered_map<uint64_t, pybind11::tuple> keys_by_mask;
@@ -334,12 +337,14 @@ std::optional<std::tuple<pybind11::list, pybind11::list, pybind11::object>> unwr
       PyObject* placement = PyTuple_GET_ITEM(placements.ptr(), d);
       auto kind = kinds.find(Py_TYPE(placement));
       if (kind == kinds.end()) {
-        const int shard = PyObject_IsInstance(placement, shard_type.ptr());
+        const int shard = PyObject_IsInstance(placement, shard_types.ptr());  // a tuple of types
+        const int replicate = PyObject_IsInstance(placement, replicate_type.ptr());
         const int partial = PyObject_IsInstance(placement, partial_type.ptr());
-        if (shard < 0 || partial < 0) throw pybind11::error_already_set();
-        kind = kinds.emplace(Py_TYPE(placement), PlacementKind{shard == 1, partial == 1}).first;
+        if (shard < 0 || replicate < 0 || partial < 0) throw pybind11::error_already_set();
+        const bool known = partial != 1 && (shard == 1 || replicate == 1);
+        kind = kinds.emplace(Py_TYPE(placement), PlacementKind{shard == 1, known}).first;
       }
-      if (kind->second.partial) return std::nullopt;
+      if (!kind->second.known) return std::nullopt;
       if (kind->second.shard) mask |= uint64_t{1} << d;
     }
     auto key = keys_by_mask.find(mask);
@@ -406,7 +411,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("clip_", &HeldTensors::clip_, pybind11::arg("max_norm"), pybind11::arg("ord"),
            pybind11::arg("error_if_nonfinite"));
   m.def("unwrap_dtensors", &fastclip::unwrap_dtensors, pybind11::arg("items"), pybind11::arg("dtensor_type"),
-        pybind11::arg("shard_type"), pybind11::arg("partial_type"),
+        pybind11::arg("shard_types"), pybind11::arg("replicate_type"), pybind11::arg("partial_type"),
         "(local tensors, sharded mesh dims of each, mesh) of a list of DTensors on one mesh, or None.");
   m.def("build_info", &fastclip::build_info, "How this extension was built.");
 }

@@ -102,6 +102,27 @@ class Sharding:
     keys: list
 
 
+def _placement_types() -> tuple[tuple, type, type]:
+    """(the placement types that shard a mesh dimension, Replicate, Partial).
+
+    ``_StridedShard`` (FSDP2's placement on the data-parallel dimension of
+    tensor-parallel weights) is not a ``Shard`` subclass and its
+    ``is_shard()`` is False, but its shards hold disjoint elements as
+    ``Shard``'s do (found in review: it was counted as replicated, so the
+    norm was wrong and differed between ranks).
+    """
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    shards: tuple = (Shard,)
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # a torch without it
+        _StridedShard = None
+    if _StridedShard is not None and not issubclass(_StridedShard, Shard):
+        shards += (_StridedShard,)
+    return shards, Replicate, Partial
+
+
 def has_dtensor(tensors: Sequence[Tensor]) -> bool:
     DTensor = _dtensor_type()
     return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
@@ -120,16 +141,17 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
         # The common list (DTensors on one mesh, no Partial) read in C++:
         # ~1 us per DTensor less, most of it hashing placements in Python.
         # Not while tracing: the C++ function is opaque to dynamo.
-        from torch.distributed.tensor import Partial, Shard
-
         from . import _ops
 
-        fast = _ops.unwrap_dtensors(tensors if isinstance(tensors, list) else list(tensors), DTensor, Shard, Partial)
+        shards, replicate, partial = _placement_types()
+        items = tensors if isinstance(tensors, list) else list(tensors)
+        fast = _ops.unwrap_dtensors(items, DTensor, shards, replicate, partial)
         if fast is not None:
             locals_, keys, mesh = fast
             if mesh.get_coordinate() is None:
                 raise ValueError(f"{name}: this process is not part of the DTensors' device mesh {mesh}")
             return locals_, Sharding(mesh, keys)
+    shards, replicate, _ = _placement_types()
     mesh = None
     locals_, keys = [], []
     key_of: dict = {}  # placements -> sharded mesh dims: lists repeat a few placements
@@ -159,7 +181,14 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
                     f"{name}[{i}] has a Partial placement {placements}: its shards are pending a "
                     "reduction, so their norms do not add up; redistribute it first"
                 )
-            key = key_of[placements] = tuple(d for d, p in enumerate(placements) if p.is_shard())
+            unknown = [p for p in placements if not isinstance(p, shards + (replicate,))]
+            if unknown:
+                raise ValueError(
+                    f"{name}[{i}] has a placement fastclip does not know, {unknown[0]!r} (in {placements}): "
+                    "it cannot tell whether its shards hold different elements; redistribute it to "
+                    "Shard or Replicate first"
+                )
+            key = key_of[placements] = tuple(d for d, p in enumerate(placements) if isinstance(p, shards))
         locals_.append(local)
         keys.append(key)
     if mesh.get_coordinate() is None:
@@ -181,7 +210,9 @@ def _all_reduce(values: Tensor, op_max: bool, group) -> Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
         return values
     # MAX with the NaN flags in the same buffer: one collective.
-    flagged = torch.cat([torch.nan_to_num(values, nan=0.0), torch.isnan(values).to(values.dtype)])
+    # nan_to_num would also turn +-inf into the largest finite double: keep them.
+    finite_nan = torch.nan_to_num(values, nan=0.0, posinf=math.inf, neginf=-math.inf)
+    flagged = torch.cat([finite_nan, torch.isnan(values).to(values.dtype)])
     dist.all_reduce(flagged, op=dist.ReduceOp.MAX, group=group)
     count = values.numel()
     return torch.where(flagged[count:] > 0, torch.full_like(values, math.nan), flagged[:count])
@@ -195,8 +226,9 @@ def _over_mesh(values: Tensor, keys: list, sharding: Optional[Sharding], op_max:
     for dim in sorted({d for key in keys for d in key}):
         if not op_max and coordinate[dim] != 0:
             # Replicated on this dimension: the copy at coordinate 0 counts for all.
-            keep = torch.tensor([dim in key for key in keys], device="cpu")
-            if not bool(keep.all()):  # a host-side list: no device read
+            kept = [dim in key for key in keys]
+            if not all(kept):  # decided on the host list (no tensor read, no graph break when compiled)
+                keep = torch.tensor(kept, device="cpu")
                 if values.device.type != "cpu":
                     keep = keep.pin_memory()  # so that the copy below does not wait for the stream
                 values = torch.where(keep.to(values.device, non_blocking=True), values, torch.zeros_like(values))

@@ -84,12 +84,13 @@ def hold(items: list, grads: bool, name: str):
     return _C.HeldTensors(items, grads, name)
 
 
-def unwrap_dtensors(items: list, dtensor_type, shard_type, partial_type):
+def unwrap_dtensors(items: list, dtensor_type, shard_types: tuple, replicate_type, partial_type):
     """``(locals, keys, mesh)`` of DTensors on one mesh read in C++, or None
-    (no extension, or a list Python must take item by item)."""
+    (no extension, or a list Python must take item by item: other meshes,
+    Partial or unknown placements)."""
     if _C is None or not hasattr(_C, "unwrap_dtensors"):
         return None
-    return _C.unwrap_dtensors(items, dtensor_type, shard_type, partial_type)
+    return _C.unwrap_dtensors(items, dtensor_type, shard_types, replicate_type, partial_type)
 
 
 def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:

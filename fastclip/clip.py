@@ -140,6 +140,9 @@ def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
 
 
 # ---------------------------------------------------------------- routing
+_PLAIN_DISPATCH = Tensor.__torch_dispatch__
+
+
 def _python_blocker(tensors: list[Tensor]) -> Optional[str]:
     device = tensors[0].device
     for t in tensors:
@@ -151,6 +154,10 @@ def _python_blocker(tensors: list[Tensor]) -> Optional[str]:
             return "dtype"
         if t.device != device:
             return "devices"
+        if type(t).__torch_dispatch__ is not _PLAIN_DISPATCH:
+            # DTensor and other __torch_dispatch__ subclasses, as the C++
+            # check (found in review: compiled DTensor lists reached the ops).
+            return "subclass"
     return None
 
 
@@ -436,8 +443,12 @@ def clip_grads_with_norm_(
     del foreach
     max_norm = _max_norm(max_norm)
     held = _held(parameters, True, "parameters")
-    if isinstance(total_norm, Tensor) and hasattr(total_norm, "to_local"):
-        total_norm = total_norm.to_local()  # torch's DTensor norms are replicated
+    if isinstance(total_norm, Tensor) and hasattr(total_norm, "full_tensor"):
+        # A DTensor: its full value (no communication when it is replicated,
+        # as fastclip's and torch's total norms are; a Partial one, such as
+        # vector_norm of a sharded gradient, is reduced first, as torch's
+        # DTensor arithmetic does; found in review: each rank used its own part).
+        total_norm = total_norm.full_tensor()
     total_norm = _total_norm(total_norm)
     if held is not None and held.one_call:
         _scale_held(held, _coefficient(max_norm, total_norm))

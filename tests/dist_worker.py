@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 import fastclip
 
@@ -219,18 +220,112 @@ def nonfinite_same_decision(rank: int, world: int) -> None:
                 assert not math.isfinite(float(opt.last_norm))
                 if math.isnan(bad):  # a NaN coefficient reaches every rank's parameters
                     assert all(torch.isnan(p).all() for p in params)
-        params = params_of([full[i] for i in mine])
-        if rank == 1:
-            params[0].grad.view(-1)[0] = bad
-        grads = [p.grad.clone() for p in params]
-        try:
-            fastclip.clip_grad_norm_(params, MAX_NORM, error_if_nonfinite=True, process_group=dist.group.WORLD)
-        except RuntimeError as error:
-            assert "non-finite" in str(error), error
-            for g, p in zip(grads, params):  # nothing was modified
-                torch.testing.assert_close(p.grad, g, rtol=0.0, atol=0.0, equal_nan=True)
-        else:
-            raise AssertionError("error_if_nonfinite did not raise on this rank")
+        mesh = init_device_mesh("cpu", (world,))
+        for ord in ORDS:  # inf too: its all_reduce(MAX) kept NaN but turned inf finite (found in review)
+            for dtensors in (False, True):
+                what = f"bad={bad} ord={ord} dtensors={dtensors}"
+                if dtensors:
+                    grads = [distribute_tensor(g, mesh, [Shard(0)]) for g in full]
+                    if rank == 1:
+                        grads[2].to_local().view(-1)[0] = bad
+                    group = None
+                else:
+                    grads = [full[i].clone() for i in mine]
+                    if rank == 1:
+                        grads[0].view(-1)[0] = bad
+                    group = dist.group.WORLD
+                params = params_of(grads)
+                before = [p.grad.to_local().clone() if dtensors else p.grad.clone() for p in params]
+                for call in (
+                    lambda: fastclip.clip_grad_norm_(params, MAX_NORM, ord, error_if_nonfinite=True, process_group=group),
+                    lambda: fastclip.get_total_norm([p.grad for p in params], ord, error_if_nonfinite=True,
+                                                    process_group=group),
+                ):
+                    try:
+                        call()
+                    except RuntimeError as error:
+                        assert "non-finite" in str(error), f"{what}: {error}"
+                    else:
+                        raise AssertionError(f"{what}: error_if_nonfinite did not raise on this rank")
+                for b, p in zip(before, params):  # nothing was modified
+                    after = p.grad.to_local() if dtensors else p.grad
+                    torch.testing.assert_close(after, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+def strided_shards(rank: int, world: int) -> None:
+    """_StridedShard (FSDP2 over tensor parallelism puts it on the data-parallel
+    dimension) shards its mesh dimension as Shard does; it is no Shard
+    subclass and its is_shard() is False, and it was counted as replicated
+    (found in review: wrong norms, different on each rank)."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    gen = torch.Generator().manual_seed(3)
+    layouts = [[_StridedShard(0, split_factor=world // 2), Shard(0)], [Shard(0), Shard(1)], [Shard(0), Replicate()]]
+    grads = [distribute_tensor(torch.randn(8, 4, generator=gen) * (i + 1), mesh, layouts[i % 3]) for i in range(6)]
+    dense = [g.full_tensor() for g in grads]
+    assert dense[0].shape == (8, 4)
+    for ord in ORDS:
+        expected = ref_norm(dense, ord)
+        assert_norm(fastclip.get_total_norm(grads, ord), expected, f"strided ord={ord}")
+        params = params_of(grads)
+        _, each = fastclip.grad_norms(params, ord)
+        for j, d in enumerate(dense):
+            assert_norm(each[j], ref_norm([d], ord), f"strided grad_norms[{j}] ord={ord}")
+        norm = fastclip.clip_grad_norm_(params, MAX_NORM, ord)
+        assert_norm(norm, expected, f"strided clip ord={ord}")
+        for p, d in zip(params, dense):
+            assert_scaled(p.grad.full_tensor(), d, ref_coef(expected), f"strided clipped ord={ord}")
+    if world == 4:  # a real model: tensor parallel on "tp", FSDP2 on "dp"
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        fully_shard(model, mesh=mesh["dp"])
+        assert any(isinstance(q, _StridedShard) for p in model.parameters() for q in p.placements)
+        torch.manual_seed(1)
+        model(torch.randn(3, 4)).pow(2).sum().backward()
+        grads = [p.grad for p in model.parameters()]
+        expected = ref_norm([g.full_tensor() for g in grads], 2.0)
+        assert_norm(fastclip.get_total_norm(grads), expected, "fsdp2 + tp")
+
+
+def partial_total_norm(rank: int, world: int) -> None:
+    """clip_grads_with_norm_ given a DTensor norm that is not replicated
+    (vector_norm of a sharded gradient is Partial) uses its full value, as
+    torch does (found in review: each rank took its own part)."""
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(1.0, 4.0 * world + 1.0)
+    for clip in (torch.nn.utils.clip_grads_with_norm_, fastclip.clip_grads_with_norm_):
+        grad = distribute_tensor(full, mesh, [Shard(0)])
+        total = torch.linalg.vector_norm(grad)
+        assert total.placements[0].is_partial(), total.placements
+        params = params_of([grad])
+        clip(params, MAX_NORM, total)
+        expected = ref_coef(float(full.double().norm()))
+        assert_scaled(params[0].grad.full_tensor(), full, expected, f"{clip.__module__} partial total_norm")
+
+
+def compiled_dtensors(rank: int, world: int) -> None:
+    """torch.compile(fullgraph=True) of clip_grad_norm_ over DTensor gradients
+    (found in review: the traced list reached the op, which has no sharding
+    strategy) and with process_group="""
+    mesh = init_device_mesh("cpu", (world,))
+    full = full_list(torch.float32, seed=4)[:4]
+    expected = ref_norm(full, 2.0)
+    torch._dynamo.reset()
+    params = params_of([distribute_tensor(g, mesh, [Shard(0)]) for g in full])
+    norm = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, MAX_NORM), fullgraph=True)(params)
+    assert_norm(norm, expected, "compiled DTensor clip")
+    for p, g in zip(params, full):
+        assert_scaled(p.grad.full_tensor(), g, ref_coef(expected), "compiled DTensor clipped")
+    mine = [i for i in range(len(full)) if i % world == rank]
+    params = params_of([full[i] for i in mine])
+    group = dist.group.WORLD
+    norm = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, MAX_NORM, process_group=group), fullgraph=True)(params)
+    assert_norm(norm, expected, "compiled process_group clip")
+    for p, i in zip(params, mine):
+        assert_scaled(p.grad, full[i], ref_coef(expected), "compiled process_group clipped")
 
 
 def wrapper_over_fsdp2(rank: int, world: int) -> None:
@@ -291,7 +386,13 @@ def unwrap_paths_agree(rank: int, world: int) -> None:
     from fastclip import _distributed, _ops
 
     mesh = init_device_mesh("cpu", (2, world // 2))
-    mixes = [[Shard(0), Replicate()], [Replicate(), Shard(0)], [Replicate(), Replicate()], [Shard(0), Shard(1)]]
+    mixes = [
+        [Shard(0), Replicate()],
+        [Replicate(), Shard(0)],
+        [Replicate(), Replicate()],
+        [Shard(0), Shard(1)],
+        [_StridedShard(0, split_factor=world // 2), Shard(0)],
+    ]
     tensors = [distribute_tensor(torch.ones(8, 4) * (i + 1), mesh, p) for i, p in enumerate(mixes * 3)]
     fast_locals, fast = _distributed.unwrap(tensors)
     cpp = _ops.unwrap_dtensors
@@ -300,11 +401,12 @@ def unwrap_paths_agree(rank: int, world: int) -> None:
         slow_locals, slow = _distributed.unwrap(tensors)
     finally:
         _ops.unwrap_dtensors = cpp
-    assert cpp(tensors, DTensor, Shard, Partial) is not None, "the C++ path declined a plain DTensor list"
+    shards, replicate, partial = _distributed._placement_types()
+    assert cpp(tensors, DTensor, shards, replicate, partial) is not None, "the C++ path declined a plain DTensor list"
     assert fast.keys == slow.keys, (fast.keys, slow.keys)
     assert fast.mesh is slow.mesh
     assert all(f is s for f, s in zip(fast_locals, slow_locals)) and len(fast_locals) == len(slow_locals)
-    assert fast.keys[:4] == [(0,), (1,), (), (0, 1)], fast.keys
+    assert fast.keys[:5] == [(0,), (1,), (), (0, 1), (0, 1)], fast.keys
 
 
 SCENARIOS = {
@@ -319,6 +421,9 @@ SCENARIOS = {
         wrapper_over_fsdp2,
         bad_groups,
         unwrap_paths_agree,
+        strided_shards,
+        partial_total_norm,
+        compiled_dtensors,
     )
 }
 
