@@ -27,8 +27,9 @@ Non-finite gradients (``nonfinite=``):
                    parameter (by name when the optimizer was built from
                    ``named_parameters()``) before anything is modified; one
                    host read per step.
-  ``"propagate"``  exactly torch's ``clip_grad_norm_`` then ``step()``: the
-                   NaN/inf spreads into the update. No host read.
+  ``"propagate"``  torch's ``clip_grad_norm_`` then ``step()`` (up to the
+                   rounding of the norm, which fastclip accumulates in
+                   float64): the NaN/inf spreads into the update. No host read.
 
 AMP: under ``torch.amp.GradScaler`` the wrapper takes the scaler's
 ``grad_scale``/``found_inf`` when the inner optimizer is fused (the scaler
@@ -60,12 +61,10 @@ _SCALE_ATTRS = ("grad_scale", "found_inf")
 
 
 def _positive_max_norm(max_norm) -> float:
-    try:
-        value = float(max_norm)
-    except (TypeError, ValueError):
-        raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}") from None
+    what = "a finite number > 0"
+    value = _clip._as_float(max_norm, "max_norm", what)  # TypeError for None, as torch's float()
     if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+        raise ValueError(f"max_norm must be {what}, got {max_norm!r}")
     return value
 
 
@@ -108,10 +107,15 @@ class ClippedOptimizer(torch.optim.Optimizer):
             norm is global and every rank takes the same decision. DTensor
             parameters (FSDP2) are reduced over their mesh without it.
 
-    After each step, ``last_norm`` is the total gradient norm before clipping
-    (float32 device tensor, the value torch's ``clip_grad_norm_`` returns) and
-    ``last_clip_coef`` the coefficient ``min(1, max_norm / (norm + 1e-6))``
-    computed from it; ``skipped_steps`` counts skipped steps (int64 device tensor).
+    ``last_norm`` is the total gradient norm before clipping of the last
+    step (float32 device tensor; what torch's ``clip_grad_norm_`` returns,
+    accumulated in float64), ``last_clip_coef`` the coefficient
+    ``min(1, max_norm / (norm + 1e-6))`` (computed from the float64 norm)
+    and ``skipped_steps`` counts the steps this wrapper skipped (int64
+    device tensor). They are 0, 1 and 0 before the first step, and the same
+    tensors are updated in place by every step (``clone()`` a value to
+    keep it): dynamo drops attribute assignments made inside an
+    optimizer's compiled ``step``, but keeps in-place updates.
     """
 
     def __init__(
@@ -134,9 +138,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.nonfinite = _policy(nonfinite)
         self.process_group = process_group
         _clip._distributed.groups_of(process_group)  # validated now, read again at each step
-        self.last_norm: Optional[Tensor] = None
-        self.last_clip_coef: Optional[Tensor] = None
-        self.skipped_steps: Optional[Tensor] = None
+        device = next((p.device for group in optimizer.param_groups for p in group["params"]), torch.device("cpu"))
+        self._new_logs(device)
         # The hook tables and the step patch Optimizer.__init__ would set up;
         # param_groups/state/defaults stay the inner optimizer's (properties below).
         self.__setstate__({})
@@ -249,9 +252,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
             held = None
             if len(grads) == 0 and not groups:
                 # No gradient: the norm torch's clip_grad_norm_ returns for none.
-                device = self.last_norm.device if self.last_norm is not None else torch.device("cpu")
-                self.last_norm = torch.zeros((), device=device)
-                self.last_clip_coef = torch.ones((), device=device)
+                self.last_norm.zero_()
+                self.last_clip_coef.fill_(1.0)
                 self.optimizer.step()
                 return loss
         divisor, scaler_found = self._incoming_scale()
@@ -283,11 +285,18 @@ class ClippedOptimizer(torch.optim.Optimizer):
             divisor = torch.tensor(float(divisor), dtype=torch.float32)
         return divisor, found
 
+    def _new_logs(self, device: torch.device) -> None:
+        self.last_norm = torch.zeros((), device=device)
+        self.last_clip_coef = torch.ones((), device=device)
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+
     def _record(self, norm: Tensor, coef: Tensor) -> None:
-        self.last_norm = norm
-        self.last_clip_coef = coef.float()
-        if self.skipped_steps is None or self.skipped_steps.device != norm.device:
-            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=norm.device)
+        if self.last_norm.device != norm.device:  # the parameters moved (the count moves with them)
+            skipped = self.skipped_steps.to(norm.device)
+            self._new_logs(norm.device)
+            self.skipped_steps.copy_(skipped)
+        self.last_norm.copy_(norm)
+        self.last_clip_coef.copy_(coef)
 
     def _check_finite(self, found: Tensor, policy: str) -> bool:
         """One host read of the flag; raise under "error". True when the step may go on."""
@@ -295,7 +304,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             return True
         if policy == "error":
             raise RuntimeError(self._nonfinite_message())
-        self.skipped_steps += 1
+        self.skipped_steps.add_(1)
         return False
 
     def _nonfinite_message(self) -> str:
@@ -316,23 +325,30 @@ class ClippedOptimizer(torch.optim.Optimizer):
             "overflows float32; nothing was modified."
         )
 
+    def _stateless(self, group: dict) -> bool:
+        """SGD without momentum keeps no state for the group's parameters: a
+        step skipped through ``found_inf`` leaves nothing behind, so even a
+        first step can be skipped on the device."""
+        return isinstance(self.optimizer, torch.optim.SGD) and group.get("momentum", 0) == 0
+
     def _has_state(self) -> bool:
-        """True when every parameter with a gradient has optimizer state.
+        """True when every parameter with a gradient has optimizer state or
+        never gets any (a group of SGD without momentum).
 
         torch's fused SGD allocates its momentum buffers uninitialized on the
         first step and keeps them even when ``found_inf`` skips the update, so
         a first step is never skipped on the device.
         """
+        groups = self.optimizer.param_groups
         state = self.optimizer.state
-        if len(state) >= sum(len(group["params"]) for group in self.optimizer.param_groups):
-            return all(state.values())  # every parameter has an entry: no per-parameter lookups
-        return all(p.grad is None or bool(state.get(p)) for group in self.optimizer.param_groups for p in group["params"])
-
-    def _keeps_no_state(self) -> bool:
-        """SGD without momentum: a step skipped through ``found_inf`` leaves no
-        state behind, so even a first step can be skipped on the device."""
-        inner = self.optimizer
-        return isinstance(inner, torch.optim.SGD) and all(g.get("momentum", 0) == 0 for g in inner.param_groups)
+        stateful = [group for group in groups if not self._stateless(group)]
+        need = sum(len(group["params"]) for group in stateful)
+        # Counted without per-parameter lookups (found in review: SGD groups
+        # with and without momentum never passed a per-entry check, so every
+        # step read a flag back): only stateful groups' parameters get state.
+        if len(state) >= need and sum(map(bool, state.values())) >= need:
+            return True
+        return all(p.grad is None or bool(state.get(p)) for group in stateful for p in group["params"])
 
     def _fused_step(self, coef: Tensor, divisor: Optional[Tensor], found: Tensor, policy: str) -> None:
         inner = self.optimizer
@@ -343,7 +359,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             divisor = prior if divisor is None else divisor.to(coef.device, torch.float64) * prior
         if "found_inf" in saved:
             found = torch.maximum(found, (saved["found_inf"].to(found.device) > 0).float())
-        on_device = policy == "skip" and (self._keeps_no_state() or self._has_state())
+        on_device = policy == "skip" and self._has_state()
         if not on_device and not self._check_finite(found, policy):
             return
         total = 1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef
@@ -351,7 +367,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             inner.grad_scale = total.float()
             if on_device:
                 inner.found_inf = found
-                self.skipped_steps += found.to(torch.int64)
+                self.skipped_steps.add_(found.to(torch.int64))
             else:
                 inner.__dict__.pop("found_inf", None)
             inner.step()

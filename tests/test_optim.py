@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastclip
-from testing import DEVICE_PARAMS, HAS_CUDA, dtype_id, ref_coef, ref_norm
+from testing import DEVICE_PARAMS, HAS_CUDA, assert_same_bits, dtype_id, ref_coef, ref_norm
 
 MAX_NORM = 1.0
 STEPS = 20
@@ -497,6 +497,86 @@ def test_closure_is_evaluated_once_before_clipping():
     assert float(opt.last_norm) > MAX_NORM
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_fused_sgd_groups_with_and_without_momentum_skip_on_the_device(device, monkeypatch):
+    """Groups without momentum never get state: once the others have it, no
+    step reads a flag back (found in review: every step did)."""
+    model = _model(torch.float32, device)
+    params = list(model.parameters())
+    inner = torch.optim.SGD(
+        [{"params": params[:2], "momentum": 0.9}, {"params": params[2:], "momentum": 0.0}], lr=1e-2, fused=True
+    )
+    opt = fastclip.ClippedOptimizer(inner, max_norm=MAX_NORM)
+    batches = _batches(torch.float32, device, 3)
+    _loss(model, batches[0]).backward()
+    opt.step()  # the first step creates the momentum buffers (read back: see the README)
+    opt.zero_grad()
+    for batch, bad in ((batches[1], math.nan), (batches[2], None)):
+        before = _param_bits(model)
+        _loss(model, batch).backward()
+        if bad is not None:
+            _inject(model, bad)
+        _step_without_host_reads(opt, monkeypatch)
+        if bad is not None:
+            _assert_bits_equal(before, model)
+        opt.zero_grad()
+    assert int(opt.skipped_steps) == 1
+
+
+def _compiled_run(cls, kwargs, compiled: bool):
+    model = _model(torch.float32, "cpu")
+    opt = fastclip.ClippedOptimizer(cls(model.parameters(), **kwargs), max_norm=MAX_NORM)
+    logs = (opt.last_norm, opt.last_clip_coef, opt.skipped_steps)
+    step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+    norms, coefs, skipped = [], [], []
+    for i, batch in enumerate(_batches(torch.float32, "cpu", 4)):
+        _loss(model, batch).backward()
+        if i == 2:
+            _inject(model, math.nan)
+        step()
+        opt.zero_grad()
+        norms.append(opt.last_norm.clone())
+        coefs.append(opt.last_clip_coef.clone())
+        skipped.append(int(opt.skipped_steps))
+    assert all(a is b for a, b in zip(logs, (opt.last_norm, opt.last_clip_coef, opt.skipped_steps)))
+    return _param_bits(model), norms, coefs, skipped
+
+
+COMPILED = [row for row in OPTIMIZERS if row[0] in ("adam-fused", "sgd-foreach", "adamw-loop")]
+
+
+@pytest.mark.parametrize("name,cls,kwargs", COMPILED, ids=[row[0] for row in COMPILED])
+def test_compiled_step_matches_eager(name, cls, kwargs):
+    """torch.compile of the wrapper's step (dynamo, eager backend): the same
+    parameters and logs as eager, a NaN step skipped. Dynamo drops attribute
+    assignments inside an optimizer's compiled step, so the logs are updated
+    in place (found in review: the second compiled step crashed on a
+    skipped_steps that was never set)."""
+    torch._dynamo.reset()
+    eager = _compiled_run(cls, kwargs, compiled=False)
+    compiled = _compiled_run(cls, kwargs, compiled=True)
+    # The first norm comes from the same parameters; later ones may differ
+    # in the last bits, as dynamo traces torch's single-tensor optimizers
+    # through other arithmetic (tensor bias corrections) than eager runs.
+    assert_same_bits(compiled[1][0], eager[1][0])
+    for e, c in zip(eager[0] + eager[1] + eager[2], compiled[0] + compiled[1] + compiled[2]):
+        torch.testing.assert_close(c, e, **PARAM_TOL[torch.float32], equal_nan=True)
+    assert eager[3] == compiled[3] == [0, 0, 1, 1]
+    assert math.isnan(float(compiled[1][2])) and float(compiled[1][3]) > MAX_NORM
+
+
+def test_logs_before_the_first_step_and_updated_in_place():
+    model = _model(torch.float32, "cpu")
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
+    norm, coef, skipped = opt.last_norm, opt.last_clip_coef, opt.skipped_steps
+    assert (float(norm), float(coef), int(skipped)) == (0.0, 1.0, 0)
+    assert (norm.dtype, coef.dtype, skipped.dtype) == (torch.float32, torch.float32, torch.int64)
+    _loss(model, _batches(torch.float32, "cpu", 1)[0]).backward()
+    opt.step()
+    assert opt.last_norm is norm and opt.last_clip_coef is coef and opt.skipped_steps is skipped
+    assert float(norm) > MAX_NORM and float(coef) < 1.0
+
+
 def test_step_without_gradients_steps_the_inner_optimizer():
     model = _model(torch.float32, "cpu")
     opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
@@ -532,13 +612,18 @@ def test_order_inf_and_one():
 
 
 # ---------------------------------------------------------------- bad input
-@pytest.mark.parametrize("max_norm", [0.0, -1.0, math.nan, math.inf, "big", None])
-def test_bad_max_norm(max_norm):
+@pytest.mark.parametrize(
+    "max_norm,error",
+    [(0.0, ValueError), (-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("big", ValueError),
+     (None, TypeError), (1j, TypeError)],
+)
+def test_bad_max_norm(max_norm, error):
+    """TypeError where float() gives one (None, complex), as torch's clip_grad_norm_."""
     inner = torch.optim.SGD(_model(torch.float32, "cpu").parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="max_norm"):
+    with pytest.raises(error, match="max_norm"):
         fastclip.ClippedOptimizer(inner, max_norm)
     opt = fastclip.ClippedOptimizer(inner, 2.0)
-    with pytest.raises(ValueError, match="max_norm"):
+    with pytest.raises(error, match="max_norm"):
         opt.max_norm = max_norm
     assert opt.max_norm == 2.0
 
