@@ -274,8 +274,10 @@ void bump_versions(at::TensorList tensors) {
 TORCH_LIBRARY(fastclip, m) {
   // Norm of order `ord` of all tensors seen as one vector (float32, 0-dim,
   // on their device), and, if per_tensor, the norm of each tensor (float32,
-  // shape [len(tensors)]; else shape [0]).
-  m.def("multi_tensor_norm(Tensor[] tensors, float ord, bool per_tensor) -> (Tensor, Tensor)");
+  // shape [len(tensors)]; else shape [0]). fp64: both as float64 instead,
+  // not rounded to float32 (finite beyond its range), for callers that
+  // combine norms further (several devices, processes, a loss scale).
+  m.def("multi_tensor_norm(Tensor[] tensors, float ord, bool per_tensor, bool fp64=False) -> (Tensor, Tensor)");
   // tensors *= coef in place; no memory traffic at all when coef == 1.
   m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
   // tensors = clamp(tensors, -clip_value, clip_value) in place; NaN stays NaN.
@@ -310,10 +312,10 @@ void check_no_grad(const char* op, at::TensorList tensors) {
 }
 
 std::tuple<at::Tensor, at::Tensor> norm_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double ord,
-                                                 bool per_tensor) {
+                                                 bool per_tensor, bool fp64) {
   static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, ord, per_tensor);
+  return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, ord, per_tensor, fp64);
 }
 
 void scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {

@@ -84,7 +84,7 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 }
 
 // The ops' C++ signatures (the schemas are in ops.cpp).
-using NormSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, bool);
+using NormSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, bool, bool);
 using ScaleSig = void(at::TensorList, const at::Tensor&);
 using ClampSig = void(at::TensorList, double);
 using ClipSig = at::Tensor(at::TensorList, double, double, bool);

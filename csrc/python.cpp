@@ -186,11 +186,11 @@ class HeldTensors {
     return out;
   }
 
-  std::tuple<at::Tensor, at::Tensor> norm(double ord, bool per_tensor) const {
+  std::tuple<at::Tensor, at::Tensor> norm(double ord, bool per_tensor, bool fp64) const {
     static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
     require_one_call("norm");
     pybind11::gil_scoped_release no_gil;
-    return named_errors([&] { return op.call(tensors_, ord, per_tensor); });
+    return named_errors([&] { return op.call(tensors_, ord, per_tensor, fp64); });
   }
 
   void scale_(const at::Tensor& coef) const {
@@ -405,7 +405,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              "'subclass', 'no kernels'), or None.")
       .def_property_readonly("device", &HeldTensors::device, "The first tensor's device.")
       .def("tensors", &HeldTensors::tensors, "The tensors as a Python list.")
-      .def("norm", &HeldTensors::norm, pybind11::arg("ord"), pybind11::arg("per_tensor"))
+      .def("norm", &HeldTensors::norm, pybind11::arg("ord"), pybind11::arg("per_tensor"),
+           pybind11::arg("fp64") = false)
       .def("scale_", &HeldTensors::scale_, pybind11::arg("coef"))
       .def("clamp_", &HeldTensors::clamp_, pybind11::arg("clip_value"))
       .def("clip_", &HeldTensors::clip_, pybind11::arg("max_norm"), pybind11::arg("ord"),

@@ -53,11 +53,12 @@ def norms64(tensors: list[Tensor], ord: float) -> tuple[Tensor, Tensor]:
     return combine(each, ord), each
 
 
-def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool, fp64: bool = False) -> tuple[Tensor, Tensor]:
     total, each = norms64(tensors, ord)
     if not per_tensor:
         each = each[:0]
-    return total.to(torch.float32), each.to(torch.float32)
+    dtype = torch.float64 if fp64 else torch.float32
+    return total.to(dtype), each.to(dtype)
 
 
 _DOUBLE = (torch.float64, torch.complex128)

@@ -93,9 +93,10 @@ def unwrap_dtensors(items: list, dtensor_type, shard_types: tuple, replicate_typ
     return _C.unwrap_dtensors(items, dtensor_type, shard_types, replicate_type, partial_type)
 
 
-def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
-    """Total norm (float32, 0-dim) and, if ``per_tensor``, each tensor's norm."""
-    return torch.ops.fastclip.multi_tensor_norm.default(tensors, float(ord), bool(per_tensor))
+def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool, fp64: bool = False) -> tuple[Tensor, Tensor]:
+    """Total norm (float32, 0-dim) and, if ``per_tensor``, each tensor's norm;
+    float64 and not rounded to float32 with ``fp64``."""
+    return torch.ops.fastclip.multi_tensor_norm.default(tensors, float(ord), bool(per_tensor), bool(fp64))
 
 
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
@@ -121,10 +122,11 @@ def _device_of(tensors: list[Tensor]) -> torch.device:
 if _C is not None:
 
     @torch.library.register_fake("fastclip::multi_tensor_norm")
-    def _multi_tensor_norm_fake(tensors, ord, per_tensor):
+    def _multi_tensor_norm_fake(tensors, ord, per_tensor, fp64=False):
         device = _device_of(tensors)
-        total = torch.empty((), dtype=torch.float32, device=device)
-        each = torch.empty((len(tensors) if per_tensor else 0,), dtype=torch.float32, device=device)
+        dtype = torch.float64 if fp64 else torch.float32
+        total = torch.empty((), dtype=dtype, device=device)
+        each = torch.empty((len(tensors) if per_tensor else 0,), dtype=dtype, device=device)
         return total, each
 
     @torch.library.register_fake("fastclip::multi_tensor_scale_")

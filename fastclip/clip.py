@@ -239,26 +239,30 @@ def _index(indices: list[int], device: torch.device) -> Tensor:
     return index.to(device)
 
 
-def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, per_tensor: bool):
-    """Total norm (float64, on ``first``) and per-tensor norms over all parts."""
+def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, per_tensor: bool, fp64: bool = False):
+    """Total norm (float64, on ``first``) and per-tensor norms (float32, or
+    float64 with ``fp64``) over all parts. Every part's norms are float64,
+    so that none is rounded to float32 before they are combined (an fp64
+    part whose norm is beyond float32's range stays finite)."""
     totals = []
-    each = torch.zeros((n if per_tensor else 0,), dtype=torch.float32, device=first)
+    each = torch.zeros((n if per_tensor else 0,), dtype=torch.float64 if fp64 else torch.float32, device=first)
     for part in parts:
         if part.impl is _fallback:
-            total, part_each = _fallback.norms64(part.tensors, ord)  # keeps norms beyond float32
+            total, part_each = _fallback.norms64(part.tensors, ord)
         else:
-            total, part_each = _ops.multi_tensor_norm(part.tensors, ord, per_tensor)
+            total, part_each = _ops.multi_tensor_norm(part.tensors, ord, per_tensor, fp64=True)
         totals.append(total.to(first, torch.float64))
         if per_tensor:
-            each.index_copy_(0, _index(part.indices, first), part_each.to(first, torch.float32))
+            each.index_copy_(0, _index(part.indices, first), part_each.to(first, each.dtype))
     return _fallback.combine(torch.stack(totals), ord), each
 
 
-def _norms(tensors: list[Tensor], ord: float, per_tensor: bool, one_call: bool) -> tuple[Tensor, Tensor]:
+def _norms(tensors: list[Tensor], ord: float, per_tensor: bool, one_call: bool, fp64: bool = False):
+    """Total and per-tensor norms: float32, or float64 (not rounded) with ``fp64``."""
     if one_call:
-        return _ops.multi_tensor_norm(tensors, ord, per_tensor)
-    total, each = _split_norms(_split(tensors), tensors[0].device, len(tensors), ord, per_tensor)
-    return total.to(torch.float32), each
+        return _ops.multi_tensor_norm(tensors, ord, per_tensor, fp64)
+    total, each = _split_norms(_split(tensors), tensors[0].device, len(tensors), ord, per_tensor, fp64)
+    return (total if fp64 else total.to(torch.float32)), each
 
 
 def _coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
@@ -318,12 +322,12 @@ def _scale_held(held, coef: Tensor) -> None:
     held.scale_(_coef_for(coef, held.device))
 
 
-def _list_norms(tensors: list[Tensor], ord: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+def _list_norms(tensors: list[Tensor], ord: float, per_tensor: bool, fp64: bool = False) -> tuple[Tensor, Tensor]:
     """``_norms`` of a non-empty list, through the C++ holder when one op call takes it."""
     held = _held(tensors, False, "tensors")
     if held is not None and held.one_call:
-        return held.norm(ord, per_tensor)
-    return _norms(tensors, ord, per_tensor, _one_call(tensors))
+        return held.norm(ord, per_tensor, fp64)
+    return _norms(tensors, ord, per_tensor, _one_call(tensors), fp64)
 
 
 def _list_scale(tensors: list[Tensor], coef: Tensor) -> None:
@@ -354,8 +358,10 @@ def _global_norms(tensors: list[Tensor], ord: float, per_tensor: bool, groups: l
         local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
         entry_keys: list = []
     elif per_tensor:
-        _, each = _list_norms(locals_, ord, True)
-        local, entry_keys = each.to(torch.float64), keys
+        # float64 local norms: one beyond float32's range stays finite (found
+        # in review: a rank whose float32 norm overflowed made the global one inf).
+        _, local = _list_norms(locals_, ord, True, fp64=True)
+        entry_keys = keys
     else:
         classes: dict = {}  # sharded mesh dims -> tensor indices: one local pass per class
         for i, key in enumerate(keys):
@@ -363,8 +369,8 @@ def _global_norms(tensors: list[Tensor], ord: float, per_tensor: bool, groups: l
         norms = []
         for indices in classes.values():
             part = [locals_[i] for i in indices]
-            norms.append(_list_norms(part, ord, False)[0])
-        local, entry_keys = torch.stack(norms).to(torch.float64), list(classes)
+            norms.append(_list_norms(part, ord, False, fp64=True)[0])
+        local, entry_keys = torch.stack(norms), list(classes)
     total, entries = _distributed.reduce_norms(local, entry_keys, sharding, groups, ord)
     each = entries.to(torch.float32) if per_tensor else local.new_zeros((0,), dtype=torch.float32)
     return total, each, locals_, sharding

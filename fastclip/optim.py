@@ -37,7 +37,9 @@ sets them on the wrapper, as it does on any optimizer that supports AMP
 scaling): the norm of the still-scaled gradients is divided by the scale,
 a scalar operation, and the product of the scale and ``1 / coef`` becomes
 the inner kernel's divisor, so unscaling and clipping ride the optimizer's
-own pass. Steps the scaler finds inf in are skipped whatever ``nonfinite``
+own pass (the norm is taken in float64: the scaled gradients' norm may
+exceed float32's range while the unscaled one is small; where the divisor
+itself exceeds it, the step is skipped). Steps the scaler finds inf in are skipped whatever ``nonfinite``
 says, as the scaler requires. For other optimizers the scaler unscales as
 usual (``scaler.step`` or ``scaler.unscale_``) and the wrapper clips the
 unscaled gradients.
@@ -258,16 +260,20 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 return loss
         divisor, scaler_found = self._incoming_scale()
         with torch.no_grad():
+            # The norm in float64 (found in review: the float32 one made
+            # the coefficient of fp64 gradients inexact, and under a large
+            # loss scale overflowed although the unscaled norm was small).
             if held is not None:
-                raw, _ = held.norm(self.norm_type, False)
+                raw, _ = held.norm(self.norm_type, False, True)
             elif _clip._needs_global(grads, one_call, groups):
-                total, _, grads, _ = _clip._global_norms(grads, self.norm_type, False, groups, "parameters")
-                raw, one_call = total.to(torch.float32), len(grads) > 0 and _clip._one_call(grads)
+                raw, _, grads, _ = _clip._global_norms(grads, self.norm_type, False, groups, "parameters")
+                one_call = len(grads) > 0 and _clip._one_call(grads)
             else:
-                raw, _ = _clip._norms(grads, self.norm_type, False, one_call)
-            norm = raw if divisor is None else (raw.double() / divisor.to(raw.device, torch.float64)).float()
-            coef = _clip._coefficient(self._max_norm, norm)
-            bad = (~torch.isfinite(norm)).float()
+                raw, _ = _clip._norms(grads, self.norm_type, False, one_call, fp64=True)
+            norm64 = raw if divisor is None else raw / divisor.to(raw.device, torch.float64)
+            norm = norm64.float()
+            coef = _clip._coefficient(self._max_norm, norm64)
+            bad = (~torch.isfinite(norm64)).float()
             found = bad if scaler_found is None else torch.maximum(bad, (scaler_found.to(bad.device) > 0).float())
             self._record(norm, coef)
         policy = "skip" if scaler_found is not None else self.nonfinite
@@ -359,12 +365,17 @@ class ClippedOptimizer(torch.optim.Optimizer):
             divisor = prior if divisor is None else divisor.to(coef.device, torch.float64) * prior
         if "found_inf" in saved:
             found = torch.maximum(found, (saved["found_inf"].to(found.device) > 0).float())
+        total = (1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef).float()
+        if policy != "propagate":
+            # A divisor beyond float32's range (a norm above 3.4e38 * max_norm
+            # with the loss scale in) cannot reach the fused kernel: such a
+            # step is skipped (or raises), not taken with gradients divided by inf.
+            found = torch.maximum(found, torch.isinf(total).float())
         on_device = policy == "skip" and self._has_state()
         if not on_device and not self._check_finite(found, policy):
             return
-        total = 1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef
         try:
-            inner.grad_scale = total.float()
+            inner.grad_scale = total
             if on_device:
                 inner.found_inf = found
                 self.skipped_steps.add_(found.to(torch.int64))

@@ -328,6 +328,36 @@ def compiled_dtensors(rank: int, world: int) -> None:
         assert_scaled(p.grad, full[i], ref_coef(expected), "compiled process_group clipped")
 
 
+def local_norm_beyond_float32(rank: int, world: int) -> None:
+    """A rank whose own norm exceeds float32's range (finite gradients near its
+    maximum) gives what one process gives for the whole list: its local norm
+    goes to the reduction in float64 (found in review: the float32 local norm
+    was inf, so every rank raised, or zeroed its gradients)."""
+    full = [torch.full((2,), 3e38)] + [torch.full((2,), 1.0 + r) for r in range(1, world)]
+    mesh = init_device_mesh("cpu", (world,))
+    flat = torch.cat(full)
+    for ord in ORDS:
+        expected = ref_norm(full, ord)
+        one = params_of(full)
+        one_total = fastclip.clip_grad_norm_(one, MAX_NORM, ord, error_if_nonfinite=True)
+        for dtensors in (False, True):
+            what = f"ord={ord} dtensors={dtensors}"
+            if dtensors:
+                params = params_of([distribute_tensor(flat, mesh, [Shard(0)])])
+                total = fastclip.clip_grad_norm_(params, MAX_NORM, ord, error_if_nonfinite=True)
+                assert_scaled(params[0].grad.full_tensor(), flat, ref_coef(expected), what)
+                _, each = fastclip.grad_norms(params_of([distribute_tensor(flat, mesh, [Shard(0)])]), ord)
+                assert each.dtype == torch.float32 and float(each[0]) == float(torch.tensor(expected).float()), what
+            else:
+                params = params_of([full[rank]])
+                total = fastclip.clip_grad_norm_(params, MAX_NORM, ord, error_if_nonfinite=True,
+                                                 process_group=dist.group.WORLD)
+                assert_scaled(params[0].grad, full[rank], ref_coef(expected), what)
+            total = total.full_tensor() if dtensors else total
+            assert total.dtype == torch.float32
+            assert torch.equal(total, one_total), f"{what}: {total} vs one process {one_total}"
+
+
 def wrapper_over_fsdp2(rank: int, world: int) -> None:
     """10 steps of ClippedOptimizer over an FSDP2 model against torch's loop,
     with a foreach AdamW (clip op) and a fused one (clip folded into it)."""
@@ -424,6 +454,7 @@ SCENARIOS = {
         strided_shards,
         partial_total_norm,
         compiled_dtensors,
+        local_norm_beyond_float32,
     )
 }
 

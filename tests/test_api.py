@@ -911,14 +911,10 @@ def test_split_path_clip_grad_value_refuses_before_writing(bad, error, match, fr
     assert_untouched(_grads(params), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (README): on the split path a kernel part's total is the op's float32 norm, "
-    "which is inf for fp64 gradients whose norm exceeds float32's range",
-)
 def test_split_path_fp64_beyond_float32_range(fresh_warnings):
     # The same contract as test_fp64_beyond_float32_range_clips_to_max_norm
-    # when a sparse gradient sends the list through the split path.
+    # when a sparse gradient sends the list through the split path: each
+    # part's norm is combined in float64 (the kernel part's was float32, inf).
     grads = filled([(10,), (3, 4)], 1e200, torch.float64) + [_sparse(torch.float64, coalesced=True)]
     params = make_params(grads)
     norm = ref_norm(grads)

@@ -171,7 +171,7 @@ class Emulated:
         c = ctypes
         buf, i64, u64p = c.c_char_p, c.c_int64, c.POINTER(c.c_uint64)
         lib.emu_configure.argtypes = [c.c_int, c.c_uint64]
-        lib.emu_norm.argtypes = [c.c_void_p, i64, c.c_double, c.c_int, c.c_void_p, c.c_void_p, u64p,
+        lib.emu_norm.argtypes = [c.c_void_p, i64, c.c_double, c.c_int, c.c_int, c.c_void_p, c.c_void_p, u64p,
                                  c.POINTER(i64), buf, i64]
         lib.emu_clip.argtypes = [c.c_void_p, i64, c.c_void_p, i64, c.c_void_p, c.c_int32, c.c_double, c.c_double,
                                  c.c_int, c.c_void_p, c.POINTER(c.c_double), c.POINTER(c.c_int32), u64p, buf, i64]
@@ -212,13 +212,15 @@ class Emulated:
         if fn(*args, error, ERROR_BYTES) != 0:
             raise RuntimeError(error.value.decode())
 
-    def norm(self, tensors: Sequence[Tensor], ord: float = 2.0, num_sms: int = 2, per_tensor: bool = True) -> dict:
+    def norm(self, tensors: Sequence[Tensor], ord: float = 2.0, num_sms: int = 2, per_tensor: bool = True,
+             fp64: bool = False) -> dict:
         """fastclip::multi_tensor_norm (outputs poisoned with NaN first)."""
         c = ctypes
-        total = torch.full((), float("nan"))
-        each = torch.full((len(tensors),), float("nan"))
+        dtype = torch.float64 if fp64 else torch.float32
+        total = torch.full((), float("nan"), dtype=dtype)
+        each = torch.full((len(tensors),), float("nan"), dtype=dtype)
         left, chunks = c.c_uint64(), c.c_int64()
-        self._run(self.lib.emu_norm, self._descs(tensors), len(tensors), ord, num_sms, total.data_ptr(),
+        self._run(self.lib.emu_norm, self._descs(tensors), len(tensors), ord, num_sms, int(fp64), total.data_ptr(),
                   each.data_ptr() if per_tensor else None, c.byref(left), c.byref(chunks))
         return {"total": total, "each": each if per_tensor else None, "tickets_left": left.value,
                 "chunks": chunks.value}
@@ -437,6 +439,12 @@ def test_odd_list_norm_and_clip(emu, dtype, ord):
     assert r["tickets_left"] == 0
     assert r["chunks"] == sum((t.numel() + CHUNK - 1) // CHUNK for t in tensors)
     assert_same_bits(emu.norm(tensors, ord, per_tensor=False)["total"], r["total"])
+    # float64 outputs: the same norms before their rounding to float32.
+    wide = emu.norm(tensors, ord, fp64=True)
+    assert wide["total"].dtype == wide["each"].dtype == torch.float64
+    assert_same_bits(wide["total"].float(), r["total"])
+    assert_same_bits(wide["each"].float(), r["each"])
+    torch.testing.assert_close(wide["total"], expected.double(), rtol=1e-9, atol=0.0)
     c = _check_clip(emu, tensors, max_norm=0.5, ord=ord)
     assert_same_bits(c["total"], r["total"])
     assert c["coef"] == pytest.approx(ref_coef(0.5, expected).item(), rel=1e-12)
@@ -458,6 +466,9 @@ def test_general_orders_whose_powers_leave_the_double_range(emu, ord):
             assert_norm_close(r["total"], expected.float())
         else:
             assert r["total"].item() == math.inf
+        wide = emu.norm(group, ord, fp64=True)  # no float32 rounding: finite beyond its range
+        torch.testing.assert_close(wide["total"], expected, rtol=1e-9, atol=0.0)
+        torch.testing.assert_close(wide["each"], ref_norms_each(group, ord), rtol=1e-9, atol=0.0)
         each = ref_norms_each(group, ord)
         finite = each < torch.finfo(torch.float32).max
         assert_norm_close(r["each"][finite], each[finite].float())

@@ -149,6 +149,30 @@ def test_norm_matches_reference(case, dtype, ord, device):
     assert none.shape == (0,) and none.dtype == torch.float32
     assert_same_bits(total_only, total)
 
+    # fp64: the same norms, before their rounding to float32.
+    wide_total, wide_each = ops.multi_tensor_norm(tensors, ord, True, True)
+    assert wide_total.dtype == wide_each.dtype == torch.float64 and wide_total.shape == ()
+    assert_same_bits(wide_total.float(), total)
+    assert_same_bits(wide_each.float(), each)
+    assert_untouched(tensors, before)
+
+
+@device_param
+@pytest.mark.parametrize("ord", [2.0, 1.0, math.inf, 3.5], ids=ord_id)
+def test_norm_fp64_outputs_beyond_float32_range(ord, device):
+    """fp64 gradients whose norms exceed float32's range: the float32 outputs
+    are inf, the fp64 ones the finite norms (callers that combine norms, such
+    as the split and distributed paths, need them)."""
+    require_kernel(device)
+    tensors = [torch.full((7,), 1e200, dtype=torch.float64, device=device),
+               torch.full((3, 2), -3e-5, dtype=torch.float64, device=device),
+               torch.full((5,), 2e38, dtype=torch.float32, device=device)]
+    total, each = ops.multi_tensor_norm(tensors, ord, True)
+    wide_total, wide_each = ops.multi_tensor_norm(tensors, ord, True, True)
+    assert total.item() == math.inf and each[0].item() == math.inf
+    torch.testing.assert_close(wide_total.cpu(), ref_norm(tensors, ord), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(wide_each.cpu(), ref_norms_each(tensors, ord), rtol=1e-12, atol=0.0)
+
 
 @device_param
 @ord_param
@@ -594,11 +618,12 @@ def _opcheck_tensors(device):
     [
         (ops.multi_tensor_norm.default, (2.0, True)),
         (ops.multi_tensor_norm.default, (3.5, False)),
+        (ops.multi_tensor_norm.default, (2.0, True, True)),
         (ops.multi_tensor_scale_.default, (torch.tensor(0.25),)),
         (ops.multi_tensor_clamp_.default, (0.5,)),
         (ops.clip_.default, (0.5, 2.0)),
     ],
-    ids=["norm_per_tensor", "norm_total", "scale_", "clamp_", "clip_"],
+    ids=["norm_per_tensor", "norm_total", "norm_fp64", "scale_", "clamp_", "clip_"],
 )
 @device_param
 def test_opcheck(op, extra, device):

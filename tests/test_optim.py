@@ -348,6 +348,84 @@ def test_huge_finite_gradients_are_clipped_not_zeroed(device):
     assert int(opt.skipped_steps) == 0
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_fp64_parameters_coefficient_from_the_float64_norm(fused):
+    """The coefficient of fp64 gradients comes from the float64 norm, as in
+    fastclip.clip_grad_norm_ (found in review: it came from the float32 norm,
+    4e-8 relative off): bitwise the same step on the plain path."""
+    torch.manual_seed(0)
+    shapes = [(50, 70), (70,), (3,)]
+    grads = [torch.randn(s, dtype=torch.float64) * 10 for s in shapes]
+
+    def fresh():
+        params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+                  for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        return params
+
+    ref, wrapped = fresh(), fresh()
+    norm = fastclip.clip_grad_norm_(ref, MAX_NORM)
+    torch.optim.SGD(ref, lr=1.0, fused=fused).step()
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(wrapped, lr=1.0, fused=fused), MAX_NORM)
+    opt.step()
+    assert_same_bits(opt.last_norm, norm)
+    expected_coef = ref_coef(MAX_NORM, ref_norm(grads))
+    assert float(opt.last_clip_coef) == float(expected_coef.float())
+    start = fresh()
+    for r, w, p0 in zip(ref, wrapped, start):
+        if fused:  # the fused kernel divides by 1 / coef, a float32 divisor (torch's grad_scale)
+            torch.testing.assert_close(w - p0, r - p0, rtol=2.0**-23, atol=0.0)
+        else:
+            assert_same_bits(w, r)
+
+
+def _scaled_backward(scaler, model, batch, scale: float) -> None:
+    """What scaler.scale(loss).backward() leaves, for scales whose product
+    with the loss would overflow in the backward pass itself: the unscaled
+    gradients times the scale (exact: a power of two)."""
+    _loss(model, batch).backward()
+    for p in model.parameters():
+        p.grad.mul_(scale)
+    scaler.scale(torch.zeros(()))  # the scaler's own state for step()
+
+
+@pytest.mark.parametrize("max_norm", [1e3, 1.0], ids=["divisor-fits", "divisor-overflows"])
+def test_loss_scale_whose_scaled_norm_exceeds_float32(max_norm):
+    """GradScaler with a fused inner optimizer and a scale so large that the
+    scaled gradients' norm exceeds 3.4e38 while every element is finite:
+    the norm is taken in float64 and divided by the scale, so it is right
+    (found in review: the float32 norm was inf and every step was skipped).
+    The fused kernel takes one float32 divisor, scale * norm / max_norm:
+    where that fits, the step equals torch's unscale-clip-step recipe; where
+    it does not, the step is skipped (and counted)."""
+    # The largest scaled element ~2.5e38, the scaled norm ~3.7e38.
+    scale, gain = 2.0**120, 400.0
+    model, reference = _model(torch.float32, "cpu"), _model(torch.float32, "cpu")
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2, fused=True), max_norm=max_norm)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=1e-2, fused=True)
+    scaler, ref_scaler = torch.amp.GradScaler("cpu", init_scale=scale), torch.amp.GradScaler("cpu", init_scale=scale)
+    batch = (*_batches(torch.float32, "cpu", 1)[0][:2], gain)
+    _scaled_backward(ref_scaler, reference, batch, scale)
+    assert all(torch.isfinite(p.grad).all() for p in reference.parameters())
+    scaled = ref_norm_of_grads(reference)
+    assert torch.finfo(torch.float32).max < scaled.item() < math.inf
+    ref_scaler.unscale_(ref_opt)
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+    before = _param_bits(model)
+    _scaled_backward(scaler, model, batch, scale)
+    scaler.step(opt)
+    torch.testing.assert_close(opt.last_norm, (scaled / scale).float(), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(opt.last_norm, expected, rtol=1e-5, atol=0.0)
+    if scaled.item() / max_norm < torch.finfo(torch.float32).max:
+        ref_scaler.step(ref_opt)
+        _assert_params_close(reference, model, torch.float32)
+        assert int(opt.skipped_steps) == 0
+    else:
+        _assert_bits_equal(before, model)
+        assert int(opt.skipped_steps) == 1
+
+
 # ------------------------------------------------------------------ drop-in
 def test_grad_scale_and_found_inf_set_on_the_inner_fused_optimizer():
     """As documented: a grad_scale the user set on the fused inner optimizer

@@ -256,8 +256,15 @@ at::Tensor scalar_float(double v) {
   return out;
 }
 
+at::Tensor scalar_double(double v) {
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kDouble));
+  *out.data_ptr<double>() = v;
+  return out;
+}
+
 // ------------------------------------------------------------ the ops
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double ord, bool per_tensor) {
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double ord, bool per_tensor,
+                                                         bool fp64) {
   constexpr const char* kOp = "fastclip::multi_tensor_norm";
   check_tensors(kOp, tensors, c10::DeviceType::CPU);
   check_norm_order(kOp, ord);
@@ -265,12 +272,16 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
   const NormReducer norms =
       compute_norms(Work(table.descs(), plan_chunks(table.descs(), kChunkElems)), make_norm_order(ord));
   const int64_t n = static_cast<int64_t>(tensors.size());
-  at::Tensor each = at::empty({per_tensor ? n : 0}, at::TensorOptions().dtype(at::kFloat));
-  if (per_tensor) {
+  at::Tensor each = at::empty({per_tensor ? n : 0}, at::TensorOptions().dtype(fp64 ? at::kDouble : at::kFloat));
+  if (per_tensor && fp64) {
+    double* out = each.data_ptr<double>();
+    for (int64_t t = 0; t < n; ++t) out[t] = norms.tensor_norm(t);
+  } else if (per_tensor) {
     float* out = each.data_ptr<float>();
     for (int64_t t = 0; t < n; ++t) out[t] = static_cast<float>(norms.tensor_norm(t));
   }
-  return {scalar_float(norms.total_norm()), each};
+  const double total = norms.total_norm();
+  return {fp64 ? scalar_double(total) : scalar_float(total), each};
 }
 
 void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& coef) {

@@ -217,7 +217,8 @@ void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, cons
 }
 
 // ------------------------------------------------------------ the ops
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double ord, bool per_tensor) {
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double ord, bool per_tensor,
+                                                          bool fp64) {
   constexpr const char* kOp = "fastclip::multi_tensor_norm";
   check_tensors(kOp, tensors, c10::DeviceType::CUDA);
   check_norm_order(kOp, ord);
@@ -228,12 +229,17 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
   const TensorTable table(tensors, TensorTable::kRead);
   const Upload up = upload(table.descs(), device, Scratch::kNorm);
 
-  const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat).device(device);
-  at::Tensor total = at::empty({}, f32);
-  at::Tensor each = at::empty({per_tensor ? n : 0}, f32);
+  const at::TensorOptions options = at::TensorOptions().dtype(fp64 ? at::kDouble : at::kFloat).device(device);
+  at::Tensor total = at::empty({}, options);
+  at::Tensor each = at::empty({per_tensor ? n : 0}, options);
   NormOutputs out = norm_outputs(up);
-  out.total = total.data_ptr<float>();
-  out.per_tensor = per_tensor ? each.data_ptr<float>() : nullptr;
+  if (fp64) {
+    out.total_fp64 = total.data_ptr<double>();
+    out.per_tensor_fp64 = per_tensor ? each.data_ptr<double>() : nullptr;
+  } else {
+    out.total = total.data_ptr<float>();
+    out.per_tensor = per_tensor ? each.data_ptr<float>() : nullptr;
+  }
   out.coef = nullptr;
   out.nonfinite = nullptr;
   launch_norm(up.table, make_norm_order(ord), 0.0, out, sm_count(device.index()), current_stream(device));

@@ -448,13 +448,18 @@ __global__ void __launch_bounds__(kThreads, norm_blocks_per_sm(K))
   for (int64_t t = threadIdx.x; t < table.num_tensors; t += kThreads) {
     const bool empty = table.chunk_start[t + 1] == table.chunk_start[t];
     const ScaledSum s = empty ? zero_sum() : load_sum(&out.tensor_sums[t]);
-    if (out.per_tensor != nullptr) out.per_tensor[t] = static_cast<float>(root_scaled(order, s.sum, s.scale));
+    if (out.per_tensor != nullptr || out.per_tensor_fp64 != nullptr) {
+      const double each = root_scaled(order, s.sum, s.scale);
+      if (out.per_tensor != nullptr) out.per_tensor[t] = static_cast<float>(each);
+      if (out.per_tensor_fp64 != nullptr) out.per_tensor_fp64[t] = each;
+    }
     acc = combine<K>(acc, s, p);
   }
   acc = block_reduce(acc, zero_sum(), p, warp_sums, Combine<K>{});
   if (threadIdx.x == 0) {
     const double norm = root_scaled(order, acc.sum, acc.scale);
-    *out.total = static_cast<float>(norm);
+    if (out.total != nullptr) *out.total = static_cast<float>(norm);
+    if (out.total_fp64 != nullptr) *out.total_fp64 = norm;
     if (out.coef != nullptr) *out.coef = clip_coefficient(max_norm, norm);
     if (out.nonfinite != nullptr) *out.nonfinite = (is_nan(norm) || is_inf(norm)) ? 1 : 0;
     out.tickets[table.num_tensors] = 0;  // ready for the next launch

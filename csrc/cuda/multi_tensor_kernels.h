@@ -86,8 +86,10 @@ struct NormOutputs {
   ScaledSum* chunk_partials;  // scratch, num_chunks entries
   ScaledSum* tensor_sums;     // scratch, num_tensors entries
   Ticket* tickets;            // num_tensors + 1 counters, zero on entry and left at zero
-  float* total;               // the total norm
+  float* total;               // the total norm, or nullptr
+  double* total_fp64;         // the total norm in float64 (not rounded to float32), or nullptr
   float* per_tensor;          // num_tensors norms, or nullptr
+  double* per_tensor_fp64;    // num_tensors norms in float64, or nullptr
   double* coef;               // min(1, max_norm / (norm + 1e-6)) from the float64 norm, or nullptr
   int32_t* nonfinite;         // 1 when the float64 total norm is NaN or inf, else 0; or nullptr
 };

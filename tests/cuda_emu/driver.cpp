@@ -80,16 +80,22 @@ void emu_configure(int workers, uint64_t seed) {
 }
 
 // fastclip::multi_tensor_norm as the glue runs it: no coefficient, no flag,
-// max_norm 0; per_tensor may be null.
-int emu_norm(const fastclip::TensorDesc* descs, int64_t n, double ord, int num_sms, float* total, float* per_tensor,
-             uint64_t* tickets, int64_t* num_chunks, char* error, int64_t error_len) {
+// max_norm 0; per_tensor may be null; total and per_tensor are float, or
+// double with fp64.
+int emu_norm(const fastclip::TensorDesc* descs, int64_t n, double ord, int num_sms, int fp64, void* total,
+             void* per_tensor, uint64_t* tickets, int64_t* num_chunks, char* error, int64_t error_len) {
   return guarded(error, error_len, [&] {
     const Uploaded up(descs, n, true);
     fastclip::cuda::NormOutputs out{};
     fastclip::cuda::norm_scratch(up.scratch(), n, up.table.num_chunks, &out);
     out.tickets = up.tickets();
-    out.total = total;
-    out.per_tensor = per_tensor;
+    if (fp64 != 0) {
+      out.total_fp64 = static_cast<double*>(total);
+      out.per_tensor_fp64 = static_cast<double*>(per_tensor);
+    } else {
+      out.total = static_cast<float*>(total);
+      out.per_tensor = static_cast<float*>(per_tensor);
+    }
     out.coef = nullptr;
     out.nonfinite = nullptr;
     fastclip::cuda::launch_norm(up.table, fastclip::make_norm_order(ord), 0.0, out, num_sms, nullptr);
