@@ -232,6 +232,18 @@ def _step_without_host_reads(opt, monkeypatch) -> None:
         opt.step()
 
 
+def _step_on_device(opt, model, batch, bad, monkeypatch) -> None:
+    """Backward, a NaN/inf planted when ``bad`` is one, and a step that may
+    read nothing back; a poisoned step leaves the parameters bit-identical."""
+    before = _param_bits(model)
+    _loss(model, batch).backward()
+    if bad is not None:
+        _inject(model, bad)
+    _step_without_host_reads(opt, monkeypatch)
+    if bad is not None:
+        _assert_bits_equal(before, model)
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("name,cls,kwargs", FUSED, ids=[row[0] for row in FUSED])
 def test_skip_on_fused_path_reads_nothing_back(device, name, cls, kwargs, monkeypatch):
@@ -244,10 +256,7 @@ def test_skip_on_fused_path_reads_nothing_back(device, name, cls, kwargs, monkey
     opt.step()
     opt.zero_grad()
     for batch, bad in ((batches[1], math.nan), (batches[2], None)):
-        _loss(model, batch).backward()
-        if bad is not None:
-            _inject(model, bad)
-        _step_without_host_reads(opt, monkeypatch)
+        _step_on_device(opt, model, batch, bad, monkeypatch)
         opt.zero_grad()
     assert int(opt.skipped_steps) == 1
 
@@ -261,15 +270,9 @@ def test_fused_sgd_without_momentum_skips_on_the_device_from_the_first_step(devi
     ref_opt = torch.optim.SGD(reference.parameters(), lr=1e-2)
     batches = _batches(torch.float32, device, 3)
     for batch, bad in ((batches[0], math.nan), (batches[1], None), (batches[2], math.inf)):
-        before = _param_bits(model)
-        _loss(model, batch).backward()
         _loss(reference, batch).backward()
-        if bad is not None:
-            _inject(model, bad)
-        _step_without_host_reads(opt, monkeypatch)
-        if bad is not None:
-            _assert_bits_equal(before, model)
-        else:
+        _step_on_device(opt, model, batch, bad, monkeypatch)
+        if bad is None:
             torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM)
             ref_opt.step()
             _assert_params_close(reference, model, torch.float32)
@@ -590,13 +593,7 @@ def test_fused_sgd_groups_with_and_without_momentum_skip_on_the_device(device, m
     opt.step()  # the first step creates the momentum buffers (read back: see the README)
     opt.zero_grad()
     for batch, bad in ((batches[1], math.nan), (batches[2], None)):
-        before = _param_bits(model)
-        _loss(model, batch).backward()
-        if bad is not None:
-            _inject(model, bad)
-        _step_without_host_reads(opt, monkeypatch)
-        if bad is not None:
-            _assert_bits_equal(before, model)
+        _step_on_device(opt, model, batch, bad, monkeypatch)
         opt.zero_grad()
     assert int(opt.skipped_steps) == 1
 
