@@ -60,6 +60,22 @@ def test_methods_that_run_pass_their_checks(quick_run):
             assert r.host_overhead_ms is not None and r.x_floor > 0 and r.speedup_vs_torch > 0
 
 
+def test_each_cpu_row_is_compared_with_a_floor_timed_alongside_it(quick_run):
+    """The floor is timed right before and after each row's calls; the
+    case's floor row is the median of its rows' floors, with their range."""
+    rows, *_ = quick_run
+    for case in cases.make_cases(lambda work: None):
+        for dtype in ("fp32", "bf16"):
+            timed = [r for r in rows if r.case == case.name and r.dtype == dtype and r.status == "ok"
+                     and r.method != "floor"]
+            floor = _row(rows, case.name, "floor", dtype)
+            for r in timed:
+                assert r.floor_ms > 0 and r.x_floor == pytest.approx(r.median_ms / r.floor_ms), r
+            floors = [r.floor_ms for r in timed]
+            assert floor.min_ms == min(floors) and floor.max_ms == max(floors)
+            assert floor.min_ms <= floor.median_ms <= floor.max_ms
+
+
 def test_compile_row_says_why_it_was_skipped(quick_run):
     rows, *_ = quick_run
     assert _row(rows, "clip", "torch compile").status.startswith("skipped: not compiled under --quick")

@@ -166,7 +166,8 @@ class Runner:
     def run_list(self, set_name: str, dtype_name: str, case_names: list[str]) -> list[Row]:
         shapes = SETS[set_name]()
         work = Workload.create(shapes, DTYPES[dtype_name], self.device)
-        floors = self.floors.measure(work.nbytes)
+        floors = self.floors.computed(work.nbytes)  # GPU; on the CPU each row times its own
+        floor_calls = self.floors.calls(work.nbytes) if floors is None else {}
         self.compiler.new_list()
         rows: list[Row] = []
         base = dict(set=set_name, dtype=dtype_name, tensors=len(shapes), mbytes=work.nbytes / 1e6)
@@ -179,17 +180,23 @@ class Runner:
                     rows.append(Row(case=name, method=method.name, status=f"skipped: {blocker}", **base))
                 continue
             small = _cases.tiny_workload(work) if self.device.type == "cpu" else None
-            case_rows = self._run_case(case, work, small, base)
-            floor = floors["read"]
-            if case.floor == "read+scale":
-                floor = floors["read+scale"]
-            elif case.floor == "read+adamw":
+            memory = "read" if case.floor == "read+adamw" else case.floor  # the floor's pass over memory
+            case_rows = self._run_case(case, work, small, base, floor_calls.get(memory))
+            if floors is not None:
+                for r in case_rows:
+                    if r.status == OK:
+                        r.floor_ms = floors[memory]
+            if case.floor == "read+adamw":
                 alone = next((r for r in case_rows if r.method == "adamw alone" and r.status == OK), None)
-                floor = floors["read"] + alone.median_ms if alone else None
-            rows += self._finish(case, case_rows, floor, base)
+                for r in case_rows:
+                    if r.status == OK:
+                        r.floor_ms = r.floor_ms + alone.median_ms if alone else None
+            rows += self._finish(case, case_rows, base)
         return rows
 
-    def _run_case(self, case: Case, work: Workload, tiny: Optional[Workload], base: dict) -> list[Row]:
+    def _run_case(
+        self, case: Case, work: Workload, tiny: Optional[Workload], base: dict, floor: Optional[Callable[[], object]]
+    ) -> list[Row]:
         rows: list[Row] = []
         checked = []
         for method in case.methods:
@@ -202,10 +209,10 @@ class Runner:
             if case.check_all_first:
                 checked.append((row, method, call))
             else:
-                self._time(case, method, call, work, tiny, row)
+                self._time(case, method, call, work, tiny, row, floor)
             call = None  # frees this method's optimizer state before the next one builds its own
         for row, method, call in checked:
-            self._time(case, method, call, work, tiny, row)
+            self._time(case, method, call, work, tiny, row, floor)
         return rows
 
     def _guard(self, method: Method):
@@ -225,13 +232,17 @@ class Runner:
         return None
 
     def _time(
-        self, case: Case, method: Method, call: _cases.Call, work: Workload, tiny: Optional[Workload], row: Row
+        self, case: Case, method: Method, call: _cases.Call, work: Workload, tiny: Optional[Workload], row: Row,
+        floor: Optional[Callable[[], object]],
     ) -> None:
         with _reported(row):
+            before = min(self.timer(floor).times_ms) if floor is not None else None
             with self._guard(method):
                 sample = self.timer(lambda: call(case.timed_max_norm(work)))
             row.median_ms, row.min_ms, row.max_ms = sample.median, min(sample.times_ms), max(sample.times_ms)
             row.repeats = len(sample.times_ms)
+            if floor is not None:
+                row.floor_ms = min(before, min(self.timer(floor).times_ms))
             if self.device.type == "cuda":
                 row.host_overhead_ms = statistics.median(sample.host_ms)
             elif tiny is not None and not method.compiled:  # a compiled method would recompile for other shapes
@@ -240,24 +251,29 @@ class Runner:
                 row.host_overhead_ms = self.timer(lambda: small(case.timed_max_norm(tiny))).median
 
     @staticmethod
-    def _finish(case: Case, rows: list[Row], floor: Optional[float], base: dict) -> list[Row]:
-        """Speedups over the case's torch baseline and ratios to the floor, plus the floor row."""
+    def _finish(case: Case, rows: list[Row], base: dict) -> list[Row]:
+        """Speedups over the case's torch baseline and ratios to each row's
+        floor, plus the floor row: the median of the rows' floors, and their
+        range (how much the machine drifted during the case)."""
         baseline = next((r.median_ms for r in rows if r.method == case.baseline and r.status == OK), None)
         for r in rows:
             if r.status != OK:
                 continue
             if baseline is not None:
                 r.speedup_vs_torch = baseline / r.median_ms
-            if floor is not None:
-                r.x_floor = r.median_ms / floor
-        if floor is not None:
+            if r.floor_ms is not None:
+                r.x_floor = r.median_ms / r.floor_ms
+        floors = [r.floor_ms for r in rows if r.status == OK and r.floor_ms is not None]
+        if floors:
+            floor = statistics.median(floors)
             rows.append(
-                Row(case=case.name, method="floor", status=OK, median_ms=floor, min_ms=floor, max_ms=floor,
+                Row(case=case.name, method="floor", status=OK, median_ms=floor, min_ms=min(floors), max_ms=max(floors),
                     speedup_vs_torch=baseline / floor if baseline is not None else None, x_floor=1.0,
-                    note=case.floor, **base)
+                    floor_ms=floor, note=case.floor, **base)
             )
         else:
-            rows.append(Row(case=case.name, method="floor", status="failed: the adamw alone row failed", **base))
+            why = "the adamw alone row failed" if case.floor == "read+adamw" else "no row of the case was timed"
+            rows.append(Row(case=case.name, method="floor", status=f"failed: {why}", **base))
         return rows
 
 

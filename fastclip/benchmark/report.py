@@ -42,14 +42,18 @@ class Row:
     max_ms: Optional[float] = None
     repeats: Optional[int] = None
     speedup_vs_torch: Optional[float] = None  # median of the case's torch baseline / this median
-    x_floor: Optional[float] = None  # this median / the case's floor
+    x_floor: Optional[float] = None  # this median / floor_ms
+    floor_ms: Optional[float] = None  # the floor this row is compared with (CPU: timed alongside it)
     host_overhead_ms: Optional[float] = None
     norm_rel_err: Optional[float] = None  # |returned norm - float64 norm| / float64 norm
     note: str = ""
 
 
 COLUMNS = [f.name for f in fields(Row)]
-NUMBERS = ["median_ms", "min_ms", "max_ms", "repeats", "speedup_vs_torch", "x_floor", "host_overhead_ms", "norm_rel_err"]
+NUMBERS = [
+    "median_ms", "min_ms", "max_ms", "repeats", "speedup_vs_torch", "x_floor", "floor_ms", "host_overhead_ms",
+    "norm_rel_err",
+]
 
 
 # -------------------------------------------------------------- environment

@@ -101,10 +101,17 @@ class Floors:
     CPU: measured on one float32 buffer of the same bytes, in this run: one
     read pass (``sum``) for the norm, the per-tensor norms and a clip that
     writes nothing; a read pass plus one in-place multiply (``mul_``) for a
-    clip that rescales. The fastest of the timed calls is taken: a floor is
-    a bound, and the fastest call is the one least disturbed by the rest of
-    the machine. GPU: the same traffic (1 or 3 times the bytes) over the
-    device copy bandwidth, measured once per run.
+    clip that rescales. Each row's floor is timed right before and right
+    after the row's own calls (``calls``): a shared machine's memory
+    bandwidth drifts by 1.6x within minutes (measured on the development
+    VM), so a floor timed once per list compared some rows with another
+    machine. Calls are not interleaved one by one: each would evict the
+    other's data from the caches, where back-to-back calls of one method
+    (and of the floor) keep theirs alike. The fastest of the floor's calls
+    is taken: a floor is a bound, and the fastest call is the one least
+    disturbed by the rest of the machine. GPU: the same
+    traffic (1 or 3 times the bytes) over the device copy bandwidth,
+    measured once per run.
     """
 
     def __init__(self, device: torch.device, timer: Timer):
@@ -120,18 +127,20 @@ class Floors:
             self.gpu_bandwidth = 2 * GPU_BANDWIDTH_BYTES / copy_ms
             del src, dst
 
-    def measure(self, nbytes: int) -> dict[str, float]:
-        """``{"read": ms, "read+scale": ms}`` for a list of ``nbytes``."""
-        if self.gpu_bandwidth is not None:
-            return {"read": nbytes / self.gpu_bandwidth, "read+scale": 3 * nbytes / self.gpu_bandwidth}
+    def computed(self, nbytes: int) -> Optional[dict[str, float]]:
+        """GPU: ``{"read": ms, "read+scale": ms}`` for a list of ``nbytes``; CPU: None (see ``calls``)."""
+        if self.gpu_bandwidth is None:
+            return None
+        return {"read": nbytes / self.gpu_bandwidth, "read+scale": 3 * nbytes / self.gpu_bandwidth}
+
+    def calls(self, nbytes: int) -> dict[str, Callable[[], object]]:
+        """CPU: the floor's work for a list of ``nbytes``, to time next to a row's calls."""
         numel = max(nbytes // 4, 1)
         if self._buffer is None or self._buffer.numel() < numel:
             self._buffer = None  # free the old one first
             self._buffer = torch.ones(numel, dtype=torch.float32, device=self.device)
         buf = self._buffer[:numel]
-        read = min(self.timer(lambda: buf.sum()).times_ms)
-        both = min(self.timer(lambda: (buf.sum(), buf.mul_(0.9999999))).times_ms)
-        return {"read": read, "read+scale": both}
+        return {"read": lambda: buf.sum(), "read+scale": lambda: (buf.sum(), buf.mul_(0.9999999))}
 
     def release(self) -> None:
         self._buffer = None
@@ -139,7 +148,8 @@ class Floors:
     def describe(self) -> str:
         if self.gpu_bandwidth is not None:
             return f"bytes moved / device copy bandwidth ({self.gpu_bandwidth / 1e6:.0f} GB/s, measured)"
-        return "one float32 buffer of the same bytes: sum (read), sum + mul_ (read+scale), measured per list"
+        return ("one float32 buffer of the same bytes: sum (read), sum + mul_ (read+scale), "
+                "timed right before and right after each row's calls")
 
 
 class TimeLimitExceeded(BaseException):
