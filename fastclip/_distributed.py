@@ -17,8 +17,9 @@ Two ways gradients are spread over processes, which can be combined:
   list (data, pipeline or expert parallel pieces). The total is all-reduced
   over each group given, one after the other.
 
-Orders 1 and 2 all-reduce float64 power sums of the float32 local norms (no
-overflow: a float32 norm squared is below 1.2e77); inf all-reduces the
+Orders 1 and 2 all-reduce float64 sums of the float64 local norms (order
+2: their squares, also scaled down and up by 2^1200 in the same
+collective, for norms whose squares leave the double range); inf all-reduces the
 maximum with a NaN flag (MAX does not propagate NaN reliably in every
 backend); any other order first all-reduces the maximum to scale by, so
 that no power overflows, at the cost of a second all_reduce per group.
@@ -238,8 +239,32 @@ def _over_mesh(values: Tensor, keys: list, sharding: Optional[Sharding], op_max:
 
 def _over_groups(total: Tensor, groups: list, op_max: bool) -> Tensor:
     for group in groups:
-        total = _all_reduce(total.reshape(1), op_max, group).reshape(())
+        total = _all_reduce(total.reshape(-1), op_max, group).reshape(total.shape)
     return total
+
+
+# Order 2 all-reduces each square three times in one collective: as is,
+# scaled down and scaled up by this factor squared. A norm above 2^512
+# (1.3e154) has a square beyond the double range and one below 2^-511 a
+# square that loses bits or vanishes; the scaled copies keep them. The terms
+# a scaled copy loses are below 2^-898 of the total where it is used.
+_SQUARES_SCALE = 2.0**600
+# Below this the plain sum of squares may have lost bits (subnormal range
+# 2^-1022 and under, with margin): the up-scaled copy is used instead.
+_SQUARES_TINY = 2.0**-900
+
+
+def _squares(values: Tensor) -> Tensor:
+    """Plain, down-scaled and up-scaled squares of ``values``, side by side."""
+    return torch.cat([values.square(), (values / _SQUARES_SCALE).square(), (values * _SQUARES_SCALE).square()])
+
+
+def _root_of_squares(sums: Tensor) -> Tensor:
+    """Norms from sums of ``_squares``: the plain copy unless it overflowed
+    or is tiny (NaN and inf stay as they are)."""
+    plain, down, up = sums.chunk(3)
+    norm = torch.where(torch.isinf(plain) & torch.isfinite(down), down.sqrt() * _SQUARES_SCALE, plain.sqrt())
+    return torch.where((plain < _SQUARES_TINY) & (up > 0), up.sqrt() / _SQUARES_SCALE, norm)
 
 
 def reduce_norms(
@@ -258,10 +283,14 @@ def reduce_norms(
         total = entries.max() if entries.numel() else torch.zeros((), dtype=torch.float64, device=local.device)
         total = torch.where(torch.isnan(entries).any(), torch.full_like(total, math.nan), total)
         return _over_groups(total, groups, op_max=True), entries
-    if ord in (1.0, 2.0):
-        entries = _over_mesh(local.pow(ord), keys, sharding, op_max=False)
-        total = _over_groups(entries.sum(), groups, op_max=False)
-        return total.pow(1.0 / ord), entries.pow(1.0 / ord)
+    if ord == 2.0:
+        squares = _over_mesh(_squares(local), list(keys) * 3, sharding, op_max=False)
+        sums = torch.stack([part.sum() for part in squares.chunk(3)])
+        total = _root_of_squares(_over_groups(sums, groups, op_max=False)).reshape(())
+        return total, _root_of_squares(squares)
+    if ord == 1.0:  # a sum of norms overflows only where the norm itself does
+        entries = _over_mesh(local, keys, sharding, op_max=False)
+        return _over_groups(entries.sum(), groups, op_max=False), entries
     # Any other order: scale by the maximum so that no power overflows.
     peak = _over_mesh(local, keys, sharding, op_max=True)
     entries = _over_mesh(_ratio(local, peak).pow(ord), keys, sharding, op_max=False)

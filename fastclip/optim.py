@@ -225,6 +225,17 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # Optimizer.__setstate__ (re)creates the hook tables and patches step;
         # its defaults fix-up goes through the property to the inner optimizer.
         super().__setstate__(state)
+        # A wrapper pickled by an earlier version before its first step has
+        # no logs yet (None): they are tensors from construction on now.
+        logs = (self.__dict__.get("last_norm"), self.__dict__.get("last_clip_coef"), self.__dict__.get("skipped_steps"))
+        if "optimizer" in self.__dict__ and any(log is None for log in logs):
+            device = next((t.device for t in logs if t is not None), None) or next(
+                (p.device for group in self.optimizer.param_groups for p in group["params"]), torch.device("cpu")
+            )
+            self._new_logs(device)
+            for name, log in zip(("last_norm", "last_clip_coef", "skipped_steps"), logs):
+                if log is not None:
+                    getattr(self, name).copy_(log)
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
@@ -327,8 +338,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
                     )
         return (
             f"ClippedOptimizer: the total gradient norm of order {self.norm_type} is "
-            f"{self.last_norm.item()}: the non-finite gradient is on another rank, or the norm "
-            "overflows float32; nothing was modified."
+            f"{self.last_norm.item()}: the non-finite gradient is on another rank, or the gradients "
+            "are finite but the clip cannot be taken: their norm over max_norm (times a loss scale) "
+            "exceeds float32's range, which the fused inner optimizer's float32 divisor cannot hold; "
+            "nothing was modified."
         )
 
     def _stateless(self, group: dict) -> bool:

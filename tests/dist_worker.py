@@ -358,6 +358,30 @@ def local_norm_beyond_float32(rank: int, world: int) -> None:
             assert torch.equal(total, one_total), f"{what}: {total} vs one process {one_total}"
 
 
+def fp64_norms_beyond_squares(rank: int, world: int) -> None:
+    """fp64 gradients whose norm's square leaves the double range (above
+    1.3e154): clipped across processes as in one process (found in review:
+    order 2 all-reduced plain squares, which overflowed, and the gradients
+    were zeroed); the wrapper takes the step."""
+    full = [torch.full((3,), 1e160 * (r + 1), dtype=torch.float64) for r in range(world)]
+    mesh = init_device_mesh("cpu", (world,))
+    for ord in ORDS:
+        one = params_of(full)
+        fastclip.clip_grad_norm_(one, MAX_NORM, ord)
+        params = params_of([full[rank]])
+        fastclip.clip_grad_norm_(params, MAX_NORM, ord, process_group=dist.group.WORLD)
+        torch.testing.assert_close(params[0].grad, one[rank].grad, rtol=1e-13, atol=0.0)
+        sharded = params_of([distribute_tensor(torch.cat(full), mesh, [Shard(0)])])
+        fastclip.clip_grad_norm_(sharded, MAX_NORM, ord)
+        torch.testing.assert_close(sharded[0].grad.full_tensor(), torch.cat([p.grad for p in one]), rtol=1e-13, atol=0.0)
+    params = params_of([full[rank]])
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=1.0), MAX_NORM, process_group=dist.group.WORLD)
+    opt.step()
+    assert int(opt.skipped_steps) == 0  # (last_clip_coef, float32, reads 0: the coefficient is ~1e-161)
+    total = math.sqrt(sum(3 * (1e160 * (r + 1) / 1e154) ** 2 for r in range(world))) * 1e154
+    torch.testing.assert_close(params[0].detach(), -full[rank] * (MAX_NORM / total), rtol=1e-9, atol=0.0)
+
+
 def wrapper_over_fsdp2(rank: int, world: int) -> None:
     """10 steps of ClippedOptimizer over an FSDP2 model against torch's loop,
     with a foreach AdamW (clip op) and a fused one (clip folded into it)."""
@@ -455,6 +479,7 @@ SCENARIOS = {
         partial_total_norm,
         compiled_dtensors,
         local_norm_beyond_float32,
+        fp64_norms_beyond_squares,
     )
 }
 

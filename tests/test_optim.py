@@ -652,6 +652,27 @@ def test_logs_before_the_first_step_and_updated_in_place():
     assert float(norm) > MAX_NORM and float(coef) < 1.0
 
 
+@pytest.mark.parametrize("missing", [("last_norm", "last_clip_coef", "skipped_steps"), ("skipped_steps",)],
+                         ids=["before-first-step", "after-a-step-without-gradients"])
+def test_wrapper_pickled_with_logs_unset_steps_after_loading(missing, tmp_path):
+    """An earlier version left the logs None until the first step (and
+    skipped_steps after a step without gradients); such a pickle loads with
+    logs that work (found in review: its first step crashed)."""
+    model = _model(torch.float32, "cpu")
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
+    opt.last_norm.fill_(5.0)
+    for name in missing:
+        setattr(opt, name, None)
+    torch.save(opt, tmp_path / "wrapper.pt")
+    loaded = torch.load(tmp_path / "wrapper.pt", weights_only=False)
+    assert int(loaded.skipped_steps) == 0
+    assert float(loaded.last_norm) == (0.0 if "last_norm" in missing else 5.0)
+    for p in loaded.param_groups[0]["params"]:
+        p.grad = torch.full_like(p, math.nan)
+    loaded.step()
+    assert int(loaded.skipped_steps) == 1
+
+
 def test_step_without_gradients_steps_the_inner_optimizer():
     model = _model(torch.float32, "cpu")
     opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
