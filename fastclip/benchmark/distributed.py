@@ -56,18 +56,23 @@ def _grads(shapes, mesh, rank: int, world: int, seed: int):
     return out
 
 
-def _time(fn, restore, repeats: int, warmup: int) -> list[float]:
+def _time_rounds(calls: dict, repeats: int, warmup: int) -> dict:
+    """ms per call of each method, timed in rounds (one call of each method
+    per round), so that all see the same drifting machine: timed one after
+    the other, minutes apart, their medians differed by up to 5 ms on
+    GPT-2. Each call starts from restored gradients, behind a barrier."""
     import torch.distributed as dist
 
-    times = []
+    times: dict = {m: [] for m in calls}
     for i in range(warmup + repeats):
-        restore()
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        if i >= warmup:
-            times.append(elapsed * 1e3)
+        for method, (fn, restore) in calls.items():
+            restore()
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[method].append(elapsed * 1e3)
     return times
 
 
@@ -124,7 +129,7 @@ def _worker(rank: int, world: int, init_file: str, sets: list, repeats: int, war
                 "local": (lambda: fastclip.clip_grad_norm_(local_params, MAX_NORM), restore_local),
                 "allreduce": (lambda: dist.all_reduce(scalar), lambda: None),
             }
-            timings = {m: _time(fn, rs, repeats, warmup) for m, (fn, rs) in calls.items()}
+            timings = _time_rounds(calls, repeats, warmup)
             if rank == 0:
                 row = {
                     "set": name,
