@@ -371,7 +371,7 @@ def _global_norms(tensors: list[Tensor], ord: float, per_tensor: bool, groups: l
             part = [locals_[i] for i in indices]
             norms.append(_list_norms(part, ord, False, fp64=True)[0])
         local, entry_keys = torch.stack(norms), list(classes)
-    total, entries = _distributed.reduce_norms(local, entry_keys, sharding, groups, ord)
+    total, entries = _distributed.reduce_norms(local, entry_keys, sharding, groups, ord, per_entry=per_tensor)
     each = entries.to(torch.float32) if per_tensor else local.new_zeros((0,), dtype=torch.float32)
     return total, each, locals_, sharding
 
