@@ -119,8 +119,8 @@ MUTANTS = {
         "    return torch.linalg.vector_norm(norms, ord)"),
     "fused_step_divisor_inverted": (
         "fastclip/optim.py", "the fused step's grad_scale multiplies by the coefficient instead of dividing",
-        "    total = 1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef",
-        "    total = coef if divisor is None else divisor.to(coef.device, torch.float64) * coef"),
+        "        total = (1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef).float()",
+        "        total = (coef if divisor is None else divisor.to(coef.device, torch.float64) * coef).float()"),
     "user_grad_scale_ignored": (
         "fastclip/optim.py", "a grad_scale the user set on the inner optimizer is dropped",
         "            divisor = prior if divisor is None else divisor.to(coef.device, torch.float64) * prior",
@@ -129,6 +129,18 @@ MUTANTS = {
         "fastclip/optim.py", "a found_inf the user set on the inner optimizer is dropped",
         "            found = torch.maximum(found, (saved[\"found_inf\"].to(found.device) > 0).float())",
         "            pass"),
+    "fp64_norms_rounded": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "the op's fp64 outputs are the float32 norms widened",
+        "  return {fp64 ? scalar_double(total) : scalar_float(total), each};",
+        "  return {fp64 ? scalar_double(static_cast<float>(total)) : scalar_float(total), each};"),
+    "wrapper_coef_from_float32_norm": (
+        "fastclip/optim.py", "the wrapper's coefficient comes from the float32 norm",
+        "            coef = _clip._coefficient(self._max_norm, norm64)",
+        "            coef = _clip._coefficient(self._max_norm, norm)"),
+    "wrapper_logs_reassigned": (
+        "fastclip/optim.py", "the wrapper's logs are new tensors each step (lost in a compiled step)",
+        "        self.last_norm.copy_(norm)\n        self.last_clip_coef.copy_(coef)",
+        "        self.last_norm = norm\n        self.last_clip_coef = coef.float()"),
 }
 
 
