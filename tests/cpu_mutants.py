@@ -141,6 +141,13 @@ MUTANTS = {
         "fastclip/optim.py", "the wrapper's logs are new tensors each step (lost in a compiled step)",
         "        self.last_norm.copy_(norm)\n        self.last_clip_coef.copy_(coef)",
         "        self.last_norm = norm\n        self.last_clip_coef = coef.float()"),
+    "power_series_term_dropped": (
+        "csrc/cpu/power.cpp", "the general order's log series skips its s^5/5 term",
+        "  q = q * z + 1.0 / 5;\n", ""),
+    "power_two_step_scaling_dropped": (
+        "csrc/cpu/power.cpp", "2^n beyond +-1000 drops its second step (off by 2^128)",
+        "  const double second = low ? 0x1p-128 : (big ? 0x1p128 : 1.0);",
+        "  const double second = 1.0;"),
 }
 
 

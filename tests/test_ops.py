@@ -174,6 +174,48 @@ def test_norm_fp64_outputs_beyond_float32_range(ord, device):
     torch.testing.assert_close(wide_each.cpu(), ref_norms_each(tensors, ord), rtol=1e-12, atol=0.0)
 
 
+# (dtype, smallest and largest binary exponent of the values): fp64 from
+# the smallest normal (a rescue never scales by less, so subnormal fp64
+# data has a norm of 0 for a large p), the others over all their values.
+POWER_RANGES = [(torch.float64, -1022, 1023), (torch.float32, -149, 127), (torch.bfloat16, -133, 127),
+                (torch.float16, -24, 15)]
+GENERAL_ORDERS = [0.01, 0.5, 1.5, 3.5, 7.25, 100.0, 1500.0]
+
+
+@device_param
+@pytest.mark.parametrize("ord", GENERAL_ORDERS, ids=ord_id)
+@pytest.mark.parametrize("dtype,lo,hi", POWER_RANGES, ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else "")
+def test_general_order_powers_are_accurate_over_the_whole_range(dtype, lo, hi, ord, device):
+    """A general p sums |x|^p, which the CPU computes as 2^(p log2 |x|) with
+    its own polynomials. The norm of one element is |x| itself: from the
+    float64 outputs, within 2^-50 (8 + |log2 x|) relative (the rounding of
+    p log2 |x|, whose error the root divides by p), times 1/p for p < 1
+    (the root's power multiplies it)."""
+    require_kernel(device)
+    gen = torch.Generator().manual_seed(31)
+    count = 3000
+    exps = torch.linspace(lo, hi, count, dtype=torch.float64)
+    mantissas = 1.0 + torch.rand(count, generator=gen, dtype=torch.float64)
+    values = (torch.exp2(exps) * mantissas).to(dtype)
+    values = values[(values != 0) & values.isfinite()]
+    values[::2] = -values[::2]
+    x = values.double().abs()
+    tensors = [v.reshape(1).to(device) for v in values]
+    _, each = ops.multi_tensor_norm(tensors, ord, True, True)
+    bound = 2.0**-50 * (8.0 + x.log2().abs()) * max(1.0, 1.0 / ord)
+    rel = (each.cpu() - x).abs() / x
+    assert (rel <= bound).all(), f"worst {rel.max().item():.3g} at {x[rel.argmax()].item():.17g}"
+    # Longer tensors against the float64 reference, and the values that are
+    # no power: 0, inf and NaN.
+    tensors = [values[i:i + 257].to(device) for i in range(0, values.numel(), 257)]
+    _, each = ops.multi_tensor_norm(tensors, ord, True, True)
+    torch.testing.assert_close(each.cpu(), ref_norms_each(tensors, ord), rtol=1e-12, atol=0.0)
+    special = [torch.tensor(v, dtype=dtype, device=device).reshape(1) for v in (0.0, -math.inf, math.nan)]
+    _, each = ops.multi_tensor_norm(special + [torch.tensor([0.0, -3.0], dtype=dtype, device=device)], ord, True, True)
+    assert each[0].item() == 0.0 and each[1].item() == math.inf and math.isnan(each[2].item())
+    assert each[3].item() == pytest.approx(3.0, rel=1e-14)
+
+
 @device_param
 @ord_param
 def test_norm_mixed_dtypes(ord, device):

@@ -178,7 +178,7 @@ NormReducer compute_norms(const Work& work, NormOrder order) {
   for_each_chunk(work, [&](char* data, int64_t c, PrefetchStream& prefetch) {
     const Chunk& ch = chunks[static_cast<size_t>(c)];
     const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
-    partials[static_cast<size_t>(c)] = norm_fn(dtype)(data, ch.size, order, false, 1.0, prefetch);
+    partials[static_cast<size_t>(c)] = norm_fn(dtype, order)(data, ch.size, order, false, 1.0, prefetch);
   });
   NormReducer reducer(order, static_cast<int64_t>(descs.size()));
   reducer.reduce(chunks, partials);
@@ -198,7 +198,7 @@ NormReducer compute_norms(const Work& work, NormOrder order) {
       const Chunk& ch = again_work.chunks[static_cast<size_t>(c)];
       const DType dtype = descs[static_cast<size_t>(ch.tensor)].dtype;
       again_partials[static_cast<size_t>(c)] =
-          norm_fn(dtype)(data, ch.size, order, true, reducer.scale(ch.tensor), prefetch);
+          norm_fn(dtype, order)(data, ch.size, order, true, reducer.scale(ch.tensor), prefetch);
     });
     reducer.reduce(again_work.chunks, again_partials);
   }

@@ -4,7 +4,7 @@
 // plain loops over kLanes independent accumulators, which GCC vectorizes
 // for each ISA level of FASTCLIP_CPU_CLONES without reassociating
 // floating-point sums, so results are bitwise reproducible.
-#include "spans.h"
+#include "span_common.h"
 
 #include <cmath>
 #include <cstdint>
@@ -21,54 +21,9 @@
 #define FASTCLIP_X86_CONVERSIONS 1
 #endif
 
-// Hot loops are compiled for several x86 ISA levels and picked at load time
-// (GCC function multi-versioning): the baseline x86-64 build of a wheel
-// would otherwise leave AVX2/AVX-512 unused.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define FASTCLIP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTCLIP_CPU_CLONES
-#endif
-#if defined(__GNUC__) && !defined(__clang__)
-#define FASTCLIP_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
-#else
-#define FASTCLIP_NO_FP_CONTRACT  // no ISA clones without GCC: one build, the same bits on every CPU
-#endif
-
 namespace fastclip {
 namespace cpu {
 namespace {
-
-// Independent accumulators per span: they hide floating-point add latency
-// and let the compiler vectorize without reassociating (bitwise-stable
-// results). 32 doubles are four AVX-512 or eight AVX2 registers.
-constexpr int kLanes = 32;
-
-// Element types: storage type, and how an element reads as a real number.
-struct F32 {
-  using storage = float;
-  using compute = float;
-  static FASTCLIP_ALWAYS_INLINE float load(const float* p, int64_t i) { return p[i]; }
-  static FASTCLIP_ALWAYS_INLINE float store(float v) { return v; }
-};
-struct F64 {
-  using storage = double;
-  using compute = double;
-  static FASTCLIP_ALWAYS_INLINE double load(const double* p, int64_t i) { return p[i]; }
-  static FASTCLIP_ALWAYS_INLINE double store(double v) { return v; }
-};
-struct F16 {
-  using storage = uint16_t;
-  using compute = float;
-  static FASTCLIP_ALWAYS_INLINE float load(const uint16_t* p, int64_t i) { return half_to_float(p[i]); }
-  static FASTCLIP_ALWAYS_INLINE uint16_t store(float v) { return float_to_half(v); }
-};
-struct BF16 {
-  using storage = uint16_t;
-  using compute = float;
-  static FASTCLIP_ALWAYS_INLINE float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-  static FASTCLIP_ALWAYS_INLINE uint16_t store(float v) { return float_to_bf16(v); }
-};
 
 // bf16 pairs: two adjacent elements as one 32-bit word (memcpy: any
 // alignment, no aliasing). Widening either one to float, and rounding
@@ -102,20 +57,14 @@ FASTCLIP_ALWAYS_INLINE uint32_t bf16_join(uint32_t first, uint32_t second) {
 
 // ----------------------------------------------------------------- norm
 // kScaled: the rescue pass, values divided by `divisor` first.
-// max that keeps NaN: once a lane holds NaN, no comparison replaces it.
-// Bitwise | instead of || keeps the loop free of branches (vectorizable).
-template <typename T>
-FASTCLIP_ALWAYS_INLINE T max_keep_nan(T m, T v) {
-  return ((v > m) | (v != v)) ? v : m;
-}
-
 template <typename E, NormKind K, bool kScaled>
-FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, int64_t n, double p,
-                                                  double divisor, PrefetchStream& prefetch) {
+FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, int64_t n, double divisor,
+                                                  PrefetchStream& prefetch) {
   using T = typename E::compute;
-  // max |x| is only needed where a rescue can happen (see numerics.h); it
-  // and the inf-norm are exact in the element's own compute type.
-  constexpr bool kTrackMax = K != NormKind::kInf && (K == NormKind::kP || std::is_same<E, F64>::value);
+  // max |x| is only needed where a rescue can happen (fp64 data; see
+  // numerics.h); it and the inf-norm are exact in the element's own
+  // compute type. A general order p has its own kernels (power.cpp).
+  constexpr bool kTrackMax = K != NormKind::kInf && std::is_same<E, F64>::value;
   double acc[kLanes];
   T amax[kLanes];
   for (int l = 0; l < kLanes; ++l) {
@@ -130,7 +79,6 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
     if (kScaled) v /= divisor;
     if (K == NormKind::kTwo) acc[l] += v * v;
     if (K == NormKind::kOne) acc[l] += std::fabs(v);
-    if (K == NormKind::kP) acc[l] += std::pow(std::fabs(v), p);
   };
 
   constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(typename E::storage));
@@ -166,18 +114,17 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
   return K == NormKind::kInf ? NormPartial{top, 0.0} : NormPartial{acc[0], kTrackMax ? top : 0.0};
 }
 
+// Orders 2, 1 and inf; the driver gives a general p to power.cpp's kernels.
 template <typename E, bool kScaled>
 FASTCLIP_ALWAYS_INLINE NormPartial norm_span_order(const typename E::storage* x, int64_t n, NormOrder order,
                                                    double divisor, PrefetchStream& prefetch) {
   switch (order.kind) {
     case NormKind::kTwo:
-      return norm_span_impl<E, NormKind::kTwo, kScaled>(x, n, order.p, divisor, prefetch);
+      return norm_span_impl<E, NormKind::kTwo, kScaled>(x, n, divisor, prefetch);
     case NormKind::kOne:
-      return norm_span_impl<E, NormKind::kOne, kScaled>(x, n, order.p, divisor, prefetch);
-    case NormKind::kInf:
-      return norm_span_impl<E, NormKind::kInf, kScaled>(x, n, order.p, divisor, prefetch);
+      return norm_span_impl<E, NormKind::kOne, kScaled>(x, n, divisor, prefetch);
     default:
-      return norm_span_impl<E, NormKind::kP, kScaled>(x, n, order.p, divisor, prefetch);
+      return norm_span_impl<E, NormKind::kInf, kScaled>(x, n, divisor, prefetch);
   }
 }
 
@@ -464,8 +411,9 @@ FASTCLIP_UPDATE_SPAN(clamp_span_bf16) {
 
 FASTCLIP_NORM_SPAN(norm_span_f16) {
 #ifdef FASTCLIP_X86_CONVERSIONS
-  // The rescue pass (scaled) only ever runs for a general p: portable.
-  if (!scaled && order.kind != NormKind::kP && f16c_usable()) {
+  // A rescue pass (scaled) runs for fp64 data and a general p only, never
+  // here; it would be portable.
+  if (!scaled && f16c_usable()) {
     const auto* h = static_cast<const uint16_t*>(x);
     switch (order.kind) {
       case NormKind::kTwo:

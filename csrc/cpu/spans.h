@@ -129,10 +129,16 @@ using UpdateSpanFn = void (*)(void* x, int64_t n, double value, PrefetchStream& 
   NormPartial name(const void* x, int64_t n, NormOrder order, bool scaled, double divisor, PrefetchStream& prefetch)
 #define FASTCLIP_UPDATE_SPAN(name) void name(void* x, int64_t n, double value, PrefetchStream& prefetch)
 
+// Orders 2, 1 and inf (spans.cpp).
 FASTCLIP_NORM_SPAN(norm_span_f32);
 FASTCLIP_NORM_SPAN(norm_span_f64);
 FASTCLIP_NORM_SPAN(norm_span_f16);
 FASTCLIP_NORM_SPAN(norm_span_bf16);
+// A general order p (power.cpp): the power sum and max |x|.
+FASTCLIP_NORM_SPAN(power_span_f32);
+FASTCLIP_NORM_SPAN(power_span_f64);
+FASTCLIP_NORM_SPAN(power_span_f16);
+FASTCLIP_NORM_SPAN(power_span_bf16);
 
 // x *= coef; 16-bit types compute in float and round once (torch's opmath).
 FASTCLIP_UPDATE_SPAN(scale_span_f32);
@@ -146,16 +152,17 @@ FASTCLIP_UPDATE_SPAN(clamp_span_f64);
 FASTCLIP_UPDATE_SPAN(clamp_span_f16);
 FASTCLIP_UPDATE_SPAN(clamp_span_bf16);
 
-inline NormSpanFn norm_fn(DType d) {
+inline NormSpanFn norm_fn(DType d, NormOrder order) {
+  const bool general = order.kind == NormKind::kP;
   switch (d) {
     case DType::kFloat32:
-      return norm_span_f32;
+      return general ? power_span_f32 : norm_span_f32;
     case DType::kFloat64:
-      return norm_span_f64;
+      return general ? power_span_f64 : norm_span_f64;
     case DType::kFloat16:
-      return norm_span_f16;
+      return general ? power_span_f16 : norm_span_f16;
     default:
-      return norm_span_bf16;
+      return general ? power_span_bf16 : norm_span_bf16;
   }
 }
 
