@@ -36,6 +36,7 @@ constexpr int kFirstShift = 16;  // the first element is the word's top half
 constexpr int kFirstShift = 0;
 #endif
 constexpr int kSecondShift = 16 - kFirstShift;
+constexpr uint32_t kPairMagnitudes = 0x7FFF7FFFu;  // a pair without its two sign bits
 
 FASTCLIP_ALWAYS_INLINE uint32_t load_pair(const uint16_t* p) {
   uint32_t w;
@@ -72,13 +73,17 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
     amax[l] = T(0);
   }
 
-  auto step = [&](int l, T raw) __attribute__((always_inline)) {
-    if (K == NormKind::kInf || kTrackMax) amax[l] = max_keep_nan(amax[l], std::fabs(raw));
+  // `magnitude`: |raw| (or raw where only its square is taken).
+  auto take = [&](int l, T magnitude) __attribute__((always_inline)) {
+    if (K == NormKind::kInf || kTrackMax) amax[l] = max_keep_nan(amax[l], magnitude);
     if (K == NormKind::kInf) return;
-    double v = static_cast<double>(raw);
+    double v = static_cast<double>(magnitude);
     if (kScaled) v /= divisor;
     if (K == NormKind::kTwo) acc[l] += v * v;
-    if (K == NormKind::kOne) acc[l] += std::fabs(v);
+    if (K == NormKind::kOne) acc[l] += v;
+  };
+  auto step = [&](int l, T raw) __attribute__((always_inline)) {
+    take(l, K == NormKind::kTwo && !kTrackMax ? raw : std::fabs(raw));
   };
 
   constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(typename E::storage));
@@ -92,8 +97,18 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
       prefetch.advance(kBlockBytes);
       for (int w = 0; w < kLanes / 2; ++w) {
         const uint32_t pair = load_pair(x + i + 2 * w);
-        step(w, bf16_first(pair));
-        step(w + kLanes / 2, bf16_second(pair));
+        if (K == NormKind::kOne) {
+          // Both signs cleared in the word: GCC left this loop largely
+          // scalar when the absolute value came after the widening (3.1
+          // against 4.8 G elements/s on one Zen 4 core from L2; order 2
+          // measured 3% slower this way, so it keeps the other form).
+          const uint32_t magnitudes = pair & kPairMagnitudes;
+          take(w, bf16_first(magnitudes));
+          take(w + kLanes / 2, bf16_second(magnitudes));
+        } else {
+          step(w, bf16_first(pair));
+          step(w + kLanes / 2, bf16_second(pair));
+        }
       }
     }
   } else {
