@@ -118,8 +118,7 @@ FASTCLIP_ALWAYS_INLINE double power_of_abs(double v, double p) {
   return (a > 0.0 && a <= kDoubleMax) ? power : a;
 }
 
-// The power sum and max |x| of x[0, n), lanes as in spans.cpp's kernels:
-// element i goes to lane i % kLanes, lanes fold by the same tree.
+// The power sum and max |x| of x[0, n), lanes as in spans.cpp's kernels.
 // kScaled: the rescue pass, values divided by `divisor` (max |x|, see
 // numerics.h) first.
 template <typename E, bool kScaled>
@@ -138,19 +137,8 @@ FASTCLIP_ALWAYS_INLINE NormPartial power_span(const typename E::storage* x, int6
     if (kScaled) v /= divisor;
     acc[l] += power_of_abs(v, p);
   };
-  constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(typename E::storage));
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    prefetch.advance(kBlockBytes);
-    for (int l = 0; l < kLanes; ++l) step(l, E::load(x, i + l));
-  }
-  for (int l = 0; i < n; ++i, ++l) step(l, E::load(x, i));
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) {
-      acc[l] += acc[l + width];
-      amax[l] = max_keep_nan(amax[l], amax[l + width]);
-    }
-  }
+  for_each_element<E>(x, n, prefetch, step);
+  fold_lanes(acc, amax);
   return NormPartial{acc[0], static_cast<double>(amax[0])};
 }
 

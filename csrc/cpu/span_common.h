@@ -60,5 +60,31 @@ FASTCLIP_ALWAYS_INLINE T max_keep_nan(T m, T v) {
   return ((v > m) | (v != v)) ? v : m;
 }
 
+// Every element of x[0, n) in order, element i to lane i % kLanes:
+// step(lane, value); the prefetch stream is told of each whole block read.
+template <typename E, typename Step>
+FASTCLIP_ALWAYS_INLINE void for_each_element(const typename E::storage* x, int64_t n, PrefetchStream& prefetch,
+                                             const Step& step) {
+  constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(typename E::storage));
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch.advance(kBlockBytes);
+    for (int l = 0; l < kLanes; ++l) step(l, E::load(x, i + l));
+  }
+  for (int l = 0; i < n; ++i, ++l) step(l, E::load(x, i));
+}
+
+// The lanes' sums and maxima folded into lane 0 by a fixed tree: the same
+// bits on every ISA level and whatever the vector width.
+template <typename T>
+FASTCLIP_ALWAYS_INLINE void fold_lanes(double* acc, T* amax) {
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) {
+      acc[l] += acc[l + width];
+      amax[l] = max_keep_nan(amax[l], amax[l + width]);
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace fastclip

@@ -86,13 +86,13 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
     take(l, K == NormKind::kTwo && !kTrackMax ? raw : std::fabs(raw));
   };
 
-  constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(typename E::storage));
-  int64_t i = 0;
   if constexpr (std::is_same<E, BF16>::value) {
     // bf16 read as pairs in 32-bit words (any 2-byte alignment): elements
     // 2w and 2w+1 of a block go to lanes w and w + kLanes/2. Both widen by
     // one in-lane shift or mask, where element-wise lanes cost a cross-lane
     // permute per vector (bf16 norms are conversion-bound per core).
+    constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(uint16_t));
+    int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes) {
       prefetch.advance(kBlockBytes);
       for (int w = 0; w < kLanes / 2; ++w) {
@@ -111,20 +111,11 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
         }
       }
     }
+    for (int l = 0; i < n; ++i, ++l) step(l, E::load(x, i));
   } else {
-    for (; i + kLanes <= n; i += kLanes) {
-      prefetch.advance(kBlockBytes);
-      for (int l = 0; l < kLanes; ++l) step(l, E::load(x, i + l));
-    }
+    for_each_element<E>(x, n, prefetch, step);
   }
-  for (int l = 0; i < n; ++i, ++l) step(l, E::load(x, i));
-
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) {
-      acc[l] += acc[l + width];
-      amax[l] = max_keep_nan(amax[l], amax[l + width]);
-    }
-  }
+  fold_lanes(acc, amax);
   const double top = static_cast<double>(amax[0]);
   return K == NormKind::kInf ? NormPartial{top, 0.0} : NormPartial{acc[0], kTrackMax ? top : 0.0};
 }
