@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 
 import pytest
@@ -197,3 +198,30 @@ def test_layout_diagnostic_writes_every_layout(tmp_path, capsys):
     for row in data["rows"].values():
         assert row["norm_ms"] > 0 and row["clip_ms"] > 0
     assert "| interleaved |" in capsys.readouterr().out
+
+
+def test_orders_diagnostic_times_every_order(tmp_path, capsys):
+    from fastclip.benchmark import orders
+
+    argv = ["--sets", "tiny", "--dtypes", "fp32,bf16", "--orders", "2,1,inf,3.5", "--rounds", "1", "--out", str(tmp_path)]
+    assert orders.main(argv) == 0
+    data = json.loads((tmp_path / "orders.json").read_text())
+    assert [(r["dtype"], r["order"]) for r in data["rows"]] == [
+        (d, o) for d in ("fp32", "bf16") for o in (2.0, 1.0, math.inf, 3.5)]
+    for row in data["rows"]:
+        assert row["fastclip_ms"] > 0 and row["torch_ms"] > 0
+        assert row["fastclip_rel_err"] <= orders.FASTCLIP_RTOL
+    assert "| tiny (5 tensors" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        orders.main(["--orders", "2,-1"])
+
+
+def test_orders_diagnostic_refuses_a_wrong_norm(monkeypatch):
+    # Its correctness check can fail: a fastclip norm 1% off stops the run.
+    import fastclip
+    from fastclip.benchmark import orders
+
+    real = fastclip.get_total_norm
+    monkeypatch.setattr(fastclip, "get_total_norm", lambda grads, order: real(grads, order) * 1.01)
+    with pytest.raises(RuntimeError, match="off the float64 reference"):
+        orders.run(["tiny"], ["fp32"], [3.5], rounds=1)
