@@ -459,22 +459,23 @@ def test_norm_and_clip_bits_do_not_depend_on_thread_count(dtype):
     assert not torch.equal(first[3][0], tensors[0])  # the clip did scale
 
 
+@pytest.mark.parametrize("ord", [2.0, 3.5], ids=ord_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_caller_flush_denormal_mode_applies_to_every_chunk(dtype):
+def test_caller_flush_denormal_mode_applies_to_every_chunk(dtype, ord):
     # torch.set_flush_denormal sets the calling thread's mode only. Every
     # chunk must run in the caller's mode, whichever thread takes it, so
     # results repeat and match one thread: here subnormal inputs read as 0.
     tensors = [torch.full((2**16,), 1e-39, dtype=dtype) for _ in range(64)]  # one chunk each
     threads = torch.get_num_threads()
-    ops.multi_tensor_norm(tensors, 2.0, True)  # the worker threads exist before the mode is set
+    ops.multi_tensor_norm(tensors, ord, True)  # the worker threads exist before the mode is set
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals")
     try:
-        norms = [ops.multi_tensor_norm(tensors, 2.0, True)[1] for _ in range(10)]
+        norms = [ops.multi_tensor_norm(tensors, ord, True)[1] for _ in range(10)]
         scaled = [t.clone() for t in tensors]
         ops.multi_tensor_scale_(scaled, torch.tensor(0.5))
         torch.set_num_threads(1)
-        single = ops.multi_tensor_norm(tensors, 2.0, True)[1]
+        single = ops.multi_tensor_norm(tensors, ord, True)[1]
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)
@@ -483,7 +484,7 @@ def test_caller_flush_denormal_mode_applies_to_every_chunk(dtype):
         assert_same_bits(each, single)
     assert all(torch.equal(t.float(), torch.zeros(2**16)) for t in scaled)
     # Back in the default mode the same call sees the subnormals.
-    assert (ops.multi_tensor_norm(tensors, 2.0, True)[1] > 0).all()
+    assert (ops.multi_tensor_norm(tensors, ord, True)[1] > 0).all()
 
 
 @pytest.mark.parametrize("op", ["scale", "clamp"])
