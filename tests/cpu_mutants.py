@@ -141,6 +141,10 @@ MUTANTS = {
         "fastclip/optim.py", "the wrapper's logs are new tensors each step (lost in a compiled step)",
         "        self.last_norm.copy_(norm)\n        self.last_clip_coef.copy_(coef)",
         "        self.last_norm = norm\n        self.last_clip_coef = coef.float()"),
+    "bf16_order1_avx512_lanes_swapped": (
+        "csrc/cpu/spans.cpp", "the AVX-512 bf16 order-1 kernel sums odd elements in even lanes",
+        "    acc[1] = _mm512_add_pd(acc[1], widen_high(even));\n    acc[2] = _mm512_add_pd(acc[2], widen_low(odd));\n",
+        "    acc[1] = _mm512_add_pd(acc[1], widen_low(odd));\n    acc[2] = _mm512_add_pd(acc[2], widen_high(even));\n"),
     "power_series_term_dropped": (
         "csrc/cpu/power.cpp", "the general order's log series skips its s^5/5 term",
         "  q = q * z + 1.0 / 5;\n", ""),

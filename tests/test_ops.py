@@ -459,6 +459,60 @@ def test_norm_and_clip_bits_do_not_depend_on_thread_count(dtype):
     assert not torch.equal(first[3][0], tensors[0])  # the clip did scale
 
 
+def _lane_model_sum(values: list, bf16_pairs: bool, ord: float) -> float:
+    """A chunk's float64 power sum as the CPU kernels document it (spans.cpp,
+    README Design): 32 lanes; in each whole block of 32 elements, element j
+    goes to lane j (bf16: element 2w to lane w, 2w + 1 to lane w + 16); the
+    tail's k-th element to lane k; each lane sums in element order; the
+    lanes fold by halves (lane l += lane l + width, width 16 down to 1)."""
+    def term(v):
+        return abs(v) if ord == 1.0 else v * v  # squares of 16/32-bit values are exact in double
+
+    lanes = [0.0] * 32
+    whole = len(values) - len(values) % 32
+    for start in range(0, whole, 32):
+        for j in range(32):
+            lane = (j // 2 + 16 * (j % 2)) if bf16_pairs else j
+            lanes[lane] += term(values[start + j])
+    for k, v in enumerate(values[whole:]):
+        lanes[k] += term(v)
+    width = 16
+    while width:
+        for lane in range(width):
+            lanes[lane] += lanes[lane + width]
+        width //= 2
+    return lanes[0]
+
+
+@pytest.mark.parametrize("flush", [False, True], ids=["denormals", "flush_denormal"])
+@pytest.mark.parametrize("ord", [1.0, 2.0], ids=ord_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cpu_norm_sums_in_the_documented_lane_order(dtype, ord, flush):
+    """The CPU's float64 sums follow one order on every path (portable loops
+    per ISA level, F16C for fp16, AVX-512 for bf16 order 1; the last two not
+    taken when the thread flushes denormals): bitwise the model's, at both
+    element alignments, with values whose sums depend on their order."""
+    gen = torch.Generator().manual_seed(77)
+    n = 32 * 100 + 13  # one chunk, whole blocks and a tail
+    # Exponents wide enough that float64 sums round (fp16's range is too
+    # narrow for that at order 1: any order gives its exact sum).
+    span = {torch.float16: 13.0, torch.float64: 300.0}.get(dtype, 60.0)
+    magnitudes = torch.exp2(torch.empty(n + 1, dtype=torch.float64).uniform_(-span, span, generator=gen))
+    signs = torch.randint(0, 2, (n + 1,), generator=gen).double() * 2 - 1
+    base = (magnitudes * signs).to(dtype)
+    if not torch.set_flush_denormal(flush) and flush:
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        results = [ops.multi_tensor_norm([base[offset:offset + n]], ord, False, True)[0].item() for offset in (0, 1)]
+    finally:
+        torch.set_flush_denormal(False)
+    for offset, result in zip((0, 1), results):
+        values = base[offset:offset + n].double().tolist()
+        acc = _lane_model_sum(values, dtype == torch.bfloat16, ord)
+        expected = acc if ord == 1.0 else math.sqrt(acc)
+        assert result == expected, (offset, result, expected, result - expected)
+
+
 @pytest.mark.parametrize("ord", [2.0, 3.5], ids=ord_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_caller_flush_denormal_mode_applies_to_every_chunk(dtype, ord):

@@ -199,7 +199,7 @@ FASTCLIP_CPU_CLONES FASTCLIP_NORM_SPAN(norm_span_f32) {
 FASTCLIP_CPU_CLONES FASTCLIP_NO_FP_CONTRACT FASTCLIP_NORM_SPAN(norm_span_f64) {
   return norm_span<F64>(x, n, order, scaled, divisor, prefetch);
 }
-FASTCLIP_CPU_CLONES FASTCLIP_NORM_SPAN(norm_span_bf16) {
+FASTCLIP_CPU_CLONES FASTCLIP_NORM_SPAN(norm_span_bf16_portable) {
   return norm_span<BF16>(x, n, order, scaled, divisor, prefetch);
 }
 FASTCLIP_CPU_CLONES FASTCLIP_NORM_SPAN(norm_span_f16_portable) {
@@ -378,8 +378,68 @@ FASTCLIP_BF16_TARGET void update_bf16_avx512(uint16_t* x, int64_t n, const Op& o
 }
 #pragma GCC diagnostic pop
 
+// ------------------------------------------- bf16 order 1 through AVX-512
+// GCC vectorizes the portable order-1 bf16 loop only in part (4.8 against
+// 11.8 G elements/s for order 2 on one Zen 4 core from L2). The same
+// lanes in registers: a block's 16 pairs as one vector, signs cleared,
+// even elements (lanes 0-15) widened by a shift and odd ones (lanes
+// 16-31) by a mask, each lane summing in element order, folded by the
+// same tree: the portable kernel's bits. Not taken when the thread reads
+// denormals as zero, so that the portable kernel runs (and is tested)
+// there; the widening to double reads subnormals as zero in that mode
+// either way.
+#define FASTCLIP_AVX512_TARGET __attribute__((target("avx512f")))
+
+bool avx512_norm_usable() {
+  static const bool cpu = __builtin_cpu_supports("avx512f");
+  constexpr unsigned kDenormalsAreZero = 0x0040u;
+  return cpu && (_mm_getcsr() & kDenormalsAreZero) == 0;
+}
+
+FASTCLIP_AVX512_TARGET inline __m512d widen_low(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+FASTCLIP_AVX512_TARGET inline __m512d widen_high(__m512 v) {
+  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+FASTCLIP_AVX512_TARGET NormPartial norm1_bf16_avx512(const uint16_t* x, int64_t n, PrefetchStream& prefetch) {
+  static_assert(kFirstShift == 0, "x86 is little-endian: element 2w is the low half of pair word w");
+  constexpr int kVecs = kLanes / 8;  // doubles per AVX-512 vector
+  constexpr int64_t kBlockBytes = kLanes * static_cast<int64_t>(sizeof(uint16_t));
+  const __m512i magnitudes = _mm512_set1_epi32(static_cast<int>(kPairMagnitudes));
+  const __m512i high_halves = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512d acc[kVecs];  // lanes 8k..8k+7
+  for (int k = 0; k < kVecs; ++k) acc[k] = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch.advance(kBlockBytes);
+    const __m512i pairs = _mm512_and_si512(_mm512_loadu_si512(x + i), magnitudes);
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_halves));
+    acc[0] = _mm512_add_pd(acc[0], widen_low(even));
+    acc[1] = _mm512_add_pd(acc[1], widen_high(even));
+    acc[2] = _mm512_add_pd(acc[2], widen_low(odd));
+    acc[3] = _mm512_add_pd(acc[3], widen_high(odd));
+  }
+  double lanes[kLanes];
+  float unused[kLanes] = {};
+  for (int k = 0; k < kVecs; ++k) _mm512_storeu_pd(lanes + 8 * k, acc[k]);
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += static_cast<double>(std::fabs(bf16_to_float(x[i])));
+  fold_lanes(lanes, unused);
+  return NormPartial{lanes[0], 0.0};
+}
+
 }  // namespace
 #endif
+
+FASTCLIP_NORM_SPAN(norm_span_bf16) {
+#ifdef FASTCLIP_X86_CONVERSIONS
+  // A rescue pass (scaled) never runs for bf16 data of order 1.
+  if (!scaled && order.kind == NormKind::kOne && avx512_norm_usable()) {
+    return norm1_bf16_avx512(static_cast<const uint16_t*>(x), n, prefetch);
+  }
+#endif
+  return norm_span_bf16_portable(x, n, order, scaled, divisor, prefetch);
+}
 
 FASTCLIP_UPDATE_SPAN(scale_span_bf16) {
 #ifdef FASTCLIP_X86_CONVERSIONS
