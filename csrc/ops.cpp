@@ -65,8 +65,10 @@ bool within_storage(const at::Tensor& t, const c10::StorageImpl* storage) {
 }  // namespace
 
 const char* unwritable_reason(const at::Tensor& t) {
-  if (t.layout() != at::kStrided) return nullptr;
+  // Every layout (a sparse gradient goes to the fallback, whose write would
+  // refuse an inference tensor after the kernels' part was written).
   if (!c10::InferenceMode::is_enabled() && t.is_inference()) return "inference";
+  if (t.layout() != at::kStrided) return nullptr;
   if (!t.is_non_overlapping_and_dense() && at::has_internal_overlap(t) == at::MemOverlap::Yes) return "overlap";
   if (t.numel() > 0 && t.device().type() != c10::DeviceType::Meta &&
       !within_storage(t, t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl())) {

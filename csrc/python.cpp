@@ -31,6 +31,10 @@ namespace {
 const char* blocker(const at::Tensor& t, const at::Tensor& first) {
   if (t.layout() != at::kStrided) return "sparse";
   if (t.is_complex()) return "complex";
+  // torch's Negative fallback refuses in-place ops on a list holding a
+  // negative-bit view (torch._neg_view); the plain-PyTorch path scales it
+  // one tensor at a time, as torch's foreach=False loop does.
+  if (t.is_neg()) return "negative view";
   if (!supported_dtype(t.scalar_type())) return "dtype";
   if (t.device() != first.device()) return "devices";
   // DTensor and other __torch_dispatch__ subclasses: the ops would reach the

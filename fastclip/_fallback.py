@@ -8,6 +8,7 @@ one tensor at a time.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -70,6 +71,28 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
         # unless the data is double. A float64 coefficient would make torch
         # multiply a 0-dim tensor in double and round twice.
         t.mul_(coef.to(device=t.device, dtype=torch.float64 if t.dtype in _DOUBLE else torch.float32))
+
+
+def first_unsupported(tensors: list[Tensor], op: str) -> Optional[tuple[int, str]]:
+    """``(k, error)`` for the first tensor whose dtype torch's ``op``
+    ("mul_" or "clamp_", as the functions here call it) cannot write on its
+    device, tried once per dtype and device on a one-element tensor."""
+    tried: dict = {}
+    for k, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        if key not in tried:
+            probe = torch.zeros(1, dtype=t.dtype, device=t.device)
+            try:
+                if op == "mul_":
+                    multi_tensor_scale_([probe], torch.tensor(0.5, dtype=torch.float64))
+                else:
+                    probe.clamp_(-1.0, 1.0)
+                tried[key] = None
+            except (RuntimeError, TypeError, NotImplementedError) as e:
+                tried[key] = str(e).split("\n")[0]
+        if tried[key] is not None:
+            return k, tried[key]
+    return None
 
 
 def check_clampable(tensors: list[Tensor], names: list[str]) -> None:

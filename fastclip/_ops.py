@@ -63,10 +63,10 @@ def first_unwritable(tensors: list[Tensor]) -> Optional[tuple[int, str]]:
         return _C.first_unwritable(tensors)
     inference_ok = torch.is_inference_mode_enabled()
     for i, t in enumerate(tensors):
+        if not inference_ok and t.is_inference():  # every layout
+            return i, "inference"
         if t.layout != torch.strided:
             continue
-        if not inference_ok and t.is_inference():
-            return i, "inference"
         if torch._debug_has_internal_overlap(t) == 1:
             return i, "overlap"
         if t.numel() > 0 and t.device.type != "meta":

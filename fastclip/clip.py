@@ -184,6 +184,9 @@ def _fallback_reason(t: Tensor) -> Optional[str]:
         return f"the kernels take dense tensors, not {t.layout}"
     if t.dtype not in _KERNEL_DTYPES:
         return f"the kernels take float32/float64/float16/bfloat16 tensors, not {t.dtype}"
+    # (dynamo cannot trace is_neg(); the C++ check routes such views eagerly)
+    if not torch.compiler.is_compiling() and t.is_neg():
+        return "torch refuses in-place ops on a list holding a negative-bit view (torch._neg_view)"
     return None
 
 
@@ -309,12 +312,31 @@ def _refuse_unwritable(tensors: list[Tensor]) -> None:
     )
 
 
+def _refuse_unsupported(parts: list, op: str) -> None:
+    """Before the split path writes anything: a dtype torch's own ``op``
+    cannot write (float8, integers) would fail in the fallback's part after
+    the kernels' part was written (found in review)."""
+    if torch.compiler.is_compiling():
+        return
+    for part in parts:
+        if part.impl is _fallback:
+            found = _fallback.first_unsupported(part.tensors, op)
+            if found is not None:
+                k, error = found
+                raise TypeError(
+                    f"gradient {part.indices[k]} (counting non-None gradients) is {part.tensors[k].dtype} on "
+                    f"{part.device}, which torch's {op} cannot write ({error}); nothing was modified"
+                )
+
+
 def _scale(tensors: list[Tensor], coef: Tensor, one_call: bool) -> None:
     if one_call:
         _ops.multi_tensor_scale_(tensors, _coef_for(coef, tensors[0].device))
         return
     _refuse_unwritable(tensors)
-    for part in _split(tensors):
+    parts = _split(tensors)
+    _refuse_unsupported(parts, "mul_")
+    for part in parts:
         part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
 
 
@@ -517,6 +539,7 @@ def clip_grad_norm_(
         return _ops.clip_(grads, max_norm, norm_type, error_if_nonfinite)
     _refuse_unwritable(grads)
     parts = _split(grads)
+    _refuse_unsupported(parts, "mul_")
     first = grads[0].device
     total, _ = _split_norms(parts, first, len(grads), norm_type, per_tensor=False)
     if error_if_nonfinite:
@@ -554,6 +577,7 @@ def clip_grad_value_(
         return
     _refuse_unwritable(grads)
     parts = _split(grads)
+    _refuse_unsupported(parts, "clamp_")
     for part in parts:
         if part.impl is _fallback:
             _fallback.check_clampable(part.tensors, [f"gradient {i} (counting non-None gradients)" for i in part.indices])

@@ -290,7 +290,18 @@ _UNWRITABLE = {
                              r"gradient 1 .*beyond the memory of its storage"),
     "expanded-complex-after-kernels": (lambda: [torch.ones(4), torch.full((1,), 7.0 + 1j).expand(3)],
                                        r"gradient 1 .*share memory"),
+    # Found in review: the pre-write check skipped non-strided tensors
+    # entirely, and the fallback's dtypes were only tried while writing.
+    "sparse-inference-after-kernels": (lambda: [torch.ones(4), _inference(lambda: _sparse(torch.float32, True))],
+                                       r"gradient 1 .*inference tensor"),
+    "float8-after-kernels": (lambda: [torch.ones(4), torch.full((3,), 2.0).to(torch.float8_e4m3fn)],
+                             r"gradient 1 .*float8_e4m3fn on cpu, which torch's (mul_|clamp_) cannot write"),
 }
+
+
+def _inference(build):
+    with torch.inference_mode():
+        return build()
 _WRITERS = {
     "clip_grad_norm_": lambda ps: fastclip.clip_grad_norm_(ps, 0.1),
     "clip_grad_norm_-error_if_nonfinite": lambda ps: fastclip.clip_grad_norm_(ps, 0.1, error_if_nonfinite=True),
@@ -316,10 +327,32 @@ def test_split_path_refuses_unwritable_gradient_before_writing(case, writer, fre
     before = [g.to_dense().clone() for g in writable]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's once-only notice
-        with pytest.raises(RuntimeError, match=match):
+        with pytest.raises((RuntimeError, TypeError), match=match):
             _WRITERS[writer](params)
     for g, b in zip(writable, before):
         assert_identical(g.to_dense(), b)
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "after-sparse"])
+def test_negative_bit_views_are_clipped_one_by_one(alone, fresh_warnings):
+    # torch's Negative fallback refuses in-place ops on a list holding a
+    # torch._neg_view; such a view goes to the plain-PyTorch part (found in
+    # review: after a sparse part had been written, the kernels' op raised).
+    grads = ([] if alone else [_sparse(torch.float32, True)]) + [torch._neg_view(torch.full((4,), 10.0))]
+    refs = [g.clone() if g.layout == torch.strided else g.to_dense() for g in grads]
+    params = []
+    for g in grads:
+        params.append(torch.nn.Parameter(torch.zeros(g.shape)))
+        params[-1].grad = g
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        total = fastclip.clip_grad_norm_(params, 1.0)
+    expected = ref_norm(refs, 2.0)
+    assert_norm_close(total, expected)
+    coef = ref_coef(1.0, expected).item()
+    for p, r in zip(params, refs):
+        assert torch.allclose(p.grad.to_dense(), r * coef, rtol=1e-6, atol=0.0)
+    assert params[-1].grad.is_neg() and (params[-1].grad < 0).all()
 
 
 @pytest.mark.parametrize("writer", list(_WRITERS), ids=list(_WRITERS))

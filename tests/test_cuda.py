@@ -431,3 +431,49 @@ def test_torch_compile_fullgraph_on_cuda():
     assert_same_bits(total, expected)
     for p, q in zip(params, eager):
         assert_same_bits(p.grad, q.grad)
+
+
+def _at_odd_byte(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A CUDA tensor whose data starts one byte after an aligned address."""
+    raw = torch.zeros(numel * torch.empty(0, dtype=dtype).element_size() + 1, dtype=torch.uint8, device="cuda")
+    t = torch.empty(0, dtype=dtype, device="cuda").set_(raw.untyped_storage()[1:], 0, (numel,), (1,))
+    assert t.data_ptr() % t.element_size() == 1 % t.element_size()
+    return t
+
+
+def test_data_at_an_odd_byte_is_refused_before_anything_runs():
+    # Found in review (not run on a GPU when written): element loads at odd
+    # addresses fault with a misaligned address, which ends the context.
+    good = torch.ones(5, device="cuda")
+    odd = _at_odd_byte(1000, torch.float32)
+    for call in (lambda: ops.multi_tensor_norm([good, odd], 2.0, False),
+                 lambda: ops.multi_tensor_scale_([good, odd], torch.tensor(0.5)),
+                 lambda: ops.multi_tensor_clamp_([good, odd], 0.1),
+                 lambda: ops.clip_([good, odd], 0.1, 2.0)):
+        with pytest.raises(RuntimeError, match=r"tensors\[1\] starts at a byte address"):
+            call()
+        assert torch.equal(good, torch.ones(5, device="cuda"))
+    torch.cuda.synchronize()  # the context is still usable
+
+
+def test_clamp_of_entries_over_the_same_bytes_in_two_dtypes_follows_list_order():
+    # Found in review (not run on a GPU when written): one launch would read
+    # and write a float32 gradient and its bfloat16 view at once.
+    gen = torch.Generator().manual_seed(5)
+    # bf16-exact floats: the low halves the bf16 view sees are zeros, no NaN patterns.
+    base = (torch.randn(3 * CHUNK + 17, generator=gen) * 3).bfloat16().float()
+    results = []
+    for device in ("cpu", "cuda"):
+        g = base.to(device)
+        ops.multi_tensor_clamp_([g, g.view(torch.bfloat16)], 1e-3)
+        results.append(g.cpu())
+    assert_same_bits(results[1], results[0])
+
+
+def test_device_coefficient_inside_a_scaled_tensor_is_read_once():
+    # Found in review (not run on a GPU when written): blocks that start
+    # after a[0] was scaled would read the square of the coefficient.
+    a = torch.full((8 * CHUNK,), 0.5, device="cuda")
+    b = torch.full((8 * CHUNK,), 3.0, device="cuda")
+    ops.multi_tensor_scale_([a, b], a[0])
+    assert torch.equal(a, torch.full_like(a, 0.25)) and torch.equal(b, torch.full_like(b, 1.5))

@@ -396,6 +396,10 @@ bool avx512_norm_usable() {
   return cpu && (_mm_getcsr() & kDenormalsAreZero) == 0;
 }
 
+// (GCC 12 warns, wrongly, that its own _mm512_undefined_* inside these
+// intrinsics may be uninitialized.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 FASTCLIP_AVX512_TARGET inline __m512d widen_low(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
 FASTCLIP_AVX512_TARGET inline __m512d widen_high(__m512 v) {
   return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
@@ -427,6 +431,7 @@ FASTCLIP_AVX512_TARGET NormPartial norm1_bf16_avx512(const uint16_t* x, int64_t 
   fold_lanes(lanes, unused);
   return NormPartial{lanes[0], 0.0};
 }
+#pragma GCC diagnostic pop
 
 }  // namespace
 #endif

@@ -146,8 +146,7 @@ NormOutputs norm_outputs(const Upload& up) {
 // a view and its base), one launch per entry in list order, as the CPU
 // writes them. In one launch two blocks would read and write the same
 // elements at once: some scaled once, others twice, run to run; torch's
-// loop scales such elements twice. (Clamping twice changes nothing, so the
-// clamp needs no such order.)
+// loop scales such elements twice. (clamp_dense does the same.)
 void scale_dense(const TensorTable& table, const Upload& up, const Coefficient& coef, const c10::Device& device,
                  int sms, cudaStream_t stream) {
   if (!table.spans_overlap()) {
@@ -216,11 +215,48 @@ void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, cons
   if (batch.count > 0) flush();
 }
 
+// The kernels load and store whole elements (and 16-byte vectors after a
+// scalar head): data at an address that is no multiple of its element size
+// (a storage offset in bytes, through set_() or a DLPack import) would
+// fault with a misaligned address, which ends the CUDA context (found in
+// review; the CPU takes data at any byte).
+void check_element_aligned(const char* op, at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    const auto address = reinterpret_cast<uintptr_t>(t.data_ptr());
+    TORCH_CHECK(t.numel() == 0 || address % static_cast<uintptr_t>(t.element_size()) == 0, op, ": tensors[", i,
+                "] starts at a byte address that is no multiple of its element size (", t.element_size(),
+                " bytes); the CUDA kernels need element-aligned data: clone() it first");
+  }
+}
+
+// Clamps the dense entries of `table`, whose flat table `up` holds: in one
+// launch, or, where two entries share bytes, one launch per entry in list
+// order, as the CPU does. Clamping the same elements twice changes nothing
+// in one dtype, but entries of different dtypes over the same bytes (a
+// float32 gradient and its bfloat16 view) would be read and written at once
+// by different blocks (found in review).
+void clamp_dense(const TensorTable& table, const Upload& up, double clip_value, const c10::Device& device, int sms,
+                 cudaStream_t stream) {
+  if (!table.spans_overlap()) {
+    launch_clamp(up.table, clip_value, sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  for (const TensorDesc& d : table.descs()) {
+    if (d.numel == 0) continue;  // empty, or a view with gaps (clamped through a copy)
+    const Upload one = upload(std::vector<TensorDesc>{d}, device, Scratch::kNone);
+    launch_clamp(one.table, clip_value, sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 // ------------------------------------------------------------ the ops
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double ord, bool per_tensor,
                                                           bool fp64) {
   constexpr const char* kOp = "fastclip::multi_tensor_norm";
   check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_element_aligned(kOp, tensors);
   check_norm_order(kOp, ord);
   TORCH_CHECK(!tensors.empty(), kOp, ": tensors is empty; the CUDA implementation needs a device");
   const c10::Device device = tensors[0].device();
@@ -250,6 +286,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   constexpr const char* kOp = "fastclip::multi_tensor_scale_";
   check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_element_aligned(kOp, tensors);
   check_writable(kOp, tensors);
   if (tensors.empty()) return;
   const c10::Device device = tensors[0].device();
@@ -262,7 +299,15 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
     c.host = coef.item<double>();  // a host value: no device sync
     if (c.host == 1.0) return;     // the contract: no memory traffic at all
   } else {
-    coef_device = supported_dtype(coef.scalar_type()) ? coef : coef.to(at::kDouble);
+    // Every block reads a device coefficient when it starts: one that lies
+    // in a scaled tensor (scale_([a], a[0])) would be read after some block
+    // scaled it (found in review); it is read from a copy then, queued on
+    // the stream (no sync).
+    bool aliased = false;
+    for (const at::Tensor& t : tensors) aliased = aliased || t.storage().is_alias_of(coef.storage());
+    coef_device = supported_dtype(coef.scalar_type()) && !aliased
+                      ? coef
+                      : coef.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
     c.device = coef_device.data_ptr();
     c.dtype = to_dtype(coef_device.scalar_type());
   }
@@ -278,6 +323,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
 void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   constexpr const char* kOp = "fastclip::multi_tensor_clamp_";
   check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_element_aligned(kOp, tensors);
   check_writable(kOp, tensors);
   check_clip_value(kOp, clip_value);
   if (tensors.empty() || std::isinf(clip_value)) return;  // clamping to +-inf changes nothing
@@ -287,8 +333,7 @@ void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   const cudaStream_t stream = current_stream(device);
   const TensorTable table(tensors, TensorTable::kWrite);
   const Upload up = upload(table.descs(), device, Scratch::kNone);
-  launch_clamp(up.table, clip_value, sms, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  clamp_dense(table, up, clip_value, device, sms, stream);
   if (!table.strided().empty()) {
     // Views with gaps: through contiguous copies and the same kernel, then
     // copied back. ATen's clamp_ (fminf/fmaxf) may give +0.0 where the
@@ -307,6 +352,7 @@ void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
 at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool error_if_nonfinite) {
   constexpr const char* kOp = "fastclip::clip_";
   check_tensors(kOp, tensors, c10::DeviceType::CUDA);
+  check_element_aligned(kOp, tensors);
   check_writable(kOp, tensors);
   check_max_norm(kOp, max_norm);
   check_norm_order(kOp, ord);
