@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from .report import save_result
+
 DEFAULT_SETS = ("gpt2-124m", "10k-small")
 MAX_NORM = 1.0
 METHODS = ("torch", "fastclip", "local", "allreduce")
@@ -198,9 +200,7 @@ def main(argv=None) -> int:
     rows = run(args.world, sets, args.repeats, args.warmup)
     print(table(rows, args.world))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "distributed.json"), "w") as f:
-            json.dump({"world": args.world, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        save_result(args.out, "distributed.json", {"world": args.world, "torch": torch.__version__, "rows": rows})
     return 0
 
 

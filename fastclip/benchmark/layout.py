@@ -25,9 +25,7 @@ one restarts it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ import time
 import torch
 
 from . import shapes as shape_lists
+from .report import save_result
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REPEATS = 15
@@ -121,9 +120,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {row['norm_ms']:.2f} ({row['norm_ms'] / base['norm_ms']:.2f}x) "
               f"| {row['clip_ms']:.2f} ({row['clip_ms'] / base['clip_ms']:.2f}x) |")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "layout.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        save_result(args.out, "layout.json", result)
     return 0
 
 

@@ -15,9 +15,7 @@ one round, not one method), after checking both against float64.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -25,6 +23,7 @@ import time
 import torch
 
 from . import shapes as shape_lists
+from .report import save_result
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 DEFAULT_SETS = ("gpt2-124m", "resnet50")
@@ -129,9 +128,7 @@ def main(argv=None) -> int:
               f"| {r['torch_ms']:.2f} | {r['fastclip_ms']:.2f} | {r['speedup']:.2f}x "
               f"| {r['torch_rel_err']:.1e} / {r['fastclip_rel_err']:.1e} |")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "orders.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        save_result(args.out, "orders.json", result)
     return 0
 
 

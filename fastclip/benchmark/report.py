@@ -148,6 +148,13 @@ def write_csv(rows: list[Row], path: str) -> None:
         writer.writerows(asdict(r) for r in rows)
 
 
+def save_result(directory: str, filename: str, data: dict) -> None:
+    """A diagnostic's result as ``directory/filename`` (the directory made if needed)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, filename), "w") as f:
+        json.dump(data, f, indent=1)
+
+
 def write_json(rows: list[Row], env: dict, settings: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump({"environment": env, "settings": settings, "rows": [asdict(r) for r in rows]}, f, indent=2)
