@@ -12,7 +12,9 @@ How the clip reaches the gradients depends on the inner optimizer:
   ``grad_scale`` tensor, skipping the update where ``found_inf`` is 1): the
   divisor ``1 / coef`` and the non-finite flag are handed to that kernel, so
   clipping costs one read of the gradients for the norm and nothing else
-  of ours; no host sync.
+  of ours; no host sync. On the CPU, where the host reads it for free, a
+  divisor of exactly 1 (no clipping, no loss scale) is not handed over:
+  torch's fused kernels would divide every gradient by it and write it back.
 * any other optimizer: the fastclip scale op rescales the gradients first
   (no memory traffic when the coefficient is 1), then the inner step runs.
 
@@ -60,6 +62,21 @@ _POLICIES = ("skip", "error", "propagate")
 # Attributes through which torch's fused optimizers read a gradient divisor
 # and a skip flag (the contract GradScaler uses).
 _SCALE_ATTRS = ("grad_scale", "found_inf")
+
+# On the CPU the host reads the divisor at no cost (no device to wait for):
+# where it is exactly 1 the fused inner step runs without ``grad_scale``,
+# whose kernels divide every gradient by it and write it back (fused AdamW,
+# GPT-2 shapes, 2 threads: bf16 62 -> 51 ms per step, fp32 about 7% less).
+# Dividing by 1 is exact, so the step is the same bits either way. Tests of
+# the device path turn it off to run that path on the CPU.
+_CPU_UNIT_DIVISOR_SHORTCUT = True
+
+
+def _unit_divisor_on_host(divisor: Tensor) -> bool:
+    """True when ``divisor`` is a CPU tensor that is exactly 1, read eagerly."""
+    if not _CPU_UNIT_DIVISOR_SHORTCUT or divisor.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return divisor.item() == 1.0
 
 
 def _positive_max_norm(max_norm) -> float:
@@ -388,7 +405,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
         if not on_device and not self._check_finite(found, policy):
             return
         try:
-            inner.grad_scale = total
+            if _unit_divisor_on_host(total):
+                inner.__dict__.pop("grad_scale", None)  # a user's divisor of 1 included
+            else:
+                inner.grad_scale = total
             if on_device:
                 inner.found_inf = found
                 self.skipped_steps.add_(found.to(torch.int64))

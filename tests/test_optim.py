@@ -227,6 +227,8 @@ def _step_without_host_reads(opt, monkeypatch) -> None:
         raise AssertionError("host read inside ClippedOptimizer.step")
 
     with monkeypatch.context() as patch:
+        # The CPU's free read of a unit divisor is not the device path these tests model.
+        patch.setattr(fastclip.optim, "_CPU_UNIT_DIVISOR_SHORTCUT", False)
         for method in ("item", "__bool__", "tolist", "__float__", "__int__"):
             patch.setattr(torch.Tensor, method, no_host_read)
         opt.step()
@@ -448,6 +450,56 @@ def test_grad_scale_and_found_inf_set_on_the_inner_fused_optimizer():
     opt.step()
     _assert_bits_equal(before, model)
     assert int(opt.skipped_steps) == 1
+
+
+class _RecordingAdamW(torch.optim.AdamW):
+    """Fused AdamW that records the ``grad_scale`` its step finds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append(self.__dict__.get("grad_scale"))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cpu_step_without_clipping_hands_no_divisor_to_the_fused_step(dtype):
+    """On the CPU a divisor of exactly 1 is not passed as grad_scale (torch's
+    fused kernels would divide and rewrite every gradient); the step is the
+    inner step's bits, the gradients stay untouched, and clipping steps and a
+    user's divisor still reach the kernel."""
+    model = _model(dtype, "cpu")
+    reference = copy.deepcopy(model)
+    inner = _RecordingAdamW(model.parameters(), lr=1e-2, fused=True)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)
+    opt = fastclip.ClippedOptimizer(inner, max_norm=1e9)
+    batch = _batches(dtype, "cpu")[0]
+    for _ in range(2):
+        _loss(model, batch).backward()
+        _loss(reference, batch).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        ref_opt.step()
+        assert inner.seen[-1] is None
+        for p, g in zip(model.parameters(), grads):
+            assert_same_bits(p.grad, g)
+        for p, r in zip(model.parameters(), reference.parameters()):
+            assert_same_bits(p.detach(), r.detach())
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    opt.max_norm = 1e-3  # clipping: the divisor 1 / coef reaches the kernel
+    _loss(model, batch).backward()
+    opt.step()
+    assert isinstance(inner.seen[-1], torch.Tensor) and float(inner.seen[-1]) > 1.0
+    opt.max_norm = 1e9
+    inner.grad_scale = torch.tensor(1.0)  # a user's divisor of 1 is dropped for the step, then kept
+    opt.step()
+    assert inner.seen[-1] is None and float(inner.grad_scale) == 1.0
+    inner.grad_scale = torch.tensor(4.0)
+    opt.step()
+    assert float(inner.seen[-1]) == 4.0
 
 
 def test_is_an_optimizer_sharing_the_inner_state():

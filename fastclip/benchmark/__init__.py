@@ -5,7 +5,7 @@
 
 For each parameter list (the shapes of real architectures, no weights) and
 gradient dtype, every case (see cases.py: norm, per-tensor, noclip, clip,
-adamw) times its methods in one process: torch (foreach, loop and, for
+adamw, adamw-noclip) times its methods in one process: torch (foreach, loop and, for
 clip_grad_norm_, torch.compile), fastclip's function, fastclip's op on the
 gradient list, and for the AdamW step fastclip.ClippedOptimizer. A method
 that cannot run is reported with the reason ("unavailable", "failed",
@@ -173,7 +173,7 @@ class Runner:
         base = dict(set=set_name, dtype=dtype_name, tensors=len(shapes), mbytes=work.nbytes / 1e6)
         for name in case_names:
             case = self.cases[name]
-            blocker = _cases.adamw_blocker(work, self.quick) if name == "adamw" else None
+            blocker = _cases.adamw_blocker(work, self.quick) if case.floor == "read+adamw" else None
             if blocker is not None:
                 for method in case.methods:
                     self.progress.advance(f"{set_name} {dtype_name}", f"{name} {method.name}")

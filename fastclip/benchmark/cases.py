@@ -7,7 +7,9 @@ gradients as they are):
   per-tensor  the total norm and each tensor's norm;
   noclip      clip_grad_norm_ with the norm below max_norm: nothing to scale;
   clip        clip_grad_norm_ with the norm above max_norm: every gradient is rescaled;
-  adamw       one clipped fused AdamW step.
+  adamw       one clipped fused AdamW step;
+  adamw-noclip  one fused AdamW step with the norm below max_norm (most steps
+              of a stable run): the gradients must come out untouched.
 """
 from __future__ import annotations
 
@@ -431,14 +433,36 @@ class AdamWCase(Case):
         work.clip_target = ADAMW_MAX_NORM
         error = _check_total(method, result, work.ref_total) if result is not None else None
         coef = 1.0 if method.name == "adamw alone" else min(1.0, ADAMW_MAX_NORM / (work.ref_total + 1e-6))
-        g = g0 * coef
-        ref = p0 * (1.0 - ADAMW_LR * ADAMW_WEIGHT_DECAY) - ADAMW_LR * g / (g.abs() + _adamw_eps(work))
-        allowed = ADAMW_EPS_UNITS * torch.finfo(work.dtype).eps * (p0.abs() + ADAMW_LR)
-        allowed += ADAMW_LR * NORM_RTOL[method.family]
-        excess = (work.probe(work.params) - ref).abs() - allowed
-        if not bool((excess <= 0).all()):  # also catches NaN
-            raise Failed(f"parameters after one step differ from the float64 AdamW step (by {float(excess.max()):.2e})")
+        _check_adamw_step(method, work, p0, g0, coef)
         return error
+
+
+class AdamWNoClipCase(AdamWCase):
+    """AdamWCase with the norm below max_norm: the step on the gradients as
+    they are, which every method must leave bit-identical."""
+
+    def timed_max_norm(self, work):
+        return MAX_NORM_NOCLIP
+
+    def check(self, method, call, work):
+        before = work.fingerprint()
+        p0, g0 = work.probe(work.params), work.probe(work.grads)
+        result = call(MAX_NORM_NOCLIP)
+        if not torch.equal(work.fingerprint(), before):
+            raise Failed("the gradients changed although no clipping was needed")
+        _check_adamw_step(method, work, p0, g0, coef=1.0)
+        return _check_total(method, result, work.ref_total) if result is not None else None
+
+
+def _check_adamw_step(method: Method, work: Workload, p0: Tensor, g0: Tensor, coef: float) -> None:
+    """The probed parameters against AdamW's first step in float64 on ``coef * g0``."""
+    g = g0 * coef
+    ref = p0 * (1.0 - ADAMW_LR * ADAMW_WEIGHT_DECAY) - ADAMW_LR * g / (g.abs() + _adamw_eps(work))
+    allowed = ADAMW_EPS_UNITS * torch.finfo(work.dtype).eps * (p0.abs() + ADAMW_LR)
+    allowed += ADAMW_LR * NORM_RTOL[method.family]
+    excess = (work.probe(work.params) - ref).abs() - allowed
+    if not bool((excess <= 0).all()):  # also catches NaN
+        raise Failed(f"parameters after one step differ from the float64 AdamW step (by {float(excess.max()):.2e})")
 
 
 def adamw_blocker(work: Workload, quick: bool) -> Optional[str]:
@@ -466,6 +490,7 @@ def make_cases(compiled_clip: Callable[[Workload], Call]) -> list[Case]:
         NoClipCase("noclip", "read", "torch foreach", _clip_methods(compiled_clip)),
         ClipCase("clip", "read+scale", "torch foreach", _clip_methods(compiled_clip), check_all_first=True),
         AdamWCase("adamw", "read+adamw", "torch foreach+adamw", _adamw_methods()),
+        AdamWNoClipCase("adamw-noclip", "read+adamw", "torch foreach+adamw", _adamw_methods()),
     ]
 
 

@@ -168,6 +168,7 @@ SUMMARY_COLUMNS = [
     ("clip", "fastclip"),
     ("adamw", "fastclip+adamw"),
     ("adamw", "ClippedOptimizer"),
+    ("adamw-noclip", "ClippedOptimizer"),
 ]
 # Methods of the summary's second table (the clip case), in ms.
 SUMMARY_CLIP_METHODS = ["torch foreach", "torch loop", "torch compile", "fastclip", "fastclip op", "floor"]
