@@ -227,8 +227,8 @@ def _step_without_host_reads(opt, monkeypatch) -> None:
         raise AssertionError("host read inside ClippedOptimizer.step")
 
     with monkeypatch.context() as patch:
-        # The CPU's free read of a unit divisor is not the device path these tests model.
-        patch.setattr(fastclip.optim, "_CPU_UNIT_DIVISOR_SHORTCUT", False)
+        # The CPU's free host decisions are not the device path these tests model.
+        patch.setattr(fastclip.optim, "_CPU_HOST_DECIDES", False)
         for method in ("item", "__bool__", "tolist", "__float__", "__int__"):
             patch.setattr(torch.Tensor, method, no_host_read)
         opt.step()
@@ -453,14 +453,16 @@ def test_grad_scale_and_found_inf_set_on_the_inner_fused_optimizer():
 
 
 class _RecordingAdamW(torch.optim.AdamW):
-    """Fused AdamW that records the ``grad_scale`` its step finds."""
+    """Fused AdamW that records the ``grad_scale`` and ``found_inf`` its step finds."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen = []
+        self.seen_found = []
 
     def step(self, closure=None):
         self.seen.append(self.__dict__.get("grad_scale"))
+        self.seen_found.append(self.__dict__.get("found_inf"))
         return super().step(closure)
 
 
@@ -500,6 +502,28 @@ def test_cpu_step_without_clipping_hands_no_divisor_to_the_fused_step(dtype):
     inner.grad_scale = torch.tensor(4.0)
     opt.step()
     assert float(inner.seen[-1]) == 4.0
+    assert inner.seen_found == [None] * len(inner.seen)  # finite steps: no flag for the kernel
+
+
+def test_cpu_skips_a_nonfinite_step_on_the_host():
+    """On the CPU a non-finite step of a fused inner optimizer with state is
+    skipped without calling it (found_inf would cost torch's step a foreach
+    pass over its step counters); everything stays bit-identical."""
+    model = _model(torch.float32, "cpu")
+    inner = _RecordingAdamW(model.parameters(), lr=1e-2, fused=True)
+    opt = fastclip.ClippedOptimizer(inner, max_norm=MAX_NORM)
+    batches = _batches(torch.float32, "cpu", 2)
+    _loss(model, batches[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    state, before = _state_snapshot(opt), _param_bits(model)
+    _loss(model, batches[1]).backward()
+    _inject(model, math.nan)
+    opt.step()
+    assert len(inner.seen) == 1 and inner.seen_found == [None]
+    assert int(opt.skipped_steps) == 1
+    _assert_bits_equal(before, model)
+    _assert_state_identical(state, _state_snapshot(opt))
 
 
 def test_is_an_optimizer_sharing_the_inner_state():
