@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 import warnings
 
 import pytest
@@ -505,25 +506,49 @@ def test_cpu_step_without_clipping_hands_no_divisor_to_the_fused_step(dtype):
     assert inner.seen_found == [None] * len(inner.seen)  # finite steps: no flag for the kernel
 
 
-def test_cpu_skips_a_nonfinite_step_on_the_host():
-    """On the CPU a non-finite step of a fused inner optimizer with state is
-    skipped without calling it (found_inf would cost torch's step a foreach
-    pass over its step counters); everything stays bit-identical."""
+def test_cpu_hands_found_inf_only_to_a_nonfinite_step():
+    """On the CPU a finite step of a fused inner optimizer gets no found_inf
+    (it would cost torch's step a foreach pass over its step counters); a
+    non-finite one still reaches the inner step through it, so the inner
+    step and its hooks run as on a GPU, and everything stays bit-identical."""
     model = _model(torch.float32, "cpu")
     inner = _RecordingAdamW(model.parameters(), lr=1e-2, fused=True)
     opt = fastclip.ClippedOptimizer(inner, max_norm=MAX_NORM)
+    hooked = []
+    inner.register_step_post_hook(lambda *args: hooked.append(1))
     batches = _batches(torch.float32, "cpu", 2)
     _loss(model, batches[0]).backward()
     opt.step()
     opt.zero_grad()
+    per_step = len(hooked)
     state, before = _state_snapshot(opt), _param_bits(model)
     _loss(model, batches[1]).backward()
     _inject(model, math.nan)
     opt.step()
-    assert len(inner.seen) == 1 and inner.seen_found == [None]
-    assert int(opt.skipped_steps) == 1
+    assert inner.seen_found[0] is None and float(inner.seen_found[1]) == 1.0
+    assert per_step > 0 and len(hooked) == 2 * per_step and int(opt.skipped_steps) == 1
     _assert_bits_equal(before, model)
     _assert_state_identical(state, _state_snapshot(opt))
+
+
+def test_fused_contract_of_a_step_without_weak_references():
+    """A step whose function object takes no weak reference is still read
+    (found in review: the cache raised TypeError)."""
+
+    class Step:
+        __slots__ = ()
+
+        def __call__(self, optimizer, closure=None):
+            return torch.optim.SGD.step(optimizer, closure)
+
+    model = _model(torch.float32, "cpu")
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    inner.step = types.MethodType(Step(), inner)
+    opt = fastclip.ClippedOptimizer(inner, max_norm=1e-3)
+    assert opt._step_supports_amp_scaling
+    _loss(model, _batches(torch.float32, "cpu")[0]).backward()
+    opt.step()
+    assert float(opt.last_clip_coef) < 1.0
 
 
 def test_is_an_optimizer_sharing_the_inner_state():
