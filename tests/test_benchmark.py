@@ -62,8 +62,9 @@ def test_methods_that_run_pass_their_checks(quick_run):
 
 
 def test_each_cpu_row_is_compared_with_a_floor_timed_alongside_it(quick_run):
-    """The floor is timed right before and after each row's calls; the
-    case's floor row is the median of its rows' floors, with their range."""
+    """The floor is timed around every round of a case's methods; its rows
+    share the fastest floor call (for adamw plus the AdamW step alone), and
+    the case's floor row gives it, its range the drift over the rounds."""
     rows, *_ = quick_run
     for case in cases.make_cases(lambda work: None):
         for dtype in ("fp32", "bf16"):
@@ -72,9 +73,29 @@ def test_each_cpu_row_is_compared_with_a_floor_timed_alongside_it(quick_run):
             floor = _row(rows, case.name, "floor", dtype)
             for r in timed:
                 assert r.floor_ms > 0 and r.x_floor == pytest.approx(r.median_ms / r.floor_ms), r
-            floors = [r.floor_ms for r in timed]
-            assert floor.min_ms == min(floors) and floor.max_ms == max(floors)
-            assert floor.min_ms <= floor.median_ms <= floor.max_ms
+                assert r.floor_ms == floor.median_ms
+            assert floor.min_ms == floor.median_ms <= floor.max_ms
+
+
+def test_methods_are_timed_in_rounds(monkeypatch):
+    """Every method is checked first; then each round times a block of each,
+    the first method of a round rotating, so all meet the same moments."""
+    log = []
+
+    def method(name):
+        def build(w):
+            return lambda m: (log.append(name), fastclip.get_total_norm(w.grads))[1]
+
+        return cases.Method(name, "fastclip", build)
+
+    monkeypatch.setattr(cases, "_norm_methods", lambda: [method("torch foreach"), method("b"), method("c")])
+    argv = ["--device", "cpu", "--sets", "tiny", "--dtypes", "fp32", "--cases", "norm", "--rounds", "3",
+            "--warmup", "0", "--repeats", "3"]
+    rows, _ = benchmark.run(argv)
+    t = "torch foreach"
+    assert log[:12] == [t, "b", "c", t, "b", "c", "b", "c", t, "c", t, "b"]
+    for name in (t, "b", "c"):
+        assert _row(rows, "norm", name).repeats == 3
 
 
 def test_compile_row_says_why_it_was_skipped(quick_run):

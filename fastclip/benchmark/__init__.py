@@ -52,6 +52,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # 300 ms one, so that a run of every list stays within minutes.
 WARMUP, MIN_REPEATS, MAX_REPEATS, TARGET_S = 1, 3, 25, 0.4
 QUICK_WARMUP, QUICK_MIN_REPEATS, QUICK_MAX_REPEATS, QUICK_TARGET_S = 1, 3, 5, 0.05
+# The methods of a case are timed in ROUNDS rounds, each a block of a third
+# of the repeats and of the time target (plus WARMUP calls) per method, so
+# that all of them meet the same moments of a machine whose memory
+# bandwidth drifts (see Runner._time_rounds).
+ROUNDS, QUICK_ROUNDS = 3, 1
 # torch.compile takes 15-30 s per list on a 2-core CPU (once per list and
 # dtype, plus one recompile when max_norm changes; over a minute for the
 # 995-tensor list); each compile is cut off after COMPILE_TIMEOUT_S, and all
@@ -154,8 +159,8 @@ class Compiler:
 class Runner:
     """Runs the cases on one list after another and turns the results into rows."""
 
-    def __init__(self, device: torch.device, timer: Timer, compiler: Compiler, quick: bool):
-        self.device, self.timer, self.compiler, self.quick = device, timer, compiler, quick
+    def __init__(self, device: torch.device, timer: Timer, compiler: Compiler, quick: bool, rounds: int = 1):
+        self.device, self.timer, self.compiler, self.quick, self.rounds = device, timer, compiler, quick, rounds
         self.floors = Floors(device, timer)
         self.cases = {case.name: case for case in _cases.make_cases(compiler.build)}
         self.progress = Progress(0)
@@ -166,7 +171,7 @@ class Runner:
     def run_list(self, set_name: str, dtype_name: str, case_names: list[str]) -> list[Row]:
         shapes = SETS[set_name]()
         work = Workload.create(shapes, DTYPES[dtype_name], self.device)
-        floors = self.floors.computed(work.nbytes)  # GPU; on the CPU each row times its own
+        floors = self.floors.computed(work.nbytes)  # GPU; on the CPU each case times its own
         floor_calls = self.floors.calls(work.nbytes) if floors is None else {}
         self.compiler.new_list()
         rows: list[Row] = []
@@ -181,7 +186,7 @@ class Runner:
                 continue
             small = _cases.tiny_workload(work) if self.device.type == "cpu" else None
             memory = "read" if case.floor == "read+adamw" else case.floor  # the floor's pass over memory
-            case_rows = self._run_case(case, work, small, base, floor_calls.get(memory))
+            case_rows, spread = self._run_case(case, work, small, base, floor_calls.get(memory))
             if floors is not None:
                 for r in case_rows:
                     if r.status == OK:
@@ -191,12 +196,14 @@ class Runner:
                 for r in case_rows:
                     if r.status == OK:
                         r.floor_ms = r.floor_ms + alone.median_ms if alone else None
-            rows += self._finish(case, case_rows, base)
+            rows += self._finish(case, case_rows, base, spread)
         return rows
 
     def _run_case(
         self, case: Case, work: Workload, tiny: Optional[Workload], base: dict, floor: Optional[Callable[[], object]]
-    ) -> list[Row]:
+    ) -> tuple[list[Row], float]:
+        """Check every method, then time them in rounds; returns the rows and
+        the spread of the floor over the rounds (ms; 0 without a timed floor)."""
         rows: list[Row] = []
         checked = []
         for method in case.methods:
@@ -204,16 +211,17 @@ class Runner:
             row = Row(case=case.name, method=method.name, status=OK, **base)
             rows.append(row)
             call = self._check(case, method, work, row)
-            if call is None:
-                continue
-            if case.check_all_first:
+            if call is not None:
                 checked.append((row, method, call))
-            else:
-                self._time(case, method, call, work, tiny, row, floor)
-            call = None  # frees this method's optimizer state before the next one builds its own
-        for row, method, call in checked:
-            self._time(case, method, call, work, tiny, row, floor)
-        return rows
+        spread = self._time_rounds(case, work, checked, floor)
+        if tiny is not None:
+            for row, method, _ in checked:
+                if row.status == OK and not method.compiled:  # a compiled method would recompile for other shapes
+                    with _reported(row):
+                        case.prepare(tiny)
+                        small = method.build(tiny)
+                        row.host_overhead_ms = self.timer(lambda: small(case.timed_max_norm(tiny))).median
+        return rows, spread
 
     def _guard(self, method: Method):
         return self.compiler.limit() if method.compiled else contextlib.nullcontext()
@@ -231,30 +239,56 @@ class Runner:
             return call
         return None
 
-    def _time(
-        self, case: Case, method: Method, call: _cases.Call, work: Workload, tiny: Optional[Workload], row: Row,
-        floor: Optional[Callable[[], object]],
-    ) -> None:
-        with _reported(row):
-            before = min(self.timer(floor).times_ms) if floor is not None else None
-            with self._guard(method):
-                sample = self.timer(lambda: call(case.timed_max_norm(work)))
-            row.median_ms, row.min_ms, row.max_ms = sample.median, min(sample.times_ms), max(sample.times_ms)
-            row.repeats = len(sample.times_ms)
+    def _time_rounds(
+        self, case: Case, work: Workload, checked: list, floor: Optional[Callable[[], object]]
+    ) -> float:
+        """Time the checked methods in ``self.rounds`` rounds, each method a
+        block of calls per round (the first method of a round rotating), the
+        floor before every round and after the last. A shared machine's
+        memory bandwidth drifts by up to 1.6x within minutes: timing each
+        method once, one after the other, compared methods across those
+        moments (one run had a row at 0.85x torch that paired runs put at
+        1.15x); rounds give every method and the floor the same moments.
+        Calls are not interleaved one by one: each would evict the other's
+        data from the caches, where back-to-back calls keep theirs alike.
+        Each row's floor is the fastest floor call of the case; returns the
+        spread of the per-round floors (ms)."""
+        share = 1.0 / self.rounds
+        times: dict[int, list[float]] = {id(row): [] for row, _, _ in checked}
+        host: dict[int, list[float]] = {id(row): [] for row, _, _ in checked}
+        floors: list[float] = []
+        for r in range(self.rounds + 1):
             if floor is not None:
-                row.floor_ms = min(before, min(self.timer(floor).times_ms))
+                floors.append(min(self.timer(floor, share).times_ms))
+            if r == self.rounds:
+                break
+            for k in range(len(checked)):
+                row, method, call = checked[(k + r) % len(checked)]
+                if row.status != OK:
+                    continue
+                with _reported(row):
+                    with self._guard(method):
+                        sample = self.timer(lambda: call(case.timed_max_norm(work)), share)
+                    times[id(row)] += sample.times_ms
+                    host[id(row)] += sample.host_ms
+        for row, _, _ in checked:
+            if row.status != OK:
+                continue
+            sample = times[id(row)]
+            row.median_ms, row.min_ms, row.max_ms = statistics.median(sample), min(sample), max(sample)
+            row.repeats = len(sample)
+            if floors:
+                row.floor_ms = min(floors)
             if self.device.type == "cuda":
-                row.host_overhead_ms = statistics.median(sample.host_ms)
-            elif tiny is not None and not method.compiled:  # a compiled method would recompile for other shapes
-                case.prepare(tiny)
-                small = method.build(tiny)
-                row.host_overhead_ms = self.timer(lambda: small(case.timed_max_norm(tiny))).median
+                row.host_overhead_ms = statistics.median(host[id(row)])
+        return max(floors) - min(floors) if floors else 0.0
 
     @staticmethod
-    def _finish(case: Case, rows: list[Row], base: dict) -> list[Row]:
-        """Speedups over the case's torch baseline and ratios to each row's
-        floor, plus the floor row: the median of the rows' floors, and their
-        range (how much the machine drifted during the case)."""
+    def _finish(case: Case, rows: list[Row], base: dict, spread: float) -> list[Row]:
+        """Speedups over the case's torch baseline and ratios to the floor,
+        plus the floor row: the floor of the rows (on a GPU computed, on the
+        CPU the fastest floor call of the case, for adamw plus the AdamW step
+        alone), its range showing how far the per-round floors drifted."""
         baseline = next((r.median_ms for r in rows if r.method == case.baseline and r.status == OK), None)
         for r in rows:
             if r.status != OK:
@@ -267,9 +301,9 @@ class Runner:
         if floors:
             floor = statistics.median(floors)
             rows.append(
-                Row(case=case.name, method="floor", status=OK, median_ms=floor, min_ms=min(floors), max_ms=max(floors),
-                    speedup_vs_torch=baseline / floor if baseline is not None else None, x_floor=1.0,
-                    floor_ms=floor, note=case.floor, **base)
+                Row(case=case.name, method="floor", status=OK, median_ms=floor, min_ms=min(floors),
+                    max_ms=max(floors) + spread, speedup_vs_torch=baseline / floor if baseline is not None else None,
+                    x_floor=1.0, floor_ms=floor, note=case.floor, **base)
             )
         else:
             why = "the adamw alone row failed" if case.floor == "read+adamw" else "no row of the case was timed"
@@ -297,7 +331,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {', '.join(DTYPES)}")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=None, help=f"most timed calls per row (default {MAX_REPEATS})")
-    parser.add_argument("--warmup", type=int, default=None, help=f"untimed calls before timing (default {WARMUP})")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed calls before each block of timed calls (default {WARMUP})")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"rounds in which a case's methods are timed in turn (default {ROUNDS}; --quick {QUICK_ROUNDS})")
     parser.add_argument(
         "--compile-timeout", type=float, default=COMPILE_TIMEOUT_S,
         help="seconds one torch.compile may take before its rows report failure (0: do not compile)",
@@ -333,9 +370,9 @@ def run(argv: Optional[list[str]] = None) -> tuple[list[Row], dict]:
     sets = _choices(parser, "--sets", args.sets or ",".join(QUICK_SETS if args.quick else DEFAULT_SETS), SETS)
     dtypes = _choices(parser, "--dtypes", args.dtypes, DTYPES)
     case_names = [c for c in CASES if c in _choices(parser, "--cases", args.cases, CASES)]
-    for option, value in (("--repeats", args.repeats), ("--warmup", args.warmup)):
-        if value is not None and value < (1 if option == "--repeats" else 0):
-            parser.error(f"{option}: must be at least {1 if option == '--repeats' else 0}, got {value}")
+    for option, value, least in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1)):
+        if value is not None and value < least:
+            parser.error(f"{option}: must be at least {least}, got {value}")
     if args.quick:
         warmup, min_repeats, max_repeats, target = QUICK_WARMUP, QUICK_MIN_REPEATS, QUICK_MAX_REPEATS, QUICK_TARGET_S
     else:
@@ -356,7 +393,8 @@ def run(argv: Optional[list[str]] = None) -> tuple[list[Row], dict]:
         f"fastclip {env['fastclip']} [{env['fastclip_backend']}]",
         flush=True,
     )
-    runner = Runner(device, timer, Compiler(args.compile_timeout, args.compile_budget, disabled), args.quick)
+    rounds = (QUICK_ROUNDS if args.quick else ROUNDS) if args.rounds is None else args.rounds
+    runner = Runner(device, timer, Compiler(args.compile_timeout, args.compile_budget, disabled), args.quick, rounds)
     runner.progress = progress = Progress(runner.steps(len(sets) * len(dtypes), case_names))
     rows: list[Row] = []
     with torch.no_grad():
@@ -366,7 +404,7 @@ def run(argv: Optional[list[str]] = None) -> tuple[list[Row], dict]:
     runner.floors.release()
     progress.close()
     settings = {
-        "sets": sets, "dtypes": dtypes, "cases": case_names, "warmup": warmup, "min_repeats": min_repeats,
+        "sets": sets, "dtypes": dtypes, "cases": case_names, "rounds": rounds, "warmup": warmup, "min_repeats": min_repeats,
         "max_repeats": max_repeats, "target_s": target, "compile_timeout_s": args.compile_timeout,
         "compile_budget_s": args.compile_budget, "quick": args.quick, "floor": runner.floors.describe(),
     }

@@ -17,6 +17,7 @@ walk, a cost a training loop does not pay.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import statistics
 import threading
@@ -63,7 +64,12 @@ class Timer:
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
             self._flush = torch.ones(L2_FLUSH_FACTOR * l2 // 4, dtype=torch.int32, device=device)
 
-    def __call__(self, fn: Callable[[], object]) -> Sample:
+    def __call__(self, fn: Callable[[], object], share: float = 1.0) -> Sample:
+        """Time ``fn``; ``share`` (0 < share <= 1) of the repeats and of the
+        time target, for one of several blocks of calls of the same method."""
+        least = max(1, math.ceil(self.min_repeats * share))
+        most = max(least, math.ceil(self.max_repeats * share))
+        target = self.target_s * share
         for _ in range(self.warmup):
             fn()
         times: list[float] = []
@@ -71,7 +77,7 @@ class Timer:
         spent = 0.0
         if self._flush is not None:
             torch.cuda.synchronize(self.device)
-        while len(times) < self.min_repeats or (spent < self.target_s and len(times) < self.max_repeats):
+        while len(times) < least or (spent < target and len(times) < most):
             if self._flush is not None:
                 self._flush.sum()
                 # The GPU idles when the window opens: a method whose enqueue
@@ -101,14 +107,12 @@ class Floors:
     CPU: measured on one float32 buffer of the same bytes, in this run: one
     read pass (``sum``) for the norm, the per-tensor norms and a clip that
     writes nothing; a read pass plus one in-place multiply (``mul_``) for a
-    clip that rescales. Each row's floor is timed right before and right
-    after the row's own calls (``calls``): a shared machine's memory
-    bandwidth drifts by 1.6x within minutes (measured on the development
-    VM), so a floor timed once per list compared some rows with another
-    machine. Calls are not interleaved one by one: each would evict the
-    other's data from the caches, where back-to-back calls of one method
-    (and of the floor) keep theirs alike. The fastest of the floor's calls
-    is taken: a floor is a bound, and the fastest call is the one least
+    clip that rescales. The floor is timed before every round of a case's
+    methods and after the last (see Runner._time_rounds): a shared
+    machine's memory bandwidth drifts by 1.6x within minutes (measured on
+    the development VM), so a floor timed once per list compared some rows
+    with another machine. The fastest of the floor's calls is taken: a
+    floor is a bound, and the fastest call is the one least
     disturbed by the rest of the machine. GPU: the same
     traffic (1 or 3 times the bytes) over the device copy bandwidth,
     measured once per run.
@@ -149,7 +153,7 @@ class Floors:
         if self.gpu_bandwidth is not None:
             return f"bytes moved / device copy bandwidth ({self.gpu_bandwidth / 1e6:.0f} GB/s, measured)"
         return ("one float32 buffer of the same bytes: sum (read), sum + mul_ (read+scale), "
-                "timed right before and right after each row's calls")
+                "timed before every round of a case's methods and after the last; the fastest call")
 
 
 class TimeLimitExceeded(BaseException):
