@@ -77,25 +77,71 @@ def test_each_cpu_row_is_compared_with_a_floor_timed_alongside_it(quick_run):
             assert floor.min_ms == floor.median_ms <= floor.max_ms
 
 
-def test_methods_are_timed_in_rounds(monkeypatch):
-    """Every method is checked first; then each round times a block of each,
-    the first method of a round rotating, so all meet the same moments."""
-    log = []
+def _logging_norm_methods(monkeypatch, log, fail_on_call=None):
+    """The norm case's methods replaced by three that log their calls; the
+    read floor logs too. Method "b" raises on its call number ``fail_on_call``."""
 
     def method(name):
         def build(w):
-            return lambda m: (log.append(name), fastclip.get_total_norm(w.grads))[1]
+            calls = []
+
+            def call(m):
+                calls.append(1)
+                if name == "b" and len(calls) == fail_on_call:
+                    raise RuntimeError("b broke")
+                log.append(name)
+                return fastclip.get_total_norm(w.grads)
+
+            return call
 
         return cases.Method(name, "fastclip", build)
 
     monkeypatch.setattr(cases, "_norm_methods", lambda: [method("torch foreach"), method("b"), method("c")])
-    argv = ["--device", "cpu", "--sets", "tiny", "--dtypes", "fp32", "--cases", "norm", "--rounds", "3",
-            "--warmup", "0", "--repeats", "3"]
-    rows, _ = benchmark.run(argv)
-    t = "torch foreach"
-    assert log[:12] == [t, "b", "c", t, "b", "c", "b", "c", t, "c", t, "b"]
+    real_calls = timing.Floors.calls
+
+    def calls(self, nbytes):
+        read = real_calls(self, nbytes)["read"]
+        return {"read": lambda: (log.append("floor"), read())[1]}
+
+    monkeypatch.setattr(timing.Floors, "calls", calls)
+
+
+ROUNDS_RUN = ["--device", "cpu", "--sets", "tiny", "--dtypes", "fp32", "--cases", "norm", "--warmup", "0"]
+
+
+def test_methods_are_timed_in_rounds(monkeypatch):
+    """Every method is checked first; then each round times a block of each,
+    the first method of a round rotating, with the floor before every round
+    and after the last, so all meet the same moments."""
+    log = []
+    _logging_norm_methods(monkeypatch, log)
+    rows, _ = benchmark.run([*ROUNDS_RUN, "--rounds", "3", "--repeats", "3"])
+    t, f = "torch foreach", "floor"
+    assert log[:16] == [t, "b", "c", f, t, "b", "c", f, "b", "c", t, f, "c", t, "b", f]
     for name in (t, "b", "c"):
         assert _row(rows, "norm", name).repeats == 3
+
+
+@pytest.mark.parametrize("repeats,rounds", [(5, 3), (25, 4), (1, 3)])
+def test_repeats_is_the_most_calls_per_row_over_all_rounds(repeats, rounds):
+    rows, _ = benchmark.run([*ROUNDS_RUN, "--rounds", str(rounds), "--repeats", str(repeats)])
+    for r in rows:
+        if r.method != "floor":
+            assert r.status == "ok" and min(repeats, 3) <= r.repeats <= repeats, r
+
+
+def test_a_method_failing_in_a_later_round(monkeypatch):
+    """Its row says why and keeps no numbers; the other rows and the floor are timed."""
+    log = []
+    _logging_norm_methods(monkeypatch, log, fail_on_call=3)  # the check, round 1's call, then round 2
+    rows, _ = benchmark.run([*ROUNDS_RUN, "--rounds", "3", "--repeats", "3"])
+    broken = _row(rows, "norm", "b")
+    assert broken.status == "failed: RuntimeError: b broke"
+    assert broken.median_ms is None and broken.norm_rel_err is None and broken.repeats is None
+    assert log.count("b") == 2
+    for name in ("torch foreach", "c", "floor"):
+        assert _row(rows, "norm", name).status == "ok"
+    assert _row(rows, "norm", "c").speedup_vs_torch > 0
 
 
 def test_compile_row_says_why_it_was_skipped(quick_run):

@@ -130,12 +130,17 @@ class Compiler:
         return lambda m: fn(params, m)
 
     @contextlib.contextmanager
-    def limit(self) -> Iterator[None]:
+    def limit(self, timing: bool = False) -> Iterator[None]:
+        """The body under the time limit. ``timing``: a block of timed calls
+        of a method that compiled in its check; it gets the per-compile
+        timeout and is not charged to the budget, so that a budget running
+        out between rounds does not drop a row's earlier blocks (found in
+        review)."""
         if self.disabled:
             raise Skipped(self.disabled)
         if self.failure:
             raise Failed(f"{self.failure} (in an earlier case on this list)")
-        limit = min(self.timeout_s, self.left_s)
+        limit = self.timeout_s if timing else min(self.timeout_s, self.left_s)
         if limit <= 0:
             raise Skipped(f"the run's torch.compile budget of {self.budget_s:.0f} s is spent (--compile-budget)")
         start = time.perf_counter()
@@ -153,7 +158,8 @@ class Compiler:
             self.failure = _reason(error)
             raise
         finally:
-            self.left_s -= time.perf_counter() - start
+            if not timing:
+                self.left_s -= time.perf_counter() - start
 
 
 class Runner:
@@ -223,8 +229,8 @@ class Runner:
                         row.host_overhead_ms = self.timer(lambda: small(case.timed_max_norm(tiny))).median
         return rows, spread
 
-    def _guard(self, method: Method):
-        return self.compiler.limit() if method.compiled else contextlib.nullcontext()
+    def _guard(self, method: Method, timing: bool = False):
+        return self.compiler.limit(timing) if method.compiled else contextlib.nullcontext()
 
     def _check(self, case: Case, method: Method, work: Workload, row: Row) -> Optional[_cases.Call]:
         """Build the method and check one call; None (and the row says why) when it cannot be timed."""
@@ -253,13 +259,12 @@ class Runner:
         data from the caches, where back-to-back calls keep theirs alike.
         Each row's floor is the fastest floor call of the case; returns the
         spread of the per-round floors (ms)."""
-        share = 1.0 / self.rounds
         times: dict[int, list[float]] = {id(row): [] for row, _, _ in checked}
         host: dict[int, list[float]] = {id(row): [] for row, _, _ in checked}
         floors: list[float] = []
         for r in range(self.rounds + 1):
             if floor is not None:
-                floors.append(min(self.timer(floor, share).times_ms))
+                floors.append(min(self.timer(floor, min(r, self.rounds - 1), self.rounds).times_ms))
             if r == self.rounds:
                 break
             for k in range(len(checked)):
@@ -267,8 +272,8 @@ class Runner:
                 if row.status != OK:
                     continue
                 with _reported(row):
-                    with self._guard(method):
-                        sample = self.timer(lambda: call(case.timed_max_norm(work)), share)
+                    with self._guard(method, timing=True):
+                        sample = self.timer(lambda: call(case.timed_max_norm(work)), r, self.rounds)
                     times[id(row)] += sample.times_ms
                     host[id(row)] += sample.host_ms
         for row, _, _ in checked:
@@ -394,6 +399,7 @@ def run(argv: Optional[list[str]] = None) -> tuple[list[Row], dict]:
         flush=True,
     )
     rounds = (QUICK_ROUNDS if args.quick else ROUNDS) if args.rounds is None else args.rounds
+    rounds = min(rounds, max_repeats)  # every round times at least one call of each method
     runner = Runner(device, timer, Compiler(args.compile_timeout, args.compile_budget, disabled), args.quick, rounds)
     runner.progress = progress = Progress(runner.steps(len(sets) * len(dtypes), case_names))
     rows: list[Row] = []

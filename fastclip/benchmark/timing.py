@@ -17,7 +17,6 @@ walk, a cost a training loop does not pay.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import statistics
 import threading
@@ -64,12 +63,14 @@ class Timer:
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
             self._flush = torch.ones(L2_FLUSH_FACTOR * l2 // 4, dtype=torch.int32, device=device)
 
-    def __call__(self, fn: Callable[[], object], share: float = 1.0) -> Sample:
-        """Time ``fn``; ``share`` (0 < share <= 1) of the repeats and of the
-        time target, for one of several blocks of calls of the same method."""
-        least = max(1, math.ceil(self.min_repeats * share))
-        most = max(least, math.ceil(self.max_repeats * share))
-        target = self.target_s * share
+    def __call__(self, fn: Callable[[], object], block: int = 0, blocks: int = 1) -> Sample:
+        """Time ``fn``: block ``block`` of ``blocks`` blocks of calls of the
+        same method (at most ``max_repeats`` and at least ``min_repeats``
+        calls over all blocks, each block at least one; the time target split
+        evenly)."""
+        least = max(1, _part(self.min_repeats, block, blocks))
+        most = max(least, _part(self.max_repeats, block, blocks))
+        target = self.target_s / blocks
         for _ in range(self.warmup):
             fn()
         times: list[float] = []
@@ -99,6 +100,11 @@ class Timer:
                 host.append(times[-1])
             spent += times[-1] / 1e3
         return Sample(times, host)
+
+
+def _part(total: int, block: int, blocks: int) -> int:
+    """Block ``block``'s share of ``total`` split over ``blocks`` (the first ones get the remainder)."""
+    return total // blocks + (1 if block < total % blocks else 0)
 
 
 class Floors:
