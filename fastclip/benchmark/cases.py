@@ -62,12 +62,10 @@ ADAMW_EPS_UNITS = 4
 # (all of them for most tensors of the 10,000-tensor list): enough to see a
 # wrong coefficient or a skipped tensor, without float64 copies of 5 GB.
 ADAMW_PROBE = 4096
-# The AdamW cases hold parameters, gradients and, for each of their
-# methods' optimizers (all alive at once: the runner times the methods in
-# rounds), two state tensors per parameter; they run where that fits in
-# this fraction of the device's memory (10x the gradient bytes: the 1.2B
-# list's 4.9 GB of fp32 gradients need 49 GB, which an H200 has).
-ADAMW_MEMORY_FRACTION = 0.5
+# The AdamW cases hold parameters, gradients and two state tensors per
+# parameter (4x the gradient bytes; their methods share one optimizer); they
+# run where that fits in this fraction of the device's memory.
+ADAMW_MEMORY_FRACTION = 0.25
 # torch's fused AdamW runs one parallel region per tensor on the CPU: on
 # 10,000 tensors a step takes 0.1-4 s on a busy 2-core machine, too long
 # for --quick, which skips the AdamW case on lists longer than this.
@@ -106,6 +104,7 @@ class Workload:
     ref_each: Optional[Tensor] = None  # float64, one norm per tensor, on the CPU
     ref_total: float = 0.0
     params_ready: bool = False
+    adamw: Optional[torch.optim.Optimizer] = None  # see _adamw
     clip_target: float = 0.0  # the max_norm the gradients were last clipped to (see next_max_norm)
     _seeded_ref: tuple = ()  # the reference of the seeded gradients
 
@@ -293,7 +292,14 @@ def _adamw_eps(w: Workload) -> float:
 
 
 def _adamw(w: Workload) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(w.params, lr=ADAMW_LR, weight_decay=ADAMW_WEIGHT_DECAY, eps=_adamw_eps(w), fused=True)
+    """The list's one fused AdamW, shared by the AdamW methods (each check
+    starts it from empty state, see AdamWCase.prepare): the methods are timed
+    in rounds, all alive at once, and one optimizer's state per method would
+    need 10x the gradient bytes instead of 4x. The cost of a step does not
+    depend on the state's values."""
+    if w.adamw is None:
+        w.adamw = torch.optim.AdamW(w.params, lr=ADAMW_LR, weight_decay=ADAMW_WEIGHT_DECAY, eps=_adamw_eps(w), fused=True)
+    return w.adamw
 
 
 def _adamw_methods() -> list[Method]:
@@ -410,7 +416,7 @@ class ClipCase(Case):
 
 
 class AdamWCase(Case):
-    """Each method starts from the seeded gradients and a fresh optimizer; its
+    """Each method starts from the seeded gradients and empty optimizer state; its
     first step (clipping to ADAMW_MAX_NORM) is compared, on the first
     ADAMW_PROBE elements of every parameter, with AdamW's first step in
     float64, which has a closed form: p = p0 (1 - lr wd) - lr g / (|g| + eps),
@@ -421,6 +427,8 @@ class AdamWCase(Case):
         if not work.params_ready:
             work.init_params()
         work.fill_grads()
+        if work.adamw is not None:
+            work.adamw.state.clear()  # the next step is a first step again
 
     def timed_max_norm(self, work):
         return work.next_max_norm()
@@ -471,7 +479,7 @@ def adamw_blocker(work: Workload, quick: bool) -> Optional[str]:
         memory = torch.cuda.get_device_properties(work.device).total_memory
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    need = (2 + 2 * len(_adamw_methods())) * work.nbytes
+    need = 4 * work.nbytes
     if need > ADAMW_MEMORY_FRACTION * memory:
         return (
             f"needs {need / 1e9:.1f} GB for parameters, gradients and AdamW state, "
