@@ -233,4 +233,32 @@ FASTCLIP_HD double clip_coefficient(double max_norm, double total_norm) {
   return (is_nan(c) || c < 1.0) ? c : 1.0;
 }
 
+// NaN, inf or -inf (a negative loss scale can make a norm -inf).
+FASTCLIP_HD bool not_finite(double x) { return !(fabs(x) < INFINITY); }
+
+// The scalars of one clipped optimizer step (the clip_scalars_ op), from
+// the float64 norm of the gradients as they are (still multiplied by a
+// loss scale, if any). One function for the CPU and the CUDA kernel.
+struct StepScalars {
+  double norm;    // the gradients' norm without the loss scale
+  double coef;    // min(1, max_norm / (norm + 1e-6))
+  double factor;  // coef / loss_scale: what an unfused step multiplies the gradients by
+  float divisor;  // loss_scale * extra_scale / coef in float32: a fused step's grad_scale
+  bool found;     // the step must not be taken
+};
+
+// loss_scale, extra_scale: 1 when absent. found_in: a flag given from
+// outside is set. skip_inf_divisor: a divisor beyond float32's range
+// (which no fused float32 kernel can apply) also sets `found`.
+FASTCLIP_HD StepScalars step_scalars(double raw_norm, double max_norm, double loss_scale, double extra_scale,
+                                     bool found_in, bool skip_inf_divisor) {
+  StepScalars s;
+  s.norm = raw_norm / loss_scale;
+  s.coef = clip_coefficient(max_norm, s.norm);
+  s.factor = s.coef / loss_scale;
+  s.divisor = static_cast<float>(loss_scale * extra_scale / s.coef);
+  s.found = found_in || not_finite(s.norm) || (skip_inf_divisor && fabs(s.divisor) == INFINITY);
+  return s;
+}
+
 }  // namespace fastclip

@@ -15,7 +15,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <optional>
 #include <tuple>
+#include <utility>
 
 namespace fastclip {
 
@@ -136,6 +138,52 @@ void check_coef(const char* op, const at::Tensor& coef, const c10::Device& devic
               ": coef must be a floating-point tensor, got ", coef.scalar_type());
   TORCH_CHECK(coef.device().is_cpu() || coef.device() == device, op, ": coef is on ",
               coef.device(), " but the tensors are on ", device);
+}
+
+namespace {
+// `t` (named `name`) has one element, of dtype `dtype` when given, else a
+// dtype the kernels read, and is on `device`.
+void check_scalar(const char* op, const char* name, const at::Tensor& t, const c10::Device& device,
+                  std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(t.defined() && t.numel() == 1, op, ": ", name, " must be a tensor with one element, got ",
+              t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " has layout ", t.layout(), "; a dense tensor is needed");
+  if (dtype.has_value()) {
+    TORCH_CHECK(t.scalar_type() == *dtype, op, ": ", name, " must be a ", *dtype, " tensor, got ", t.scalar_type());
+  } else {
+    TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ", t.scalar_type(),
+                "; supported dtypes are float32, float64, float16 and bfloat16");
+  }
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but norm is on ", device);
+}
+}  // namespace
+
+void check_clip_scalars(const char* op, const at::Tensor& norm, double max_norm,
+                        const std::optional<at::Tensor>& loss_scale, const std::optional<at::Tensor>& extra_scale,
+                        const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& extra_found,
+                        const at::Tensor& last_norm, const at::Tensor& last_coef, const at::Tensor& skipped,
+                        c10::DeviceType device_type) {
+  TORCH_CHECK(norm.defined(), op, ": norm is an undefined tensor");
+  const c10::Device device = norm.device();
+  TORCH_CHECK(device.type() == device_type, op, ": norm is on ", device, ", which this implementation does not serve");
+  check_scalar(op, "norm", norm, device, std::nullopt);
+  check_max_norm(op, max_norm);
+  const std::pair<const char*, const std::optional<at::Tensor>*> inputs[] = {
+      {"loss_scale", &loss_scale}, {"extra_scale", &extra_scale}, {"found_inf", &found_inf}, {"extra_found", &extra_found}};
+  for (const auto& [name, t] : inputs) {
+    if (t->has_value()) check_scalar(op, name, **t, device, std::nullopt);
+  }
+  check_scalar(op, "last_norm", last_norm, device, at::kFloat);
+  check_scalar(op, "last_coef", last_coef, device, at::kFloat);
+  check_scalar(op, "skipped", skipped, device, at::kLong);
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  const std::pair<const char*, const at::Tensor*> written[] = {
+      {"last_norm", &last_norm}, {"last_coef", &last_coef}, {"skipped", &skipped}};
+  for (const auto& [name, t] : written) {
+    TORCH_CHECK(inference_mode || !t->is_inference(), op, ": ", name,
+                " is an inference tensor, and an inplace update to an inference tensor outside InferenceMode "
+                "is not allowed (as in torch)");
+  }
 }
 
 TensorTable::TensorTable(at::TensorList tensors, Access access) {
@@ -270,6 +318,12 @@ void bump_versions(at::TensorList tensors) {
   }
 }
 
+void bump_clip_scalars(const at::Tensor& last_norm, const at::Tensor& last_coef, const at::Tensor& skipped,
+                       bool count_skip) {
+  bump_versions({last_norm, last_coef});
+  if (count_skip) bump_versions({skipped});
+}
+
 }  // namespace fastclip
 
 // The contract between Python and the kernels; one schema per op.
@@ -288,6 +342,21 @@ TORCH_LIBRARY(fastclip, m) {
   // error_if_nonfinite: raise torch's error instead, before anything is
   // written, when the norm is NaN or inf (this reads the norm on the host).
   m.def("clip_(Tensor(a!)[] tensors, float max_norm, float ord, bool error_if_nonfinite=False) -> Tensor");
+  // The scalars of a clipped optimizer step, in one kernel on norm's device
+  // (ClippedOptimizer; see step_scalars in numerics.h). norm: the float64
+  // norm of the gradients as they are, loss_scale: what they are still
+  // multiplied by, extra_scale: a further divisor for a fused step;
+  // found_inf, extra_found: flags set from outside (> 0). Writes
+  // last_norm = norm / loss_scale and last_coef = min(1, max_norm /
+  // (that + 1e-6)) (float32), adds the returned flag to skipped (int64)
+  // when count_skip; returns (coef / loss_scale as float64, loss_scale *
+  // extra_scale / coef as float32, found as float32 0 or 1), where found
+  // is set by a flag, a non-finite norm, or with skip_inf_divisor a
+  // divisor beyond float32's range. Absent scales are 1, absent flags 0.
+  m.def(
+      "clip_scalars_(Tensor norm, float max_norm, Tensor? loss_scale, Tensor? extra_scale, Tensor? found_inf, "
+      "Tensor? extra_found, bool skip_inf_divisor, Tensor(a!) last_norm, Tensor(b!) last_coef, Tensor(c!) skipped, "
+      "bool count_skip) -> (Tensor, Tensor, Tensor)");
 }
 
 
@@ -342,6 +411,24 @@ at::Tensor clip_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double 
   return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, max_norm, ord, error_if_nonfinite);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
+    c10::DispatchKeySet ks, const at::Tensor& norm, double max_norm, const std::optional<at::Tensor>& loss_scale,
+    const std::optional<at::Tensor>& extra_scale, const std::optional<at::Tensor>& found_inf,
+    const std::optional<at::Tensor>& extra_found, bool skip_inf_divisor, const at::Tensor& last_norm,
+    const at::Tensor& last_coef, const at::Tensor& skipped, bool count_skip) {
+  static const auto op = op_handle<ClipScalarsSig>("fastclip::clip_scalars_");
+  if (c10::GradMode::is_enabled()) {
+    const std::pair<const char*, const at::Tensor*> written[] = {{"last_norm", &last_norm}, {"last_coef", &last_coef}};
+    for (const auto& [name, t] : written) {
+      TORCH_CHECK(!t->requires_grad(), "fastclip::clip_scalars_: ", name,
+                  " requires grad; the op writes it in place and is not differentiable");
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, norm, max_norm, loss_scale, extra_scale, found_inf,
+                       extra_found, skip_inf_divisor, last_norm, last_coef, skipped, count_skip);
+}
+
 }  // namespace
 }  // namespace fastclip
 
@@ -351,4 +438,5 @@ TORCH_LIBRARY_IMPL(fastclip, Autograd, m) {
   m.impl("multi_tensor_scale_", &fastclip::scale_autograd);
   m.impl("multi_tensor_clamp_", &fastclip::clamp_autograd);
   m.impl("clip_", &fastclip::clip_autograd);
+  m.impl("clip_scalars_", &fastclip::clip_scalars_autograd);
 }

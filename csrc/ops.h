@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "fastclip.h"
@@ -38,6 +40,15 @@ void check_norm_finite(double norm, double ord);
 [[noreturn]] void raise_nonfinite_norm(double ord);
 // coef: a one-element floating tensor on the CPU or on `device`.
 void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device);
+// The arguments of clip_scalars_, before anything is written: norm a
+// one-element floating tensor of a `device_type` device; the optional
+// scalars one-element floating tensors and the logs one-element float32
+// (last_norm, last_coef) and int64 (skipped) tensors, all on norm's device.
+void check_clip_scalars(const char* op, const at::Tensor& norm, double max_norm,
+                        const std::optional<at::Tensor>& loss_scale, const std::optional<at::Tensor>& extra_scale,
+                        const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& extra_found,
+                        const at::Tensor& last_norm, const at::Tensor& last_coef, const at::Tensor& skipped,
+                        c10::DeviceType device_type);
 
 // Marks the tensors as modified for autograd, as torch's in-place ops do,
 // so that a saved tensor a clip wrote is caught at backward time. Called by
@@ -45,6 +56,9 @@ void check_coef(const char* op, const at::Tensor& coef, const c10::Device& devic
 // CPU knows whether it wrote (a coefficient of 1 writes nothing), a GPU
 // decides on the device, so its glue bumps whenever a writing kernel ran.
 void bump_versions(at::TensorList tensors);
+// The version bumps of clip_scalars_: its logs, and skipped when counted.
+void bump_clip_scalars(const at::Tensor& last_norm, const at::Tensor& last_coef, const at::Tensor& skipped,
+                       bool count_skip);
 
 bool supported_dtype(at::ScalarType t);
 DType to_dtype(at::ScalarType t);
@@ -88,5 +102,9 @@ using NormSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, bool,
 using ScaleSig = void(at::TensorList, const at::Tensor&);
 using ClampSig = void(at::TensorList, double);
 using ClipSig = at::Tensor(at::TensorList, double, double, bool);
+using ClipScalarsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, bool);
 
 }  // namespace fastclip

@@ -73,6 +73,33 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
         t.mul_(coef.to(device=t.device, dtype=torch.float64 if t.dtype in _DOUBLE else torch.float32))
 
 
+def clip_scalars_(
+    norm: Tensor, max_norm: float, loss_scale: Optional[Tensor], extra_scale: Optional[Tensor],
+    found_inf: Optional[Tensor], extra_found: Optional[Tensor], skip_inf_divisor: bool,
+    last_norm: Tensor, last_coef: Tensor, skipped: Tensor, count_skip: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's float64 arithmetic in the same order (``step_scalars`` in
+    csrc/numerics.h): absent scales are 1, absent flags 0."""
+    def value(t: Optional[Tensor], absent: float) -> Tensor:
+        if t is None:
+            return torch.full((), absent, dtype=torch.float64, device=norm.device)
+        return t.reshape(()).to(norm.device, torch.float64)
+
+    scale = value(loss_scale, 1.0)
+    norm64 = norm.reshape(()).to(torch.float64) / scale
+    # A true division, as the op (max_norm / tensor is a reciprocal times max_norm in torch).
+    coef = torch.clamp(torch.full_like(norm64, max_norm) / (norm64 + 1e-6), max=1.0)
+    divisor = (scale * value(extra_scale, 1.0) / coef).to(torch.float32)
+    found = ~torch.isfinite(norm64) | (value(found_inf, 0.0) > 0) | (value(extra_found, 0.0) > 0)
+    if skip_inf_divisor:
+        found = found | torch.isinf(divisor)
+    last_norm.copy_(norm64)
+    last_coef.copy_(coef)
+    if count_skip:
+        skipped.add_(found.to(torch.int64))
+    return coef / scale, divisor, found.to(torch.float32)
+
+
 def first_unsupported(tensors: list[Tensor], op: str) -> Optional[tuple[int, str]]:
     """``(k, error)`` for the first tensor whose dtype torch's ``op``
     ("mul_" or "clamp_", as the functions here call it) cannot write on its

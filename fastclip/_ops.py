@@ -115,6 +115,20 @@ def clip_(tensors: list[Tensor], max_norm: float, ord: float, error_if_nonfinite
     return torch.ops.fastclip.clip_.default(tensors, float(max_norm), float(ord), bool(error_if_nonfinite))
 
 
+def clip_scalars_(
+    norm: Tensor, max_norm: float, loss_scale: Optional[Tensor], extra_scale: Optional[Tensor],
+    found_inf: Optional[Tensor], extra_found: Optional[Tensor], skip_inf_divisor: bool,
+    last_norm: Tensor, last_coef: Tensor, skipped: Tensor, count_skip: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The scalars of a clipped optimizer step in one kernel: ``(factor,
+    divisor, found)``; writes ``last_norm``, ``last_coef`` and, with
+    ``count_skip``, adds ``found`` to ``skipped`` (see the schema)."""
+    return torch.ops.fastclip.clip_scalars_.default(
+        norm, float(max_norm), loss_scale, extra_scale, found_inf, extra_found, bool(skip_inf_divisor),
+        last_norm, last_coef, skipped, bool(count_skip),
+    )
+
+
 def _device_of(tensors: list[Tensor]) -> torch.device:
     return tensors[0].device if len(tensors) > 0 else torch.device("cpu")
 
@@ -140,3 +154,12 @@ if _C is not None:
     @torch.library.register_fake("fastclip::clip_")
     def _clip_fake(tensors, max_norm, ord, error_if_nonfinite=False):
         return torch.empty((), dtype=torch.float32, device=_device_of(tensors))
+
+    @torch.library.register_fake("fastclip::clip_scalars_")
+    def _clip_scalars_fake(norm, max_norm, loss_scale, extra_scale, found_inf, extra_found, skip_inf_divisor,
+                           last_norm, last_coef, skipped, count_skip):
+        return (
+            torch.empty((), dtype=torch.float64, device=norm.device),
+            torch.empty((), dtype=torch.float32, device=norm.device),
+            torch.empty((), dtype=torch.float32, device=norm.device),
+        )

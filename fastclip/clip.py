@@ -269,8 +269,13 @@ def _norms(tensors: list[Tensor], ord: float, per_tensor: bool, one_call: bool, 
 
 
 def _coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
-    """min(1, max_norm / (norm + 1e-6)) in float64, NaN kept, on the norm's device."""
-    return torch.clamp(max_norm / (total_norm.to(torch.float64) + 1e-6), max=1.0)
+    """min(1, max_norm / (norm + 1e-6)) in float64, NaN kept, on the norm's device.
+
+    A true division, as the ops' kernels take it: ``max_norm / tensor`` is
+    ``tensor.reciprocal() * max_norm`` in torch, a rounding more (one ulp
+    off in about a quarter of cases)."""
+    norm = total_norm.to(torch.float64)
+    return torch.clamp(torch.full_like(norm, max_norm) / (norm + 1e-6), max=1.0)
 
 
 def _coef_for(coef: Tensor, device: torch.device) -> Tensor:

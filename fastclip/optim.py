@@ -5,6 +5,9 @@
 
 ``step()`` takes the global norm of every gradient of every param group in
 one fused pass, then lets the inner optimizer step on the clipped gradients.
+The arithmetic on scalars between the two (coefficient, divisor, skip flag,
+logs, skip count) is one op, ``clip_scalars_``: one launch on a GPU where
+it took 21 small ones as 0-dim torch operations.
 How the clip reaches the gradients depends on the inner optimizer:
 
 * fused (torch's ``fused=True`` Adam, AdamW, SGD, Adagrad: they set
@@ -56,6 +59,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from . import _fallback, _ops
 from . import clip as _clip
 
 __all__ = ["ClippedOptimizer"]
@@ -80,6 +84,13 @@ _CPU_HOST_DECIDES = True
 def _host_decides(total: Tensor) -> bool:
     """True where the host reads ``total`` (the fused divisor) for free: the CPU, eager."""
     return _CPU_HOST_DECIDES and total.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _scalar_on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    """A scale or flag where clip_scalars_ reads it: on the norm's device, in a dtype it reads."""
+    if t is None or (t.device == device and t.dtype in _clip._KERNEL_DTYPES):
+        return t
+    return t.to(device, t.dtype if t.dtype in _clip._KERNEL_DTYPES else torch.float64)
 
 
 def _positive_max_norm(max_norm) -> float:
@@ -317,18 +328,45 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 one_call = len(grads) > 0 and _clip._one_call(grads)
             else:
                 raw, _ = _clip._norms(grads, self.norm_type, False, one_call, fp64=True)
-            norm64 = raw if divisor is None else raw / divisor.to(raw.device, torch.float64)
-            norm = norm64.float()
-            coef = _clip._coefficient(self._max_norm, norm64)
-            bad = (~torch.isfinite(norm64)).float()
-            found = bad if scaler_found is None else torch.maximum(bad, (scaler_found.to(bad.device) > 0).float())
-            self._record(norm, coef)
         policy = "skip" if scaler_found is not None else self.nonfinite
-        if _folds(self.optimizer):
-            self._fused_step(coef, divisor, found, policy)
+        inner = self.optimizer
+        folds = _folds(inner)
+        # A divisor and flag the inner optimizer already carries (set by its
+        # user) stay in force for a fused step.
+        saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__} if folds else {}
+        on_device = folds and policy == "skip" and self._has_state()
+        factor, total, found = self._scalars(
+            raw, divisor, saved.get("grad_scale"), scaler_found, saved.get("found_inf"),
+            skip_inf_divisor=folds and policy != "propagate", count_skip=on_device,
+        )
+        if folds:
+            self._fused_step(total, found, policy, saved, on_device)
         else:
-            self._plain_step(held, grads, one_call, coef, divisor, found, policy)
+            self._plain_step(held, grads, one_call, factor, found, policy)
         return loss
+
+    def _scalars(
+        self, raw: Tensor, loss_scale: Optional[Tensor], extra_scale: Optional[Tensor], found_inf: Optional[Tensor],
+        extra_found: Optional[Tensor], skip_inf_divisor: bool, count_skip: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The step's scalars from the float64 norm ``raw`` (one kernel, see
+        ``clip_scalars_``): the logs are written, and with ``count_skip`` a
+        skipped step is counted on the device. Returns the factor for an
+        unfused step, the divisor for a fused one and the skip flag."""
+        device = raw.device
+        if self.last_norm.device != device or self.last_norm.dtype != torch.float32:
+            # The parameters moved (the count moves with them), or logs of a
+            # wrapper pickled under another default dtype.
+            skipped = self.skipped_steps.to(device)
+            self._new_logs(device)
+            self.skipped_steps.copy_(skipped)
+        scalars = [_scalar_on(t, device) for t in (loss_scale, extra_scale, found_inf, extra_found)]
+        impl = _ops if device.type in _clip._KERNEL_DEVICES else _fallback
+        with torch.no_grad():
+            return impl.clip_scalars_(
+                raw, self._max_norm, *scalars, skip_inf_divisor,
+                self.last_norm, self.last_clip_coef, self.skipped_steps, count_skip,
+            )
 
     def _incoming_scale(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The gradient divisor and inf flag a GradScaler (or the user) set on the wrapper."""
@@ -339,17 +377,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
         return divisor, found
 
     def _new_logs(self, device: torch.device) -> None:
-        self.last_norm = torch.zeros((), device=device)
-        self.last_clip_coef = torch.ones((), device=device)
+        self.last_norm = torch.zeros((), dtype=torch.float32, device=device)
+        self.last_clip_coef = torch.ones((), dtype=torch.float32, device=device)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
-
-    def _record(self, norm: Tensor, coef: Tensor) -> None:
-        if self.last_norm.device != norm.device:  # the parameters moved (the count moves with them)
-            skipped = self.skipped_steps.to(norm.device)
-            self._new_logs(norm.device)
-            self.skipped_steps.copy_(skipped)
-        self.last_norm.copy_(norm)
-        self.last_clip_coef.copy_(coef)
 
     def _check_finite(self, found: Tensor, policy: str) -> bool:
         """One host read of the flag; raise under "error". True when the step may go on."""
@@ -405,23 +435,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
             return True
         return all(p.grad is None or bool(state.get(p)) for group in stateful for p in group["params"])
 
-    def _fused_step(self, coef: Tensor, divisor: Optional[Tensor], found: Tensor, policy: str) -> None:
+    def _fused_step(self, total: Tensor, found: Tensor, policy: str, saved: dict, on_device: bool) -> None:
+        """Hand the divisor ``total`` (and, on the device, the flag) to the fused inner step."""
         inner = self.optimizer
-        saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__}
-        # A divisor the inner optimizer already carries (set by its user) stays in force.
-        if "grad_scale" in saved:
-            prior = saved["grad_scale"].to(coef.device, torch.float64)
-            divisor = prior if divisor is None else divisor.to(coef.device, torch.float64) * prior
-        if "found_inf" in saved:
-            found = torch.maximum(found, (saved["found_inf"].to(found.device) > 0).float())
-        total = (1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef).float()
-        if policy != "propagate":
-            # A divisor beyond float32's range (a norm above 3.4e38 * max_norm
-            # with the loss scale in) cannot reach the fused kernel: such a
-            # step is skipped (or raises), not taken with gradients divided by inf.
-            found = torch.maximum(found, torch.isinf(total).float())
         host = _host_decides(total)
-        on_device = policy == "skip" and self._has_state()
         if on_device and host and found.item() == 0.0:
             # A finite step needs no flag. A non-finite one still reaches the
             # inner step through found_inf, so its hooks run as on a GPU.
@@ -434,8 +451,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             else:
                 inner.grad_scale = total
             if on_device:
-                inner.found_inf = found
-                self.skipped_steps.add_(found.to(torch.int64))
+                inner.found_inf = found  # counted in skipped_steps by clip_scalars_
             else:
                 inner.__dict__.pop("found_inf", None)
             inner.step()
@@ -445,13 +461,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
             inner.__dict__.update(saved)
 
     def _plain_step(
-        self, held, grads: Optional[list[Tensor]], one_call: bool, coef: Tensor, divisor: Optional[Tensor],
-        found: Tensor, policy: str,
+        self, held, grads: Optional[list[Tensor]], one_call: bool, factor: Tensor, found: Tensor, policy: str,
     ) -> None:
-        """Scale the gradients (``held`` on the fast path, else ``grads``), then step."""
+        """Scale the gradients (``held`` on the fast path, else ``grads``) by ``factor``, then step."""
         if not self._check_finite(found, policy):
             return
-        factor = coef if divisor is None else coef / divisor.to(coef.device, torch.float64)
         with torch.no_grad():
             if held is not None:
                 _clip._scale_held(held, factor)

@@ -111,36 +111,46 @@ MUTANTS = {
         "    if value != value:\n        raise ValueError(f\"clip_value"),
     "coefficient_not_clamped": (
         "fastclip/clip.py", "the split path's coefficient not clamped to 1 (small norms scaled up)",
-        "    return torch.clamp(max_norm / (total_norm.to(torch.float64) + 1e-6), max=1.0)",
-        "    return max_norm / (total_norm.to(torch.float64) + 1e-6)"),
+        "    return torch.clamp(torch.full_like(norm, max_norm) / (norm + 1e-6), max=1.0)",
+        "    return torch.full_like(norm, max_norm) / (norm + 1e-6)"),
     "fallback_combine_unscaled": (
         "fastclip/_fallback.py", "the fallback combines per-tensor norms without scaling (overflow)",
         "    return torch.linalg.vector_norm(norms / scale, ord) * scale",
         "    return torch.linalg.vector_norm(norms, ord)"),
     "fused_step_divisor_inverted": (
-        "fastclip/optim.py", "the fused step's grad_scale multiplies by the coefficient instead of dividing",
-        "        total = (1.0 / coef if divisor is None else divisor.to(coef.device, torch.float64) / coef).float()",
-        "        total = (coef if divisor is None else divisor.to(coef.device, torch.float64) * coef).float()"),
+        "csrc/numerics.h", "the fused step's grad_scale multiplies by the coefficient instead of dividing",
+        "  s.divisor = static_cast<float>(loss_scale * extra_scale / s.coef);",
+        "  s.divisor = static_cast<float>(loss_scale * extra_scale * s.coef);"),
     "user_grad_scale_ignored": (
         "fastclip/optim.py", "a grad_scale the user set on the inner optimizer is dropped",
-        "            divisor = prior if divisor is None else divisor.to(coef.device, torch.float64) * prior",
-        "            pass"),
+        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, saved.get(\"found_inf\"),",
+        "            raw, divisor, None, scaler_found, saved.get(\"found_inf\"),"),
     "user_found_inf_ignored": (
         "fastclip/optim.py", "a found_inf the user set on the inner optimizer is dropped",
-        "            found = torch.maximum(found, (saved[\"found_inf\"].to(found.device) > 0).float())",
-        "            pass"),
+        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, saved.get(\"found_inf\"),",
+        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, None,"),
+    "scalars_factor_by_reciprocal": (
+        "csrc/numerics.h", "the unfused step's factor is the coefficient times 1 / loss_scale (two roundings)",
+        "  s.factor = s.coef / loss_scale;", "  s.factor = s.coef * (1.0 / loss_scale);"),
+    "scalars_inf_divisor_not_found": (
+        "csrc/numerics.h", "a fused divisor beyond float32's range does not skip the step",
+        "(skip_inf_divisor && fabs(s.divisor) == INFINITY)", "false"),
+    "scalars_skip_counted_always": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "clip_scalars_ counts every step as skipped",
+        "  if (count_skip) *skipped.data_ptr<int64_t>() += s.found ? 1 : 0;",
+        "  if (count_skip) *skipped.data_ptr<int64_t>() += 1;"),
     "fp64_norms_rounded": (
         "csrc/cpu/multi_tensor_cpu.cpp", "the op's fp64 outputs are the float32 norms widened",
         "  return {fp64 ? scalar_double(total) : scalar_float(total), each};",
         "  return {fp64 ? scalar_double(static_cast<float>(total)) : scalar_float(total), each};"),
     "wrapper_coef_from_float32_norm": (
-        "fastclip/optim.py", "the wrapper's coefficient comes from the float32 norm",
-        "            coef = _clip._coefficient(self._max_norm, norm64)",
-        "            coef = _clip._coefficient(self._max_norm, norm)"),
+        "csrc/numerics.h", "the wrapper's coefficient comes from the float32 norm",
+        "  s.coef = clip_coefficient(max_norm, s.norm);",
+        "  s.coef = clip_coefficient(max_norm, static_cast<float>(s.norm));"),
     "wrapper_logs_reassigned": (
         "fastclip/optim.py", "the wrapper's logs are new tensors each step (lost in a compiled step)",
-        "        self.last_norm.copy_(norm)\n        self.last_clip_coef.copy_(coef)",
-        "        self.last_norm = norm\n        self.last_clip_coef = coef.float()"),
+        "        if self.last_norm.device != device or self.last_norm.dtype != torch.float32:",
+        "        if True:"),
     "bf16_order1_avx512_lanes_swapped": (
         "csrc/cpu/spans.cpp", "the AVX-512 bf16 order-1 kernel sums odd elements in even lanes",
         "    acc[1] = _mm512_add_pd(acc[1], widen_high(even));\n    acc[2] = _mm512_add_pd(acc[2], widen_low(odd));\n",

@@ -23,10 +23,12 @@ from testing import (
     HAS_CUDA,
     NORM_RTOL,
     ORDS,
+    assert_identical,
     assert_norm_close,
     assert_same_bits,
     assert_scaled_close,
     assert_untouched,
+    clip_scalars_cases,
     clone_params,
     dtype_id,
     make_grads,
@@ -477,3 +479,28 @@ def test_device_coefficient_inside_a_scaled_tensor_is_read_once():
     b = torch.full((8 * CHUNK,), 3.0, device="cuda")
     ops.multi_tensor_scale_([a, b], a[0])
     assert torch.equal(a, torch.full_like(a, 0.25)) and torch.equal(b, torch.full_like(b, 1.5))
+
+
+
+def test_clip_scalars_on_cuda_matches_the_cpu_op_bitwise():
+    """The one-thread CUDA kernel of clip_scalars_ (inputs of every dtype on
+    the device) against the CPU op on 400 argument sets, every output and
+    log bit for bit; the call itself reads nothing back to the host."""
+    def run(case, device):
+        args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+        logs = (torch.full((), math.nan, device=device), torch.full((), math.nan, device=device),
+                torch.tensor(7, dtype=torch.int64, device=device))
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = torch.ops.fastclip.clip_scalars_(
+                args["norm"], args["max_norm"], args["loss_scale"], args["extra_scale"], args["found_inf"],
+                args["extra_found"], args["skip_inf_divisor"], *logs, args["count_skip"])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return [t.cpu() for t in (*out, *logs)]
+
+    for case in clip_scalars_cases():
+        for got, want in zip(run(case, "cuda"), run(case, "cpu")):
+            assert_identical(got, want), case

@@ -43,11 +43,13 @@ from testing import (
     assert_norm_close,
     assert_same_bits,
     available_memory_bytes,
+    clip_scalars_cases,
     dtype_id,
     ord_id,
     ref_coef,
     ref_norm,
     ref_norms_each,
+    run_clip_scalars,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +181,8 @@ class Emulated:
         lib.emu_clamp.argtypes = [c.c_void_p, i64, c.c_double, c.c_int, buf, i64]
         lib.emu_scale_strided.argtypes = [c.c_void_p, c.c_int32, c.c_void_p, c.c_int32, c.c_double, c.c_int, buf,
                                           i64]
+        lib.emu_clip_scalars.argtypes = [c.c_void_p, c.c_void_p, c.c_double, c.c_int, c.c_int, c.c_void_p,
+                                         c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, buf, i64]
         lib.emu_selftest.argtypes = [c.c_int, c.c_void_p, buf, i64]
         self.configure()
 
@@ -255,6 +259,23 @@ class Emulated:
 
     def scale_strided(self, views: Sequence[Tensor], coef, num_sms: int = 2) -> None:
         self._run(self.lib.emu_scale_strided, self._views(views), len(views), *self._coef_args(coef), num_sms)
+
+    def clip_scalars_(self, norm: Tensor, max_norm: float, loss_scale: Optional[Tensor],
+                      extra_scale: Optional[Tensor], found_inf: Optional[Tensor], extra_found: Optional[Tensor],
+                      skip_inf_divisor: bool, last_norm: Tensor, last_coef: Tensor, skipped: Tensor,
+                      count_skip: bool):
+        """fastclip::clip_scalars_ with the op's signature: CPU tensors read
+        and written by the kernel as device memory; outputs poisoned first."""
+        inputs = (norm, loss_scale, extra_scale, found_inf, extra_found)
+        pointers = (ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in inputs])
+        dtypes = (ctypes.c_int32 * 5)(*[DTYPE_CODES[torch.float64 if t is None else t.dtype] for t in inputs])
+        factor = torch.full((), float("nan"), dtype=torch.float64)
+        divisor = torch.full((), float("nan"))
+        found = torch.full((), float("nan"))
+        self._run(self.lib.emu_clip_scalars, pointers, dtypes, max_norm, int(skip_inf_divisor), int(count_skip),
+                  last_norm.data_ptr(), last_coef.data_ptr(), skipped.data_ptr(), factor.data_ptr(),
+                  divisor.data_ptr(), found.data_ptr())
+        return factor, divisor, found
 
     def selftest(self, mode: int) -> List[int]:
         out = torch.full((128,), -1, dtype=torch.int32)
@@ -773,3 +794,14 @@ def test_empty_lists(emu):
         assert c["total"].item() == 0.0 and c["coef"] == 1.0 and c["nonfinite"] == 0
         emu.scale(tensors, 0.5)
         emu.clamp(tensors, 0.5)
+
+
+def test_clip_scalars_kernel_matches_the_cpu_op_bitwise(emu):
+    """The one-thread kernel of clip_scalars_ (inputs of every dtype read on
+    the device, absent ones as the glue passes them) against the CPU op on
+    400 argument sets: every output and log, bit for bit."""
+    for case in clip_scalars_cases():
+        got = run_clip_scalars(emu.clip_scalars_, case)
+        want = run_clip_scalars(torch.ops.fastclip.clip_scalars_, case)
+        for name in want:
+            assert_identical(got[name], want[name]), (name, case)

@@ -187,3 +187,29 @@ def test_fallback_extreme_values_like_extension(value, dtype, ord, fallback):
     torch.testing.assert_close(ref_norm(_grads(params), ord).item(), 2.0, rtol=1e-5, atol=0)
     for p, g in zip(_grads(params), grads):
         assert_scaled_close(p, ref_scaled(g, ref_coef(2.0, norm)))
+
+
+@pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_fallback_clipped_optimizer_like_extension(fused, nan, request):
+    """ClippedOptimizer without the extension (the step's scalars from
+    _fallback.clip_scalars_) steps and logs as with it."""
+    def run():
+        params = _params(torch.float32, seed=31)
+        if nan:
+            params[0].grad[0] = math.nan
+        opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=fused), max_norm=0.5)
+        for _ in range(2):
+            opt.step()
+        return params, opt
+
+    params, opt = run()
+    request.getfixturevalue("fallback")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params_fb, opt_fb = run()
+    assert_norm_close(opt_fb.last_norm, opt.last_norm)
+    assert_norm_close(opt_fb.last_clip_coef, opt.last_clip_coef)
+    assert opt_fb.skipped_steps.item() == opt.skipped_steps.item() == (2 if nan else 0)
+    for p, q in zip(params, params_fb):
+        assert_scaled_close(q, p, rtol=2.0**-20)

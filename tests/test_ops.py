@@ -26,6 +26,7 @@ from testing import (
     assert_scaled_close,
     assert_untouched,
     available_memory_bytes,
+    clip_scalars_cases,
     dtype_id,
     gapped_view,
     make_grads,
@@ -39,8 +40,10 @@ from testing import (
     ref_norms_each,
     ref_scaled,
     require_kernel,
+    run_clip_scalars,
     snapshot,
 )
+from fastclip import _fallback
 
 ops = torch.ops.fastclip
 
@@ -878,3 +881,130 @@ def test_cpu_tensor_beyond_2_pow_31_elements():
     step = 2**28
     others = sum(int(x[s : s + step].ne(0.25).count_nonzero()) for s in range(0, n, step))
     assert others == len(specials)
+
+
+# ---------------------------------------------------------- clip_scalars_
+def _f32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float64).to(torch.float32).item()
+
+
+def test_clip_scalars_matches_the_fallback_bitwise():
+    """The op and its plain-PyTorch twin on 400 argument sets, every output
+    and every log bit for bit (dtypes included)."""
+    for case in clip_scalars_cases():
+        got = run_clip_scalars(ops.clip_scalars_, case)
+        want = run_clip_scalars(_fallback.clip_scalars_, case)
+        for name in want:
+            assert_identical(got[name], want[name]), (name, case)
+
+
+def test_clip_scalars_values():
+    """The listed cases of clip_scalars_cases, against arithmetic on Python floats."""
+    cases = clip_scalars_cases()
+    # norm 3, max_norm 1: clipped; the coefficient is one true division.
+    out = run_clip_scalars(ops.clip_scalars_, cases[0])
+    coef = 1.0 / (3.0 + 1e-6)
+    assert out["factor"].dtype == torch.float64 and out["factor"].item() == coef
+    assert out["divisor"].dtype == torch.float32 and out["divisor"].item() == _f32(1.0 / coef)
+    assert out["found"].dtype == torch.float32 and out["found"].item() == 0.0
+    assert out["last_norm"].item() == 3.0 and out["last_coef"].item() == _f32(coef)
+    assert out["skipped"].item() == 7  # counted, but nothing to count
+    # norm 0.5: not clipped, divisor exactly 1.
+    out = run_clip_scalars(ops.clip_scalars_, cases[1])
+    assert out["factor"].item() == 1.0 and out["divisor"].item() == 1.0 and out["found"].item() == 0.0
+    # norm 1e300 over max_norm 1e-3: the divisor 1e303 is beyond float32 (skip_inf_divisor).
+    assert cases[2]["skip_inf_divisor"] and cases[2]["count_skip"]
+    out = run_clip_scalars(ops.clip_scalars_, cases[2])
+    assert out["divisor"].item() == math.inf and out["found"].item() == 1.0 and out["skipped"].item() == 8
+    assert out["last_norm"].item() == math.inf  # 1e300 in float32
+    case = dict(cases[2], skip_inf_divisor=False)
+    assert run_clip_scalars(ops.clip_scalars_, case)["found"].item() == 0.0
+    # NaN norm: found, NaN propagates to the coefficient.
+    out = run_clip_scalars(ops.clip_scalars_, dict(cases[3], count_skip=True))
+    assert out["found"].item() == 1.0 and math.isnan(out["factor"].item()) and math.isnan(out["last_coef"].item())
+    assert out["skipped"].item() == 8
+    assert run_clip_scalars(ops.clip_scalars_, dict(cases[3], count_skip=False))["skipped"].item() == 7
+    # A loss scale and an extra divisor: the norm is unscaled, the divisor carries both.
+    out = run_clip_scalars(ops.clip_scalars_, cases[4])
+    norm = 3.0 / 65536.0
+    coef = min(1.0, 1.0 / (norm + 1e-6))
+    assert out["last_norm"].item() == _f32(norm) and out["factor"].item() == coef / 65536.0
+    assert out["divisor"].item() == _f32(65536.0 * 4.0 / coef)
+    assert out["found"].item() == 1.0  # from extra_found
+    assert run_clip_scalars(ops.clip_scalars_, dict(cases[4], extra_found=None))["found"].item() == 0.0
+
+
+def test_clip_scalars_bumps_the_versions_it_writes():
+    case = clip_scalars_cases()[0]
+    last_norm, last_coef, skipped = torch.zeros(()), torch.ones(()), torch.zeros((), dtype=torch.int64)
+    versions = [t._version for t in (last_norm, last_coef, skipped)]
+    ops.clip_scalars_(case["norm"], 1.0, None, None, None, None, True, last_norm, last_coef, skipped, False)
+    assert [t._version for t in (last_norm, last_coef, skipped)] == [versions[0] + 1, versions[1] + 1, versions[2]]
+    ops.clip_scalars_(case["norm"], 1.0, None, None, None, None, True, last_norm, last_coef, skipped, True)
+    assert skipped._version == versions[2] + 1
+
+
+def _scalars_call(**change):
+    args = dict(norm=torch.tensor(3.0, dtype=torch.float64), max_norm=1.0, loss_scale=None, extra_scale=None,
+                found_inf=None, extra_found=None, skip_inf_divisor=True, last_norm=torch.full((), math.nan),
+                last_coef=torch.full((), math.nan), skipped=torch.tensor(7), count_skip=True)
+    args.update(change)
+    return args
+
+
+SCALARS_ERRORS = [
+    ("norm_2_elements", dict(norm=torch.ones(2, dtype=torch.float64)), "norm must be a tensor with one element"),
+    ("norm_int", dict(norm=torch.tensor(3)), "norm has dtype Long"),
+    ("max_norm_-1", dict(max_norm=-1.0), "max_norm"),
+    ("max_norm_nan", dict(max_norm=math.nan), "max_norm"),
+    ("loss_scale_2_elements", dict(loss_scale=torch.ones(2)), "loss_scale must be a tensor with one element"),
+    ("found_inf_bool", dict(found_inf=torch.tensor(True)), "found_inf has dtype Bool"),
+    ("last_norm_float64", dict(last_norm=torch.zeros((), dtype=torch.float64)), "last_norm must be a Float tensor"),
+    ("last_coef_2_elements", dict(last_coef=torch.zeros(2)), "last_coef must be a tensor with one element"),
+    ("skipped_float", dict(skipped=torch.zeros(())), "skipped must be a Long tensor"),
+]
+
+
+@pytest.mark.parametrize("change, match", [e[1:] for e in SCALARS_ERRORS], ids=[e[0] for e in SCALARS_ERRORS])
+def test_clip_scalars_errors_name_the_argument_and_modify_nothing(change, match):
+    args = _scalars_call(**change)
+    written = [args["last_norm"], args["last_coef"], args["skipped"]]
+    before = snapshot(written)
+    with pytest.raises(RuntimeError, match=match):
+        ops.clip_scalars_(**args)
+    assert_untouched(written, before)
+
+
+def test_clip_scalars_refuses_inference_logs_and_logs_that_require_grad():
+    with torch.inference_mode():
+        inference_log = torch.zeros(())
+    with pytest.raises(RuntimeError, match="last_coef is an inference tensor"):
+        ops.clip_scalars_(**_scalars_call(last_coef=inference_log))
+    log = torch.zeros((), requires_grad=True)
+    with pytest.raises(RuntimeError, match="last_norm requires grad"):
+        ops.clip_scalars_(**_scalars_call(last_norm=log))
+    with torch.no_grad():
+        ops.clip_scalars_(**_scalars_call(last_norm=log))
+    assert log.item() == 3.0
+
+
+@pytest.mark.parametrize("k", [0, 4, 7, 11])
+def test_clip_scalars_opcheck(k):
+    case = clip_scalars_cases()[k]
+    args = (case["norm"], case["max_norm"], case["loss_scale"], case["extra_scale"], case["found_inf"],
+            case["extra_found"], case["skip_inf_divisor"], torch.zeros(()), torch.ones(()),
+            torch.zeros((), dtype=torch.int64), case["count_skip"])
+    torch.library.opcheck(ops.clip_scalars_.default, args)
+
+
+def test_python_coefficient_is_one_true_division_as_in_the_kernels():
+    """The split path's coefficient (clip.py) has the kernels' bits: one
+    float64 division (torch's max_norm / tensor rounds twice and was one
+    ulp off in about a quarter of these)."""
+    from fastclip.clip import _coefficient
+
+    rng = random.Random(5)
+    for _ in range(2000):
+        norm, max_norm = rng.random() * 10 ** rng.randint(-8, 8), rng.random() * 10 ** rng.randint(-8, 8)
+        got = _coefficient(max_norm, torch.tensor(norm, dtype=torch.float64)).item()
+        assert got == min(1.0, max_norm / (norm + 1e-6)), (norm, max_norm)

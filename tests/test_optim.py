@@ -9,9 +9,10 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastclip
-from testing import DEVICE_PARAMS, HAS_CUDA, assert_same_bits, dtype_id, ref_coef, ref_norm
+from testing import DEVICE_PARAMS, HAS_CUDA, assert_same_bits, dtype_id, make_grads, make_params, ref_coef, ref_norm
 
 MAX_NORM = 1.0
 STEPS = 20
@@ -907,3 +908,34 @@ def test_cuda_graph_capture_of_step_matches_eager():
         graph.replay()
         torch.testing.assert_close(graph_opt.last_norm, eager_opt.last_norm, rtol=1e-6, atol=0.0)
         _assert_params_close(eager_model, graph_model, torch.float32)
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not str(func.overloadpacket).startswith("profiler."):  # torch's step wrapper: no kernel
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "loss_scale"])
+def test_device_path_step_is_two_ops_besides_the_inner_step(scaler, monkeypatch):
+    """On the device path (a GPU's: no host decisions), a fused step with
+    state costs the norm op and clip_scalars_ (one launch each), whatever
+    the inner step does; it took 21 small torch operations before."""
+    params = make_params(make_grads([(3, 5), (7,), (2, 3, 4)], torch.float32, seed=90))
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW(params, lr=1e-3, fused=True), max_norm=0.1)
+    opt.step()  # state exists from here on
+    if scaler:
+        opt.grad_scale = torch.tensor(4.0)
+        opt.found_inf = torch.tensor(0.0)
+    inner_steps = []
+    monkeypatch.setattr(opt.optimizer, "step", lambda *a, **k: inner_steps.append(opt.optimizer.grad_scale))
+    monkeypatch.setattr(fastclip.optim, "_CPU_HOST_DECIDES", False)
+    with _OpLog() as log:
+        opt.step()
+    assert log.ops == ["fastclip.multi_tensor_norm", "fastclip.clip_scalars_"]
+    assert len(inner_steps) == 1 and inner_steps[0].dtype == torch.float32

@@ -388,3 +388,64 @@ def check_norm_paths(fastclip, grads, params, ord):
     _, each = fastclip.grad_norms(params, ord)
     assert_norm_close(each, ref_norms_each(grads, ord))
     assert_norm_close(fastclip.clip_grad_norm_(params, 0.5 * norm.item(), ord), norm)
+
+
+# ------------------------------------------------------ clip_scalars_ cases
+CLIP_SCALARS_NORMS = [0.0, 5e-324, 1e-300, 0.5, 3.0, 1e30, 3.5e38, 1e300, math.inf, math.nan]
+CLIP_SCALARS_SCALES = [None, (65536.0, torch.float32), (1e-30, torch.float64), (2.0, torch.bfloat16),
+                       (0.5, torch.float16), (0.0, torch.float32), (-4.0, torch.float64), (math.inf, torch.float32)]
+CLIP_SCALARS_FLAGS = [None, (0.0, torch.float32), (1.0, torch.float32), (math.nan, torch.float32),
+                      (2.0, torch.bfloat16), (-1.0, torch.float64)]
+CLIP_SCALARS_MAX_NORMS = [0.0, 1e-3, 1.0, 1e38]
+
+
+def clip_scalars_cases(count: int = 400, seed: int = 0) -> list[dict]:
+    """Argument sets of ``fastclip::clip_scalars_`` (without the logs): norms
+    of either dtype from 0 and subnormal to beyond float32's range, NaN and
+    inf; loss and extra scales of every dtype, 0, negative and inf; flags 0,
+    1, NaN, negative; every max_norm and switch; random, with a fixed seed,
+    after the combinations listed first."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (), generator=rng))]
+
+    def scalar(spec):
+        return None if spec is None else torch.tensor(spec[0], dtype=spec[1])
+
+    listed = [
+        dict(norm=3.0, loss_scale=None, extra_scale=None, found_inf=None, extra_found=None, max_norm=1.0),
+        dict(norm=0.5, loss_scale=None, extra_scale=None, found_inf=None, extra_found=None, max_norm=1.0),
+        dict(norm=1e300, loss_scale=None, extra_scale=None, found_inf=None, extra_found=None, max_norm=1e-3),
+        dict(norm=math.nan, loss_scale=None, extra_scale=None, found_inf=None, extra_found=None, max_norm=1.0),
+        dict(norm=3.0, loss_scale=(65536.0, torch.float32), extra_scale=(4.0, torch.float32),
+             found_inf=(0.0, torch.float32), extra_found=(1.0, torch.float32), max_norm=1.0),
+    ]
+    cases = []
+    for k in range(count):
+        spec = listed[k] if k < len(listed) else dict(
+            norm=pick(CLIP_SCALARS_NORMS), loss_scale=pick(CLIP_SCALARS_SCALES), extra_scale=pick(CLIP_SCALARS_SCALES),
+            found_inf=pick(CLIP_SCALARS_FLAGS), extra_found=pick(CLIP_SCALARS_FLAGS),
+            max_norm=pick(CLIP_SCALARS_MAX_NORMS))
+        cases.append(dict(
+            norm=torch.tensor(spec["norm"], dtype=pick([torch.float64, torch.float32]) if k >= len(listed)
+                              else torch.float64),
+            max_norm=spec["max_norm"],
+            loss_scale=scalar(spec["loss_scale"]), extra_scale=scalar(spec["extra_scale"]),
+            found_inf=scalar(spec["found_inf"]), extra_found=scalar(spec["extra_found"]),
+            skip_inf_divisor=k % 2 == 0, count_skip=k % 3 != 0,
+        ))
+    return cases
+
+
+def run_clip_scalars(fn, case: dict, skipped_before: int = 7) -> dict:
+    """``fn`` (an implementation of clip_scalars_) on ``case`` with poisoned
+    logs; everything it returned and wrote."""
+    last_norm = torch.full((), math.nan)
+    last_coef = torch.full((), math.nan)
+    skipped = torch.tensor(skipped_before, dtype=torch.int64)
+    factor, divisor, found = fn(
+        case["norm"], case["max_norm"], case["loss_scale"], case["extra_scale"], case["found_inf"],
+        case["extra_found"], case["skip_inf_divisor"], last_norm, last_coef, skipped, case["count_skip"])
+    return dict(factor=factor, divisor=divisor, found=found, last_norm=last_norm, last_coef=last_coef,
+                skipped=skipped)

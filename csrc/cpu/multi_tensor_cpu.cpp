@@ -14,6 +14,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -326,6 +328,42 @@ at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord, bool er
   return scalar_float(total);
 }
 
+// The value of a one-element tensor of a supported dtype (checked), read
+// directly: item() would go through the dispatcher for each.
+double read_scalar(const at::Tensor& t) {
+  const void* p = t.const_data_ptr();
+  switch (to_dtype(t.scalar_type())) {
+    case DType::kFloat32:
+      return *static_cast<const float*>(p);
+    case DType::kFloat64:
+      return *static_cast<const double*>(p);
+    case DType::kFloat16:
+      return half_to_float(*static_cast<const uint16_t*>(p));
+    default:
+      return bf16_to_float(*static_cast<const uint16_t*>(p));
+  }
+}
+
+double read_or(const std::optional<at::Tensor>& t, double absent) { return t.has_value() ? read_scalar(*t) : absent; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_cpu(
+    const at::Tensor& norm, double max_norm, const std::optional<at::Tensor>& loss_scale,
+    const std::optional<at::Tensor>& extra_scale, const std::optional<at::Tensor>& found_inf,
+    const std::optional<at::Tensor>& extra_found, bool skip_inf_divisor, const at::Tensor& last_norm,
+    const at::Tensor& last_coef, const at::Tensor& skipped, bool count_skip) {
+  constexpr const char* kOp = "fastclip::clip_scalars_";
+  check_clip_scalars(kOp, norm, max_norm, loss_scale, extra_scale, found_inf, extra_found, last_norm, last_coef,
+                     skipped, c10::DeviceType::CPU);
+  const bool found_in = read_or(found_inf, 0.0) > 0.0 || read_or(extra_found, 0.0) > 0.0;
+  const StepScalars s = step_scalars(read_scalar(norm), max_norm, read_or(loss_scale, 1.0), read_or(extra_scale, 1.0),
+                                     found_in, skip_inf_divisor);
+  *last_norm.data_ptr<float>() = static_cast<float>(s.norm);
+  *last_coef.data_ptr<float>() = static_cast<float>(s.coef);
+  if (count_skip) *skipped.data_ptr<int64_t>() += s.found ? 1 : 0;
+  bump_clip_scalars(last_norm, last_coef, skipped, count_skip);
+  return {scalar_double(s.factor), scalar_float(s.divisor), scalar_float(s.found ? 1.0 : 0.0)};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastclip
@@ -335,4 +373,5 @@ TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("multi_tensor_scale_", &fastclip::cpu::multi_tensor_scale_cpu);
   m.impl("multi_tensor_clamp_", &fastclip::cpu::multi_tensor_clamp_cpu);
   m.impl("clip_", &fastclip::cpu::clip_cpu);
+  m.impl("clip_scalars_", &fastclip::cpu::clip_scalars_cpu);
 }

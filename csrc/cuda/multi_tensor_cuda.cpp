@@ -33,6 +33,7 @@
 #include <cmath>
 #include <mutex>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "../fastclip.h"
@@ -396,6 +397,47 @@ at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool e
   return total;
 }
 
+// A one-element tensor (checked) as a kernel Coefficient; `absent` when not given.
+Coefficient scalar_arg(const std::optional<at::Tensor>& t, double absent) {
+  if (!t.has_value()) return Coefficient{nullptr, DType::kFloat64, absent};
+  return Coefficient{t->const_data_ptr(), to_dtype(t->scalar_type()), absent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_cuda(
+    const at::Tensor& norm, double max_norm, const std::optional<at::Tensor>& loss_scale,
+    const std::optional<at::Tensor>& extra_scale, const std::optional<at::Tensor>& found_inf,
+    const std::optional<at::Tensor>& extra_found, bool skip_inf_divisor, const at::Tensor& last_norm,
+    const at::Tensor& last_coef, const at::Tensor& skipped, bool count_skip) {
+  constexpr const char* kOp = "fastclip::clip_scalars_";
+  check_clip_scalars(kOp, norm, max_norm, loss_scale, extra_scale, found_inf, extra_found, last_norm, last_coef,
+                     skipped, c10::DeviceType::CUDA);
+  const c10::Device device = norm.device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto options = at::TensorOptions().device(device);
+  at::Tensor factor = at::empty({}, options.dtype(at::kDouble));
+  at::Tensor divisor = at::empty({}, options.dtype(at::kFloat));
+  at::Tensor found = at::empty({}, options.dtype(at::kFloat));
+  ClipScalarsArgs args{};
+  args.norm = scalar_arg(norm, 0.0);
+  args.loss_scale = scalar_arg(loss_scale, 1.0);
+  args.extra_scale = scalar_arg(extra_scale, 1.0);
+  args.found_inf = scalar_arg(found_inf, 0.0);
+  args.extra_found = scalar_arg(extra_found, 0.0);
+  args.max_norm = max_norm;
+  args.skip_inf_divisor = skip_inf_divisor;
+  args.count_skip = count_skip;
+  args.last_norm = last_norm.data_ptr<float>();
+  args.last_coef = last_coef.data_ptr<float>();
+  args.skipped = skipped.data_ptr<int64_t>();
+  args.factor = factor.data_ptr<double>();
+  args.divisor = divisor.data_ptr<float>();
+  args.found = found.data_ptr<float>();
+  launch_clip_scalars(args, current_stream(device));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bump_clip_scalars(last_norm, last_coef, skipped, count_skip);
+  return {factor, divisor, found};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastclip
@@ -405,4 +447,5 @@ TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
   m.impl("multi_tensor_scale_", &fastclip::cuda::multi_tensor_scale_cuda);
   m.impl("multi_tensor_clamp_", &fastclip::cuda::multi_tensor_clamp_cuda);
   m.impl("clip_", &fastclip::cuda::clip_cuda);
+  m.impl("clip_scalars_", &fastclip::cuda::clip_scalars_cuda);
 }

@@ -608,6 +608,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) clamp_kernel(DeviceTab
   update_all(table, ClampTo{bound});
 }
 
+// A handful of scalars: one thread, so that a step's arithmetic on them is
+// one launch instead of one per operation.
+__global__ void __launch_bounds__(1) clip_scalars_kernel(ClipScalarsArgs a) {
+  const bool found_in = load_coefficient(a.found_inf) > 0.0 || load_coefficient(a.extra_found) > 0.0;
+  const StepScalars s = step_scalars(load_coefficient(a.norm), a.max_norm, load_coefficient(a.loss_scale),
+                                     load_coefficient(a.extra_scale), found_in, a.skip_inf_divisor);
+  *a.last_norm = static_cast<float>(s.norm);
+  *a.last_coef = static_cast<float>(s.coef);
+  if (a.count_skip && s.found) *a.skipped += 1;
+  *a.factor = s.factor;
+  *a.divisor = s.divisor;
+  *a.found = s.found ? 1.0f : 0.0f;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------ host side
@@ -705,6 +719,10 @@ void launch_scale_strided(const StridedViews& views, const Coefficient& coef, in
 void launch_clamp(const DeviceTable& table, double bound, int num_sms, cudaStream_t stream) {
   if (table.num_chunks == 0) return;
   clamp_kernel<<<grid_size(table.num_chunks, num_sms, kBlocksPerSm), kThreads, 0, stream>>>(table, bound);
+}
+
+void launch_clip_scalars(const ClipScalarsArgs& args, cudaStream_t stream) {
+  clip_scalars_kernel<<<1, 1, 0, stream>>>(args);
 }
 
 }  // namespace cuda

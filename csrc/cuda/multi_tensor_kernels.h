@@ -153,5 +153,22 @@ void launch_scale_strided(const StridedViews& views, const Coefficient& coef, in
 // tensors = clamp(tensors, -bound, bound) in place; NaN stays NaN.
 void launch_clamp(const DeviceTable& table, double bound, int num_sms, cudaStream_t stream);
 
+// The clip_scalars_ op (step_scalars in numerics.h) in one thread on the
+// device. The inputs are read as Coefficients: an absent scale is the host
+// value 1, an absent flag 0. Pointers are device memory.
+struct ClipScalarsArgs {
+  Coefficient norm, loss_scale, extra_scale, found_inf, extra_found;
+  double max_norm;
+  bool skip_inf_divisor;
+  bool count_skip;  // add the flag to *skipped
+  float* last_norm;
+  float* last_coef;
+  int64_t* skipped;
+  double* factor;
+  float* divisor;
+  float* found;
+};
+void launch_clip_scalars(const ClipScalarsArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastclip

@@ -172,6 +172,36 @@ int emu_scale_strided(const fastclip::cuda::StridedView* views, int32_t count, c
   });
 }
 
+// fastclip::clip_scalars_ as the glue runs it: each input a Coefficient
+// read on the device (`inputs[k]` of dtype `dtypes[k]`: norm, loss_scale,
+// extra_scale, found_inf, extra_found; a null pointer is absent and reads
+// as 1 for a scale, 0 for a flag); the kernel writes the logs and outputs.
+int emu_clip_scalars(const void* const* inputs, const int32_t* dtypes, double max_norm, int skip_inf_divisor,
+                     int count_skip, float* last_norm, float* last_coef, int64_t* skipped, double* factor,
+                     float* divisor, float* found, char* error, int64_t error_len) {
+  return guarded(error, error_len, [&] {
+    constexpr double kAbsent[5] = {0.0, 1.0, 1.0, 0.0, 0.0};
+    fastclip::cuda::Coefficient in[5];
+    for (int k = 0; k < 5; ++k) in[k] = {inputs[k], static_cast<fastclip::DType>(dtypes[k]), kAbsent[k]};
+    fastclip::cuda::ClipScalarsArgs args{};
+    args.norm = in[0];
+    args.loss_scale = in[1];
+    args.extra_scale = in[2];
+    args.found_inf = in[3];
+    args.extra_found = in[4];
+    args.max_norm = max_norm;
+    args.skip_inf_divisor = skip_inf_divisor != 0;
+    args.count_skip = count_skip != 0;
+    args.last_norm = last_norm;
+    args.last_coef = last_coef;
+    args.skipped = skipped;
+    args.factor = factor;
+    args.divisor = divisor;
+    args.found = found;
+    fastclip::cuda::launch_clip_scalars(args, nullptr);
+  });
+}
+
 // Self-test kernels of the emulator: a warp shuffle reached by half a warp,
 // and a __syncthreads skipped by one thread, must be reported (mode 0 and
 // 1); mode 2 is the same kernel with uniform control flow, which must run.

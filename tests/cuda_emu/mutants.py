@@ -24,6 +24,12 @@ SOURCE = ROOT / "csrc" / "cuda" / "multi_tensor_kernels.cu"
 
 # name: (what the bug is, text in the source, its replacement)
 MUTANTS = {
+    "scalars_skip_counted_without_found": (
+        "clip_scalars_ counts every step as skipped",
+        "  if (a.count_skip && s.found) *a.skipped += 1;", "  if (a.count_skip) *a.skipped += 1;"),
+    "scalars_extra_found_ignored": (
+        "clip_scalars_ drops the flag the inner optimizer carried",
+        " || load_coefficient(a.extra_found) > 0.0;", ";"),
     "no_sync_before_warp0": (
         "warp 0 reads the warp sums before the other warps wrote them",
         "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();",
