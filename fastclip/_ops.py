@@ -158,6 +158,13 @@ if _C is not None:
     @torch.library.register_fake("fastclip::clip_scalars_")
     def _clip_scalars_fake(norm, max_norm, loss_scale, extra_scale, found_inf, extra_found, skip_inf_divisor,
                            last_norm, last_coef, skipped, count_skip):
+        # A meta argument among real ones dispatches here: refuse it as the
+        # kernels refuse another device (found in review: garbage came back).
+        named = dict(loss_scale=loss_scale, extra_scale=extra_scale, found_inf=found_inf, extra_found=extra_found,
+                     last_norm=last_norm, last_coef=last_coef, skipped=skipped)
+        for name, t in named.items():
+            if t is not None and t.device != norm.device:
+                raise RuntimeError(f"fastclip::clip_scalars_: {name} is on {t.device} but norm is on {norm.device}")
         return (
             torch.empty((), dtype=torch.float64, device=norm.device),
             torch.empty((), dtype=torch.float32, device=norm.device),

@@ -58,7 +58,7 @@ MUTANTS = {
         "    v = v < lo ? lo : v;\n    return v > hi ? hi : v;",
         "    v = !(v >= lo) ? lo : v;\n    return v > hi ? hi : v;"),
     "max_drops_nan": (
-        "csrc/cpu/spans.cpp", "the inf-norm's max drops NaN",
+        "csrc/cpu/span_common.h", "the inf-norm's max drops NaN",
         "  return ((v > m) | (v != v)) ? v : m;", "  return (v > m) ? v : m;"),
     "bf16_truncates": (
         "csrc/numerics.h", "float to bf16 truncates instead of rounding to nearest even",
@@ -129,6 +129,14 @@ MUTANTS = {
         "fastclip/optim.py", "a found_inf the user set on the inner optimizer is dropped",
         "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, saved.get(\"found_inf\"),",
         "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, None,"),
+    "scaler_found_inf_dropped": (
+        "fastclip/optim.py", "the found_inf a GradScaler sets on the wrapper is dropped",
+        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, saved.get(\"found_inf\"),",
+        "            raw, divisor, saved.get(\"grad_scale\"), None, saved.get(\"found_inf\"),"),
+    "scalar_inputs_not_converted": (
+        "fastclip/optim.py", "a bool flag or an integer loss scale reaches clip_scalars_ as it is",
+        "    if t is None or (t.device == device and t.dtype in _clip._KERNEL_DTYPES):\n        return t",
+        "    if True:\n        return t"),
     "scalars_factor_by_reciprocal": (
         "csrc/numerics.h", "the unfused step's factor is the coefficient times 1 / loss_scale (two roundings)",
         "  s.factor = s.coef / loss_scale;", "  s.factor = s.coef * (1.0 / loss_scale);"),

@@ -504,3 +504,18 @@ def test_clip_scalars_on_cuda_matches_the_cpu_op_bitwise():
     for case in clip_scalars_cases():
         for got, want in zip(run(case, "cuda"), run(case, "cpu")):
             assert_identical(got, want), case
+
+
+@pytest.mark.parametrize("name", ["loss_scale", "found_inf", "last_norm", "skipped"])
+def test_clip_scalars_refuses_an_argument_on_another_device(name):
+    """A CPU tensor among CUDA ones would be read by the kernel as device
+    memory: refused, naming it, before anything is written."""
+    args = dict(norm=torch.tensor(3.0, dtype=torch.float64, device="cuda"), max_norm=1.0,
+                loss_scale=torch.tensor(2.0, device="cuda"), extra_scale=None,
+                found_inf=torch.tensor(0.0, device="cuda"), extra_found=None, skip_inf_divisor=True,
+                last_norm=torch.full((), math.nan, device="cuda"), last_coef=torch.full((), math.nan, device="cuda"),
+                skipped=torch.tensor(7, device="cuda"), count_skip=True)
+    args[name] = args[name].cpu()
+    with pytest.raises(RuntimeError, match=f"{name} is on cpu but norm is on cuda"):
+        torch.ops.fastclip.clip_scalars_(**args)
+    assert math.isnan(args["last_coef"].item()) and args["skipped"].item() == 7

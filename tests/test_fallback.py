@@ -15,7 +15,7 @@ import torch
 
 import fastclip
 import fastclip.clip
-from fastclip import _ops
+from fastclip import _fallback, _ops
 from testing import (
     check_norm_paths,
     filled,
@@ -205,9 +205,14 @@ def test_fallback_clipped_optimizer_like_extension(fused, nan, request):
 
     params, opt = run()
     request.getfixturevalue("fallback")
+    used = []
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    twin = _fallback.clip_scalars_
+    monkeypatch.setattr(_fallback, "clip_scalars_", lambda *a: used.append(1) or twin(*a))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         params_fb, opt_fb = run()
+    assert len(used) == 2  # the fallback's twin, not the op (which this process still has)
     assert_norm_close(opt_fb.last_norm, opt.last_norm)
     assert_norm_close(opt_fb.last_clip_coef, opt.last_clip_coef)
     assert opt_fb.skipped_steps.item() == opt.skipped_steps.item() == (2 if nan else 0)

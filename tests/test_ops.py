@@ -958,6 +958,10 @@ SCALARS_ERRORS = [
     ("max_norm_-1", dict(max_norm=-1.0), "max_norm"),
     ("max_norm_nan", dict(max_norm=math.nan), "max_norm"),
     ("loss_scale_2_elements", dict(loss_scale=torch.ones(2)), "loss_scale must be a tensor with one element"),
+    ("loss_scale_meta", dict(loss_scale=torch.ones((), device="meta")), "loss_scale is on meta"),
+    ("extra_scale_2_elements", dict(extra_scale=torch.ones(2)), "extra_scale must be a tensor with one element"),
+    ("extra_found_int", dict(extra_found=torch.tensor(1)), "extra_found has dtype Long"),
+    ("last_norm_meta", dict(last_norm=torch.zeros((), device="meta")), "last_norm is on meta"),
     ("found_inf_bool", dict(found_inf=torch.tensor(True)), "found_inf has dtype Bool"),
     ("last_norm_float64", dict(last_norm=torch.zeros((), dtype=torch.float64)), "last_norm must be a Float tensor"),
     ("last_coef_2_elements", dict(last_coef=torch.zeros(2)), "last_coef must be a tensor with one element"),
@@ -968,7 +972,7 @@ SCALARS_ERRORS = [
 @pytest.mark.parametrize("change, match", [e[1:] for e in SCALARS_ERRORS], ids=[e[0] for e in SCALARS_ERRORS])
 def test_clip_scalars_errors_name_the_argument_and_modify_nothing(change, match):
     args = _scalars_call(**change)
-    written = [args["last_norm"], args["last_coef"], args["skipped"]]
+    written = [t for t in (args["last_norm"], args["last_coef"], args["skipped"]) if t.device.type != "meta"]
     before = snapshot(written)
     with pytest.raises(RuntimeError, match=match):
         ops.clip_scalars_(**args)
@@ -980,9 +984,15 @@ def test_clip_scalars_refuses_inference_logs_and_logs_that_require_grad():
         inference_log = torch.zeros(())
     with pytest.raises(RuntimeError, match="last_coef is an inference tensor"):
         ops.clip_scalars_(**_scalars_call(last_coef=inference_log))
+    with torch.inference_mode():
+        inference_count = torch.zeros((), dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="skipped is an inference tensor"):
+        ops.clip_scalars_(**_scalars_call(skipped=inference_count))
     log = torch.zeros((), requires_grad=True)
     with pytest.raises(RuntimeError, match="last_norm requires grad"):
         ops.clip_scalars_(**_scalars_call(last_norm=log))
+    with pytest.raises(RuntimeError, match="last_coef requires grad"):
+        ops.clip_scalars_(**_scalars_call(last_coef=torch.ones((), requires_grad=True)))
     with torch.no_grad():
         ops.clip_scalars_(**_scalars_call(last_norm=log))
     assert log.item() == 3.0

@@ -939,3 +939,49 @@ def test_device_path_step_is_two_ops_besides_the_inner_step(scaler, monkeypatch)
         opt.step()
     assert log.ops == ["fastclip.multi_tensor_norm", "fastclip.clip_scalars_"]
     assert len(inner_steps) == 1 and inner_steps[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["cpu_host", "device_path"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_scaler_flag_and_scale_of_other_dtypes_on_the_wrapper(fused, host, monkeypatch):
+    """A found_inf a scaler sets on the wrapper skips the step (bool and
+    float flags), and a loss scale of an integer dtype divides the norm:
+    both reach clip_scalars_ (converted where it reads no such dtype)."""
+    monkeypatch.setattr(fastclip.optim, "_CPU_HOST_DECIDES", host)
+    params = make_params(make_grads([(3, 5), (7,)], torch.float32, seed=91))
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=fused), max_norm=1e9)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    for flag in (torch.tensor(True), torch.tensor(1.0)):
+        if fused:  # a scaler sets these on optimizers that fold them only
+            opt.grad_scale, opt.found_inf = torch.tensor(2), flag
+        else:
+            opt.found_inf = flag
+        opt.step()
+        for p, b in zip(params, before):
+            assert_same_bits(p.detach(), b)
+    assert opt.skipped_steps.item() == 2
+    if fused:
+        opt.grad_scale, opt.found_inf = torch.tensor(4), torch.tensor(False)
+        opt.step()
+        assert opt.last_norm.item() == pytest.approx(ref_norm(grads).item() / 4, rel=1e-6)
+        assert opt.skipped_steps.item() == 2
+
+
+def test_logs_of_another_dtype_become_float32_and_keep_their_values():
+    """Logs of a wrapper pickled under a float64 default dtype (the logs took
+    it then) are replaced by float32 ones at the next step; the skip count
+    carries over."""
+    params = make_params(make_grads([(3, 5)], torch.float32, seed=92))
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), max_norm=1e-3)
+    state = opt.__getstate__()
+    state.update(last_norm=torch.zeros((), dtype=torch.float64), last_clip_coef=torch.ones((), dtype=torch.float64),
+                 skipped_steps=torch.tensor(3))
+    restored = fastclip.ClippedOptimizer.__new__(fastclip.ClippedOptimizer)
+    restored.__setstate__(state)
+    norm = ref_norm([p.grad for p in params]).item()
+    restored.step()
+    assert restored.last_norm.dtype == restored.last_clip_coef.dtype == torch.float32
+    assert restored.last_norm.item() == pytest.approx(norm, rel=1e-6)
+    assert restored.skipped_steps.item() == 3
