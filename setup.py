@@ -88,6 +88,8 @@ setup(
     name="fastclip",
     version=VERSION,
     packages=find_packages(include=["fastclip", "fastclip.*"]),
+    # PEP 561: the package's annotations are its types (mypy, pyright).
+    package_data={"fastclip": ["py.typed"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

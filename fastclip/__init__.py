@@ -11,7 +11,7 @@ import torch  # noqa: F401  (torch must be loaded before the extension)
 
 from . import _ops
 from ._version import __version__
-from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm, grad_norms
+from .clip import clip_grad_norm, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm, grad_norms
 from .optim import ClippedOptimizer
 
 
@@ -34,6 +34,7 @@ __all__ = [
     "__version__",
     "backend",
     "build_info",
+    "clip_grad_norm",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",

@@ -195,13 +195,13 @@ def _fallback_reason(t: Tensor) -> Optional[str]:
 _SKIPPED_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
 
 
-def _warn(message: str) -> None:
+def _warn(message: str, category: type[Warning] = UserWarning) -> None:
     """warnings.warn attributed to the first caller outside fastclip and
     torch, whichever function path led here."""
     frame, level = sys._getframe(1), 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED_DIRS):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _warn_once(reason: str) -> None:
@@ -556,6 +556,21 @@ def clip_grad_norm_(
     for part in parts:
         part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
     return total.to(torch.float32)
+
+
+def clip_grad_norm(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> Tensor:
+    """Deprecated alias of :func:`clip_grad_norm_`, as torch keeps
+    ``torch.nn.utils.clip_grad_norm``: code written against it keeps working
+    after the switch to fastclip, with torch's FutureWarning."""
+    _warn("`fastclip.clip_grad_norm` is now deprecated in favor of `fastclip.clip_grad_norm_` "
+          "(as `torch.nn.utils.clip_grad_norm` is in torch).", FutureWarning)
+    return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
 
 
 @torch.no_grad()

@@ -244,6 +244,24 @@ def test_empty_generator_warns_as_torch_does():
         fastclip.clip_grad_norm_((p for p in _params(seed=8, with_none=False)), 1.0)  # nor a full one
 
 
+@pytest.mark.parametrize("max_norm_factor", [0.3, 10.0], ids=["clips", "no_clip"])
+def test_deprecated_clip_grad_norm_alias_like_torch(max_norm_factor):
+    # torch keeps the old name with a FutureWarning; so does fastclip, so
+    # that code using it keeps working after the switch.
+    params = _params(torch.float32, seed=1, shapes=_shapes_for(2.0))
+    torch_params = clone_params(params)
+    max_norm = max_norm_factor * ref_norm(_grads(params), 2.0).item()
+    with pytest.warns(FutureWarning, match="`fastclip.clip_grad_norm` is now deprecated") as seen:
+        total = fastclip.clip_grad_norm(params, max_norm, 2.0, False, None)
+    assert seen[0].filename == __file__
+    with pytest.warns(FutureWarning, match="clip_grad_norm` is now deprecated"):
+        expected = torch.nn.utils.clip_grad_norm(torch_params, max_norm, 2.0, False, None)
+    torch.testing.assert_close(total.double(), expected.double(), rtol=TORCH_RTOL, atol=0)
+    _assert_grads_match_torch(params, torch_params)
+    with pytest.raises(ValueError, match="max_norm"), pytest.warns(FutureWarning):
+        fastclip.clip_grad_norm(params, -1.0)
+
+
 def test_fallback_warning_points_at_the_caller(fresh_warnings):
     params = _params(seed=8, with_none=False) + make_params([torch.ones(3, dtype=torch.complex64)])
     with pytest.warns(UserWarning, match="fastclip: computing with plain PyTorch") as seen:
@@ -1044,3 +1062,18 @@ def test_backend_and_build_info():
     assert fastclip.backend().startswith("extension")
     assert "cpu" in fastclip.backend()
     assert fastclip.build_info()["version"] == fastclip.__version__
+
+
+def test_installed_package_carries_its_type_marker(tmp_path):
+    # PEP 561: without py.typed in the installed package, type checkers
+    # ignore fastclip's annotations. build_py copies what an install copies
+    # of the Python package (without compiling the extension).
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=root,
+                   check=True, capture_output=True)
+    assert (tmp_path / "fastclip" / "py.typed").is_file()
+    assert (tmp_path / "fastclip" / "clip.py").is_file()
