@@ -163,6 +163,14 @@ MUTANTS = {
         "csrc/cpu/spans.cpp", "the AVX-512 bf16 order-1 kernel sums odd elements in even lanes",
         "    acc[1] = _mm512_add_pd(acc[1], widen_high(even));\n    acc[2] = _mm512_add_pd(acc[2], widen_low(odd));\n",
         "    acc[1] = _mm512_add_pd(acc[1], widen_low(odd));\n    acc[2] = _mm512_add_pd(acc[2], widen_high(even));\n"),
+    "grad_warning_dropped": (
+        "csrc/python.cpp", "the gather reads an undefined gradient without torch's non-leaf warning",
+        "  return t.grad();  // undefined: torch's warning for a tensor that is not a leaf",
+        "  static const at::Tensor none;\n  return none;"),
+    "retained_grad_skipped": (
+        "csrc/python.cpp", "the gather takes the gradient only where the tensor is a leaf",
+        "    if (grad.defined()) return grad;",
+        "    if (grad.defined() && t.is_leaf()) return grad;\n    if (grad.defined()) { static const at::Tensor none; return none; }"),
     "power_series_term_dropped": (
         "csrc/cpu/power.cpp", "the general order's log series skips its s^5/5 term",
         "  q = q * z + 1.0 / 5;\n", ""),

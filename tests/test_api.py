@@ -406,6 +406,27 @@ def test_non_leaf_grad_warning_is_a_python_warning():
     assert_identical(leaf_param.grad, before)
 
 
+def test_non_leaf_grad_that_is_retained_is_clipped_without_warning():
+    # The C++ gather reads a defined gradient without torch's leaf check
+    # (which only warns about an undefined one): a retained gradient of a
+    # non-leaf tensor is clipped, with no warning, as torch does.
+    leaf = torch.ones(3, requires_grad=True)
+    non_leaf = leaf * 2.0
+    non_leaf.retain_grad()
+    (non_leaf * 3.0).sum().backward()
+    torch_leaf = torch.ones(3, requires_grad=True)
+    torch_non_leaf = torch_leaf * 2.0
+    torch_non_leaf.retain_grad()
+    (torch_non_leaf * 3.0).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        total = fastclip.clip_grad_norm_([non_leaf, leaf], 1.0)
+        expected = torch.nn.utils.clip_grad_norm_([torch_non_leaf, torch_leaf], 1.0)
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(non_leaf.grad, torch_non_leaf.grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(leaf.grad, torch_leaf.grad, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["one-call", "split-path"])
 def test_error_if_nonfinite_decides_on_the_float64_norm(split, fresh_warnings):
     # Gradients whose norm (4.2e38) is finite but beyond float32's range:
