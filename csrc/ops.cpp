@@ -61,7 +61,8 @@ namespace {
 bool within_storage(const at::Tensor& t, const c10::StorageImpl* storage) {
   if (storage == nullptr || storage->data() == nullptr) return false;
   int64_t last = t.storage_offset();  // the farthest element, in elements (strides are >= 0)
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const at::IntArrayRef sizes = t.sizes(), strides = t.strides();  // no dim wrapping per dim
+  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
   return (last + 1) * static_cast<int64_t>(t.element_size()) <= static_cast<int64_t>(storage->nbytes());
 }
 }  // namespace
