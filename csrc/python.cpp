@@ -128,8 +128,8 @@ void prefetch_link(PyObject* items, size_t j, size_t link, PyTypeObject* type, b
 
 // t.grad() without its leaf check where the gradient is defined: the check
 // only warns about an undefined one, and costs a few virtual calls per
-// parameter (with the list's size read inline: 10,000 parameters
-// gathered in ~470 -> ~435 us).
+// parameter (with the list's size read inline and the last type
+// remembered: 10,000 parameters gathered in 470-480 -> 350-410 us).
 const at::Tensor& grad_of(const at::Tensor& t) {
   if (c10::AutogradMetaInterface* meta = t.unsafeGetTensorImpl()->autograd_meta()) {
     const at::Tensor& grad = static_cast<torch::autograd::AutogradMeta*>(meta)->grad_;

@@ -28,6 +28,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor
+from typing_extensions import deprecated  # a dependency of torch
 
 from . import _distributed, _fallback, _ops
 
@@ -195,13 +196,13 @@ def _fallback_reason(t: Tensor) -> Optional[str]:
 _SKIPPED_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
 
 
-def _warn(message: str, category: type[Warning] = UserWarning) -> None:
+def _warn(message: str) -> None:
     """warnings.warn attributed to the first caller outside fastclip and
     torch, whichever function path led here."""
     frame, level = sys._getframe(1), 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED_DIRS):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    warnings.warn(message, stacklevel=level)
 
 
 def _warn_once(reason: str) -> None:
@@ -558,6 +559,11 @@ def clip_grad_norm_(
     return total.to(torch.float32)
 
 
+@deprecated(
+    "`fastclip.clip_grad_norm` is now deprecated in favor of `fastclip.clip_grad_norm_` "
+    "(as `torch.nn.utils.clip_grad_norm` is in torch).",
+    category=FutureWarning,
+)
 def clip_grad_norm(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -567,9 +573,8 @@ def clip_grad_norm(
 ) -> Tensor:
     """Deprecated alias of :func:`clip_grad_norm_`, as torch keeps
     ``torch.nn.utils.clip_grad_norm``: code written against it keeps working
-    after the switch to fastclip, with torch's FutureWarning."""
-    _warn("`fastclip.clip_grad_norm` is now deprecated in favor of `fastclip.clip_grad_norm_` "
-          "(as `torch.nn.utils.clip_grad_norm` is in torch).", FutureWarning)
+    after the switch to fastclip, with torch's FutureWarning (and the same
+    marker for type checkers)."""
     return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
 
 

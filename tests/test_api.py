@@ -260,6 +260,9 @@ def test_deprecated_clip_grad_norm_alias_like_torch(max_norm_factor):
     _assert_grads_match_torch(params, torch_params)
     with pytest.raises(ValueError, match="max_norm"), pytest.warns(FutureWarning):
         fastclip.clip_grad_norm(params, -1.0)
+    # The marker type checkers read (PEP 702), as on torch's alias.
+    assert "deprecated" in fastclip.clip_grad_norm.__deprecated__
+    assert "deprecated" in torch.nn.utils.clip_grad_norm.__deprecated__
 
 
 def test_fallback_warning_points_at_the_caller(fresh_warnings):
@@ -1093,8 +1096,12 @@ def test_installed_package_carries_its_type_marker(tmp_path):
     import subprocess
     import sys
 
+    import os
+
     root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FASTCLIP_CPU_ONLY": "1"}  # setup.py decides the build at import: no CUDA check here
+    env.pop("FASTCLIP_FORCE_CUDA", None)
     subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=root,
-                   check=True, capture_output=True)
+                   env=env, check=True, capture_output=True)
     assert (tmp_path / "fastclip" / "py.typed").is_file()
     assert (tmp_path / "fastclip" / "clip.py").is_file()
