@@ -115,7 +115,7 @@ FASTCLIP_ALWAYS_INLINE NormPartial norm_span_impl(const typename E::storage* x, 
   } else {
     for_each_element<E>(x, n, prefetch, step);
   }
-  fold_lanes(acc, amax);
+  fold_lanes<T, K != NormKind::kInf, K == NormKind::kInf || kTrackMax>(acc, amax);
   const double top = static_cast<double>(amax[0]);
   return K == NormKind::kInf ? NormPartial{top, 0.0} : NormPartial{acc[0], kTrackMax ? top : 0.0};
 }
