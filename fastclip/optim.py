@@ -339,7 +339,12 @@ class ClippedOptimizer(torch.optim.Optimizer):
             raw, divisor, saved.get("grad_scale"), scaler_found, saved.get("found_inf"),
             skip_inf_divisor=folds and policy != "propagate", count_skip=on_device,
         )
-        if folds:
+        if folds and torch.compiler.is_compiling():
+            # Run eagerly: torch 2.11's dynamo fails on attribute assignments
+            # to an optimizer (AssertionError, no AttributeMutation; found
+            # on torch 2.11, which 2.13 traces), and the handoff is one op.
+            torch.compiler.disable(ClippedOptimizer._fused_step)(self, total, found, policy, saved, on_device)
+        elif folds:
             self._fused_step(total, found, policy, saved, on_device)
         else:
             self._plain_step(held, grads, one_call, factor, found, policy)
