@@ -155,7 +155,9 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
     shards, replicate, _ = _placement_types()
     mesh = None
     locals_, keys = [], []
-    key_of: dict = {}  # placements -> sharded mesh dims: lists repeat a few placements
+    # placements -> sharded mesh dims: lists repeat a few placements. Not
+    # while tracing: torch 2.6's dynamo cannot store under such keys.
+    key_of: Optional[dict] = None if torch.compiler.is_compiling() else {}
     for i, t in enumerate(tensors):
         if not isinstance(t, DTensor):
             raise ValueError(
@@ -175,7 +177,7 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
                 "clip the gradients of each mesh in its own call, or pass the other mesh's "
                 "group through process_group"
             )
-        key = key_of.get(placements)
+        key = key_of.get(placements) if key_of is not None else None
         if key is None:
             if any(p.is_partial() for p in placements):
                 raise ValueError(
@@ -189,7 +191,9 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
                     "it cannot tell whether its shards hold different elements; redistribute it to "
                     "Shard or Replicate first"
                 )
-            key = key_of[placements] = tuple(d for d, p in enumerate(placements) if isinstance(p, shards))
+            key = tuple(d for d, p in enumerate(placements) if isinstance(p, shards))
+            if key_of is not None:
+                key_of[placements] = key
         locals_.append(local)
         keys.append(key)
     if mesh.get_coordinate() is None:
