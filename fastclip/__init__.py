@@ -9,16 +9,8 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (torch must be loaded before the extension)
 
-# The oldest torch the suite passes on (under 2.4 over 100 tests failed: APIs
-# fastclip mirrors or uses, such as torch.nn.utils.get_total_norm and
-# torch.distributed.tensor, are missing there).
-_MIN_TORCH = (2, 6)
-
-
-def _torch_release(version: str) -> tuple[int, ...]:
-    """(major, minor) of a torch version string ("2.6.0a0+git1234" -> (2, 6))."""
-    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
-
+from ._version import MIN_TORCH as _MIN_TORCH
+from ._version import torch_release as _torch_release
 
 if _torch_release(torch.__version__) < _MIN_TORCH:
     raise ImportError(

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from . import _fallback, _ops
+from ._version import torch_release
 from . import clip as _clip
 
 __all__ = ["ClippedOptimizer"]
@@ -79,6 +80,13 @@ _SCALE_ATTRS = ("grad_scale", "found_inf")
 # subtraction over every state step (66 us per step on 161 tensors). Tests
 # of the device path turn this off to run that path on the CPU.
 _CPU_HOST_DECIDES = True
+
+# Whether dynamo traces the attribute assignments to the inner optimizer
+# that hand it the divisor after a graph break: torch 2.11's stops on them
+# with an AssertionError (no AttributeMutation; 2.6, 2.12 and 2.13 trace
+# them, 2.7-2.10 untested), so before 2.12 that handoff and the fused step
+# run outside the graph.
+_DYNAMO_SETS_OPTIMIZER_ATTRS = torch_release(torch.__version__) >= (2, 12)
 
 
 def _host_decides(total: Tensor) -> bool:
@@ -339,11 +347,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
             raw, divisor, saved.get("grad_scale"), scaler_found, saved.get("found_inf"),
             skip_inf_divisor=folds and policy != "propagate", count_skip=on_device,
         )
-        if folds and torch.compiler.is_compiling():
-            # Run eagerly: torch 2.11's dynamo fails on attribute assignments
-            # to an optimizer (AssertionError, no AttributeMutation; found
-            # on torch 2.11, which 2.13 traces), and the handoff is one op.
-            torch.compiler.disable(ClippedOptimizer._fused_step)(self, total, found, policy, saved, on_device)
+        if folds and torch.compiler.is_compiling() and not _DYNAMO_SETS_OPTIMIZER_ATTRS:
+            # Outside the graph: the fused inner step and its hooks run
+            # eagerly, with the host decisions of an eager step.
+            torch.compiler.disable(type(self)._fused_step)(self, total, found, policy, saved, on_device)
         elif folds:
             self._fused_step(total, found, policy, saved, on_device)
         else:
