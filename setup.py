@@ -12,7 +12,7 @@ Install with `pip install --no-build-isolation .` so that the build uses the
 torch that is installed (an isolated build would fetch another one).
 """
 import os
-import re
+import runpy
 import sys
 from pathlib import Path
 
@@ -28,7 +28,14 @@ except ImportError as error:
     ) from error
 
 ROOT = Path(__file__).resolve().parent
-VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastclip" / "_version.py").read_text()).group(1)
+_VERSION_INFO = runpy.run_path(str(ROOT / "fastclip" / "_version.py"))  # plain Python, no imports
+VERSION = _VERSION_INFO["__version__"]
+if _VERSION_INFO["torch_release"](torch.__version__) < _VERSION_INFO["MIN_TORCH"]:
+    # Before a build of minutes whose result the import would refuse.
+    raise RuntimeError(
+        f"fastclip needs torch >= {'.'.join(map(str, _VERSION_INFO['MIN_TORCH']))}, found torch "
+        f"{torch.__version__}: upgrade torch first"
+    )
 
 
 def _env(name: str) -> bool:

@@ -1109,6 +1109,28 @@ def test_import_refuses_a_torch_older_than_the_tested_one(version):
     assert f"ImportError: fastclip needs torch >= 2.6, found torch {version}" in done.stderr
 
 
+def test_build_refuses_a_torch_older_than_the_tested_one():
+    # Before minutes of compiling, not at the first import.
+    import pathlib
+    import subprocess
+    import sys
+
+    import os
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FASTCLIP_CPU_ONLY": "1"}  # setup.py decides the build at import: no CUDA check here
+    env.pop("FASTCLIP_FORCE_CUDA", None)
+    code = "import sys, runpy, torch; torch.__version__ = '2.5.1'; sys.argv = ['setup.py', '--version']; " \
+           "runpy.run_path('setup.py', run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "RuntimeError: fastclip needs torch >= 2.6, found torch 2.5.1: upgrade torch first" in done.stderr
+    same = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)  # the installed torch passes
+    assert same.returncode == 0 and same.stdout.strip().endswith(fastclip.__version__), same.stderr
+
+
 def test_torch_release_reads_every_kind_of_version():
     release = fastclip._torch_release
     assert release("2.6.0") == (2, 6) and release("2.13.0+cpu") == (2, 13)
