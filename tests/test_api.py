@@ -1135,6 +1135,9 @@ def test_torch_release_reads_every_kind_of_version():
     release = fastclip._torch_release
     assert release("2.6.0") == (2, 6) and release("2.13.0+cpu") == (2, 13)
     assert release("2.6.0a0+git1234abc") == (2, 6) and release("2.10.0.dev20250101+cu128") == (2, 10)
+    assert release("2.7.0rc1") == (2, 7)
+    for odd in ("main", "v2.6.0", "2", ""):  # no release named: not refused
+        assert release(odd) == fastclip._version.UNKNOWN_RELEASE >= fastclip._MIN_TORCH
     assert release(torch.__version__) >= fastclip._MIN_TORCH  # this suite runs on a supported torch
 
 
