@@ -932,10 +932,24 @@ def test_split_path_sparse_and_complex(ord, fresh_warnings):
         assert_scaled_close(after, ref_scaled(g, coef), rtol=SPLIT_PATH_RTOL)
 
 
-def test_split_path_torch_cannot_do_sparse_norms():
-    # Why the reference densifies: torch's own clip fails on a sparse gradient.
-    with pytest.raises(RuntimeError, match="linalg_vector_norm.*Sparse"):
-        torch.nn.utils.clip_grad_norm_(make_params([_sparse(torch.float32, False)]), 1.0)
+@pytest.mark.parametrize("coalesced", [False, True], ids=["uncoalesced", "coalesced"])
+def test_split_path_sparse_against_torch(coalesced, fresh_warnings):
+    # Why the references here densify: torch's own clip fails on a sparse
+    # gradient before torch 2.14 (2.6-2.13 checked). From 2.14 it computes
+    # it (coalescing first), and fastclip must give its results.
+    if fastclip._torch_release(torch.__version__) < (2, 14):
+        with pytest.raises(RuntimeError, match="linalg_vector_norm.*Sparse"):
+            torch.nn.utils.clip_grad_norm_(make_params([_sparse(torch.float32, coalesced)]), 1.0)
+        return
+    for ord in ORDS:
+        ours, theirs = make_params([_sparse(torch.float32, coalesced)]), make_params([_sparse(torch.float32, coalesced)])
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, ord)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="fastclip", category=UserWarning)
+            total = fastclip.clip_grad_norm_(ours, 1.0, ord)
+        torch.testing.assert_close(total, expected, rtol=TORCH_RTOL, atol=0.0)
+        assert ours[0].grad.is_sparse
+        torch.testing.assert_close(ours[0].grad.to_dense(), theirs[0].grad.to_dense(), rtol=TORCH_RTOL, atol=0.0)
 
 
 def test_split_path_error_if_nonfinite(fresh_warnings):
