@@ -634,8 +634,8 @@ def grad_norms(parameters: TensorOrTensors, norm_type: float = 2.0, process_grou
         if _needs_global(grads, one_call, groups):
             total, each, _, _ = _global_norms(grads, norm_type, True, groups, "parameters")
             total = total.to(torch.float32)
-        elif len(grads) == 0:
-            return torch.tensor(0.0), torch.zeros(len(params))
+        elif len(grads) == 0:  # float32 as documented, whatever the default dtype
+            return torch.tensor(0.0, dtype=torch.float32), torch.zeros(len(params), dtype=torch.float32)
         else:
             total, each = _norms(grads, norm_type, True, one_call)
     if each.shape[0] == len(params):  # no gradient is None

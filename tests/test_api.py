@@ -534,6 +534,22 @@ def test_empty_inputs_like_torch():
     assert fastclip.clip_grads_with_norm_([], 1.0, torch.tensor(2.0)) is None
 
 
+def test_empty_inputs_under_a_float64_default_dtype():
+    # torch's empty-list norm takes the default dtype, and so does fastclip's
+    # drop-in; grad_norms, fastclip's own, is float32 as documented (it took
+    # the default dtype; found in review).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert_same_bits(fastclip.get_total_norm([]), torch.nn.utils.get_total_norm([]))
+        assert_same_bits(fastclip.clip_grad_norm_([], 1.0), torch.nn.utils.clip_grad_norm_([], 1.0))
+        for params in ([], [torch.nn.Parameter(torch.ones(3))]):
+            total, each = fastclip.grad_norms(params)
+            assert total.dtype == each.dtype == torch.float32 and each.shape == (len(params),)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 # ---------------------------------------------------------- grad_norms
 @pytest.mark.parametrize("ord", ORDS, ids=ord_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

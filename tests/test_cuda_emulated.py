@@ -557,7 +557,7 @@ def test_tensor_of_300_chunks(emu):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_no_access_outside_the_tensors(emu, guarded, dtype):
     """Every size up to a few vectors and around chunk boundaries, ending at
-    a guard page or starting 0 to 17 bytes after one: norm, clip, scale and
+    a guard page or starting 0 to 8 elements after one: norm, clip, scale and
     clamp touch no byte outside the tensors."""
     gen = torch.Generator().manual_seed(13)
     size = torch.tensor([], dtype=dtype).element_size()
