@@ -12,7 +12,9 @@ Install with `pip install --no-build-isolation .` so that the build uses the
 torch that is installed (an isolated build would fetch another one).
 """
 import os
+import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +44,26 @@ def _env(name: str) -> bool:
     return os.environ.get(name, "") == "1"
 
 
+def _nvcc_mismatch() -> str:
+    """Why CUDA_HOME's nvcc cannot build against this torch, or "". torch's
+    BuildExtension refuses an nvcc whose CUDA major version differs from
+    torch's (a PyPI torch built for CUDA 12 next to a CUDA 13 toolkit): it
+    would fail the whole install instead of giving a CPU-only build."""
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
+    try:
+        shown = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"nvcc at {nvcc} did not run ({error})"
+    release = re.search(r"release (\d+)\.(\d+)", shown)
+    if release is None:  # torch then skips its check too
+        return ""
+    torch_major = torch.version.cuda.split(".")[0]
+    if release.group(1) != torch_major:
+        return (f"nvcc {release.group(1)}.{release.group(2)} at {CUDA_HOME} and torch's CUDA {torch.version.cuda} "
+                f"differ in major version, which torch cannot build with: set CUDA_HOME to a CUDA {torch_major} toolkit")
+    return ""
+
+
 def _cuda_decision() -> tuple[bool, str]:
     if _env("FASTCLIP_CPU_ONLY"):
         return False, "FASTCLIP_CPU_ONLY=1"
@@ -50,6 +72,10 @@ def _cuda_decision() -> tuple[bool, str]:
         missing.append(f"torch {torch.__version__} is a CPU-only build")
     if CUDA_HOME is None:
         missing.append("nvcc was not found (set CUDA_HOME)")
+    elif torch.version.cuda is not None:
+        mismatch = _nvcc_mismatch()
+        if mismatch:
+            missing.append(mismatch)
     if missing:
         if _env("FASTCLIP_FORCE_CUDA"):
             raise RuntimeError("FASTCLIP_FORCE_CUDA=1 but CUDA cannot be built: " + "; ".join(missing))

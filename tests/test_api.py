@@ -9,6 +9,7 @@ document the difference.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -1159,6 +1160,51 @@ def test_build_refuses_a_torch_older_than_the_tested_one():
     same = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, env=env, capture_output=True,
                           text=True, timeout=120)  # the installed torch passes
     assert same.returncode == 0 and same.stdout.strip().endswith(fastclip.__version__), same.stderr
+
+
+_FAKE_NVCC = """#!/bin/sh
+echo "nvcc: NVIDIA (R) Cuda compiler driver"
+echo "Cuda compilation tools, release {release}, V{release}.1"
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the fake nvcc is a shell script")
+@pytest.mark.parametrize(
+    "torch_cuda, nvcc, force, expected",
+    [
+        ("12.8", "13.0", False, "CPU-only build (nvcc 13.0 at {home} and torch's CUDA 12.8 differ in major version"),
+        ("12.8", "13.0", True, "FASTCLIP_FORCE_CUDA=1 but CUDA cannot be built: nvcc 13.0 at {home} and torch's "
+                               "CUDA 12.8 differ in major version, which torch cannot build with: set CUDA_HOME "
+                               "to a CUDA 12 toolkit"),
+        ("12.8", "12.4", False, "CUDA + CPU build (CUDA 12.8 at {home})"),
+        ("13.0", None, False, "CPU-only build (nvcc at {home}/bin/nvcc did not run"),
+    ],
+    ids=["major-differs", "major-differs-forced", "minor-differs", "no-nvcc"],
+)
+def test_build_decides_cpu_only_when_torch_cannot_build_with_this_nvcc(tmp_path, torch_cuda, nvcc, force, expected):
+    # torch's BuildExtension refuses an nvcc of another CUDA major version
+    # than torch's (a PyPI torch for CUDA 12 next to a CUDA 13 toolkit): the
+    # install failed there, where a missing nvcc gives a CPU-only build.
+    import os
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    (tmp_path / "bin").mkdir()
+    if nvcc is not None:
+        script = tmp_path / "bin" / "nvcc"
+        script.write_text(_FAKE_NVCC.format(release=nvcc))
+        script.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTCLIP_CPU_ONLY", "FASTCLIP_FORCE_CUDA")}
+    if force:
+        env["FASTCLIP_FORCE_CUDA"] = "1"
+    code = ("import sys, runpy, torch, torch.utils.cpp_extension as ext; "
+            f"torch.version.cuda = {torch_cuda!r}; ext.CUDA_HOME = {str(tmp_path)!r}; "
+            "sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert expected.format(home=tmp_path) in done.stdout + done.stderr, done.stdout + done.stderr
+    assert (done.returncode != 0) == force
 
 
 def test_torch_release_reads_every_kind_of_version():
