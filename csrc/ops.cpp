@@ -71,6 +71,10 @@ const char* unwritable_reason(const at::Tensor& t) {
   // Every layout (a sparse gradient goes to the fallback, whose write would
   // refuse an inference tensor after the kernels' part was written).
   if (!c10::InferenceMode::is_enabled() && t.is_inference()) return "inference";
+  // A __torch_dispatch__ subclass (FakeTensor, a wrapper of other tensors)
+  // has no memory of its own to check: the torch ops it runs check theirs
+  // (found in review: its empty storage was reported as freed).
+  if (t.unsafeGetTensorImpl()->is_python_dispatch()) return nullptr;
   if (t.layout() != at::kStrided) return nullptr;
   if (!t.is_non_overlapping_and_dense() && at::has_internal_overlap(t) == at::MemOverlap::Yes) return "overlap";
   if (t.numel() > 0 && t.device().type() != c10::DeviceType::Meta &&

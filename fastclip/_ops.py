@@ -133,11 +133,26 @@ def _device_of(tensors: list[Tensor]) -> torch.device:
     return tensors[0].device if len(tensors) > 0 else torch.device("cpu")
 
 
+def _one_device(op: str, tensors: list[Tensor]) -> torch.device:
+    """The fake kernels' device check: a meta tensor among real ones
+    dispatches the whole call here, which must refuse it as the kernels
+    refuse another device (found in review: garbage came back, or nothing
+    was written, without an error)."""
+    device = _device_of(tensors)
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise RuntimeError(
+                f"fastclip::{op}: tensors[{i}] is on {t.device} but tensors[0] is on {device}; pass one list "
+                "per device (fastclip's Python functions group them)"
+            )
+    return device
+
+
 if _C is not None:
 
     @torch.library.register_fake("fastclip::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, ord, per_tensor, fp64=False):
-        device = _device_of(tensors)
+        device = _one_device("multi_tensor_norm", tensors)
         dtype = torch.float64 if fp64 else torch.float32
         total = torch.empty((), dtype=dtype, device=device)
         each = torch.empty((len(tensors) if per_tensor else 0,), dtype=dtype, device=device)
@@ -145,15 +160,19 @@ if _C is not None:
 
     @torch.library.register_fake("fastclip::multi_tensor_scale_")
     def _multi_tensor_scale_fake(tensors, coef):
+        device = _one_device("multi_tensor_scale_", tensors)
+        if len(tensors) > 0 and coef.device.type != "cpu" and coef.device != device:
+            raise RuntimeError(f"fastclip::multi_tensor_scale_: coef is on {coef.device} but the tensors are on {device}")
         return None
 
     @torch.library.register_fake("fastclip::multi_tensor_clamp_")
     def _multi_tensor_clamp_fake(tensors, clip_value):
+        _one_device("multi_tensor_clamp_", tensors)
         return None
 
     @torch.library.register_fake("fastclip::clip_")
     def _clip_fake(tensors, max_norm, ord, error_if_nonfinite=False):
-        return torch.empty((), dtype=torch.float32, device=_device_of(tensors))
+        return torch.empty((), dtype=torch.float32, device=_one_device("clip_", tensors))
 
     @torch.library.register_fake("fastclip::clip_scalars_")
     def _clip_scalars_fake(norm, max_norm, loss_scale, extra_scale, found_inf, extra_found, skip_inf_divisor,

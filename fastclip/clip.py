@@ -33,6 +33,8 @@ from typing_extensions import deprecated  # a dependency of torch
 from . import _distributed, _fallback, _ops
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+# A checked max_norm: a float, or a value used in tensor arithmetic (see _max_norm).
+MaxNorm = Union[float, Tensor, torch.SymFloat]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _KERNEL_DEVICES = frozenset(d for d in ("cpu", "cuda") if _ops.has_kernel(d))
@@ -63,10 +65,24 @@ def _norm_type(norm_type) -> float:
     return p
 
 
-def _max_norm(max_norm) -> float:
+def _max_norm(max_norm) -> MaxNorm:
+    """``max_norm`` checked, as a float. Two kinds stay as they are, for
+    the coefficient's tensor arithmetic (torch's way: no host sync, no
+    recompilation per value): a symbolic float while dynamo traces
+    (checked by comparisons, which become guards), and a one-element real
+    tensor the host cannot read for free (on a GPU, or while dynamo
+    traces), whose value is not checked."""
     what = "a finite number >= 0"
-    value = _as_float(max_norm, "max_norm", what)
-    if not (math.isfinite(value) and value >= 0.0):
+    if isinstance(max_norm, Tensor):
+        if max_norm.is_complex():
+            raise TypeError(f"max_norm must be {what} or a real tensor of one element, got a {max_norm.dtype} tensor")
+        if max_norm.numel() != 1:
+            raise ValueError(f"max_norm must be {what} or a real tensor of one element, got shape {tuple(max_norm.shape)}")
+        if torch.compiler.is_compiling() or max_norm.device.type != "cpu":
+            return max_norm
+    value = max_norm if isinstance(max_norm, torch.SymFloat) else _as_float(max_norm, "max_norm", what)
+    # Comparisons, not math.isfinite: dynamo traces them on a symbolic float.
+    if not 0.0 <= value < math.inf:  # also rejects NaN
         raise ValueError(f"max_norm must be {what}, got {max_norm!r}")
     return value
 
@@ -270,14 +286,18 @@ def _norms(tensors: list[Tensor], ord: float, per_tensor: bool, one_call: bool, 
     return (total if fp64 else total.to(torch.float32)), each
 
 
-def _coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
+def _coefficient(max_norm: MaxNorm, total_norm: Tensor) -> Tensor:
     """min(1, max_norm / (norm + 1e-6)) in float64, NaN kept, on the norm's device.
 
     A true division, as the ops' kernels take it: ``max_norm / tensor`` is
     ``tensor.reciprocal() * max_norm`` in torch, a rounding more (one ulp
     off in about a quarter of cases)."""
     norm = total_norm.to(torch.float64)
-    return torch.clamp(torch.full_like(norm, max_norm) / (norm + 1e-6), max=1.0)
+    if isinstance(max_norm, Tensor):
+        numerator = max_norm.detach().reshape(()).to(norm.device, torch.float64)
+    else:
+        numerator = torch.full_like(norm, max_norm)
+    return torch.clamp(numerator / (norm + 1e-6), max=1.0)
 
 
 def _coef_for(coef: Tensor, device: torch.device) -> Tensor:
@@ -530,7 +550,14 @@ def clip_grad_norm_(
     max_norm = _max_norm(max_norm)
     norm_type = _norm_type(norm_type)
     groups = _distributed.groups_of(process_group)
-    if held is not None and held.one_call and not groups:
+    # The fused op takes max_norm as a host float. A tensor goes through the
+    # norm and a scale by the coefficient tensor (the split path), and so
+    # does any max_norm while dynamo traces: the op's float argument would
+    # specialize the graph on its value (found in review: a new graph for
+    # every value of a max_norm schedule; dynamo gives a symbolic float
+    # the type float, so it cannot be told apart).
+    fused = isinstance(max_norm, float) and not torch.compiler.is_compiling()
+    if held is not None and held.one_call and not groups and fused:
         return held.clip_(max_norm, norm_type, error_if_nonfinite)
     grads, one_call = _grads(parameters, held)
     if _needs_global(grads, one_call, groups):
@@ -542,7 +569,7 @@ def clip_grad_norm_(
         return _as_result(total, sharding)
     if len(grads) == 0:
         return torch.tensor(0.0)
-    if one_call:
+    if one_call and fused:
         return _ops.clip_(grads, max_norm, norm_type, error_if_nonfinite)
     _refuse_unwritable(grads)
     parts = _split(grads)

@@ -18,6 +18,8 @@ How the clip reaches the gradients depends on the inner optimizer:
   of ours; no host sync. On the CPU, where the host reads it for free, a
   divisor of exactly 1 (no clipping, no loss scale) is not handed over:
   torch's fused kernels would divide every gradient by it and write it back.
+  Not folded (the plain path) while step pre-hooks run inside the inner
+  step (they must see the clipped gradients) or a group has ``fused=False``.
 * any other optimizer: the fastclip scale op rescales the gradients first
   (no memory traffic when the coefficient is 1), then the inner step runs.
 
@@ -53,10 +55,12 @@ from __future__ import annotations
 
 import inspect
 import math
+from itertools import chain
 import weakref
 from typing import Any, Callable, Optional
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
 from . import _fallback, _ops
@@ -124,6 +128,11 @@ def _folds(optimizer: torch.optim.Optimizer) -> bool:
     """
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return False
+    # A group that opts out of the fused kernel (``fused=False`` in a fused
+    # optimizer) takes the plain step, which refuses a divisor (found in
+    # review: AssertionError from torch's AdamW).
+    if any("fused" in group and not group["fused"] for group in optimizer.param_groups):
+        return False
     step = optimizer.step
     key = getattr(step, "__func__", None)  # a bound method's function: one per class
     if key is None or torch.compiler.is_compiling():
@@ -141,11 +150,46 @@ def _folds(optimizer: torch.optim.Optimizer) -> bool:
 _FOLDS_BY_STEP: "weakref.WeakKeyDictionary[Callable, bool]" = weakref.WeakKeyDictionary()
 
 
+def _has_step_pre_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """True when step pre-hooks run inside ``optimizer.step``: they must see
+    the clipped gradients, as after ``clip_grad_norm_`` (found in review:
+    with the clip folded into a fused step they saw them unclipped, and what
+    they added was divided by the clip)."""
+    own = getattr(optimizer, "_optimizer_step_pre_hooks", None)
+    return bool(own) or bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None))
+
+
 def _takes_no_grad_scaler(step: Callable) -> bool:
     try:
         return "grad_scaler" not in inspect.signature(step).parameters
     except (TypeError, ValueError):
         return False
+
+
+class _CalledWith:
+    """``hook`` as the inner optimizer calls it, given ``optimizer`` in place of the inner one."""
+
+    def __init__(self, hook: Callable, optimizer: torch.optim.Optimizer) -> None:
+        self.hook = hook
+        self.optimizer = optimizer
+
+    def __call__(self, _inner: torch.optim.Optimizer, *args):
+        return self.hook(self.optimizer, *args)
+
+
+# torch's optimizers whose ``fused=True`` sets ``_step_supports_amp_scaling``.
+_FUSED_CLASSES = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
+def _pickling_lost_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """True for a fused torch optimizer that lost ``_step_supports_amp_scaling``
+    when pickled or deep-copied (its ``__getstate__`` keeps only defaults,
+    state and param groups)."""
+    return (
+        type(optimizer) in _FUSED_CLASSES
+        and bool(optimizer.defaults.get("fused"))
+        and "_step_supports_amp_scaling" not in optimizer.__dict__
+    )
 
 
 class ClippedOptimizer(torch.optim.Optimizer):
@@ -252,17 +296,31 @@ class ClippedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)
 
+    # State-dict hooks live on the inner optimizer, whose state_dict() runs
+    # them; one registered on the wrapper is called with the wrapper.
     def register_state_dict_pre_hook(self, hook, prepend: bool = False):
-        return self.optimizer.register_state_dict_pre_hook(hook, prepend)
+        return self.optimizer.register_state_dict_pre_hook(_CalledWith(hook, self), prepend)
 
     def register_state_dict_post_hook(self, hook, prepend: bool = False):
-        return self.optimizer.register_state_dict_post_hook(hook, prepend)
+        return self.optimizer.register_state_dict_post_hook(_CalledWith(hook, self), prepend)
 
     def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):
-        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend)
+        return self.optimizer.register_load_state_dict_pre_hook(_CalledWith(hook, self), prepend)
 
     def register_load_state_dict_post_hook(self, hook, prepend: bool = False):
-        return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
+        return self.optimizer.register_load_state_dict_post_hook(_CalledWith(hook, self), prepend)
+
+    def __getattr__(self, name: str):
+        # Public attributes of the inner optimizer that the wrapper does not
+        # define (train()/eval() of schedule-free optimizers). Private and
+        # special names are not forwarded: copy, pickle and torch probe them.
+        inner = self.__dict__.get("optimizer")
+        if inner is not None and not name.startswith("_"):
+            try:
+                return getattr(inner, name)
+            except AttributeError:
+                pass
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __getstate__(self) -> dict:
         return {
@@ -280,6 +338,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # Optimizer.__setstate__ (re)creates the hook tables and patches step;
         # its defaults fix-up goes through the property to the inner optimizer.
         super().__setstate__(state)
+        inner = self.__dict__.get("optimizer")
+        if inner is not None and _pickling_lost_fused(inner):
+            # What the fused optimizer's __init__ sets and torch's pickling
+            # drops: without it a copied wrapper no longer folds the clip.
+            inner._step_supports_amp_scaling = True
         # A wrapper pickled by an earlier version before its first step has
         # no logs yet (None): they are tensors from construction on now.
         logs = (self.__dict__.get("last_norm"), self.__dict__.get("last_clip_coef"), self.__dict__.get("skipped_steps"))
@@ -338,7 +401,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 raw, _ = _clip._norms(grads, self.norm_type, False, one_call, fp64=True)
         policy = "skip" if scaler_found is not None else self.nonfinite
         inner = self.optimizer
-        folds = _folds(inner)
+        folds = _folds(inner) and not _has_step_pre_hooks(inner)
         # A divisor and flag the inner optimizer already carries (set by its
         # user) stay in force for a fused step.
         saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__} if folds else {}
@@ -436,16 +499,15 @@ class ClippedOptimizer(torch.optim.Optimizer):
         first step and keeps them even when ``found_inf`` skips the update, so
         a first step is never skipped on the device.
         """
-        groups = self.optimizer.param_groups
         state = self.optimizer.state
-        stateful = [group for group in groups if not self._stateless(group)]
-        need = sum(len(group["params"]) for group in stateful)
-        # Counted without per-parameter lookups (found in review: SGD groups
-        # with and without momentum never passed a per-entry check, so every
-        # step read a flag back): only stateful groups' parameters get state.
-        if len(state) >= need and sum(map(bool, state.values())) >= need:
+        params = list(chain.from_iterable(g["params"] for g in self.optimizer.param_groups if not self._stateless(g)))
+        # Looked up per parameter (found in review: a count of the entries
+        # of `state` was fooled by entries of parameters no longer in any
+        # group, and fused SGD's skipped first step left garbage momentum),
+        # at C speed first: only stateful groups' parameters get state.
+        if all(map(bool, map(state.get, params))):
             return True
-        return all(p.grad is None or bool(state.get(p)) for group in stateful for p in group["params"])
+        return all(p.grad is None or bool(state.get(p)) for p in params)
 
     def _fused_step(self, total: Tensor, found: Tensor, policy: str, saved: dict, on_device: bool) -> None:
         """Hand the divisor ``total`` (and, on the device, the flag) to the fused inner step."""

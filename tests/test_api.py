@@ -1053,7 +1053,7 @@ def test_torch_compile_fullgraph_matches_eager():
     expected = fastclip.clip_grad_norm_(eager_params, 0.1)
     assert_same_bits(total, expected)
     for p, q in zip(params, eager_params):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+        assert_same_bits(p.grad, q.grad)
 
 
 @pytest.mark.skipif(fastclip._torch_release(torch.__version__) < (2, 8),
@@ -1073,6 +1073,47 @@ def test_torch_compile_fullgraph_split_path_matches_eager(fresh_warnings):
     assert_same_bits(total, expected)
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["float", "tensor"])
+def test_torch_compile_max_norm_schedule_compiles_once(kind):
+    """A max_norm that changes from call to call (a schedule) stays one
+    graph after dynamo makes it dynamic, as torch's does (found in review:
+    the fused op's float argument specialized a graph per value, and a
+    tensor failed fullgraph on a data-dependent guard); every value gives
+    eager's bits."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(fastclip.clip_grad_norm_, fullgraph=True, backend=counter)
+    for max_norm in (0.1, 0.2, 0.3, 0.05, 7.5):
+        params, eager_params = _model_params(), _model_params()
+        value = max_norm if kind == "float" else torch.tensor(max_norm)
+        total = compiled(params, value)
+        expected = fastclip.clip_grad_norm_(eager_params, float(value))
+        assert_same_bits(total, expected)
+        for p, q in zip(params, eager_params):
+            assert_same_bits(p.grad, q.grad)
+    assert counter.frame_count <= 2
+
+
+def test_tensor_max_norm():
+    """A one-element real tensor is taken as torch takes it; on the CPU its
+    value is checked (the host reads it for free); other tensors are refused."""
+    params, eager_params = _model_params(), _model_params()
+    total = fastclip.clip_grad_norm_(params, torch.tensor([0.1], dtype=torch.float64))
+    assert_same_bits(total, fastclip.clip_grad_norm_(eager_params, 0.1))
+    for p, q in zip(params, eager_params):
+        assert_same_bits(p.grad, q.grad)
+    before = snapshot(_grads(params))
+    for bad, error in ((torch.tensor(-1.0), ValueError), (torch.tensor(math.nan), ValueError),
+                       (torch.ones(2), ValueError), (torch.tensor(1j), TypeError)):
+        with pytest.raises(error, match="max_norm"):
+            fastclip.clip_grad_norm_(params, bad)
+        with pytest.raises(error, match="max_norm"):
+            fastclip.clip_grads_with_norm_(params, bad, torch.tensor(1.0))
+    assert_untouched(_grads(params), before)
 
 
 def test_torch_compile_fullgraph_get_total_norm_and_grad_norms():

@@ -335,9 +335,12 @@ def test_no_host_sync_in_the_clipping_path():
     grads = _grads_cuda(params)
     total_norm = fastclip.get_total_norm(grads)
     coef = torch.tensor(0.5, device="cuda")  # creating it from a Python float syncs
+    max_norm = torch.tensor(0.2, device="cuda")  # a device max_norm is not read back
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        fastclip.clip_grad_norm_(params, max_norm)
+        fastclip.clip_grads_with_norm_(params, max_norm, total_norm)
         fastclip.clip_grad_norm_(params, 0.1)
         fastclip.clip_grad_norm_(params, 1e6)
         fastclip.get_total_norm(grads, 3.5)
@@ -347,6 +350,22 @@ def test_no_host_sync_in_the_clipping_path():
         ops.multi_tensor_scale_(grads, coef)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_device_max_norm_gives_the_bits_of_a_float_one():
+    # Written without a GPU: a CUDA max_norm takes the norm op and a scale by
+    # the coefficient tensor; the coefficient is the fused op's, bit for bit.
+    value = torch.tensor(0.1, dtype=torch.float64)
+    params = _graph_params(11)
+    grads = [p.grad.clone() for p in params]
+    results = []
+    for max_norm in (float(value), value.cuda()):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        total = fastclip.clip_grad_norm_(params, max_norm)
+        results.append([total] + [p.grad for p in params])
+    for a, b in zip(*results):
+        assert_same_bits(a, b)
 
 
 def test_sync_debug_mode_catches_a_sync():
@@ -455,6 +474,28 @@ def test_data_at_an_odd_byte_is_refused_before_anything_runs():
         with pytest.raises(RuntimeError, match=r"tensors\[1\] starts at a byte address"):
             call()
         assert torch.equal(good, torch.ones(5, device="cuda"))
+    torch.cuda.synchronize()  # the context is still usable
+
+
+def test_scalars_at_an_odd_byte_are_refused():
+    # Found in review (not run on a GPU when written): the kernels load a
+    # device coefficient and clip_scalars_'s tensors as whole elements too
+    # (no ATen kernel may touch such a tensor either: it would fault alike).
+    t = torch.full((3 * CHUNK,), 2.0, device="cuda")
+    coef = _at_odd_byte(1, torch.float32)
+    with pytest.raises(RuntimeError, match="coef starts at a byte address"):
+        ops.multi_tensor_scale_([t], coef)
+    assert bool((t == 2.0).all())
+    norm = torch.tensor(3.0, device="cuda")
+    logs = [torch.zeros((), device="cuda"), torch.ones((), device="cuda"),
+            torch.zeros((), dtype=torch.int64, device="cuda")]
+    odd_norm = _at_odd_byte(1, torch.float32).reshape(())
+    odd_log = _at_odd_byte(1, torch.float32).reshape(())
+    for args, name in (((odd_norm, 1.0, None, None, None, None, False, *logs, False), "norm"),
+                       ((norm, 1.0, coef, None, None, None, False, *logs, False), "loss_scale"),
+                       ((norm, 1.0, None, None, None, None, False, odd_log, *logs[1:], False), "last_norm")):
+        with pytest.raises(RuntimeError, match=f"{name} starts at a byte address"):
+            ops.clip_scalars_(*args)
     torch.cuda.synchronize()  # the context is still usable
 
 

@@ -218,3 +218,50 @@ def test_fallback_clipped_optimizer_like_extension(fused, nan, request):
     assert opt_fb.skipped_steps.item() == opt.skipped_steps.item() == (2 if nan else 0)
     for p, q in zip(params, params_fb):
         assert_scaled_close(q, p, rtol=2.0**-20)
+
+
+def test_torch_dispatch_subclass_gradients_like_torch():
+    """Gradients that are __torch_dispatch__ subclasses (a wrapper of two
+    tensors) take the plain-PyTorch path, with torch's results (found in
+    review: the in-place functions refused them, reading their empty
+    storage as freed memory)."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+
+    def params():
+        p = torch.nn.Parameter(two_tensor.TwoTensor(torch.zeros(4), torch.zeros(4)))
+        p.grad = two_tensor.TwoTensor(torch.linspace(1.0, 4.0, 4), torch.linspace(-8.0, 2.0, 4))
+        return [p]
+
+    mine, theirs = params(), params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        total = fastclip.clip_grad_norm_(mine, 1.0)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        for t, e in ((total, expected), (mine[0].grad, theirs[0].grad)):
+            torch.testing.assert_close(t.a, e.a, rtol=1e-6, atol=0)
+            torch.testing.assert_close(t.b, e.b, rtol=1e-6, atol=0)
+        fastclip.clip_grads_with_norm_(mine, 0.5, torch.tensor(2.0))
+        torch.nn.utils.clip_grads_with_norm_(theirs, 0.5, torch.tensor(2.0))
+        fastclip.clip_grad_value_(mine, 0.1)
+        torch.nn.utils.clip_grad_value_(theirs, 0.1)
+    torch.testing.assert_close(mine[0].grad.a, theirs[0].grad.a, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mine[0].grad.b, theirs[0].grad.b, rtol=1e-6, atol=0)
+    assert float(mine[0].grad.b.abs().max()) == pytest.approx(0.1)  # the clamp took effect
+
+
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_fake_tensors_trace(tracing_mode):
+    """make_fx over the in-place functions (fake tensors, symbolic sizes)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(w, g):
+        w.grad = g
+        fastclip.clip_grad_value_([w], 0.5)
+        total = fastclip.clip_grad_norm_([w], 0.4)
+        return w.grad * 1.0, total
+
+    graph = make_fx(step, tracing_mode=tracing_mode)(torch.zeros(5, requires_grad=True), torch.ones(5))
+    grad, total = graph(torch.zeros(5, requires_grad=True), torch.linspace(-2.0, 2.0, 5))
+    assert float(total) == 1.0  # the norm of the clamped gradient
+    expected = torch.tensor([-0.5, -0.5, 0.0, 0.5, 0.5]) * (0.4 / (1.0 + 1e-6))
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=0)

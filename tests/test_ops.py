@@ -397,7 +397,14 @@ def test_clip_below_max_norm_writes_nothing(dtype, ord, device):
     norm = ref_norm(tensors, ord)
     total = ops.clip_(tensors, 2.0 * norm.item() + 1.0, ord)
     assert_norm_close(total, norm, dtype)
-    assert_untouched(tensors, before)
+    if device == "cpu":
+        assert_untouched(tensors, before)
+    else:
+        # The coefficient is decided on the device: the glue bumps the
+        # versions of what the launch may have written (README, Ops).
+        for i, (t, (copy, version)) in enumerate(zip(tensors, before)):
+            assert t._version > version, f"tensors[{i}]"
+            assert_same_bits(t, copy)
     _assert_gaps_kept(gaps, gap_copies)
 
 
@@ -977,6 +984,30 @@ def test_clip_scalars_errors_name_the_argument_and_modify_nothing(change, match)
     with pytest.raises(RuntimeError, match=match):
         ops.clip_scalars_(**args)
     assert_untouched(written, before)
+
+
+@pytest.mark.parametrize("op", ["norm", "scale_", "clamp_", "clip_", "scale_meta_coef"])
+def test_meta_tensor_among_cpu_ones_is_refused(op):
+    """A meta argument sends the call to the fake kernel, which refuses the
+    mix as the kernels refuse another device (found in review: garbage
+    norms came back, and nothing was written, without an error)."""
+    cpu = make_grads([(100,), (7, 3)], torch.float32, "cpu", seed=73)
+    before = snapshot(cpu)
+    tensors = cpu + [torch.ones(2, device="meta")]
+    calls = {
+        "norm": lambda: ops.multi_tensor_norm(tensors, 2.0, True),
+        "scale_": lambda: ops.multi_tensor_scale_(tensors, torch.tensor(0.5)),
+        "clamp_": lambda: ops.multi_tensor_clamp_(tensors, 0.1),
+        "clip_": lambda: ops.clip_(tensors, 0.1, 2.0),
+        "scale_meta_coef": lambda: ops.multi_tensor_scale_(cpu, torch.tensor(0.5, device="meta")),
+    }
+    match = "coef is on meta" if op == "scale_meta_coef" else r"tensors\[2\] is on meta but tensors\[0\] is on cpu"
+    with pytest.raises(RuntimeError, match=match):
+        calls[op]()
+    assert_untouched(cpu, before)
+    meta = [torch.ones(3, device="meta"), torch.ones(2, device="meta")]
+    ops.multi_tensor_scale_(meta, torch.tensor(0.5))  # a CPU coefficient with meta tensors, as on a GPU
+    assert ops.clip_(meta, 0.1, 2.0).device.type == "meta"
 
 
 def test_clip_scalars_refuses_inference_logs_and_logs_that_require_grad():

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastclip
@@ -698,6 +699,129 @@ def test_fused_sgd_groups_with_and_without_momentum_skip_on_the_device(device, m
         _step_on_device(opt, model, batch, bad, monkeypatch)
         opt.zero_grad()
     assert int(opt.skipped_steps) == 1
+
+
+def test_stale_state_of_removed_parameters_does_not_skip_on_the_device():
+    """State of parameters no longer in any group must not count for new
+    ones (found in review: fused SGD's skipped first step for a new
+    parameter left its momentum buffer uninitialized, 1e37 and worse)."""
+    a, b, c = (torch.nn.Parameter(torch.ones(64)) for _ in range(3))
+    inner = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9, fused=True)
+    opt = fastclip.ClippedOptimizer(inner, max_norm=MAX_NORM)
+    a.grad, b.grad = torch.full((64,), 3.0), torch.full((64,), 3.0)
+    opt.step()
+    del opt.param_groups[1]
+    opt.add_param_group({"params": [c]})
+    a.grad, c.grad = torch.full((64,), 3.0), torch.full((64,), math.nan)
+    before = [t.detach().clone() for t in (a, c)]
+    opt.step()
+    assert int(opt.skipped_steps) == 1
+    assert_same_bits(a.detach(), before[0])
+    assert_same_bits(c.detach(), before[1])
+    assert not opt.state.get(c)  # no buffer left behind by a skipped step
+    c.grad = torch.full((64,), 3.0)
+    opt.step()  # the first real step for c: momentum buffer = the clipped gradient
+    torch.testing.assert_close(opt.state[c]["momentum_buffer"], c.grad)
+    assert bool(torch.isfinite(c).all())
+
+
+def test_group_that_opts_out_of_fusing_gets_the_plain_clip():
+    """A fused optimizer with one ``fused=False`` group refuses a divisor:
+    the clip is not folded then (found in review: AssertionError)."""
+    params = [torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(8))]
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    groups = lambda ps: [{"params": [ps[0]]}, {"params": [ps[1]], "fused": False}]  # noqa: E731
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW(groups(params), lr=0.1, fused=True), MAX_NORM)
+    ref_opt = torch.optim.AdamW(groups(ref_params), lr=0.1, fused=True)
+    assert not opt._step_supports_amp_scaling
+    for step in range(3):
+        for ps in (params, ref_params):
+            for k, p in enumerate(ps):
+                p.grad = torch.linspace(-5, 5, 8) * (k + 1 + step)
+        torch.nn.utils.clip_grad_norm_(ref_params, MAX_NORM)
+        ref_opt.step()
+        opt.step()
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["inner", "global"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_step_pre_hooks_of_the_inner_optimizer_see_clipped_gradients(where, fused):
+    """As after clip_grad_norm_: what a pre-hook sees and adds is not divided
+    by the clip afterwards (found in review: the fused path did that)."""
+    results = []
+    for wrapped in (True, False):
+        q = torch.nn.Parameter(torch.zeros(4))
+        inner = torch.optim.SGD([q], lr=1.0, fused=fused or None)
+        seen = []
+
+        def hook(optimizer, args, kwargs):
+            if optimizer is inner:  # a global hook runs for the wrapper too
+                seen.append(float(q.grad.norm()))
+                q.grad.add_(1.0)
+
+        handle = (inner.register_step_pre_hook if where == "inner" else register_optimizer_step_pre_hook)(hook)
+        try:
+            q.grad = torch.full((4,), 100.0)
+            if wrapped:
+                fastclip.ClippedOptimizer(inner, MAX_NORM).step()
+            else:
+                torch.nn.utils.clip_grad_norm_([q], MAX_NORM)
+                inner.step()
+        finally:
+            handle.remove()
+        results.append((seen, q.detach().clone()))
+    (seen, q), (ref_seen, ref_q) = results
+    assert seen == pytest.approx(ref_seen) and seen[0] == pytest.approx(MAX_NORM, rel=1e-5)
+    torch.testing.assert_close(q, ref_q)  # -1.5 each, not -0.505
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_get_the_wrapper():
+    model = _model(torch.float32, "cpu")
+    opt = fastclip.ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), MAX_NORM)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("save-pre", o)))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append(("save-post", o)))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("load-pre", o)))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load-post", o)))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == [("save-pre", opt), ("save-post", opt), ("load-pre", opt), ("load-post", opt)]
+
+
+def test_public_attributes_of_the_inner_optimizer_are_reachable():
+    """Methods the wrapper does not define (schedule-free optimizers' train()
+    and eval()) reach the inner optimizer; private names and unknown ones do not."""
+
+    class ScheduleFree(torch.optim.SGD):
+        mode = "train"
+
+        def eval(self):
+            self.mode = "eval"
+
+    inner = ScheduleFree(_model(torch.float32, "cpu").parameters(), lr=0.1)
+    inner._private = 1
+    opt = fastclip.ClippedOptimizer(inner, MAX_NORM)
+    opt.eval()
+    assert inner.mode == "eval" and opt.mode == "eval"
+    for name in ("_private", "no_such_attribute"):
+        with pytest.raises(AttributeError, match=f"'ClippedOptimizer' object has no attribute '{name}'"):
+            getattr(opt, name)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_wrapper_of_a_fused_optimizer_still_folds(how, tmp_path):
+    """torch's pickling drops the fused optimizer's ``_step_supports_amp_scaling``;
+    a copied wrapper restores it and still hands the clip to the fused step."""
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW(_model(torch.float32, "cpu").parameters(), fused=True), MAX_NORM)
+    if how == "deepcopy":
+        copied = copy.deepcopy(opt)
+    else:
+        torch.save(opt, tmp_path / "opt.pt")
+        copied = torch.load(tmp_path / "opt.pt", weights_only=False)
+    assert copied._step_supports_amp_scaling and copied.optimizer._step_supports_amp_scaling
+    plain = fastclip.ClippedOptimizer(torch.optim.AdamW(_model(torch.float32, "cpu").parameters()), MAX_NORM)
+    assert not copy.deepcopy(plain)._step_supports_amp_scaling  # only where torch's __init__ set it
 
 
 def _compiled_run(cls, kwargs, compiled: bool):

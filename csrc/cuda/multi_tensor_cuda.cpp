@@ -33,6 +33,7 @@
 #include <cmath>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -142,16 +143,17 @@ NormOutputs norm_outputs(const Upload& up) {
   return out;
 }
 
-// Scales the dense entries of `table`, whose flat table `up` holds: in one
-// launch, or, where two entries share bytes (the same tensor listed twice,
-// a view and its base), one launch per entry in list order, as the CPU
-// writes them. In one launch two blocks would read and write the same
+// Scales the dense entries of `table`, whose flat table `up` holds (null:
+// uploaded here, only where it is used): in one launch, or, where two
+// entries share bytes (the same tensor listed twice, a view and its base),
+// one launch per entry in list order, as the CPU writes them. In one launch two blocks would read and write the same
 // elements at once: some scaled once, others twice, run to run; torch's
 // loop scales such elements twice. (clamp_dense does the same.)
-void scale_dense(const TensorTable& table, const Upload& up, const Coefficient& coef, const c10::Device& device,
+void scale_dense(const TensorTable& table, const Upload* up, const Coefficient& coef, const c10::Device& device,
                  int sms, cudaStream_t stream) {
   if (!table.spans_overlap()) {
-    launch_scale(up.table, coef, sms, stream);
+    const Upload own = up != nullptr ? Upload{} : upload(table.descs(), device, Scratch::kNone);
+    launch_scale((up != nullptr ? *up : own).table, coef, sms, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -221,25 +223,33 @@ void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, cons
 // (a storage offset in bytes, through set_() or a DLPack import) would
 // fault with a misaligned address, which ends the CUDA context (found in
 // review; the CPU takes data at any byte).
-void check_element_aligned(const char* op, at::TensorList tensors) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    const auto address = reinterpret_cast<uintptr_t>(t.data_ptr());
-    TORCH_CHECK(t.numel() == 0 || address % static_cast<uintptr_t>(t.element_size()) == 0, op, ": tensors[", i,
-                "] starts at a byte address that is no multiple of its element size (", t.element_size(),
-                " bytes); the CUDA kernels need element-aligned data: clone() it first");
-  }
+bool element_aligned(const at::Tensor& t) {
+  const auto address = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return t.numel() == 0 || address % static_cast<uintptr_t>(t.element_size()) == 0;
 }
 
-// Clamps the dense entries of `table`, whose flat table `up` holds: in one
-// launch, or, where two entries share bytes, one launch per entry in list
-// order, as the CPU does. Clamping the same elements twice changes nothing
+// `name` and `index` (when not negative) name the argument in the error.
+void check_element_aligned(const char* op, const char* name, const at::Tensor& t, int64_t index = -1) {
+  if (element_aligned(t)) return;
+  const std::string where = index < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(index) + "]";
+  TORCH_CHECK(false, op, ": ", where, " starts at a byte address that is no multiple of its element size (",
+              t.element_size(), " bytes); the CUDA kernels need element-aligned data: clone() it first");
+}
+
+void check_element_aligned(const char* op, at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) check_element_aligned(op, "tensors", tensors[i], static_cast<int64_t>(i));
+}
+
+// Clamps the dense entries of `table` (uploaded here): in one launch, or,
+// where two entries share bytes, one launch per entry in list order, as
+// the CPU does. Clamping the same elements twice changes nothing
 // in one dtype, but entries of different dtypes over the same bytes (a
 // float32 gradient and its bfloat16 view) would be read and written at once
 // by different blocks (found in review).
-void clamp_dense(const TensorTable& table, const Upload& up, double clip_value, const c10::Device& device, int sms,
+void clamp_dense(const TensorTable& table, double clip_value, const c10::Device& device, int sms,
                  cudaStream_t stream) {
   if (!table.spans_overlap()) {
+    const Upload up = upload(table.descs(), device, Scratch::kNone);
     launch_clamp(up.table, clip_value, sms, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -303,7 +313,9 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
     // Every block reads a device coefficient when it starts: one that lies
     // in a scaled tensor (scale_([a], a[0])) would be read after some block
     // scaled it (found in review); it is read from a copy then, queued on
-    // the stream (no sync).
+    // the stream (no sync). One at an odd byte address is refused: its
+    // load would fault, in ATen's copy as in the kernels (found in review).
+    check_element_aligned(kOp, "coef", coef);
     bool aliased = false;
     for (const at::Tensor& t : tensors) aliased = aliased || t.storage().is_alias_of(coef.storage());
     coef_device = supported_dtype(coef.scalar_type()) && !aliased
@@ -315,8 +327,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   const int sms = sm_count(device.index());
   const cudaStream_t stream = current_stream(device);
   const TensorTable table(tensors, TensorTable::kWrite);
-  const Upload up = upload(table.descs(), device, Scratch::kNone);
-  scale_dense(table, up, c, device, sms, stream);
+  scale_dense(table, nullptr, c, device, sms, stream);
   scale_views(tensors, table.strided(), c, coef.is_cpu() ? coef.reshape({}) : coef_device.reshape({}), sms, stream);
   bump_versions(tensors);  // a device coefficient may be 1: the host cannot know, so it says "may have written"
 }
@@ -333,8 +344,7 @@ void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   const int sms = sm_count(device.index());
   const cudaStream_t stream = current_stream(device);
   const TensorTable table(tensors, TensorTable::kWrite);
-  const Upload up = upload(table.descs(), device, Scratch::kNone);
-  clamp_dense(table, up, clip_value, device, sms, stream);
+  clamp_dense(table, clip_value, device, sms, stream);
   if (!table.strided().empty()) {
     // Views with gaps: through contiguous copies and the same kernel, then
     // copied back. ATen's clamp_ (fminf/fmaxf) may give +0.0 where the
@@ -384,12 +394,7 @@ at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool e
   }
 
   const Coefficient coef{out.coef, DType::kFloat64, 0.0};
-  if (all_dense) {
-    scale_dense(write, up, coef, device, sms, stream);
-  } else {
-    const Upload scale_up = upload(write.descs(), device, Scratch::kNone);
-    scale_dense(write, scale_up, coef, device, sms, stream);
-  }
+  scale_dense(write, all_dense ? &up : nullptr, coef, device, sms, stream);
   if (!all_dense) {
     scale_views(tensors, write.strided(), coef, up.view(out.coef, 1, at::kDouble).reshape({}), sms, stream);
   }
@@ -411,6 +416,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_cuda(
   constexpr const char* kOp = "fastclip::clip_scalars_";
   check_clip_scalars(kOp, norm, max_norm, loss_scale, extra_scale, found_inf, extra_found, last_norm, last_coef,
                      skipped, c10::DeviceType::CUDA);
+  const std::pair<const char*, const at::Tensor*> scalars[] = {
+      {"norm", &norm}, {"last_norm", &last_norm}, {"last_coef", &last_coef}, {"skipped", &skipped}};
+  for (const auto& [name, t] : scalars) check_element_aligned(kOp, name, *t);
+  const std::pair<const char*, const std::optional<at::Tensor>*> optional[] = {
+      {"loss_scale", &loss_scale},
+      {"extra_scale", &extra_scale},
+      {"found_inf", &found_inf},
+      {"extra_found", &extra_found}};
+  for (const auto& [name, t] : optional) {
+    if (t->has_value()) check_element_aligned(kOp, name, **t);
+  }
   const c10::Device device = norm.device();
   const c10::cuda::CUDAGuard guard(device);
   const auto options = at::TensorOptions().device(device);
