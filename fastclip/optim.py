@@ -405,7 +405,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # A divisor and flag the inner optimizer already carries (set by its
         # user) stay in force for a fused step.
         saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__} if folds else {}
-        on_device = folds and policy == "skip" and self._has_state()
+        # Where the host reads the flag for free, the state check (a lookup
+        # per parameter) waits for a non-finite step (see _fused_step).
+        on_device = folds and policy == "skip" and not _host_decides(raw) and self._has_state()
         factor, total, found = self._scalars(
             raw, divisor, saved.get("grad_scale"), scaler_found, saved.get("found_inf"),
             skip_inf_divisor=folds and policy != "propagate", count_skip=on_device,
@@ -513,10 +515,15 @@ class ClippedOptimizer(torch.optim.Optimizer):
         """Hand the divisor ``total`` (and, on the device, the flag) to the fused inner step."""
         inner = self.optimizer
         host = _host_decides(total)
-        if on_device and host and found.item() == 0.0:
+        if host and on_device and found.item() == 0.0:
             # A finite step needs no flag. A non-finite one still reaches the
             # inner step through found_inf, so its hooks run as on a GPU.
             on_device = False
+        elif host and not on_device and policy == "skip" and found.item() != 0.0 and self._has_state():
+            # The check step() left to the host: the same skip through
+            # found_inf, counted here as clip_scalars_ counts it on a device.
+            self.skipped_steps.add_(1)
+            on_device = True
         if not on_device and not self._check_finite(found, policy):
             return
         try:

@@ -701,10 +701,12 @@ def test_fused_sgd_groups_with_and_without_momentum_skip_on_the_device(device, m
     assert int(opt.skipped_steps) == 1
 
 
-def test_stale_state_of_removed_parameters_does_not_skip_on_the_device():
+@pytest.mark.parametrize("host", [True, False], ids=["cpu_host_decides", "device_path"])
+def test_stale_state_of_removed_parameters_does_not_skip_on_the_device(host, monkeypatch):
     """State of parameters no longer in any group must not count for new
     ones (found in review: fused SGD's skipped first step for a new
     parameter left its momentum buffer uninitialized, 1e37 and worse)."""
+    monkeypatch.setattr(fastclip.optim, "_CPU_HOST_DECIDES", host)
     a, b, c = (torch.nn.Parameter(torch.ones(64)) for _ in range(3))
     inner = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9, fused=True)
     opt = fastclip.ClippedOptimizer(inner, max_norm=MAX_NORM)
