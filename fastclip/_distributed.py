@@ -79,6 +79,18 @@ def groups_of(process_group) -> list:
             raise TypeError(f"{name} must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
         if dist.get_rank(group) < 0:
             raise ValueError(f"{name}: this process (global rank {dist.get_rank()}) is not a member of the group")
+    if len(groups) > 1:
+        # Groups reduced in turn must meet in this process only: another
+        # process in two of them would be counted twice (found in review).
+        seen = {}
+        for i, group in enumerate(groups):
+            for rank in dist.get_process_group_ranks(group):
+                if rank != dist.get_rank() and rank in seen:
+                    raise ValueError(
+                        f"process_group[{seen[rank]}] and process_group[{i}] both hold global rank {rank}: the "
+                        "groups must share no process but this one (one per parallel dimension)"
+                    )
+                seen.setdefault(rank, i)
     return groups
 
 

@@ -394,12 +394,17 @@ def _needs_global(tensors: list[Tensor], one_call: bool, groups: list) -> bool:
     return bool(groups) or (len(tensors) > 0 and not one_call and _distributed.has_dtensor(tensors))
 
 
-def _global_norms(tensors: list[Tensor], ord: float, per_tensor: bool, groups: list, name: str):
+def _global_norms(
+    tensors: list[Tensor], ord: float, per_tensor: bool, groups: list, name: str,
+    local_divisor: Optional[Tensor] = None, local_found: Optional[Tensor] = None,
+):
     """Norms over DTensor shards and/or rank-local lists spread over ``groups``.
 
     Returns ``(total, each, locals, sharding)``: the float64 global norm, the
     per-tensor float32 norms (global over the mesh for DTensors, local for
     plain tensors), the local tensors to scale, and the DTensors' sharding.
+    ``local_divisor`` (a loss scale) divides this rank's norms before they
+    are combined, and ``local_found`` (a flag) > 0 makes them inf.
     """
     locals_, sharding = _distributed.unwrap(tensors, name)
     keys = sharding.keys if sharding is not None else [()] * len(locals_)
@@ -420,6 +425,10 @@ def _global_norms(tensors: list[Tensor], ord: float, per_tensor: bool, groups: l
             part = [locals_[i] for i in indices]
             norms.append(_list_norms(part, ord, False, fp64=True)[0])
         local, entry_keys = torch.stack(norms), list(classes)
+    if local_divisor is not None:
+        local = local / local_divisor.reshape(()).to(local.device, torch.float64)
+    if local_found is not None:
+        local = torch.where(local_found.reshape(()).to(local.device) > 0, math.inf, local)
     total, entries = _distributed.reduce_norms(local, entry_keys, sharding, groups, ord, per_entry=per_tensor)
     each = entries.to(torch.float32) if per_tensor else local.new_zeros((0,), dtype=torch.float32)
     return total, each, locals_, sharding

@@ -53,6 +53,7 @@ unscaled gradients.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from itertools import chain
@@ -322,7 +323,25 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 pass
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __deepcopy__(self, memo: dict) -> "ClippedOptimizer":
+        # Process groups are handles of this run, as devices are: a copy
+        # shares them (found in review: deepcopy failed on a ProcessGroup).
+        for group in _clip._distributed.groups_of(self.process_group):
+            memo[id(group)] = group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self._state(), memo))
+        return copied
+
     def __getstate__(self) -> dict:
+        if self.process_group is not None:
+            raise TypeError(
+                "ClippedOptimizer with a process_group cannot be pickled (a process group belongs to this run): "
+                "save state_dict(), or set process_group to None before pickling and again after loading"
+            )
+        return self._state()
+
+    def _state(self) -> dict:
         return {
             "optimizer": self.optimizer,
             "_max_norm": self._max_norm,
@@ -395,7 +414,18 @@ class ClippedOptimizer(torch.optim.Optimizer):
             if held is not None:
                 raw, _ = held.norm(self.norm_type, False, True)
             elif _clip._needs_global(grads, one_call, groups):
-                raw, _, grads, _ = _clip._global_norms(grads, self.norm_type, False, groups, "parameters")
+                # Each rank's norm is unscaled by its own loss scale before the
+                # reduction, and a rank whose scaler found inf makes the global
+                # norm inf, so every rank skips that step (found in review: a
+                # GradScaler whose inf check is per rank left the ranks with
+                # different scales, and the norm reduced before the division
+                # came out different and wrong on each; a step skipped on one
+                # rank only was taken on the others).
+                raw, _, grads, _ = _clip._global_norms(
+                    grads, self.norm_type, False, groups, "parameters", divisor, scaler_found
+                )
+                if divisor is not None:
+                    raw = raw * divisor.reshape(()).to(raw.device, torch.float64)  # clip_scalars_ divides again
                 one_call = len(grads) > 0 and _clip._one_call(grads)
             else:
                 raw, _ = _clip._norms(grads, self.norm_type, False, one_call, fp64=True)

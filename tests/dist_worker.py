@@ -252,6 +252,69 @@ def nonfinite_same_decision(rank: int, world: int) -> None:
                     torch.testing.assert_close(after, b, rtol=0.0, atol=0.0, equal_nan=True)
 
 
+def scaler_per_rank_inf_check(rank: int, world: int) -> None:
+    """torch.amp.GradScaler checks for inf per rank: an inf on rank 1 only.
+    With a fused inner optimizer every rank must skip that step, and later
+    steps must use the true global norm although the ranks' scales now
+    differ (found in review: the norm was reduced before each rank divided
+    it by its own scale, different and wrong on every rank, and rank 0
+    took the step rank 1 skipped)."""
+    full = full_list(torch.float32)
+    mine = [i for i in range(len(full)) if i % world == rank]
+    true_norm = ref_norm(full, 2.0)
+    params = params_of([full[i] for i in mine])
+    originals = [p.grad.clone() for p in params]
+    opt = fastclip.ClippedOptimizer(
+        torch.optim.SGD(params, lr=0.1, fused=True), MAX_NORM, process_group=dist.group.WORLD
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(3):
+        before = [p.detach().clone() for p in params]
+        scaler.scale(torch.ones(()))  # lazily creates the scale
+        for p, g in zip(params, originals):
+            p.grad = g * scaler.get_scale()
+        if step == 0 and rank == 1:
+            params[0].grad.view(-1)[0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        if step == 0:
+            assert int(opt.skipped_steps) == 1, f"rank {rank}: step 0 was not skipped"
+            assert all(torch.equal(b, p) for b, p in zip(before, params)), f"rank {rank}: step 0 moved parameters"
+        else:
+            assert_norm(opt.last_norm, true_norm, f"rank {rank} step {step} (scale {scaler.get_scale()})")
+            coef = ref_coef(true_norm)
+            for b, p, g in zip(before, params, originals):
+                torch.testing.assert_close(p.detach(), b - 0.1 * coef * g, rtol=1e-5, atol=1e-6)
+    assert scaler.get_scale() == (512.0 if rank == 1 else 1024.0)  # the scalers did diverge
+
+
+def wrapper_copies_share_the_group(rank: int, world: int) -> None:
+    """A deep copy of a wrapper with a process_group shares the group (a
+    handle of this run) and clips as the original; pickling refuses it with
+    a message that says what to do (found in review: both failed on the
+    ProcessGroup object)."""
+    import copy
+    import pickle
+
+    full = full_list(torch.float32)
+    mine = [i for i in range(len(full)) if i % world == rank]
+    params = params_of([full[i] for i in mine])
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), MAX_NORM, process_group=[dist.group.WORLD])
+    copied = copy.deepcopy(opt)
+    assert copied.process_group[0] is dist.group.WORLD and copied.optimizer is not opt.optimizer
+    for p, q in zip(params, copied.param_groups[0]["params"]):
+        assert q is not p
+        q.grad = p.grad.clone()  # deepcopy of a Parameter leaves its grad behind
+    copied.step()
+    assert_norm(copied.last_norm, ref_norm(full, 2.0), f"rank {rank}: the copy's norm")
+    try:
+        pickle.dumps(opt)
+    except TypeError as error:
+        assert "process_group" in str(error), str(error)
+    else:
+        raise AssertionError("a wrapper with a process_group was pickled")
+
+
 def strided_shards(rank: int, world: int) -> None:
     """_StridedShard (FSDP2 over tensor parallelism puts it on the data-parallel
     dimension) shards its mesh dimension as Shard does; it is no Shard
@@ -333,6 +396,12 @@ def compiled_dtensors(rank: int, world: int) -> None:
     assert_norm(norm, expected, "compiled process_group clip")
     for p, i in zip(params, mine):
         assert_scaled(p.grad, full[i], ref_coef(expected), "compiled process_group clipped")
+    # Two groups (checked to share no other process) and a one-process group.
+    alone = [dist.new_group([r]) for r in range(world)][rank]
+    groups = [group, alone]
+    params = params_of([full[i] for i in mine])
+    norm = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, MAX_NORM, process_group=groups), fullgraph=True)(params)
+    assert_norm(norm, expected, "compiled clip over two groups")
 
 
 def local_norm_beyond_float32(rank: int, world: int) -> None:
@@ -423,6 +492,15 @@ def bad_groups(rank: int, world: int) -> None:
             assert "not a member" in str(error), str(error)
         else:
             raise AssertionError("no error for a group this rank is not in")
+    # Groups that share another process would count it twice.
+    world_group = dist.group.WORLD
+    for overlapping in ([world_group, world_group], [world_group, dist.new_group(list(range(world)))]):
+        try:
+            fastclip.clip_grad_norm_(params, MAX_NORM, process_group=overlapping)
+        except ValueError as error:
+            assert "share no process but this one" in str(error), str(error)
+        else:
+            raise AssertionError("no error for groups that share processes")
     mesh = init_device_mesh("cpu", (world,))
     other = init_device_mesh("cpu", (world,), mesh_dim_names=("other",))
     a = distribute_tensor(torch.ones(8, 2), mesh, [Shard(0)])
@@ -479,6 +557,8 @@ SCENARIOS = {
         dtensors_2d,
         fsdp2_matches_torch,
         nonfinite_same_decision,
+        scaler_per_rank_inf_check,
+        wrapper_copies_share_the_group,
         wrapper_over_fsdp2,
         bad_groups,
         unwrap_paths_agree,
