@@ -565,7 +565,9 @@ def clip_grad_norm_(
     # specialize the graph on its value (found in review: a new graph for
     # every value of a max_norm schedule; dynamo gives a symbolic float
     # the type float, so it cannot be told apart).
-    fused = isinstance(max_norm, float) and not torch.compiler.is_compiling()
+    # error_if_nonfinite keeps the fused op under compile: it raises from
+    # inside the graph, where the split path's host read cannot be traced.
+    fused = isinstance(max_norm, float) and (error_if_nonfinite or not torch.compiler.is_compiling())
     if held is not None and held.one_call and not groups and fused:
         return held.clip_(max_norm, norm_type, error_if_nonfinite)
     grads, one_call = _grads(parameters, held)

@@ -314,9 +314,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
     def __getattr__(self, name: str):
         # Public attributes of the inner optimizer that the wrapper does not
         # define (train()/eval() of schedule-free optimizers). Private and
-        # special names are not forwarded: copy, pickle and torch probe them.
+        # special names are not forwarded: copy, pickle and torch probe
+        # them; nor is GradScaler's contract (grad_scale, found_inf), which
+        # it reads on the wrapper and would multiply in twice (found in review).
         inner = self.__dict__.get("optimizer")
-        if inner is not None and not name.startswith("_"):
+        if inner is not None and not name.startswith("_") and name not in _SCALE_ATTRS:
             try:
                 return getattr(inner, name)
             except AttributeError:
@@ -331,6 +333,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         copied.__setstate__(copy.deepcopy(self._state(), memo))
+        return copied
+
+    def __copy__(self) -> "ClippedOptimizer":
+        copied = type(self).__new__(type(self))
+        copied.__setstate__(self._state())  # the same inner optimizer, logs and groups
         return copied
 
     def __getstate__(self) -> dict:

@@ -300,6 +300,8 @@ def wrapper_copies_share_the_group(rank: int, world: int) -> None:
     mine = [i for i in range(len(full)) if i % world == rank]
     params = params_of([full[i] for i in mine])
     opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), MAX_NORM, process_group=[dist.group.WORLD])
+    shallow = copy.copy(opt)
+    assert shallow.process_group is opt.process_group and shallow.optimizer is opt.optimizer
     copied = copy.deepcopy(opt)
     assert copied.process_group[0] is dist.group.WORLD and copied.optimizer is not opt.optimizer
     for p, q in zip(params, copied.param_groups[0]["params"]):

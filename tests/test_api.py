@@ -1098,6 +1098,40 @@ def test_torch_compile_max_norm_schedule_compiles_once(kind):
     assert counter.frame_count <= 2
 
 
+def test_torch_compile_fullgraph_error_if_nonfinite():
+    """With error_if_nonfinite the compiled call keeps the fused op, which
+    raises from inside the graph (found in review: the split path's host
+    read of the flag broke fullgraph)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, 0.1, error_if_nonfinite=True), fullgraph=True)
+    params, eager_params = _model_params(), _model_params()
+    assert_same_bits(compiled(params), fastclip.clip_grad_norm_(eager_params, 0.1))
+    params[0].grad[0, 0] = math.nan
+    before = snapshot(_grads(params))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        compiled(params)
+    for g, (copy, _) in zip(_grads(params), before):  # values (the compiled graph bumps versions)
+        assert_same_bits(g, copy)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_coefficient_of_a_tensor_max_norm_has_the_bits_of_a_float_one(dtype):
+    """The tensor arithmetic a device or traced max_norm goes through gives
+    the fused op's coefficient, bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        grads = make_grads([(37,), (5, 9)], dtype, "cpu", seed=int(torch.randint(1 << 30, (), generator=gen)))
+        max_norm = float(torch.rand((), dtype=torch.float64, generator=gen)) * float(ref_norm(grads, 2.0))
+        norm64, _ = fastclip._ops.multi_tensor_norm(grads, 2.0, False, True)
+        from_tensor = fastclip.clip._coefficient(torch.tensor(max_norm, dtype=torch.float64), norm64)
+        assert_same_bits(from_tensor, fastclip.clip._coefficient(max_norm, norm64))
+        clipped = [g.clone() for g in grads]
+        fastclip._ops.clip_(clipped, max_norm, 2.0)
+        fastclip._ops.multi_tensor_scale_(grads, from_tensor)
+        for a, b in zip(grads, clipped):
+            assert_same_bits(a, b)
+
+
 def test_tensor_max_norm():
     """A one-element real tensor is taken as torch takes it; on the CPU its
     value is checked (the host reads it for free); other tensors are refused."""

@@ -811,6 +811,29 @@ def test_public_attributes_of_the_inner_optimizer_are_reachable():
             getattr(opt, name)
 
 
+def test_grad_scaler_does_not_see_the_inner_grad_scale_through_the_wrapper():
+    """GradScaler multiplies its scale by ``getattr(optimizer, "grad_scale", 1)``;
+    a divisor the user set on the inner optimizer must count once (found in
+    review: forwarded public attributes made it count twice)."""
+    q = torch.nn.Parameter(torch.ones(1))
+    inner = torch.optim.SGD([q], lr=1.0, fused=True)
+    inner.grad_scale = torch.tensor(2.0)  # the user's own divisor, kept in force
+    opt = fastclip.ClippedOptimizer(inner, max_norm=100.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # creates the scale
+    q.grad = torch.full((1,), 0.5 * 4.0 * 2.0)  # unscaled 0.5, times the loss scale and the user's divisor
+    scaler.step(opt)
+    assert float(q) == 0.5 and float(opt.last_norm) == 1.0  # the norm is unscaled by the scaler's 4 only
+    with pytest.raises(AttributeError):
+        opt.found_inf  # noqa: B018
+
+
+def test_shallow_copy_shares_the_inner_optimizer():
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(_model(torch.float32, "cpu").parameters(), lr=0.1), MAX_NORM)
+    copied = copy.copy(opt)
+    assert copied.optimizer is opt.optimizer and copied.last_norm is opt.last_norm and copied.max_norm == opt.max_norm
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copied_wrapper_of_a_fused_optimizer_still_folds(how, tmp_path):
     """torch's pickling drops the fused optimizer's ``_step_supports_amp_scaling``;
