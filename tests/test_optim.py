@@ -2,6 +2,7 @@
 the non-finite policies, AMP, and the drop-in Optimizer surface."""
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import types
@@ -710,8 +711,9 @@ def test_stale_state_of_removed_parameters_does_not_skip_on_the_device(host, mon
     a, b, c = (torch.nn.Parameter(torch.ones(64)) for _ in range(3))
     inner = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9, fused=True)
     opt = fastclip.ClippedOptimizer(inner, max_norm=MAX_NORM)
-    a.grad, b.grad = torch.full((64,), 3.0), torch.full((64,), 3.0)
-    opt.step()
+    for _ in range(2):  # the second step's state check finds every parameter with state
+        a.grad, b.grad = torch.full((64,), 3.0), torch.full((64,), 3.0)
+        opt.step()
     del opt.param_groups[1]
     opt.add_param_group({"params": [c]})
     a.grad, c.grad = torch.full((64,), 3.0), torch.full((64,), math.nan)
@@ -725,6 +727,37 @@ def test_stale_state_of_removed_parameters_does_not_skip_on_the_device(host, mon
     opt.step()  # the first real step for c: momentum buffer = the clipped gradient
     torch.testing.assert_close(opt.state[c]["momentum_buffer"], c.grad)
     assert bool(torch.isfinite(c).all())
+
+
+def test_state_check_is_not_kept_past_a_change_of_state():
+    """The kept answer of the per-parameter state check ends with the state
+    dict it was found for, its entry count, or the parameters."""
+    params = [torch.nn.Parameter(torch.ones(4)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.ones(4)
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True), MAX_NORM)
+    assert not opt._has_state()
+    opt.step()
+    assert opt._has_state() and opt._has_state()  # found, then kept
+    empty = copy.deepcopy(opt.optimizer.state_dict())
+    empty["state"] = {}
+    opt.load_state_dict(empty)  # a new state dict
+    assert not opt._has_state()
+    opt.step()
+    assert opt._has_state()
+    kept = opt.optimizer.state
+    opt.optimizer.state = collections.defaultdict(dict, {p: {} for p in params})  # as many entries, all empty
+    assert not opt._has_state()
+    opt.optimizer.state = kept
+    assert opt._has_state()
+    entry = opt.state.pop(params[0])  # one entry fewer
+    assert not opt._has_state()
+    opt.state[params[0]] = entry
+    assert opt._has_state()
+    other = torch.nn.Parameter(torch.ones(4))
+    other.grad = torch.ones(4)
+    opt.param_groups[0]["params"][1] = other  # another parameter, with a gradient and no state
+    assert not opt._has_state()
 
 
 def test_group_that_opts_out_of_fusing_gets_the_plain_clip():
