@@ -215,6 +215,25 @@ def test_wrong_results_fail_instead_of_being_timed(monkeypatch):
     assert _row(rows, "clip", "fastclip op").status == "ok"
 
 
+@pytest.mark.skipif(not hasattr(fastclip, "ClippedOptimizer"), reason="this fastclip has no ClippedOptimizer yet")
+def test_wrapper_steps_skipped_while_timed_fail_the_row(monkeypatch):
+    """Negative control: the check is a first step; timed steps that the
+    wrapper skips (they move no memory) must fail the row, not be timed."""
+    real_step = fastclip.ClippedOptimizer.step
+
+    def step_skipped_once_checked(self, closure=None):
+        if self.optimizer.state:  # a timed step: the check's first step has no state yet
+            self.skipped_steps.add_(1)
+            return None
+        return real_step(self, closure)
+
+    monkeypatch.setattr(fastclip.ClippedOptimizer, "step", step_skipped_once_checked)
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "fp32", "--cases", "adamw"])
+    row = _row(rows, "adamw", "ClippedOptimizer")
+    assert row.status.startswith("failed:") and "timed steps were skipped" in row.status and row.median_ms is None
+    assert _row(rows, "adamw", "fastclip+adamw").status == "ok"
+
+
 def test_noclip_check_sees_a_write(monkeypatch):
     def scales_anyway(params, max_norm):
         total = fastclip.get_total_norm([p.grad for p in params])

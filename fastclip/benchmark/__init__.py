@@ -276,7 +276,11 @@ class Runner:
                         sample = self.timer(lambda: call(case.timed_max_norm(work)), r, self.rounds)
                     times[id(row)] += sample.times_ms
                     host[id(row)] += sample.host_ms
-        for row, _, _ in checked:
+        for row, _, call in checked:
+            verify = getattr(call, "verify", None)  # what the timed calls must have done
+            if verify is not None and row.status == OK:
+                with _reported(row):
+                    verify()
             if row.status != OK:
                 continue
             sample = times[id(row)]
@@ -391,6 +395,13 @@ def run(argv: Optional[list[str]] = None) -> tuple[list[Row], dict]:
     elif args.compile_timeout <= 0:
         disabled = "not compiled (--compile-timeout 0)"
 
+    if device.type == "cuda":
+        # CUDA events and the floor's copies go to the current device's
+        # stream: it must be the benchmarked one (found in review: with
+        # --device cuda:1 the events timed cuda:0).
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device: {device}: torch sees {torch.cuda.device_count()} CUDA devices")
+        torch.cuda.set_device(device)
     timer = Timer(device, warmup, min_repeats, max_repeats, target)
     env = environment(device, argv)
     print(

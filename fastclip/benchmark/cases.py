@@ -328,6 +328,16 @@ def _adamw_methods() -> list[Method]:
             opt.step()
             return opt.last_norm
 
+        def verify():
+            # The check is a first step (host decision); timed steps with
+            # state skip through found_inf on a GPU, a path the check does
+            # not take: a wrongly skipped step would move no memory (found
+            # in review).
+            skipped = int(opt.skipped_steps)
+            if skipped:
+                raise Failed(f"{skipped} timed steps were skipped: they did not update the parameters")
+
+        call.verify = verify
         return call
 
     torch_clip = lambda params, m: torch.nn.utils.clip_grad_norm_(params, m, foreach=True)  # noqa: E731
