@@ -483,26 +483,26 @@ def wrapper_over_fsdp2(rank: int, world: int) -> None:
                 torch.testing.assert_close(p.to_local(), pr.to_local(), rtol=1e-5, atol=1e-6)
 
 
+def _raises_value_error(call, match: str) -> None:
+    try:
+        call()
+    except ValueError as error:
+        assert match in str(error), str(error)
+    else:
+        raise AssertionError(f"no ValueError matching {match!r}")
+
+
 def bad_groups(rank: int, world: int) -> None:
     """A group this rank is not in, and DTensors mixed with plain tensors or meshes."""
     outsider = dist.new_group([0])
     params = params_of(full_list(torch.float32)[:2])
     if rank != 0:
-        try:
-            fastclip.clip_grad_norm_(params, MAX_NORM, process_group=outsider)
-        except ValueError as error:
-            assert "not a member" in str(error), str(error)
-        else:
-            raise AssertionError("no error for a group this rank is not in")
+        _raises_value_error(lambda: fastclip.clip_grad_norm_(params, MAX_NORM, process_group=outsider), "not a member")
     # Groups that share another process would count it twice.
     world_group = dist.group.WORLD
     for overlapping in ([world_group, world_group], [world_group, dist.new_group(list(range(world)))]):
-        try:
-            fastclip.clip_grad_norm_(params, MAX_NORM, process_group=overlapping)
-        except ValueError as error:
-            assert "share no process but this one" in str(error), str(error)
-        else:
-            raise AssertionError("no error for groups that share processes")
+        _raises_value_error(lambda: fastclip.clip_grad_norm_(params, MAX_NORM, process_group=overlapping),
+                            "share no process but this one")
     mesh = init_device_mesh("cpu", (world,))
     other = init_device_mesh("cpu", (world,), mesh_dim_names=("other",))
     a = distribute_tensor(torch.ones(8, 2), mesh, [Shard(0)])
@@ -513,12 +513,7 @@ def bad_groups(rank: int, world: int) -> None:
         ([a, b], "on mesh"),
         ([a, c], "Partial placement"),
     ):
-        try:
-            fastclip.get_total_norm(mixed)
-        except ValueError as error:
-            assert match in str(error), str(error)
-        else:
-            raise AssertionError(f"no error for {match}")
+        _raises_value_error(lambda: fastclip.get_total_norm(mixed), match)
 
 
 def unwrap_paths_agree(rank: int, world: int) -> None:
