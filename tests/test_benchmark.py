@@ -203,6 +203,17 @@ def test_wrapper_row_is_timed_when_available():
     assert _row(rows, "adamw", "ClippedOptimizer").status == "ok"
 
 
+def test_fp16_adamw_rows_pass_on_a_large_tensor(monkeypatch):
+    """The AdamW case clipped to a fixed max_norm of 1e-3, which made a
+    clipped fp16 gradient of a million elements subnormal (~1e-6): both
+    clip-then-step rows failed their check. The target is now a fraction of
+    the list's norm."""
+    monkeypatch.setitem(benchmark.SETS, "tiny", lambda: [(1 << 20,), (3, 5)])
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "fp16", "--cases", "adamw"])
+    for method in ("adamw alone", "torch foreach+adamw", "fastclip+adamw", "ClippedOptimizer"):
+        assert _row(rows, "adamw", method, "fp16").status == "ok"
+
+
 def test_wrong_results_fail_instead_of_being_timed(monkeypatch):
     """Negative control: a clip that does not scale and a step that ignores
     the clip are caught by the checks."""

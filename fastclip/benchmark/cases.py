@@ -46,8 +46,12 @@ CLIP_DECAY = 0.99
 # below float64.
 NORM_RTOL = {"fastclip": 1e-6, "torch": 5e-2}
 
-# The AdamW case clips to this max_norm (far below every list's norm).
-ADAMW_MAX_NORM = 1e-3
+# The AdamW case clips to this fraction of the list's norm. A fixed tiny
+# max_norm (1e-3, before) left fp16 gradients of large lists subnormal
+# (1e-3 / sqrt(124M) = 9e-8), and every clip-then-step failed its check
+# (found in review); a coefficient keeps a clipped element's size ~1e-2 in
+# every dtype.
+ADAMW_CLIP_COEF = 1e-2
 # AdamW settings. Adam's update does not depend on the scale of the
 # gradients when eps is negligible, so a wrong clip coefficient would not
 # show in the parameters; eps is set to the size of one clipped gradient
@@ -140,6 +144,11 @@ class Workload:
             self._seeded_ref = (self.update_reference(), self.ref_each)
         self.ref_total, self.ref_each = self._seeded_ref
         self.clip_target = self.ref_total
+
+    @property
+    def seeded_total(self) -> float:
+        """The float64 norm of the seeded gradients (fill_grads)."""
+        return self._seeded_ref[0]
 
     def next_max_norm(self) -> float:
         """max_norm for the next timed clip: CLIP_DECAY below the last one."""
@@ -287,8 +296,13 @@ def _clip_methods(compiled_clip: Callable[[Workload], Call]) -> list[Method]:
     ]
 
 
+def _adamw_max_norm(w: Workload) -> float:
+    """The AdamW case's max_norm: ADAMW_CLIP_COEF times the seeded gradients' norm."""
+    return ADAMW_CLIP_COEF * w.seeded_total
+
+
 def _adamw_eps(w: Workload) -> float:
-    return ADAMW_MAX_NORM / math.sqrt(w.numel)
+    return _adamw_max_norm(w) / math.sqrt(w.numel)
 
 
 def _adamw(w: Workload) -> torch.optim.Optimizer:
@@ -321,7 +335,7 @@ def _adamw_methods() -> list[Method]:
         return build
 
     def wrapper(w):
-        opt = _clipped_optimizer_class()(_adamw(w), max_norm=ADAMW_MAX_NORM)
+        opt = _clipped_optimizer_class()(_adamw(w), max_norm=_adamw_max_norm(w))
 
         def call(m):
             opt.max_norm = m  # the same decaying max_norm the other methods clip to
@@ -427,11 +441,11 @@ class ClipCase(Case):
 
 class AdamWCase(Case):
     """Each method starts from the seeded gradients and empty optimizer state; its
-    first step (clipping to ADAMW_MAX_NORM) is compared, on the first
+    first step (clipping to _adamw_max_norm) is compared, on the first
     ADAMW_PROBE elements of every parameter, with AdamW's first step in
     float64, which has a closed form: p = p0 (1 - lr wd) - lr g / (|g| + eps),
     with g the clipped gradient (after bias correction, m and v are g and g^2).
-    Timed steps clip by CLIP_DECAY per step, from ADAMW_MAX_NORM down."""
+    Timed steps clip by CLIP_DECAY per step, from _adamw_max_norm down."""
 
     def prepare(self, work):
         if not work.params_ready:
@@ -445,10 +459,11 @@ class AdamWCase(Case):
 
     def check(self, method, call, work):
         p0, g0 = work.probe(work.params), work.probe(work.grads)
-        result = call(ADAMW_MAX_NORM)
-        work.clip_target = ADAMW_MAX_NORM
+        max_norm = _adamw_max_norm(work)
+        result = call(max_norm)
+        work.clip_target = max_norm
         error = _check_total(method, result, work.ref_total) if result is not None else None
-        coef = 1.0 if method.name == "adamw alone" else min(1.0, ADAMW_MAX_NORM / (work.ref_total + 1e-6))
+        coef = 1.0 if method.name == "adamw alone" else min(1.0, max_norm / (work.ref_total + 1e-6))
         _check_adamw_step(method, work, p0, g0, coef)
         return error
 
