@@ -28,6 +28,10 @@ def _norm64(t: Tensor, ord: float) -> Tensor:
     if values.is_complex():
         # |z| in double: complex64's abs() would round every magnitude to float32.
         values = values.to(torch.complex128).abs()
+    elif values.is_floating_point() and values.element_size() == 1:
+        # float8 (torch has no norm for it, nor a promotion to double): exact
+        # in float32, its squares too (found in review).
+        values = values.to(torch.float32)
     if values.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=t.device)  # torch's inf-norm refuses empty tensors
     norm = torch.linalg.vector_norm(values, ord, dtype=torch.float64)

@@ -136,6 +136,39 @@ def test_fallback_with_empty_tensor(ord, fallback):
     check_norm_paths(fastclip, grads, params, ord)
 
 
+FLOAT8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("ord", [2.0, 1.0, math.inf, 3.5], ids=ord_id)
+@pytest.mark.parametrize("dtype", FLOAT8_DTYPES, ids=dtype_id)
+def test_float8_norms_against_reference(dtype, ord):
+    """float8 gradients (which torch's norms refuse): the fallback's norms,
+    total and per tensor, in a list with float32 ones."""
+    gen = torch.Generator().manual_seed(8)
+    tensors = [torch.randn(shape, generator=gen).mul_(100).to(dtype) for shape in [(5, 123), (1,), (0,), (77,)]]
+    tensors.append(torch.randn(9, generator=gen))
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in tensors]
+    for p, t in zip(params, tensors):
+        p.grad = t
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning (once per process)
+        total, each = fastclip.grad_norms(params, ord)
+        alone = fastclip.get_total_norm(tensors, ord)
+    torch.testing.assert_close(total, ref_norm(tensors, ord).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(each, ref_norms_each(tensors, ord).float(), rtol=1e-6, atol=0)
+    assert torch.equal(alone, total)
+
+
+@pytest.mark.parametrize("dtype", FLOAT8_DTYPES, ids=dtype_id)
+def test_float8_nonfinite_norm(dtype):
+    bad = torch.tensor([1.0, float("nan")]).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.isnan(fastclip.get_total_norm([bad]))
+        with pytest.raises(RuntimeError, match="non-finite"):
+            fastclip.get_total_norm([bad], error_if_nonfinite=True)
+
+
 def test_fallback_clip_grad_value_keeps_nan(fallback):
     params = _params(torch.float32, seed=3)
     params[0].grad[4] = math.nan
