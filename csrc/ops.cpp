@@ -8,6 +8,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,6 +21,27 @@
 #include <utility>
 
 namespace fastclip {
+
+bool dual_level_active() {
+  constexpr uint64_t kOuterLevel = 0;  // levels are a stack from 0
+  return torch::autograd::ForwardADLevel::try_get_by_idx(kOuterLevel) != nullptr;
+}
+
+bool has_tangent(const at::Tensor& t) {
+  if (!t.defined()) return false;
+  for (uint64_t level = 0; torch::autograd::ForwardADLevel::try_get_by_idx(level); ++level) {
+    if (t._fw_grad(level).defined()) return true;
+  }
+  return false;
+}
+
+int64_t first_with_tangent(at::TensorList tensors) {
+  if (!dual_level_active()) return -1;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (has_tangent(tensors[i])) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
 
 bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -378,6 +400,22 @@ namespace {
 // mode is on. Version counters are bumped by the device kernels, which know
 // whether they may have written (see bump_versions in ops.h).
 
+// Forward-mode AD: an op that ignored the tangents would return a norm
+// without one and leave a written tensor's tangent stale (found in review:
+// clip_grad_value_ left it, where torch clamps it with its primal).
+constexpr const char* kTangentRefused =
+    " carries a forward-mode AD tangent, which the op does not propagate (fastclip's clip and norm functions "
+    "take such tensors through plain PyTorch; ClippedOptimizer does not take them)";
+
+void check_no_tangent(const char* op, at::TensorList tensors) {
+  const int64_t i = first_with_tangent(tensors);
+  TORCH_CHECK(i < 0, op, ": tensors[", i, "]", kTangentRefused);
+}
+
+void check_no_tangent(const char* op, const std::optional<at::Tensor>& t, const char* name) {
+  TORCH_CHECK(!t.has_value() || first_with_tangent(*t) < 0, op, ": ", name, kTangentRefused);
+}
+
 void check_no_grad(const char* op, at::TensorList tensors) {
   if (!c10::GradMode::is_enabled()) return;
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -390,6 +428,7 @@ void check_no_grad(const char* op, at::TensorList tensors) {
 std::tuple<at::Tensor, at::Tensor> norm_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double ord,
                                                  bool per_tensor, bool fp64) {
   static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
+  check_no_tangent("fastclip::multi_tensor_norm", tensors);
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, ord, per_tensor, fp64);
 }
@@ -397,6 +436,8 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(c10::DispatchKeySet ks, at::Ten
 void scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
   static const auto op = op_handle<ScaleSig>("fastclip::multi_tensor_scale_");
   check_no_grad("fastclip::multi_tensor_scale_", tensors);
+  check_no_tangent("fastclip::multi_tensor_scale_", tensors);
+  check_no_tangent("fastclip::multi_tensor_scale_", coef, "coef");
   at::AutoDispatchBelowADInplaceOrView guard;
   op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, coef);
 }
@@ -404,6 +445,7 @@ void scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Te
 void clamp_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double clip_value) {
   static const auto op = op_handle<ClampSig>("fastclip::multi_tensor_clamp_");
   check_no_grad("fastclip::multi_tensor_clamp_", tensors);
+  check_no_tangent("fastclip::multi_tensor_clamp_", tensors);
   at::AutoDispatchBelowADInplaceOrView guard;
   op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, clip_value);
 }
@@ -412,6 +454,7 @@ at::Tensor clip_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double 
                          bool error_if_nonfinite) {
   static const auto op = op_handle<ClipSig>("fastclip::clip_");
   check_no_grad("fastclip::clip_", tensors);
+  check_no_tangent("fastclip::clip_", tensors);
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, max_norm, ord, error_if_nonfinite);
 }
@@ -422,6 +465,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
     const std::optional<at::Tensor>& extra_found, bool skip_inf_divisor, const at::Tensor& last_norm,
     const at::Tensor& last_coef, const at::Tensor& skipped, bool count_skip) {
   static const auto op = op_handle<ClipScalarsSig>("fastclip::clip_scalars_");
+  check_no_tangent("fastclip::clip_scalars_", norm, "norm");
+  check_no_tangent("fastclip::clip_scalars_", loss_scale, "loss_scale");
+  check_no_tangent("fastclip::clip_scalars_", extra_scale, "extra_scale");
   if (c10::GradMode::is_enabled()) {
     const std::pair<const char*, const at::Tensor*> written[] = {{"last_norm", &last_norm}, {"last_coef", &last_coef}};
     for (const auto& [name, t] : written) {

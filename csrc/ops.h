@@ -60,6 +60,15 @@ void bump_versions(at::TensorList tensors);
 void bump_clip_scalars(const at::Tensor& last_norm, const at::Tensor& last_coef, const at::Tensor& skipped,
                        bool count_skip);
 
+// Forward-mode AD (torch.autograd.forward_ad), whose tangents the kernels
+// do not propagate. dual_level_active: one lock, false outside every
+// forward_ad.dual_level, where no tensor has a tangent (callers ask it once
+// per list, not per tensor). has_tangent: at any active level.
+// first_with_tangent: the index of the first such tensor, or -1.
+bool dual_level_active();
+bool has_tangent(const at::Tensor& t);
+int64_t first_with_tangent(at::TensorList tensors);
+
 bool supported_dtype(at::ScalarType t);
 DType to_dtype(at::ScalarType t);
 

@@ -28,9 +28,11 @@
 namespace fastclip {
 namespace {
 
-// Why `t` cannot join `first` in one op call, or nullptr.
-const char* blocker(const at::Tensor& t, const at::Tensor& first) {
+// Why `t` cannot join `first` in one op call, or nullptr. `dual`: a
+// forward-AD level is active (dual_level_active(), asked once per list).
+const char* blocker(const at::Tensor& t, const at::Tensor& first, bool dual) {
   if (t.layout() != at::kStrided) return "sparse";
+  if (dual && has_tangent(t)) return "forward AD";
   if (t.is_complex()) return "complex";
   // torch's Negative fallback refuses in-place ops on a list holding a
   // negative-bit view (torch._neg_view); the plain-PyTorch path scales it
@@ -48,8 +50,9 @@ const char* blocker(const at::Tensor& t, const at::Tensor& first) {
 // Python fast path asks this once per call instead of inspecting tensors
 // one by one in Python (which costs ~0.1 us per attribute per tensor).
 std::optional<std::string> single_call_blocker(const std::vector<at::Tensor>& tensors) {
+  const bool dual = dual_level_active();
   for (const at::Tensor& t : tensors) {
-    if (const char* why = blocker(t, tensors[0])) return std::string(why);
+    if (const char* why = blocker(t, tensors[0], dual)) return std::string(why);
   }
   return std::nullopt;
 }
@@ -67,12 +70,21 @@ bool has_kernels(c10::DeviceType type) {
 // torch.Tensor, nn.Parameter, and subclasses (the DTensor parameters of
 // FSDP2) that neither override .grad nor have a __torch_function__ of their
 // own, which could. Asking Python instead costs ~1 us per parameter.
-// Decided once per type; the cache keeps a reference to each type, so an
-// address in it is never reused by another type.
+// Decided once per type and version of it: assigning an attribute to a
+// class (or a base) changes its version tag (found in review: a `grad`
+// property added after the first call was not read, and the gradient was
+// not clipped). The cache keeps a reference to each type, so an address in
+// it is never reused by another type.
 bool reads_grad_in_cpp(PyTypeObject* type) {
-  static std::unordered_map<PyTypeObject*, bool> known;  // guarded by the GIL
+  struct Verdict {
+    unsigned int version;  // the type's tp_version_tag when decided; 0: none, decide again
+    bool plain;
+  };
+  static std::unordered_map<PyTypeObject*, Verdict> known;  // guarded by the GIL
   const auto found = known.find(type);
-  if (found != known.end()) return found->second;
+  if (found != known.end() && found->second.version != 0 && found->second.version == type->tp_version_tag) {
+    return found->second.plain;
+  }
   // Kept for the life of the process (released: no decref after Python has finalized).
   static PyObject* const base_grad =
       pybind11::object(pybind11::handle(THPVariableClass).attr("grad")).release().ptr();
@@ -82,8 +94,14 @@ bool reads_grad_in_cpp(PyTypeObject* type) {
   const bool plain = type == reinterpret_cast<PyTypeObject*>(THPVariableClass) ||
                      (pybind11::object(cls.attr("grad")).ptr() == base_grad &&
                       pybind11::object(cls.attr("__torch_function__")).ptr() == disabled);
-  known.emplace(type, plain);
-  cls.inc_ref();
+  // The attribute lookups above gave the type a version tag where it can have one.
+  const Verdict verdict{type->tp_version_tag, plain};
+  if (found != known.end()) {
+    found->second = verdict;
+  } else {
+    known.emplace(type, verdict);
+    cls.inc_ref();
+  }
   return plain;
 }
 
@@ -152,6 +170,7 @@ class HeldTensors {
     tensors_.reserve(items.size());
     positions_.reserve(items.size());
     PyTypeObject* plain = nullptr;  // the last item type read in C++ (lists hold one type)
+    const bool dual = dual_level_active();
     // The size read again per item (a .grad in Python could change the list), inline.
     for (size_t i = 0; i < static_cast<size_t>(PyList_GET_SIZE(items.ptr())); ++i) {
       for (size_t link = 0; link < kChainLinks; ++link) {
@@ -181,7 +200,7 @@ class HeldTensors {
       }
       if (!t.defined()) continue;
       if (!why_) {
-        if (const char* b = blocker(t, tensors_.empty() ? t : tensors_.front())) why_ = b;
+        if (const char* b = blocker(t, tensors_.empty() ? t : tensors_.front(), dual)) why_ = b;
       }
       tensors_.push_back(std::move(t));
       positions_.push_back(static_cast<int64_t>(i));

@@ -28,6 +28,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 from typing_extensions import deprecated  # a dependency of torch
 
 from . import _distributed, _fallback, _ops
@@ -192,6 +193,17 @@ def _one_call(tensors: list[Tensor]) -> bool:
     return blocker is None and tensors[0].device.type in _KERNEL_DEVICES
 
 
+def _has_tangent(t: Tensor) -> bool:
+    """``t`` carries a forward-mode AD tangent (inside ``forward_ad.dual_level``,
+    the only place where tensors have one). The kernels do not propagate
+    tangents; plain PyTorch does, as torch's foreach=False functions."""
+    return (
+        _forward_ad._current_level >= 0
+        and not torch.compiler.is_compiling()
+        and _forward_ad.unpack_dual(t).tangent is not None
+    )
+
+
 def _fallback_reason(t: Tensor) -> Optional[str]:
     if not _ops.available():
         return f"the compiled extension fastclip._C could not be loaded ({_ops.import_error()})"
@@ -201,6 +213,8 @@ def _fallback_reason(t: Tensor) -> Optional[str]:
         return f"the kernels take dense tensors, not {t.layout}"
     if t.dtype not in _KERNEL_DTYPES:
         return f"the kernels take float32/float64/float16/bfloat16 tensors, not {t.dtype}"
+    if _has_tangent(t):
+        return "the kernels do not propagate forward-mode AD tangents"
     # (dynamo cannot trace is_neg(); the C++ check routes such views eagerly)
     if not torch.compiler.is_compiling() and t.is_neg():
         return "torch refuses in-place ops on a list holding a negative-bit view (torch._neg_view)"
@@ -357,18 +371,30 @@ def _refuse_unsupported(parts: list, op: str) -> None:
 
 
 def _scale(tensors: list[Tensor], coef: Tensor, one_call: bool) -> None:
-    if one_call:
+    if one_call and not _has_tangent(coef):
         _ops.multi_tensor_scale_(tensors, _coef_for(coef, tensors[0].device))
         return
     _refuse_unwritable(tensors)
-    parts = _split(tensors)
+    _scale_parts(_split(tensors), coef)
+
+
+def _scale_parts(parts: list[_Part], coef: Tensor) -> None:
+    """Scale every part by ``coef``; checks first, as the split path does."""
+    if _has_tangent(coef):
+        # Every gradient's tangent gains g * coef's tangent (torch's mul_),
+        # those of gradients without one too: all of them in plain PyTorch.
+        parts = [_Part(p.device, _fallback, p.indices, p.tensors) for p in parts]
     _refuse_unsupported(parts, "mul_")
     for part in parts:
         part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
 
 
 def _scale_held(held, coef: Tensor) -> None:
-    held.scale_(_coef_for(coef, held.device))
+    """Scale the held tensors (held.one_call) by ``coef``."""
+    if _has_tangent(coef):
+        _scale(held.tensors(), coef, False)
+    else:
+        held.scale_(_coef_for(coef, held.device))
 
 
 def _list_norms(tensors: list[Tensor], ord: float, per_tensor: bool, fp64: bool = False) -> tuple[Tensor, Tensor]:
@@ -591,9 +617,7 @@ def clip_grad_norm_(
         # On the float64 norm, as the fused op decides (a finite norm above
         # float32's range is clipped, and returned as inf).
         _raise_if_nonfinite(total, norm_type)
-    coef = _coefficient(max_norm, total)
-    for part in parts:
-        part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
+    _scale_parts(parts, _coefficient(max_norm, total))
     return total.to(torch.float32)
 
 

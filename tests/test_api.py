@@ -381,6 +381,91 @@ def test_negative_bit_views_are_clipped_one_by_one(alone, fresh_warnings):
     assert params[-1].grad.is_neg() and (params[-1].grad < 0).all()
 
 
+_FORWARD_AD_CALLS = {
+    "get_total_norm": lambda m, params, dual, kw: m.get_total_norm([p.grad for p in params], 2.0, **kw),
+    "clip_grad_norm_": lambda m, params, dual, kw: m.clip_grad_norm_(params, 1.0, **kw),
+    "clip_grad_value_": lambda m, params, dual, kw: m.clip_grad_value_(params, 3.5, **kw),
+    "clip_grads_with_norm_": lambda m, params, dual, kw: m.clip_grads_with_norm_(
+        params, 1.0, dual(torch.tensor(5.0), torch.tensor(1.0)), **kw),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("call", list(_FORWARD_AD_CALLS), ids=list(_FORWARD_AD_CALLS))
+def test_forward_ad_tangents_like_torch(call, dtype):
+    """Gradients with forward-mode AD tangents go to plain PyTorch, which
+    propagates them as torch's foreach=False functions do (found in review:
+    the kernels ignored them, and clip_grad_value_ left a clamped element's
+    tangent). A gradient without one, in the same list, gets one from a
+    coefficient that has one."""
+    import torch.autograd.forward_ad as fwd
+
+    def results(module, kw):
+        with fwd.dual_level():
+            params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n in (2, 3, 4)]
+            params[0].grad = fwd.make_dual(torch.tensor([3.0, 4.0], dtype=dtype), torch.tensor([1.0, -2.0], dtype=dtype))
+            params[1].grad = torch.tensor([1.0, 2.0, -5.0], dtype=dtype)
+            params[2].grad = fwd.make_dual(torch.full((4,), 0.5, dtype=dtype), torch.ones(4, dtype=dtype))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = _FORWARD_AD_CALLS[call](module, params, fwd.make_dual, kw)
+            duals = [fwd.unpack_dual(t) for t in ([out] if out is not None else []) + [p.grad for p in params]]
+            return [(d.primal.clone(), None if d.tangent is None else d.tangent.clone()) for d in duals]
+
+    ours, torchs = results(fastclip, {}), results(torch.nn.utils, {"foreach": False})
+    assert len(ours) == len(torchs)
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2 ** -6, "atol": 0.0}  # 2 bf16 ulps
+    for (primal, tangent), (primal_t, tangent_t) in zip(ours, torchs):
+        # In float64: fastclip's norm of bf16 is float32, torch's bf16; the
+        # coefficient comes from the float64 norm (the last bits differ).
+        torch.testing.assert_close(primal.double(), primal_t.double(), **tol)
+        assert (tangent is None) == (tangent_t is None)
+        if tangent is not None:
+            torch.testing.assert_close(tangent.double(), tangent_t.double(), **tol)
+
+
+def test_forward_ad_total_norm_tangent_reaches_plain_gradients():
+    """Only the given total_norm has a tangent (the one-call path otherwise):
+    every gradient gets g * coef's tangent, as torch's mul_ gives it."""
+    import torch.autograd.forward_ad as fwd
+
+    def grads_after(module, kw):
+        with fwd.dual_level():
+            params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+            params[0].grad, params[1].grad = torch.tensor([1.0, 2.0, -2.0]), torch.tensor([4.0, 0.5])
+            module.clip_grads_with_norm_(params, 2.0, fwd.make_dual(torch.tensor(5.0), torch.tensor(-3.0)), **kw)
+            return [fwd.unpack_dual(p.grad) for p in params]
+
+    for ours, torchs in zip(grads_after(fastclip, {}), grads_after(torch.nn.utils, {"foreach": False})):
+        torch.testing.assert_close(ours.primal, torchs.primal, rtol=1e-6, atol=0.0)
+        assert ours.tangent is not None
+        torch.testing.assert_close(ours.tangent, torchs.tangent, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize(
+    "op, args, name",
+    [
+        ("multi_tensor_norm", lambda x: ([torch.ones(2), x], 2.0, False), r"tensors\[1\]"),
+        ("clip_", lambda x: ([x], 1.0, 2.0, False), r"tensors\[0\]"),
+        ("multi_tensor_clamp_", lambda x: ([torch.ones(3), x], 1.0), r"tensors\[1\]"),
+        ("multi_tensor_scale_", lambda x: ([x], torch.tensor(0.5)), r"tensors\[0\]"),
+        ("multi_tensor_scale_", lambda x: ([torch.ones(2)], x[0]), "coef"),
+        ("clip_scalars_", lambda x: (x[0], 1.0, None, None, None, None, False, torch.zeros(()), torch.zeros(()),
+                                     torch.zeros((), dtype=torch.int64), False), "norm"),
+    ],
+    ids=["norm", "clip", "clamp", "scale", "scale-coef", "clip-scalars"],
+)
+def test_ops_refuse_forward_ad_tangents(op, args, name):
+    import torch.autograd.forward_ad as fwd
+
+    with fwd.dual_level():
+        x = fwd.make_dual(torch.tensor([30.0, 40.0]), torch.tensor([1.0, 0.0]))
+        call_args = args(x)
+        with pytest.raises(RuntimeError, match=f"fastclip::{op}: {name} carries a forward-mode AD tangent"):
+            getattr(torch.ops.fastclip, op)(*call_args)
+        assert torch.equal(fwd.unpack_dual(x).primal, torch.tensor([30.0, 40.0]))
+
+
 @pytest.mark.parametrize("writer", list(_WRITERS), ids=list(_WRITERS))
 def test_op_errors_name_the_parameter_not_the_op_list(writer):
     # The op sees only the gradients that are not None: its "tensors[1]" is

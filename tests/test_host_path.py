@@ -14,6 +14,7 @@ ops do for autograd.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -147,6 +148,24 @@ def test_held_tensors_asks_subclasses_for_grad():
     held = _ops.hold([t], True, "parameters")
     assert len(held) == 1
     assert_norm_close(held.norm(2.0, False)[0], torch.tensor(math.sqrt(18.0), dtype=torch.float64))
+
+
+def test_held_tensors_see_a_grad_property_added_later():
+    """The per-type decision is made again when the class changes (found in
+    review: a property added after the first call was not read, and the
+    gradient it gives was not clipped)."""
+    class Late(torch.nn.Parameter):
+        pass
+
+    p = Late(torch.zeros(2))
+    p.grad = torch.zeros(2)
+    assert float(_ops.hold([p], True, "parameters").norm(2.0, False)[0]) == 0.0  # read in C++, decided
+    Late.grad = property(lambda self: torch.full((2,), 3.0))
+    assert_norm_close(_ops.hold([p], True, "parameters").norm(2.0, False)[0], torch.tensor(math.sqrt(18.0), dtype=torch.float64))
+    total = fastclip.clip_grad_norm_([p], 1.0)
+    assert_norm_close(total, torch.tensor(math.sqrt(18.0), dtype=torch.float64))
+    del Late.grad  # back to torch's descriptor: read in C++ again
+    assert float(_ops.hold([p], True, "parameters").norm(2.0, False)[0]) == 0.0
 
 
 def test_held_tensors_let_torch_function_see_grad():
@@ -365,3 +384,40 @@ def test_clip_grad_norm_refuses_self_overlapping_gradient():
     assert_untouched([p.grad for p in params], before)
     # Reading them is fine: the norm counts the repeated element three times.
     assert_norm_close(fastclip.get_total_norm([p.grad for p in params]), ref_norm([p.grad for p in params]))
+
+
+def _clip_in_child(queue):
+    grads = [torch.full((1000,), 0.5) for _ in range(100)]  # small tensors, together past the parallel threshold
+    params = [torch.nn.Parameter(torch.zeros(1000)) for _ in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    queue.put(float(fastclip.clip_grad_norm_(params, 1.0)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
+def test_forked_child_does_not_hang_after_the_parent_used_threads():
+    """GNU OpenMP's threads do not survive fork(): a parallel region in the
+    child waited forever once the parent had used them (found in review;
+    torch's clip of the same small tensors, which it runs serially, did not
+    hang). A forked child runs the kernels on its own thread."""
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        big = [torch.ones(1 << 20), torch.ones(1 << 20)]
+        fastclip.get_total_norm(big)  # the parent's OpenMP threads now exist
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_clip_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+            child.join()
+        assert not hung, "the forked child's clip did not finish in 60 s"
+        assert child.exitcode == 0
+        assert queue.get(timeout=5) == pytest.approx(math.sqrt(100 * 1000 * 0.25), rel=1e-6)
+    finally:
+        torch.set_num_threads(threads)

@@ -27,10 +27,34 @@
 #include <xmmintrin.h>
 #define FASTCLIP_MXCSR 1
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 namespace fastclip {
 namespace cpu {
 namespace {
+
+// Set in a child made by fork(): GNU OpenMP's worker threads do not
+// survive fork, and a parallel region in the child waits for them forever
+// when the parent had started them (found in review: a child clipping 100
+// gradients of 1,000 elements hung, where torch, which runs tensors that
+// small serially, did not; torch's own ops hang on large tensors there,
+// and DataLoader workers run on one thread). A forked child runs every
+// call on its calling thread.
+std::atomic<bool> forked_child{false};
+[[maybe_unused]] const bool fork_handler_registered = [] {
+#if defined(__unix__) || defined(__APPLE__)
+  pthread_atfork(nullptr, nullptr, [] { forked_child.store(true, std::memory_order_relaxed); });
+#endif
+  return true;
+}();
+
+// No worker threads for this call: one thread, inside a parallel region
+// already, or in a forked child.
+bool runs_serially() {
+  return at::get_num_threads() <= 1 || at::in_parallel_region() || forked_child.load(std::memory_order_relaxed);
+}
 
 // The caller's denormal mode (MXCSR DAZ and FTZ: torch.set_flush_denormal)
 // for the worker threads while they run a call's chunks. The mode belongs
@@ -154,7 +178,7 @@ void for_each_chunk(const Work& work, const Fn& fn, bool in_order = false) {
   // No more threads than pieces: waking idle threads costs more than a
   // small call's work.
   const int64_t workers = std::min(threads, pieces);
-  if (in_order || total < kMinParallelElems || workers <= 1 || at::in_parallel_region()) {
+  if (in_order || total < kMinParallelElems || workers <= 1 || runs_serially()) {
     run(0, count);
     return;
   }
@@ -212,7 +236,7 @@ NormReducer compute_norms(const Work& work, NormOrder order) {
 // twice in a list scales it twice, as torch's loop does, and never with
 // two threads on the same elements at once).
 bool write_in_order(const TensorTable& table, const Work& work) {
-  if (at::get_num_threads() <= 1 || at::in_parallel_region()) return false;
+  if (runs_serially()) return false;
   return work.total >= kMinParallelElems && table.spans_overlap();
 }
 
