@@ -40,8 +40,14 @@ if _VERSION_INFO["torch_release"](torch.__version__) < _VERSION_INFO["MIN_TORCH"
     )
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
 def _env(name: str) -> bool:
-    return os.environ.get(name, "") == "1"
+    value = os.environ.get(name, "").strip().lower()
+    if value not in _TRUE + _FALSE:  # found in review: "true" was silently read as unset
+        raise RuntimeError(f"{name}={os.environ[name]!r}: use 1 (or true, yes, on) or 0 (false, no, off)")
+    return value in _TRUE
 
 
 def _nvcc_mismatch() -> str:
@@ -66,13 +72,17 @@ def _nvcc_mismatch() -> str:
 
 def _cuda_decision() -> tuple[bool, str]:
     if _env("FASTCLIP_CPU_ONLY"):
+        if _env("FASTCLIP_FORCE_CUDA"):
+            raise RuntimeError("FASTCLIP_CPU_ONLY and FASTCLIP_FORCE_CUDA are both set: set one")
         return False, "FASTCLIP_CPU_ONLY=1"
     missing = []
     if torch.version.cuda is None:
+        # torch leaves CUDA_HOME unset then, wherever nvcc is (found in
+        # review: the message also said nvcc was not found).
         missing.append(f"torch {torch.__version__} is a CPU-only build")
-    if CUDA_HOME is None:
+    elif CUDA_HOME is None:
         missing.append("nvcc was not found (set CUDA_HOME)")
-    elif torch.version.cuda is not None:
+    else:
         mismatch = _nvcc_mismatch()
         if mismatch:
             missing.append(mismatch)
@@ -101,11 +111,12 @@ def extension():
     with_cuda, why = _cuda_decision()
     print(f"fastclip: {'CUDA + CPU' if with_cuda else 'CPU-only'} build ({why})")
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    headers = _sources("csrc/**/*.h")  # a changed header rebuilds the extension
     defines = [f'-DFASTCLIP_VERSION="{VERSION}"']
     # -O3 for the vectorizer; no fast-math: NaN/inf must propagate exactly.
     cxx = ["-O3"] + defines + _openmp_flags()
     if not with_cuda:
-        return CppExtension("fastclip._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("fastclip._C", sources, depends=headers, extra_compile_args={"cxx": cxx})
     # The framework-free kernels (*.cu, nvcc) and the torch glue
     # (multi_tensor_cuda.cpp, host compiler) that registers them for CUDA.
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
@@ -114,7 +125,9 @@ def extension():
     # approximations; the norms are held to float64 references. -lineinfo
     # maps profiler samples to source lines at no runtime cost.
     nvcc = ["-O3", "-lineinfo"] + defines + cuda_defines
-    return CUDAExtension("fastclip._C", sources, extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc})
+    return CUDAExtension(
+        "fastclip._C", sources, depends=headers, extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc}
+    )
 
 
 setup(

@@ -328,3 +328,26 @@ def test_orders_diagnostic_refuses_a_wrong_norm(monkeypatch):
     monkeypatch.setattr(fastclip, "get_total_norm", lambda grads, order: real(grads, order) * 1.01)
     with pytest.raises(RuntimeError, match="off the float64 reference"):
         orders.run(["tiny"], ["fp32"], [3.5], rounds=1)
+
+
+def test_git_commit_is_fastclips_own(tmp_path, monkeypatch):
+    """An installed fastclip inside another project's git repository reports
+    no commit (found in review: that project's was reported as fastclip's)."""
+    import subprocess
+
+    repo = tmp_path / "project"
+    package = repo / "venv" / "site-packages" / "fastclip"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setattr(fastclip, "__file__", str(package / "__init__.py"))
+    assert report._git_commit() is None
+    (package.parent / "setup.py").write_text("")  # a setup.py beside it, but not the repository's top
+    assert report._git_commit() is None
+    monkeypatch.undo()
+    checkout = __import__("pathlib").Path(fastclip.__file__).resolve().parents[1]
+    if (checkout / ".git").exists():  # this suite runs from a checkout (CI's fresh clone)
+        commit = report._git_commit()
+        assert commit is not None and len(commit.split("-")[0]) == 40

@@ -70,9 +70,18 @@ def _cpu_model() -> str:
 
 def _git_commit() -> Optional[str]:
     """The commit of the fastclip checkout that is running, "-dirty" when it
-    has uncommitted changes; None outside a git checkout."""
-    where = os.path.dirname(os.path.abspath(fastclip.__file__))
+    has uncommitted changes; None outside a fastclip checkout (an installed
+    package inside another project's repository is not one: found in
+    review, its commit was reported)."""
+    package = os.path.dirname(os.path.abspath(fastclip.__file__))
+    where = os.path.dirname(package)
+    if not os.path.isfile(os.path.join(where, "setup.py")):
+        return None
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=where, capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode != 0 or not os.path.samefile(top.stdout.strip(), where):
+            return None
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None

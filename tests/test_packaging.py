@@ -1,0 +1,68 @@
+"""The build's decisions and the source distribution (found in review: the
+sdist held no headers and no CUDA sources and could not be built)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_BUILD_VARIABLES = ("FASTCLIP_CPU_ONLY", "FASTCLIP_FORCE_CUDA")
+
+
+def _setup_version(env_vars: dict, tmp_path: Path, torch_cuda) -> subprocess.CompletedProcess:
+    """`setup.py --version` with these variables, torch.version.cuda set to
+    ``torch_cuda`` and CUDA_HOME at an empty folder (no nvcc there)."""
+    env = {k: v for k, v in os.environ.items() if k not in _BUILD_VARIABLES}
+    env.update(env_vars)
+    code = ("import sys, runpy, torch, torch.utils.cpp_extension as ext; "
+            f"torch.version.cuda = {torch_cuda!r}; ext.CUDA_HOME = {str(tmp_path)!r}; "
+            "sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "env_vars, torch_cuda, fails, expected, not_expected",
+    [
+        ({"FASTCLIP_FORCE_CUDA": "1"}, None, True,
+         "FASTCLIP_FORCE_CUDA=1 but CUDA cannot be built: torch ", "nvcc was not found"),
+        ({}, None, False, "CPU-only build (torch ", "nvcc was not found"),
+        ({"FASTCLIP_CPU_ONLY": "true"}, "13.0", False, "CPU-only build (FASTCLIP_CPU_ONLY=1)", None),
+        ({"FASTCLIP_CPU_ONLY": "0"}, None, False, "is a CPU-only build", None),
+        ({"FASTCLIP_CPU_ONLY": "1", "FASTCLIP_FORCE_CUDA": "1"}, "13.0", True,
+         "FASTCLIP_CPU_ONLY and FASTCLIP_FORCE_CUDA are both set", None),
+        ({"FASTCLIP_CPU_ONLY": "maybe"}, None, True, "FASTCLIP_CPU_ONLY='maybe': use 1", None),
+    ],
+    ids=["forced-cpu-torch", "cpu-torch", "cpu-only-true", "cpu-only-0", "both", "unreadable"],
+)
+def test_build_variables(tmp_path, env_vars, torch_cuda, fails, expected, not_expected):
+    done = _setup_version(env_vars, tmp_path, torch_cuda)
+    out = done.stdout + done.stderr
+    assert expected in out, out
+    assert not_expected is None or not_expected not in out, out
+    assert (done.returncode != 0) == fails, out
+
+
+def test_sdist_holds_every_source_it_builds_from(tmp_path):
+    """Every header, CUDA and C++ source, the CMake check, the license and
+    the tests go into the sdist, whatever torch the machine that made it has."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", "build", "docs", "*.so", "__pycache__", "*.egg-info", ".pytest_cache"))
+    env = {k: v for k, v in os.environ.items() if k not in _BUILD_VARIABLES}
+    env["FASTCLIP_CPU_ONLY"] = "1"  # the CPU sources are the only ones setup.py would name
+    done = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=tree,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (archive,) = (tmp_path / "dist").glob("fastclip-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    wanted |= {str(p.relative_to(ROOT)) for pattern in ("*.py", "*.h", "*.cpp") for p in (ROOT / "tests").rglob(pattern)}
+    wanted |= {"LICENSE", "README.md", "CMakeLists.txt", "setup.py", "pyproject.toml", "fastclip/py.typed"}
+    assert not wanted - names, sorted(wanted - names)
