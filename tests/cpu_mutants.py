@@ -83,7 +83,7 @@ MUTANTS = {
         "  if (coef == 1.0) return;  // the contract: no memory traffic at all\n  update_tensors", "  update_tensors"),
     "shared_memory_races": (
         "csrc/cpu/multi_tensor_cpu.cpp", "entries that share memory written by two threads at once",
-        "  if (at::get_num_threads() <= 1 || at::in_parallel_region()) return false;",
+        "  if (runs_serially()) return false;",
         "  return false;"),
     # The software prefetcher (tests/test_prefetch_stream.py): it cannot
     # change a result, only which lines are asked for and when.
