@@ -351,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-budget", type=float, default=COMPILE_BUDGET_S,
                         help="seconds all torch.compile calls of the run may take together")
     parser.add_argument("--quick", action="store_true",
-                        help="small lists, few repeats, no torch.compile: well under a minute")
+                        help="small lists, few repeats, no torch.compile: about a minute")
     parser.add_argument("--out", default=None, help="directory for results.csv, results.json, summary.md and benchmark.png")
     return parser
 

@@ -100,5 +100,5 @@ SETS = {
 }
 DEFAULT_SETS = [name for name in SETS if name != "tiny"]
 # --quick: the two ends, bandwidth-bound ResNet-50 and host-bound 10,000
-# small tensors (0.1 GB each), in well under a minute.
+# small tensors (0.1 GB each), in about a minute.
 QUICK_SETS = ["resnet50", "10k-small"]
