@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,6 +323,68 @@ def test_entries_sharing_memory_are_written_in_list_order(name, build, device):
     finally:
         torch.set_num_threads(threads)
 
+
+# How the CPU kernels split a list among threads (multi_tensor_cpu.cpp).
+_PIECES_PER_THREAD = 32
+
+
+def test_pieces_per_thread_matches_the_kernels():
+    source = Path(__file__).resolve().parent.parent / "csrc" / "cpu" / "multi_tensor_cpu.cpp"
+    if not source.exists():
+        pytest.skip("run from an installed package without its sources")
+    assert f"constexpr int64_t kPiecesPerThread = {_PIECES_PER_THREAD};" in source.read_text()
+
+
+def _pieces_that_race():
+    """A list where two threads would write shared bytes out of list order:
+    a float32 tensor `w` ends one piece of the list (after a long tensor
+    `z`), and a bfloat16 view of its bytes starts the next piece (followed
+    by a long tensor `v`). The two pieces go to the two threads at about
+    the same time, and the view, short, is written before the other thread
+    gets past `z`. Returns `z`, the bytes of `w` as bfloat16 pairs, `v` and
+    the thread count."""
+    threads = 2
+    pieces = threads * _PIECES_PER_THREAD
+    piece = 1 << 18  # elements: the list's total over `pieces`
+    w_elems = 1 << 13
+    z = torch.empty(pieces // 2 * piece - w_elems)
+    v = torch.empty(pieces // 2 * piece - 2 * w_elems)
+    # Pairs of normal bfloat16 values seen as float32: every value, as
+    # either dtype, stays finite and normal when scaled.
+    gen = torch.Generator().manual_seed(23)
+    halves = (torch.rand(2 * w_elems, generator=gen) + 0.5).to(torch.bfloat16)
+    assert z.numel() + w_elems + halves.numel() + v.numel() == pieces * piece
+    return z, halves, v, threads
+
+
+def test_entries_sharing_memory_across_pieces_are_written_in_list_order():
+    # Unlike the lists above, this one has two threads write shared bytes
+    # out of list order whatever their timing within a piece. Scaling by
+    # 0.3 rounds, so the two orders give different bits (checked below).
+    z, halves, v, threads = _pieces_that_race()
+    coef = torch.tensor(0.3, dtype=torch.float64)
+
+    def scaled(order):
+        h = halves.clone()
+        for view in order(h):
+            view.mul_(coef)
+        return h
+
+    in_order = scaled(lambda h: [h.view(torch.float32), h])
+    assert not torch.equal(in_order, scaled(lambda h: [h, h.view(torch.float32)]))
+    one_scaled = torch.full((), 1.0).mul_(coef)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(10):
+            z.fill_(1.0)
+            v.fill_(1.0)
+            h = halves.clone()
+            ops.multi_tensor_scale_([z, h.view(torch.float32), h, v], coef)
+            assert_identical(h, in_order)
+            assert bool((z == one_scaled).all()) and bool((v == one_scaled).all())
+    finally:
+        torch.set_num_threads(saved)
 
 def test_tensor_whose_storage_was_freed_is_refused_before_writing():
     # FSDP frees a parameter's memory with untyped_storage().resize_(0); a

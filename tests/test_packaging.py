@@ -66,3 +66,34 @@ def test_sdist_holds_every_source_it_builds_from(tmp_path):
     wanted |= {str(p.relative_to(ROOT)) for pattern in ("*.py", "*.h", "*.cpp") for p in (ROOT / "tests").rglob(pattern)}
     wanted |= {"LICENSE", "README.md", "CMakeLists.txt", "setup.py", "pyproject.toml", "fastclip/py.typed"}
     assert not wanted - names, sorted(wanted - names)
+
+
+def _elf_section_names(path: Path) -> set[str]:
+    """Section names of a 64-bit little-endian ELF file."""
+    import struct
+
+    data = path.read_bytes()
+    assert data[:6] == b"\x7fELF\x02\x01", "not a 64-bit little-endian ELF file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def header(i):  # (name offset, file offset) of section i
+        base = shoff + i * shentsize
+        return struct.unpack_from("<I", data, base)[0], struct.unpack_from("<Q", data, base + 0x18)[0]
+
+    strtab = header(shstrndx)[1]
+    return {data[strtab + name:data.index(b"\0", strtab + name)].decode() for name, _ in map(header, range(shnum))}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the module as ELF")
+def test_module_carries_no_debug_info():
+    # Python's CFLAGS hold -g; setup.py's -g0 comes after it (found in
+    # review: the module was 19 MB, most of it debug info).
+    import fastclip
+    from fastclip import _ops
+
+    if not _ops.available():
+        pytest.skip("the extension is not built")
+    sections = _elf_section_names(Path(fastclip._C.__file__))
+    assert ".text" in sections  # the parse found the module's sections
+    assert not {s for s in sections if s.startswith(".debug_")}, sorted(sections)
