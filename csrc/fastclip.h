@@ -91,7 +91,7 @@ class NormReducer {
     for (double a : tensor_acc_) total += a;
     const bool total_overflowed = is_inf(total);
     for (size_t t = 0; t < tensor_acc_.size(); ++t) {
-      if (needs_rescue(tensor_acc_[t], tensor_amax_[t], total_overflowed)) {
+      if (needs_rescue(order_, tensor_acc_[t], tensor_amax_[t], total_overflowed)) {
         tensor_scale_[t] = rescue_scale(order_, tensor_amax_[t]);
         tensor_acc_[t] = 0.0;
         out.push_back(static_cast<int64_t>(t));

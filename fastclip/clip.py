@@ -29,6 +29,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
 from typing_extensions import deprecated  # a dependency of torch
 
 from . import _distributed, _fallback, _ops
@@ -126,9 +128,19 @@ def _held(items: TensorOrTensors, grads: bool, name: str):
     list of the tensors (0.36 ms less per 10,000 tensors). None where the ops must
     be called through torch.ops: no extension, tracing by torch.compile, or
     an active ``__torch_function__`` mode, which must see the op."""
-    if not _ops.available() or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    if not _ops.available() or torch.compiler.is_compiling() or _mode_sees_ops():
         return None
     return _ops.hold(_as_list(items), grads, name)
+
+
+def _mode_sees_ops() -> bool:
+    """A ``__torch_function__`` mode is active other than ``with
+    torch.device(...)``'s, which changes factory functions only (found in
+    review: under it every call took the torch.ops path, whose errors name
+    the op's ``tensors[k]``)."""
+    return torch._C._is_torch_function_mode_enabled() and any(
+        type(mode) is not DeviceContext for mode in _get_current_function_mode_stack()
+    )
 
 
 def _grads(parameters: TensorOrTensors, held=None) -> tuple[list[Tensor], bool]:

@@ -821,6 +821,29 @@ def test_large_order_nonfinite_and_zero(ord, device):
     assert norm_of([0.0, 0.75, 0.0]) == 0.75
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("ord", [1e-7, 1e-10, 1e-17, 5e-324], ids=ord_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_tiny_orders(dtype, ord, device):
+    # |x|**p rounds to 1 + p ln|x| there, and the root raises that rounding
+    # error to the power 1/p (found in review: the norm of a single 4 was 1
+    # at p = 1e-17, 3.9999957 at 1e-10; torch gives 4). One non-zero value
+    # is its own norm; two have an infinite one.
+    one = torch.zeros(5, dtype=dtype, device=device)
+    one[3] = -3.0
+    zeros = torch.zeros(4, dtype=dtype, device=device)
+    two = torch.tensor([3.0, 0.0, 0.5], dtype=dtype, device=device)
+    total, each = fastclip.grad_norms(make_params([one, zeros]), ord)
+    assert total.item() == 3.0 and each.tolist() == [3.0, 0.0]
+    total, each = torch.ops.fastclip.multi_tensor_norm([zeros, one], ord, True, True)  # float64 results
+    assert total.item() == 3.0 and each.tolist() == [0.0, 3.0]
+    total, each = fastclip.grad_norms(make_params([one, two]), ord)
+    assert total.item() == math.inf and each.tolist() == [3.0, math.inf]
+    params = make_params([one, zeros])
+    assert fastclip.clip_grad_norm_(params, 1.5, ord).item() == 3.0
+    _assert_grads_scaled(params, [one, zeros], ref_coef(1.5, torch.tensor(3.0)))
+
+
 # -------------------------------------------------------- non-finite
 NONFINITE = {
     "nan": [(0, 3, math.nan)],

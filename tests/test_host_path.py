@@ -117,6 +117,25 @@ def test_held_path_equals_torch_ops_path(device, dtype, monkeypatch):
             assert_identical(p.grad, q.grad)
 
 
+def test_device_context_keeps_the_held_path(monkeypatch):
+    # `with torch.device(...)` is a __torch_function__ mode that changes
+    # factory functions only: the calls still go through the C++ holder,
+    # and a refused gradient is named as the caller counts (found in
+    # review: under it the torch.ops path named the op's tensors[1]).
+    holders = []
+    real_hold = _ops.hold
+    monkeypatch.setattr(_ops, "hold", lambda *a: holders.append(1) or real_hold(*a))
+    params = make_params([None, torch.ones(2), torch.ones(3)])
+    params[2].grad = torch.ones(1).expand(3)
+    with torch.device("cpu"):
+        for call in (lambda: fastclip.clip_grad_value_(params, 1.0), lambda: fastclip.clip_grad_norm_(params, 1.0)):
+            with pytest.raises(RuntimeError, match=r"parameters\[2\]\.grad has elements that share memory"):
+                call()
+        assert holders == [1, 1]
+        with _RecordOps() as mode:  # any other mode still sees the ops
+            fastclip.get_total_norm([params[1].grad], 2.0)
+        assert holders == [1, 1] and mode.seen, mode.seen
+
 def test_held_tensors_reports_what_blocks_one_call():
     dense = make_params(make_grads([(3,), (4,)]))
     assert _ops.hold(dense, True, "parameters").one_call
