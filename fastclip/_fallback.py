@@ -92,7 +92,8 @@ def clip_scalars_(
     scale = value(loss_scale, 1.0)
     norm64 = norm.reshape(()).to(torch.float64) / scale
     # A true division, as the op (max_norm / tensor is a reciprocal times max_norm in torch).
-    coef = torch.clamp(torch.full_like(norm64, max_norm) / (norm64 + 1e-6), max=1.0)
+    # 1 * max_norm, not full_like: dynamo then keeps a float max_norm dynamic.
+    coef = torch.clamp(torch.ones_like(norm64) * max_norm / (norm64 + 1e-6), max=1.0)
     divisor = (scale * value(extra_scale, 1.0) / coef).to(torch.float32)
     found = ~torch.isfinite(norm64) | (value(found_inf, 0.0) > 0) | (value(extra_found, 0.0) > 0)
     if skip_inf_divisor:

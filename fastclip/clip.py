@@ -322,7 +322,10 @@ def _coefficient(max_norm: MaxNorm, total_norm: Tensor) -> Tensor:
     if isinstance(max_norm, Tensor):
         numerator = max_norm.detach().reshape(()).to(norm.device, torch.float64)
     else:
-        numerator = torch.full_like(norm, max_norm)
+        # Not full_like: dynamo's inductor and aot_eager backends specialized
+        # its float, a graph per value of a max_norm schedule (found in
+        # review); 1 * max_norm is exact.
+        numerator = torch.ones_like(norm) * max_norm
     return torch.clamp(numerator / (norm + 1e-6), max=1.0)
 
 

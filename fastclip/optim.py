@@ -475,7 +475,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
             self._new_logs(device)
             self.skipped_steps.copy_(skipped)
         scalars = [_scalar_on(t, device) for t in (loss_scale, extra_scale, found_inf, extra_found)]
-        impl = _ops if device.type in _clip._KERNEL_DEVICES else _fallback
+        # While dynamo traces, the same arithmetic in torch ops: the op's float
+        # max_norm made a graph per value of a changing max_norm (found in
+        # review); in tensor arithmetic it becomes dynamic after one recompile.
+        kernel = device.type in _clip._KERNEL_DEVICES and not torch.compiler.is_compiling()
+        impl = _ops if kernel else _fallback
         with torch.no_grad():
             return impl.clip_scalars_(
                 raw, self._max_norm, *scalars, skip_inf_divisor,

@@ -929,6 +929,30 @@ def test_compiled_step_matches_eager(name, cls, kwargs, monkeypatch):
     assert math.isnan(float(compiled[1][2])) and float(compiled[1][3]) > MAX_NORM
 
 
+def test_compiled_step_keeps_one_graph_for_a_changing_max_norm():
+    """A max_norm schedule under torch.compile of the step: dynamo makes the
+    float dynamic after one recompile (found in review: clip_scalars_'s
+    float argument made a graph per value, and after 8 values the step ran
+    eagerly); the clip coefficients are eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    models = [_model(torch.float32, "cpu") for _ in range(2)]
+    opts = [fastclip.ClippedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), MAX_NORM) for m in models]
+    steps = [torch.compile(opts[0].step, backend=counter), opts[1].step]
+    frames = []
+    for i, batch in enumerate(_batches(torch.float32, "cpu", 6)):
+        for model, opt, step in zip(models, opts, steps):
+            _loss(model, batch).backward()
+            opt.max_norm = MAX_NORM * (1 + i)
+            step()
+            opt.zero_grad()
+        assert (float(opts[1].last_clip_coef) < 1.0) == (batch[2] == LOSS_GAIN)  # clipping where the gain is large
+        torch.testing.assert_close(opts[0].last_clip_coef, opts[1].last_clip_coef, rtol=1e-6, atol=0)
+        frames.append(counter.frame_count)
+    assert frames[2:] == [frames[2]] * 4, frames
+
 def test_logs_before_the_first_step_and_updated_in_place():
     model = _model(torch.float32, "cpu")
     opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
