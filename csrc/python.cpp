@@ -419,6 +419,25 @@ pybind11::dict build_info() {
 }
 
 }  // namespace
+
+// The checks a list op makes before it reads any data, for the fake
+// kernels (fastclip/_ops.py): a graph is then refused when it is traced,
+// as an eager call is (found in review: integer or sparse tensors and a
+// negative max_norm passed tracing and failed only when the graph ran).
+// Not check_writable: its overlap test reads sizes, which may be symbolic.
+void check_list_op(const std::string& op, const std::vector<at::Tensor>& tensors, std::optional<double> ord,
+                   std::optional<double> max_norm, std::optional<double> clip_value,
+                   const std::optional<at::Tensor>& coef) {
+  const std::string name = "fastclip::" + op;
+  TORCH_CHECK(!tensors.empty(), name, ": tensors is empty; the ops take a non-empty list (fastclip's Python "
+              "functions take an empty one)");
+  check_tensors(name.c_str(), tensors, tensors[0].device().type());
+  if (coef.has_value()) check_coef(name.c_str(), *coef, tensors[0].device());
+  if (clip_value.has_value()) check_clip_value(name.c_str(), *clip_value);
+  if (max_norm.has_value()) check_max_norm(name.c_str(), *max_norm);
+  if (ord.has_value()) check_norm_order(name.c_str(), *ord);
+}
+
 }  // namespace fastclip
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -462,4 +481,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("shard_types"), pybind11::arg("replicate_type"), pybind11::arg("partial_type"),
         "(local tensors, sharded mesh dims of each, mesh) of a list of DTensors on one mesh, or None.");
   m.def("build_info", &fastclip::build_info, "How this extension was built.");
+  m.def("check_list_op", &fastclip::check_list_op, pybind11::arg("op"), pybind11::arg("tensors"),
+        pybind11::arg("ord") = std::nullopt, pybind11::arg("max_norm") = std::nullopt,
+        pybind11::arg("clip_value") = std::nullopt, pybind11::arg("coef") = std::nullopt,
+        "The data-free argument checks of a list op (for its fake kernel); raises as the op would.");
+  m.def(
+      "check_clip_scalars",
+      [](const at::Tensor& norm, double max_norm, const std::optional<at::Tensor>& loss_scale,
+         const std::optional<at::Tensor>& extra_scale, const std::optional<at::Tensor>& found_inf,
+         const std::optional<at::Tensor>& extra_found, const at::Tensor& last_norm, const at::Tensor& last_coef,
+         const at::Tensor& skipped) {
+        fastclip::check_clip_scalars("fastclip::clip_scalars_", norm, max_norm, loss_scale, extra_scale, found_inf,
+                                     extra_found, last_norm, last_coef, skipped, norm.device().type());
+      },
+      "The argument checks of clip_scalars_ (for its fake kernel); raises as the op would.");
 }

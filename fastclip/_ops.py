@@ -129,61 +129,40 @@ def clip_scalars_(
     )
 
 
-def _device_of(tensors: list[Tensor]) -> torch.device:
-    return tensors[0].device if len(tensors) > 0 else torch.device("cpu")
-
-
-def _one_device(op: str, tensors: list[Tensor]) -> torch.device:
-    """The fake kernels' device check: a meta tensor among real ones
-    dispatches the whole call here, which must refuse it as the kernels
-    refuse another device (found in review: garbage came back, or nothing
-    was written, without an error)."""
-    device = _device_of(tensors)
-    for i, t in enumerate(tensors):
-        if t.device != device:
-            raise RuntimeError(
-                f"fastclip::{op}: tensors[{i}] is on {t.device} but tensors[0] is on {device}; pass one list "
-                "per device (fastclip's Python functions group them)"
-            )
-    return device
-
-
 if _C is not None:
+    # Each fake kernel makes the op's own data-free checks (C++, shared with
+    # the kernels), so that a traced graph is refused as an eager call is; a
+    # meta tensor among real ones dispatches the whole call here, and is
+    # refused as the kernels refuse another device (found in review).
 
     @torch.library.register_fake("fastclip::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, ord, per_tensor, fp64=False):
-        device = _one_device("multi_tensor_norm", tensors)
+        _C.check_list_op("multi_tensor_norm", tensors, ord=ord)
         dtype = torch.float64 if fp64 else torch.float32
-        total = torch.empty((), dtype=dtype, device=device)
-        each = torch.empty((len(tensors) if per_tensor else 0,), dtype=dtype, device=device)
+        total = torch.empty((), dtype=dtype, device=tensors[0].device)
+        each = torch.empty((len(tensors) if per_tensor else 0,), dtype=dtype, device=tensors[0].device)
         return total, each
 
     @torch.library.register_fake("fastclip::multi_tensor_scale_")
     def _multi_tensor_scale_fake(tensors, coef):
-        device = _one_device("multi_tensor_scale_", tensors)
-        if len(tensors) > 0 and coef.device.type != "cpu" and coef.device != device:
-            raise RuntimeError(f"fastclip::multi_tensor_scale_: coef is on {coef.device} but the tensors are on {device}")
+        _C.check_list_op("multi_tensor_scale_", tensors, coef=coef)
         return None
 
     @torch.library.register_fake("fastclip::multi_tensor_clamp_")
     def _multi_tensor_clamp_fake(tensors, clip_value):
-        _one_device("multi_tensor_clamp_", tensors)
+        _C.check_list_op("multi_tensor_clamp_", tensors, clip_value=clip_value)
         return None
 
     @torch.library.register_fake("fastclip::clip_")
     def _clip_fake(tensors, max_norm, ord, error_if_nonfinite=False):
-        return torch.empty((), dtype=torch.float32, device=_one_device("clip_", tensors))
+        _C.check_list_op("clip_", tensors, ord=ord, max_norm=max_norm)
+        return torch.empty((), dtype=torch.float32, device=tensors[0].device)
 
     @torch.library.register_fake("fastclip::clip_scalars_")
     def _clip_scalars_fake(norm, max_norm, loss_scale, extra_scale, found_inf, extra_found, skip_inf_divisor,
                            last_norm, last_coef, skipped, count_skip):
-        # A meta argument among real ones dispatches here: refuse it as the
-        # kernels refuse another device (found in review: garbage came back).
-        named = dict(loss_scale=loss_scale, extra_scale=extra_scale, found_inf=found_inf, extra_found=extra_found,
-                     last_norm=last_norm, last_coef=last_coef, skipped=skipped)
-        for name, t in named.items():
-            if t is not None and t.device != norm.device:
-                raise RuntimeError(f"fastclip::clip_scalars_: {name} is on {t.device} but norm is on {norm.device}")
+        _C.check_clip_scalars(norm, max_norm, loss_scale, extra_scale, found_inf, extra_found, last_norm, last_coef,
+                              skipped)
         return (
             torch.empty((), dtype=torch.float64, device=norm.device),
             torch.empty((), dtype=torch.float32, device=norm.device),

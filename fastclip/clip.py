@@ -291,8 +291,8 @@ def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, pe
     float64 with ``fp64``) over all parts. Every part's norms are float64,
     so that none is rounded to float32 before they are combined (an fp64
     part whose norm is beyond float32's range stays finite)."""
-    totals = []
-    each = torch.zeros((n if per_tensor else 0,), dtype=torch.float64 if fp64 else torch.float32, device=first)
+    dtype = torch.float64 if fp64 else torch.float32
+    totals, eaches, order = [], [], []
     for part in parts:
         if part.impl is _fallback:
             total, part_each = _fallback.norms64(part.tensors, ord)
@@ -300,7 +300,21 @@ def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, pe
             total, part_each = _ops.multi_tensor_norm(part.tensors, ord, per_tensor, fp64=True)
         totals.append(total.to(first, torch.float64))
         if per_tensor:
-            each.index_copy_(0, _index(part.indices, first), part_each.to(first, each.dtype))
+            eaches.append(part_each.to(first, dtype))
+            order.extend(part.indices)
+    if not per_tensor:
+        each = torch.zeros((0,), dtype=dtype, device=first)
+    else:
+        # Concatenated and put in list order by one gather, not copied into
+        # a new plain tensor: the norms of a wrapper subclass's gradients
+        # (two tensors in one) stay whole (found in review: one component
+        # was kept, silently).
+        each = torch.cat(eaches)
+        if order != list(range(n)):
+            where = [0] * n
+            for position, i in enumerate(order):
+                where[i] = position
+            each = each[_index(where, first)]
     return _fallback.combine(torch.stack(totals), ord), each
 
 
@@ -720,6 +734,6 @@ def grad_norms(parameters: TensorOrTensors, norm_type: float = 2.0, process_grou
     # Where the gradients were: from the C++ gather when there was one (read
     # again from Python, every .grad cost ~70 ns).
     have = held.positions() if held is not None else [i for i, p in enumerate(params) if p.grad is not None]
-    out = torch.zeros((len(params),), dtype=torch.float32, device=each.device)
+    out = each.new_zeros((len(params),))  # a subclass's new_zeros: its norms stay whole (see _split_norms)
     out.index_copy_(0, _index(have, each.device), each)
     return total, out

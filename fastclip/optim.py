@@ -63,6 +63,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _fallback, _ops
 from ._version import torch_release
@@ -96,7 +97,14 @@ _DYNAMO_SETS_OPTIMIZER_ATTRS = torch_release(torch.__version__) >= (2, 12)
 
 def _host_decides(total: Tensor) -> bool:
     """True where the host reads ``total`` (the fused divisor) for free: the CPU, eager."""
-    return _CPU_HOST_DECIDES and total.device.type == "cpu" and not torch.compiler.is_compiling()
+    return _CPU_HOST_DECIDES and total.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(total)
+
+
+def _is_fake(t: Tensor) -> bool:
+    """``t`` has no data to read: a FakeTensor (FakeTensorMode, as memory
+    estimators run a step; found in review: the step's reads of its flag
+    raised there, where torch's clip-then-step runs)."""
+    return not torch.compiler.is_compiling() and is_fake(t)
 
 
 def _scalar_on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -501,8 +509,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     def _check_finite(self, found: Tensor, policy: str) -> bool:
         """One host read of the flag; raise under "error". True when the step may go on."""
-        if policy == "propagate" or not bool(found.item()):
-            return True
+        if policy == "propagate" or _is_fake(found) or not bool(found.item()):
+            return True  # (fake: no flag to read, the step goes on as for finite gradients)
         if policy == "error":
             raise RuntimeError(self._nonfinite_message())
         self.skipped_steps.add_(1)

@@ -74,8 +74,12 @@ MUTANTS = {
     # decided by the 1e-6 epsilon.)
     "no_underflow_rescue": (
         "csrc/numerics.h", "power sums that underflowed are not recomputed scaled",
-        "return finite_data && (is_inf(acc) || acc < kRescueTiny || all_overflowed);",
-        "return finite_data && (is_inf(acc) || all_overflowed);"),
+        "return finite_data && (is_inf(acc) || acc < kRescueTiny || all_overflowed || small_order);",
+        "return finite_data && (is_inf(acc) || all_overflowed || small_order);"),
+    "tiny_orders_not_rescued": (
+        "csrc/numerics.h", "orders below 2^-20 not recomputed scaled (a single value's norm wrong)",
+        "const bool small_order = order.kind == NormKind::kP && order.p < kRescueSmallOrder;",
+        "const bool small_order = false;"),
     "workers_ignore_denormal_mode": (
         "csrc/cpu/multi_tensor_cpu.cpp", "worker threads run without the caller's flush-denormal mode",
         "    [[maybe_unused]] const auto guard = mode.apply();\n", ""),
@@ -102,6 +106,12 @@ MUTANTS = {
         "TORCH_CHECK(numel == 0 || within_storage(t, storage),",
         "TORCH_CHECK(numel == 0 || true || within_storage(t, storage),"),
     # The Python layer.
+    "fake_clip_unchecked": (
+        "fastclip/_ops.py", "the fake kernel of clip_ checks nothing (bad arguments traced)",
+        '        _C.check_list_op("clip_", tensors, ord=ord, max_norm=max_norm)\n', ""),
+    "device_context_takes_ops_path": (
+        "fastclip/clip.py", "with torch.device(...) every call takes the torch.ops path",
+        "type(mode) is not DeviceContext for mode", "True for mode"),
     "nan_max_norm_accepted": (
         "fastclip/clip.py", "max_norm NaN accepted",
         "    if not 0.0 <= value < math.inf:  # also rejects NaN\n",

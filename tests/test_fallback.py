@@ -282,6 +282,27 @@ def test_torch_dispatch_subclass_gradients_like_torch():
     assert float(mine[0].grad.b.abs().max()) == pytest.approx(0.1)  # the clamp took effect
 
 
+def test_torch_dispatch_subclass_per_tensor_norms_stay_whole():
+    """grad_norms of wrapper-subclass gradients: each component's norms,
+    next to a plain gradient and one that is None (found in review: the
+    per-tensor norms were copied into a plain tensor, which kept one
+    component, silently)."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    grads = [two_tensor.TwoTensor(torch.full((4,), 1.0), torch.full((4,), 2.0)),
+             two_tensor.TwoTensor(torch.full((3,), -3.0), torch.full((3,), 0.5))]
+    params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    for p, g in zip(params, grads):
+        p.grad = g
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        for listed, expect_a, expect_b in ((params[:2], [2.0, 27.0**0.5], [4.0, 0.75**0.5]),
+                                           (params, [2.0, 27.0**0.5, 0.0], [4.0, 0.75**0.5, 0.0])):
+            total, each = fastclip.grad_norms(listed)
+            assert isinstance(each, two_tensor.TwoTensor), type(each)
+            torch.testing.assert_close(each.a, torch.tensor(expect_a), rtol=1e-6, atol=0)
+            torch.testing.assert_close(each.b, torch.tensor(expect_b), rtol=1e-6, atol=0)
+            torch.testing.assert_close(total.a, torch.tensor(31.0**0.5), rtol=1e-6, atol=0)
+
 @pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
 def test_fake_tensors_trace(tracing_mode):
     """make_fx over the in-place functions (fake tensors, symbolic sizes)."""

@@ -1010,6 +1010,49 @@ def test_meta_tensor_among_cpu_ones_is_refused(op):
     assert ops.clip_(meta, 0.1, 2.0).device.type == "meta"
 
 
+def _bad_list_calls():
+    good = [torch.ones(5), torch.ones(2, 3)]
+    return [
+        ("int-dtype", lambda: ops.multi_tensor_norm(good + [torch.ones(2, dtype=torch.int32)], 2.0, False),
+         r"tensors\[2\] has dtype Int"),
+        ("sparse", lambda: ops.multi_tensor_clamp_([torch.ones(3).to_sparse()] + good, 0.5), r"tensors\[0\] has layout"),
+        ("ord", lambda: ops.multi_tensor_norm(good, -1.0, True), "ord must be a positive number or inf"),
+        ("max_norm", lambda: ops.clip_(good, -1.0, 2.0), "max_norm must be a finite number >= 0"),
+        ("clip_value", lambda: ops.multi_tensor_clamp_(good, -0.5), "clip_value must be a number >= 0"),
+        ("coef", lambda: ops.multi_tensor_scale_(good, torch.ones(2)), "coef must be a tensor with one element"),
+        ("coef-int", lambda: ops.multi_tensor_scale_(good, torch.tensor(1)), "coef must be a floating-point tensor"),
+        ("scalars", lambda: ops.clip_scalars_(**_scalars_call(last_norm=torch.zeros((), dtype=torch.float64))),
+         "last_norm must be a Float tensor"),
+    ]
+
+
+@pytest.mark.parametrize("k", range(len(_bad_list_calls())), ids=[c[0] for c in _bad_list_calls()])
+def test_fake_kernels_refuse_what_the_kernels_refuse(k):
+    """Traced (FakeTensorMode, as torch.compile and export trace), a call
+    is refused with the eager call's message (found in review: integer and
+    sparse tensors, a negative max_norm and the like passed tracing and
+    failed only when the graph ran)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    name, call, match = _bad_list_calls()[k]
+    # Eager, a sparse tensor stops at the dispatcher (no SparseCPU kernel).
+    eager = (NotImplementedError, "SparseCPU") if name == "sparse" else (RuntimeError, match)
+    with pytest.raises(eager[0], match=eager[1]):
+        call()
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_fake_kernels_refuse_an_empty_list():
+    # The kernels cannot be reached with one (no tensor to dispatch on;
+    # the Python functions handle empty lists before calling an op).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), pytest.raises(RuntimeError, match="multi_tensor_norm: tensors is empty"):
+        ops.multi_tensor_norm([], 2.0, False)
+    with pytest.raises(NotImplementedError, match="no tensor arguments"):
+        ops.multi_tensor_norm([], 2.0, False)
+
 def test_clip_scalars_refuses_inference_logs_and_logs_that_require_grad():
     with torch.inference_mode():
         inference_log = torch.zeros(())

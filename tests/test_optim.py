@@ -953,6 +953,22 @@ def test_compiled_step_keeps_one_graph_for_a_changing_max_norm():
         frames.append(counter.frame_count)
     assert frames[2:] == [frames[2]] * 4, frames
 
+@pytest.mark.parametrize("name,cls,kwargs", [r for r in OPTIMIZERS if r[0] in ("sgd-foreach", "adam-fused")],
+                         ids=["sgd-foreach", "adam-fused"])
+def test_step_under_fake_tensor_mode(name, cls, kwargs):
+    """A step under FakeTensorMode, as memory estimators run one (found in
+    review: the step read its flag and raised DataDependentOutputException,
+    where torch's clip-then-step runs): the step goes on as for finite
+    gradients and allocates the inner optimizer's state."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        opt = fastclip.ClippedOptimizer(cls(model.parameters(), **kwargs), MAX_NORM)
+        (model(torch.randn(9, 7)) ** 2).mean().mul(LOSS_GAIN).backward()
+        opt.step()
+    assert len(opt.optimizer.state) == len(list(model.parameters()))
+
 def test_logs_before_the_first_step_and_updated_in_place():
     model = _model(torch.float32, "cpu")
     opt = fastclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MAX_NORM)
