@@ -111,7 +111,8 @@ def extension():
     with_cuda, why = _cuda_decision()
     print(f"fastclip: {'CUDA + CPU' if with_cuda else 'CPU-only'} build ({why})")
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    headers = _sources("csrc/**/*.h")  # a changed header rebuilds the extension
+    # A changed header, or this file (its flags), rebuilds the extension.
+    headers = _sources("csrc/**/*.h") + ["setup.py"]
     defines = [f'-DFASTCLIP_VERSION="{VERSION}"']
     # -O3 for the vectorizer; no fast-math: NaN/inf must propagate exactly.
     # -g0 after Python's own -g: its debug info made the module ~10x larger.

@@ -429,10 +429,12 @@ void check_list_op(const std::string& op, const std::vector<at::Tensor>& tensors
                    std::optional<double> max_norm, std::optional<double> clip_value,
                    const std::optional<at::Tensor>& coef) {
   const std::string name = "fastclip::" + op;
-  TORCH_CHECK(!tensors.empty(), name, ": tensors is empty; the ops take a non-empty list (fastclip's Python "
-              "functions take an empty one)");
-  check_tensors(name.c_str(), tensors, tensors[0].device().type());
-  if (coef.has_value()) check_coef(name.c_str(), *coef, tensors[0].device());
+  // An empty list reaches a kernel only through multi_tensor_scale_'s coef
+  // (the dispatcher has no other tensor to dispatch on), which does nothing.
+  TORCH_CHECK(!tensors.empty() || coef.has_value(), name,
+              ": tensors is empty; the op takes a non-empty list (fastclip's Python functions take an empty one)");
+  if (!tensors.empty()) check_tensors(name.c_str(), tensors, tensors[0].device().type());
+  if (coef.has_value()) check_coef(name.c_str(), *coef, tensors.empty() ? coef->device() : tensors[0].device());
   if (clip_value.has_value()) check_clip_value(name.c_str(), *clip_value);
   if (max_norm.has_value()) check_max_norm(name.c_str(), *max_norm);
   if (ord.has_value()) check_norm_order(name.c_str(), *ord);

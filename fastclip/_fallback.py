@@ -23,6 +23,10 @@ def _dense_values(t: Tensor) -> Tensor:
     return t
 
 
+# kRescueSmallOrder in csrc/numerics.h.
+RESCUE_SMALL_ORDER = 2.0**-20
+
+
 def _norm64(t: Tensor, ord: float) -> Tensor:
     values = _dense_values(t)
     if values.is_complex():
@@ -38,9 +42,12 @@ def _norm64(t: Tensor, ord: float) -> Tensor:
     if ord in (1.0, 2.0, math.inf) and values.dtype != torch.float64:
         return norm  # squares of finite 32/16-bit values stay inside the double range
     # The rescue of the kernels, without a host sync: where the power sum
-    # overflowed or underflowed, take the norm of the values divided by max |x|.
+    # overflowed or underflowed, or always for an order below
+    # RESCUE_SMALL_ORDER (as csrc/numerics.h: there a single value's norm
+    # came out wrong, above it as well as below; found in review), take the
+    # norm of the values divided by max |x|.
     top = torch.linalg.vector_norm(values, math.inf, dtype=torch.float64)
-    rescue = torch.isfinite(top) & (top > 0) & (torch.isinf(norm) | (norm < top))
+    rescue = torch.isfinite(top) & (top > 0) & (torch.isinf(norm) | (norm < top) | (ord < RESCUE_SMALL_ORDER))
     scale = torch.where(rescue, top, torch.ones_like(top))
     return torch.where(rescue, torch.linalg.vector_norm(values.to(torch.float64) / scale, ord) * scale, norm)
 

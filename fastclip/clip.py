@@ -335,11 +335,13 @@ def _coefficient(max_norm: MaxNorm, total_norm: Tensor) -> Tensor:
     norm = total_norm.to(torch.float64)
     if isinstance(max_norm, Tensor):
         numerator = max_norm.detach().reshape(()).to(norm.device, torch.float64)
-    else:
+    elif torch.compiler.is_compiling():
         # Not full_like: dynamo's inductor and aot_eager backends specialized
         # its float, a graph per value of a max_norm schedule (found in
-        # review); 1 * max_norm is exact.
+        # review); 1 * max_norm is exact (eager: one op less).
         numerator = torch.ones_like(norm) * max_norm
+    else:
+        numerator = torch.full_like(norm, max_norm)
     return torch.clamp(numerator / (norm + 1e-6), max=1.0)
 
 

@@ -17,6 +17,7 @@ import torch
 
 import fastclip
 import fastclip.clip
+from fastclip import _fallback
 from testing import (
     check_norm_paths,
     filled,
@@ -842,6 +843,14 @@ def test_tiny_orders(dtype, ord, device):
     params = make_params([one, zeros])
     assert fastclip.clip_grad_norm_(params, 1.5, ord).item() == 3.0
     _assert_grads_scaled(params, [one, zeros], ref_coef(1.5, torch.tensor(3.0)))
+    # The plain-PyTorch path (no extension, complex or float8 gradients)
+    # alike, also for a value below 1, whose |x|**p rounds up (found in
+    # review: 0.25 came out as 1.0 at p = 1e-17).
+    quarter = torch.tensor([0.0, -0.25, 0.0], dtype=dtype, device=device)
+    for values in ([one, zeros], [quarter]):
+        total, each = _fallback.multi_tensor_norm(values, ord, True, fp64=True)
+        assert total.item() == max(v.abs().max().item() for v in values)
+        assert each.tolist() == [v.abs().max().item() for v in values]
 
 
 # -------------------------------------------------------- non-finite

@@ -378,8 +378,10 @@ def _pieces_that_race():
 
 def test_entries_sharing_memory_across_pieces_are_written_in_list_order():
     # Unlike the lists above, this one has two threads write shared bytes
-    # out of list order whatever their timing within a piece. Scaling by
-    # 0.3 rounds, so the two orders give different bits (checked below).
+    # out of list order whenever the two pieces go to different threads at
+    # about the same time (100 of 100 calls on 2 cores, if not written in
+    # order; one thread taking both would keep the order, hence 10 calls).
+    # Scaling by 0.3 rounds, so the two orders give different bits.
     z, halves, v, threads = _pieces_that_race()
     coef = torch.tensor(0.3, dtype=torch.float64)
 

@@ -1043,15 +1043,22 @@ def test_fake_kernels_refuse_what_the_kernels_refuse(k):
         call()
 
 
-def test_fake_kernels_refuse_an_empty_list():
-    # The kernels cannot be reached with one (no tensor to dispatch on;
-    # the Python functions handle empty lists before calling an op).
+def test_fake_kernels_take_empty_lists_as_the_kernels_do():
+    # Only multi_tensor_scale_ reaches a kernel with an empty list (its coef
+    # gives the dispatcher a device; found in review: the fake kernel
+    # refused it); the others have no tensor to dispatch on. The Python
+    # functions handle empty lists before calling an op.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(), pytest.raises(RuntimeError, match="multi_tensor_norm: tensors is empty"):
-        ops.multi_tensor_norm([], 2.0, False)
     with pytest.raises(NotImplementedError, match="no tensor arguments"):
         ops.multi_tensor_norm([], 2.0, False)
+    ops.multi_tensor_scale_([], torch.tensor(0.5))
+    with FakeTensorMode():
+        with pytest.raises(RuntimeError, match="multi_tensor_norm: tensors is empty"):
+            ops.multi_tensor_norm([], 2.0, False)
+        ops.multi_tensor_scale_([], torch.tensor(0.5))
+        with pytest.raises(RuntimeError, match="coef must be a tensor with one element"):
+            ops.multi_tensor_scale_([], torch.ones(2))
 
 def test_clip_scalars_refuses_inference_logs_and_logs_that_require_grad():
     with torch.inference_mode():
