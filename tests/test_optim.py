@@ -856,7 +856,7 @@ def test_grad_scaler_does_not_see_the_inner_grad_scale_through_the_wrapper():
     scaler.scale(torch.ones(()))  # creates the scale
     q.grad = torch.full((1,), 0.5 * 4.0 * 2.0)  # unscaled 0.5, times the loss scale and the user's divisor
     scaler.step(opt)
-    assert float(q) == 0.5 and float(opt.last_norm) == 1.0  # the norm is unscaled by the scaler's 4 only
+    assert float(q.detach()) == 0.5 and float(opt.last_norm) == 1.0  # the norm is unscaled by the scaler's 4 only
     with pytest.raises(AttributeError):
         opt.found_inf  # noqa: B018
 

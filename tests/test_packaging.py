@@ -98,3 +98,27 @@ def test_module_carries_no_debug_info():
     sections = _elf_section_names(Path(fastclip._C.__file__))
     assert ".text" in sections  # the parse found the module's sections
     assert not {s for s in sections if s.startswith(".debug_")}, sorted(sections)
+
+
+def _fastclip_ops_with_kernels(key: str) -> set[str]:
+    import torch
+
+    return {n for n in torch._C._dispatch_get_registrations_for_dispatch_key(key) if n.startswith("fastclip::")}
+
+
+def test_every_op_has_a_kernel_for_each_device_the_build_names():
+    """Every op has a CPU kernel, and a CUDA kernel in a CUDA build: checked
+    without a GPU too (a CUDA build of torch on a machine without one)."""
+    import torch
+    from fastclip import _ops
+
+    if not _ops.available():
+        pytest.skip("the extension is not built")
+    ops = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastclip::")}
+    assert len(ops) == 5, sorted(ops)
+    assert _fastclip_ops_with_kernels("CPU") == ops
+    cuda_ops = _fastclip_ops_with_kernels("CUDA")
+    if _ops.build_info()["cuda_build"]:
+        assert cuda_ops == ops
+    else:
+        assert not cuda_ops
