@@ -17,6 +17,7 @@ import fastclip  # noqa: F401  (registers the ops)
 from testing import (
     DEVICE_PARAMS,
     DTYPES,
+    FP64_SCALE_RTOL,
     HAS_CUDA,
     ORDS,
     TOLERANCES,
@@ -1099,3 +1100,14 @@ def test_python_coefficient_is_one_true_division_as_in_the_kernels():
         norm, max_norm = rng.random() * 10 ** rng.randint(-8, 8), rng.random() * 10 ** rng.randint(-8, 8)
         got = _coefficient(max_norm, torch.tensor(norm, dtype=torch.float64)).item()
         assert got == min(1.0, max_norm / (norm + 1e-6)), (norm, max_norm)
+
+
+@pytest.mark.parametrize("ord", [1.0, 2.0, 3.5], ids=ord_id)
+@pytest.mark.parametrize("value", [1.2345678901234567, 1e200, 1e-200])
+def test_reference_norm_is_far_more_accurate_than_the_fp64_tolerance(value, ord):
+    # Found in review: vector_norm's sequential CPU sum was 7.6e-13 off on
+    # these values, and the CUDA clip test of them held fp64 to 2^-43.
+    n = 65_563
+    exact = math.fsum([(value / 2.0**math.frexp(value)[1]) ** ord] * n) ** (1.0 / ord) * 2.0**math.frexp(value)[1]
+    got = ref_norm([torch.full((n,), value, dtype=torch.float64)], ord).item()
+    assert abs(got - exact) <= FP64_SCALE_RTOL / 16 * exact, (got, exact)
