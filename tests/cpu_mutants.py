@@ -174,6 +174,12 @@ MUTANTS = {
         "csrc/cpu/spans.cpp", "the AVX-512 bf16 order-1 kernel sums odd elements in even lanes",
         "    acc[1] = _mm512_add_pd(acc[1], widen_high(even));\n    acc[2] = _mm512_add_pd(acc[2], widen_low(odd));\n",
         "    acc[1] = _mm512_add_pd(acc[1], widen_low(odd));\n    acc[2] = _mm512_add_pd(acc[2], widen_high(even));\n"),
+    "bf16_order1_avx2_lanes_swapped": (
+        "csrc/cpu/spans.cpp", "the AVX2 bf16 order-1 kernel sums odd elements in even lanes",
+        "      acc[2 * h + 1] = _mm256_add_pd(acc[2 * h + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(even, 1)));\n"
+        "      acc[4 + 2 * h] = _mm256_add_pd(acc[4 + 2 * h], _mm256_cvtps_pd(_mm256_castps256_ps128(odd)));\n",
+        "      acc[2 * h + 1] = _mm256_add_pd(acc[2 * h + 1], _mm256_cvtps_pd(_mm256_castps256_ps128(odd)));\n"
+        "      acc[4 + 2 * h] = _mm256_add_pd(acc[4 + 2 * h], _mm256_cvtps_pd(_mm256_extractf128_ps(even, 1)));\n"),
     "grad_warning_dropped": (
         "csrc/python.cpp", "the gather reads an undefined gradient without torch's non-leaf warning",
         "  return t.grad();  // undefined: torch's warning for a tensor that is not a leaf",

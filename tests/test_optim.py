@@ -89,6 +89,17 @@ def _requires_fused_device(kwargs: dict, device: str) -> None:
         pytest.skip("fused optimizers run on cpu and cuda")
 
 
+def _requires_grad_scaler_dtype(dtype: torch.dtype, device: str) -> None:
+    """torch's CUDA GradScaler cannot unscale bf16 gradients (pytorch#127176,
+    open at torch 2.11; found in review): probed, so a torch that can runs."""
+    try:
+        grad = torch.ones(1, dtype=dtype, device=device)
+        found_inf = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_([grad], found_inf, torch.ones(1, device=device))
+    except (NotImplementedError, RuntimeError) as error:
+        pytest.skip(f"torch's GradScaler cannot unscale {dtype} gradients on {device}: {error}")
+
+
 def _assert_params_close(a: torch.nn.Module, b: torch.nn.Module, dtype: torch.dtype) -> None:
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb, pa, **PARAM_TOL[dtype], msg=lambda m: f"{name}: {m}")
@@ -155,6 +166,7 @@ def test_matches_torch_loop_with_grad_scaler(device, dtype, name, cls, kwargs, p
     """torch reference: unscale_, clip_grad_norm_, scaler.step. The wrapper is
     stepped through the scaler, with or without an explicit unscale_ first."""
     _requires_fused_device(kwargs, device)
+    _requires_grad_scaler_dtype(dtype, device)
     ref_model, model = _model(dtype, device), _model(dtype, device)
     ref_opt = cls(ref_model.parameters(), **kwargs)
     opt = fastclip.ClippedOptimizer(cls(model.parameters(), **kwargs), max_norm=MAX_NORM)

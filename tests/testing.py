@@ -212,7 +212,11 @@ def assert_scaled_close(actual: Tensor, expected: Tensor, rtol: float = 0.0) -> 
     rounding."""
     if actual.layout != torch.strided:
         actual = actual.to_dense()
-    actual = actual.detach().cpu()
+    if expected.layout != torch.strided:
+        expected = expected.to_dense()
+    # Both on the CPU (found in review: a CUDA `expected` met the CPU
+    # `actual` in torch.equal, which refuses two devices).
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
     assert actual.shape == expected.shape
     if actual.is_complex():
         torch.testing.assert_close(actual.to(torch.complex128), expected.to(torch.complex128),
@@ -247,6 +251,8 @@ def assert_identical(a: Tensor, b: Tensor) -> None:
     """Bit-identical except that any NaN matches any NaN (torch's own kernels
     do not preserve NaN payloads: its bf16 clamp turns 0x7FC0 into 0xFFFF)."""
     assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    if a.device != b.device:
+        a, b = a.cpu(), b.cpu()
     a_nan, b_nan = torch.isnan(a), torch.isnan(b)
     assert torch.equal(a_nan, b_nan), "NaN positions differ"
     assert_same_bits(torch.where(a_nan, torch.zeros_like(a), a), torch.where(b_nan, torch.zeros_like(b), b))
