@@ -126,6 +126,10 @@ def _sum_norm(values: Tensor, ord: float) -> Tensor:
     x = values.abs()
     if math.isinf(ord):
         return x.max()
+    if ord == 1.0:
+        return x.sum()
+    if ord == 2.0:
+        return x.square().sum().sqrt()  # correctly rounded, where a 0-dim pow(0.5) was not always
     return x.pow(ord).sum().pow(1.0 / ord)
 
 
