@@ -390,6 +390,15 @@ FASTCLIP_BF16_TARGET void update_bf16_avx512(uint16_t* x, int64_t n, const Op& o
 // either way.
 #define FASTCLIP_AVX512_TARGET __attribute__((target("avx512f")))
 
+// After a bf16 order-1 kernel's whole blocks (their sums in `lanes`): the
+// tail, element k to lane k, and the portable loop's fold.
+inline NormPartial finish_norm1_bf16(double* lanes, const uint16_t* x, int64_t i, int64_t n) {
+  float unused[kLanes] = {};
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += static_cast<double>(std::fabs(bf16_to_float(x[i])));
+  fold_lanes(lanes, unused);
+  return NormPartial{lanes[0], 0.0};
+}
+
 bool avx512_norm_usable() {
   static const bool cpu = __builtin_cpu_supports("avx512f");
   constexpr unsigned kDenormalsAreZero = 0x0040u;
@@ -425,11 +434,8 @@ FASTCLIP_AVX512_TARGET NormPartial norm1_bf16_avx512(const uint16_t* x, int64_t 
     acc[3] = _mm512_add_pd(acc[3], widen_high(odd));
   }
   double lanes[kLanes];
-  float unused[kLanes] = {};
   for (int k = 0; k < kVecs; ++k) _mm512_storeu_pd(lanes + 8 * k, acc[k]);
-  for (int l = 0; i < n; ++i, ++l) lanes[l] += static_cast<double>(std::fabs(bf16_to_float(x[i])));
-  fold_lanes(lanes, unused);
-  return NormPartial{lanes[0], 0.0};
+  return finish_norm1_bf16(lanes, x, i, n);
 }
 #pragma GCC diagnostic pop
 
@@ -472,11 +478,8 @@ FASTCLIP_AVX2_TARGET NormPartial norm1_bf16_avx2(const uint16_t* x, int64_t n, P
     }
   }
   double lanes[kLanes];
-  float unused[kLanes] = {};
   for (int k = 0; k < kVecs; ++k) _mm256_storeu_pd(lanes + 4 * k, acc[k]);
-  for (int l = 0; i < n; ++i, ++l) lanes[l] += static_cast<double>(std::fabs(bf16_to_float(x[i])));
-  fold_lanes(lanes, unused);
-  return NormPartial{lanes[0], 0.0};
+  return finish_norm1_bf16(lanes, x, i, n);
 }
 
 }  // namespace
