@@ -89,7 +89,7 @@ class NormReducer {
     if (!tracks_max || order_.kind == NormKind::kInf) return out;
     double total = 0.0;
     for (double a : tensor_acc_) total += a;
-    const bool total_overflowed = is_inf(total);
+    const bool total_overflowed = sum_overflowed(order_, total);
     for (size_t t = 0; t < tensor_acc_.size(); ++t) {
       if (needs_rescue(order_, tensor_acc_[t], tensor_amax_[t], total_overflowed)) {
         tensor_scale_[t] = rescue_scale(order_, tensor_amax_[t]);

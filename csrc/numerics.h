@@ -126,6 +126,16 @@ FASTCLIP_HD double combine_acc(NormOrder order, double a, double b) {
   return order.kind == NormKind::kInf ? nan_max(a, b) : a + b;
 }
 
+// A power sum of unscaled values that overflowed, or whose root would:
+// with p < 1 the root grows faster than the sum (found in review: one
+// fp64 value a few ulps below the largest double came out inf at p = 0.5,
+// the root's rounding pushing it over). A NaN sum is neither.
+FASTCLIP_HD bool sum_overflowed(NormOrder order, double acc) {
+  if (is_inf(acc)) return true;
+  const bool small_p = order.kind == NormKind::kP && order.p < 1.0;
+  return small_p && acc > 1.0 && !(pow(acc, 1.0 / order.p) <= 1.7976931348623157e308);
+}
+
 // A power sum needs a scaled recomputation when it overflowed (the data
 // was finite but the sum is inf) or is so small that underflow may have
 // eaten digits; all_overflowed marks the case where only the sum over all
@@ -139,7 +149,7 @@ FASTCLIP_HD double combine_acc(NormOrder order, double a, double b) {
 FASTCLIP_HD bool needs_rescue(NormOrder order, double acc, double amax, bool all_overflowed) {
   const bool finite_data = amax > 0.0 && amax <= 1.7976931348623157e308;
   const bool small_order = order.kind == NormKind::kP && order.p < kRescueSmallOrder;
-  return finite_data && (is_inf(acc) || acc < kRescueTiny || all_overflowed || small_order);
+  return finite_data && (sum_overflowed(order, acc) || acc < kRescueTiny || all_overflowed || small_order);
 }
 
 // A power sum scaled by s is the sum of (|x| / s)^p: the norm is

@@ -69,7 +69,9 @@ bool has_kernels(c10::DeviceType type) {
 // True when `.grad` of objects of this Python type can be read in C++:
 // torch.Tensor, nn.Parameter, and subclasses (the DTensor parameters of
 // FSDP2) that neither override .grad nor have a __torch_function__ of their
-// own, which could. Asking Python instead costs ~1 us per parameter.
+// own, which could. Asking Python instead costs ~1 us per parameter. In a
+// list of tensors, the others go to the ops through torch.ops, which calls
+// their __torch_function__.
 // Decided once per type and version of it: assigning an attribute to a
 // class (or a base) changes its version tag (found in review: a `grad`
 // property added after the first call was not read, and the gradient was
@@ -186,7 +188,13 @@ class HeldTensors {
       at::Tensor t;
       if (!grads) {
         t = THPVariable_Unpack(obj);
-        plain = Py_TYPE(obj);
+        if (Py_TYPE(obj) == plain || reads_grad_in_cpp(Py_TYPE(obj))) {
+          plain = Py_TYPE(obj);
+        } else if (!why_) {
+          // Its __torch_function__ must see the ops: torch.ops calls it (found
+          // in review: an UninitializedParameter's norm was taken as 0).
+          why_ = "torch_function subclass";
+        }
       } else if (Py_TYPE(obj) == plain || reads_grad_in_cpp(Py_TYPE(obj))) {  // `plain`: no lookup per item
         t = grad_of(THPVariable_Unpack(obj));
         plain = Py_TYPE(obj);

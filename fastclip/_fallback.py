@@ -123,7 +123,7 @@ def first_unsupported(tensors: list[Tensor], op: str) -> Optional[tuple[int, str
             probe = torch.zeros(1, dtype=t.dtype, device=t.device)
             try:
                 if op == "mul_":
-                    multi_tensor_scale_([probe], torch.tensor(0.5, dtype=torch.float64))
+                    multi_tensor_scale_([probe], torch.tensor(0.5, dtype=torch.float64, device="cpu"))
                 else:
                     probe.clamp_(-1.0, 1.0)
                 tried[key] = None

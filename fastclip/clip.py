@@ -101,8 +101,11 @@ def _clip_value(clip_value) -> float:
 def _total_norm(total_norm) -> Tensor:
     """clip_grads_with_norm_'s total_norm as a real one-element tensor."""
     what = "a real number or a real tensor of one element"
+    if isinstance(total_norm, (str, bytes, bytearray)):  # float() would parse it (found in review)
+        raise TypeError(f"total_norm must be {what}, got {total_norm!r}")
     if not isinstance(total_norm, Tensor):
-        return torch.tensor(_as_float(total_norm, "total_norm", what), dtype=torch.float64)
+        # On the CPU whatever `with torch.device(...)` is active (found in review: a meta default failed).
+        return torch.tensor(_as_float(total_norm, "total_norm", what), dtype=torch.float64, device="cpu")
     if total_norm.is_complex():
         raise TypeError(f"total_norm must be {what}, got a {total_norm.dtype} tensor")
     if total_norm.numel() != 1:
@@ -234,15 +237,23 @@ def _fallback_reason(t: Tensor) -> Optional[str]:
 
 
 # Frames skipped when a warning is attributed: fastclip's own, and torch's
-# between the user and us (the no_grad decorator, an optimizer's step hooks).
+# between the user and us (the no_grad decorator, an optimizer's step hooks),
+# and the wrapper of the deprecated alias (found in review: its warnings
+# pointed into typing_extensions).
 _SKIPPED_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
+_SKIPPED_FILES = frozenset(os.path.abspath(m.__file__) for m in (sys.modules[deprecated.__module__], warnings))
+
+
+def _skipped(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith(_SKIPPED_DIRS) or path in _SKIPPED_FILES
 
 
 def _warn(message: str) -> None:
     """warnings.warn attributed to the first caller outside fastclip and
     torch, whichever function path led here."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED_DIRS):
+    while frame is not None and _skipped(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
 
@@ -280,7 +291,7 @@ def _index(indices: Union[list[int], Tensor], device: torch.device) -> Tensor:
     """An int64 index tensor on ``device`` (``indices``: a list, or an int64
     CPU tensor); to a GPU from pinned memory, asynchronously (a copy from
     pageable memory would sync the host)."""
-    index = indices if isinstance(indices, Tensor) else torch.tensor(indices, dtype=torch.long)
+    index = indices if isinstance(indices, Tensor) else torch.tensor(indices, dtype=torch.long, device="cpu")
     if device.type == "cuda":
         return index.pin_memory().to(device, non_blocking=True)
     return index.to(device)

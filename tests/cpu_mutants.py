@@ -74,8 +74,8 @@ MUTANTS = {
     # decided by the 1e-6 epsilon.)
     "no_underflow_rescue": (
         "csrc/numerics.h", "power sums that underflowed are not recomputed scaled",
-        "return finite_data && (is_inf(acc) || acc < kRescueTiny || all_overflowed || small_order);",
-        "return finite_data && (is_inf(acc) || all_overflowed || small_order);"),
+        "return finite_data && (sum_overflowed(order, acc) || acc < kRescueTiny || all_overflowed || small_order);",
+        "return finite_data && (sum_overflowed(order, acc) || all_overflowed || small_order);"),
     "tiny_orders_not_rescued": (
         "csrc/numerics.h", "orders below 2^-20 not recomputed scaled (a single value's norm wrong)",
         "const bool small_order = order.kind == NormKind::kP && order.p < kRescueSmallOrder;",
@@ -195,6 +195,17 @@ MUTANTS = {
         "csrc/cpu/power.cpp", "2^n beyond +-1000 drops its second step (off by 2^128)",
         "  const double second = low ? 0x1p-128 : (big ? 0x1p128 : 1.0);",
         "  const double second = 1.0;"),
+    "root_overflow_not_rescued": (
+        "csrc/numerics.h", "orders below 1: a finite sum whose root overflows is not rescued (norm inf)",
+        "  const bool small_p = order.kind == NormKind::kP && order.p < 1.0;",
+        "  const bool small_p = false;"),
+    "gapped_views_written_last": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "views with gaps over another entry's storage written after it",
+        "  if (gaps_share_storage(tensors, table.strided())) {",
+        "  if (false) {"),
+    "torch_function_items_taken_plain": (
+        "csrc/python.cpp", "a __torch_function__ subclass in a list of tensors goes to the kernels unseen",
+        '          why_ = "torch_function subclass";', ""),
 }
 
 

@@ -275,6 +275,13 @@ def test_fallback_warning_points_at_the_caller(fresh_warnings):
     with pytest.warns(UserWarning, match="fastclip: computing with plain PyTorch") as seen:
         fastclip.clip_grad_norm_(params, 0.5)
     assert seen[0].filename == __file__
+    # Through the deprecated alias, whose wrapper is typing_extensions' (found in review).
+    fastclip.clip._warned.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fastclip.clip_grad_norm(params, 0.5)
+        fastclip.clip_grad_norm((p for p in ()), 0.5)  # torch's warning for an empty generator
+    assert len(seen) == 4 and [w.filename for w in seen] == [__file__] * 4, [(w.filename, str(w.message)) for w in seen]
     # Through an optimizer's step, whose hooks wrapper is torch's code.
     fastclip.clip._warned.clear()
     opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), max_norm=0.5)
@@ -979,6 +986,10 @@ BAD_INPUTS += [
     ("with_norm total_norm complex", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, torch.tensor(5.0 + 1j)),
      TypeError, "total_norm"),
     ("with_norm total_norm of 2", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, torch.ones(2)), ValueError,
+     "total_norm"),
+    # A string is no number even where float() parses it (found in review; torch raises TypeError too).
+    ("with_norm total_norm='10'", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, "10"), TypeError, "total_norm"),
+    ("with_norm total_norm=b'10'", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, b"10"), TypeError,
      "total_norm"),
 ]
 BAD_INPUTS += [

@@ -136,6 +136,36 @@ def test_device_context_keeps_the_held_path(monkeypatch):
             fastclip.get_total_norm([params[1].grad], 2.0)
         assert holders == [1, 1] and mode.seen, mode.seen
 
+
+@pytest.mark.filterwarnings("ignore:fastclip. computing with plain PyTorch")
+@pytest.mark.parametrize("default", ["meta", "cpu"])
+def test_device_context_changes_no_result(default):
+    """fastclip's own tensors (an index, a coefficient, a number given as
+    total_norm) are made where it uses them, whatever `with torch.device`
+    says (found in review: under a meta default the split path failed with
+    "Cannot copy out of meta tensor", blamed on a gradient's dtype)."""
+    def grads():
+        return [torch.tensor([3.0, 4.0]), torch.tensor([1j], dtype=torch.complex64), torch.tensor([2.0])]
+
+    calls = {
+        "clip_grad_norm_": lambda ps: fastclip.clip_grad_norm_(ps, 1.0),
+        "clip_grads_with_norm_": lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, 10.0),
+        "grad_norms": lambda ps: fastclip.grad_norms(ps),
+        "get_total_norm": lambda ps: fastclip.get_total_norm([p.grad for p in ps]),
+        "clip_grad_value_": lambda ps: fastclip.clip_grad_value_(ps[:1] + ps[2:], 3.5),
+    }
+    for name, call in calls.items():
+        expected_params, params = make_params(grads()), make_params(grads())
+        expected = call(expected_params)
+        with torch.device(default):
+            result = call(params)
+        for a, b in zip(expected if isinstance(expected, tuple) else [expected],
+                        result if isinstance(result, tuple) else [result]):
+            if a is not None:
+                assert_identical(a, b)
+        for p, q in zip(expected_params, params):
+            assert_identical(p.grad, q.grad)
+
 def test_held_tensors_reports_what_blocks_one_call():
     dense = make_params(make_grads([(3,), (4,)]))
     assert _ops.hold(dense, True, "parameters").one_call
@@ -201,6 +231,33 @@ def test_held_tensors_let_torch_function_see_grad():
     t = torch.zeros(2).as_subclass(Redirect)
     t.grad = torch.zeros(2)  # what C++ would read
     assert_norm_close(_ops.hold([t], True, "parameters").norm(2.0, False)[0], torch.tensor(math.sqrt(32.0), dtype=torch.float64))
+
+
+def test_torch_function_subclasses_in_a_tensor_list_see_the_ops():
+    """A list of tensors (get_total_norm's) holding a subclass with its own
+    __torch_function__ goes through torch.ops, which calls it (found in
+    review: an UninitializedParameter's norm was taken as that of its empty
+    data, where torch raises)."""
+    class Log(torch.Tensor):
+        seen: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(getattr(func, "__name__", ""))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    plain = torch.ones(3)
+    held = _ops.hold([plain, torch.tensor([3.0, 4.0]).as_subclass(Log)], False, "tensors")
+    assert not held.one_call and held.blocker == "torch_function subclass"
+    assert _ops.hold([plain, torch.nn.Parameter(torch.ones(2))], False, "tensors").one_call  # Parameter is plain
+    Log.seen.clear()
+    total = fastclip.get_total_norm([plain, torch.tensor([3.0, 4.0]).as_subclass(Log)])
+    assert "multi_tensor_norm.default" in Log.seen, Log.seen
+    assert float(total) == pytest.approx(math.sqrt(28.0), rel=1e-7)
+    lazy = [torch.nn.parameter.UninitializedParameter(), torch.tensor([3.0, 4.0])]
+    for get_total_norm in (torch.nn.utils.get_total_norm, fastclip.get_total_norm):
+        with pytest.raises(ValueError, match="uninitialized parameter"):
+            get_total_norm(lazy)
 
 
 def test_held_tensors_keep_gradients_alive():
@@ -406,6 +463,49 @@ def test_entries_sharing_memory_across_pieces_are_written_in_list_order():
             assert bool((z == one_scaled).all()) and bool((v == one_scaled).all())
     finally:
         torch.set_num_threads(saved)
+
+@pytest.mark.parametrize("op", ["scale", "clip", "clamp"])
+def test_view_with_gaps_over_an_entry_in_another_dtype_is_written_in_list_order(op):
+    """Views with gaps are written after the other entries; where one shares
+    a storage with them, the list is written entry by entry in list order
+    (found in review: a bfloat16 view with gaps of a float32 tensor listed
+    first was scaled after it). Only two dtypes over the same bytes tell
+    the orders apart; CPU only (see the README's Known limitations)."""
+    def build():
+        # Pairs of normal bfloat16 values as float32 (little-endian: the odd
+        # halves are the floats' upper halves, normal bfloat16 values when
+        # scaled or clamped either way; torch's NaN bits would differ). The
+        # lower halves are below 2^-24, so that a float whose upper half was
+        # clamped to bfloat16(0.7) < 0.7 stays below 0.7: the clamp's orders differ.
+        rand = torch.rand(2, 4001, generator=torch.Generator().manual_seed(29))
+        halves = torch.stack([rand[0] * 2e-8 + 1e-9, rand[1] + 0.5], dim=1).flatten().to(torch.bfloat16)
+        return [torch.ones(3), halves[1::2], halves.view(torch.float32), torch.ones(5)]
+
+    tensors, expected = build(), build()
+    coef = torch.tensor(0.3, dtype=torch.float64)
+    if op == "scale":
+        ops.multi_tensor_scale_(tensors, coef)
+        for e in expected:
+            e.mul_(coef)
+    elif op == "clip":
+        norm = ref_norm(expected)
+        ops.clip_(tensors, 1.0, 2.0)
+        for e in expected:
+            e.mul_(ref_coef(1.0, norm))
+    else:
+        ops.multi_tensor_clamp_(tensors, 0.7)
+        for e in expected:
+            e.clamp_(-0.7, 0.7)
+    assert_identical(tensors[2], expected[2])
+    # Negative control: gaps last is another result.
+    other = build()
+    for e in (other[0], other[2], other[1], other[3]):
+        if op == "clamp":
+            e.clamp_(-0.7, 0.7)
+        else:
+            e.mul_(coef if op == "scale" else ref_coef(1.0, ref_norm(build())))
+    assert not torch.equal(other[2], expected[2])
+
 
 def test_tensor_whose_storage_was_freed_is_refused_before_writing():
     # FSDP frees a parameter's memory with untyped_storage().resize_(0); a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -176,6 +177,35 @@ def test_norm_fp64_outputs_beyond_float32_range(ord, device):
     assert total.item() == math.inf and each[0].item() == math.inf
     torch.testing.assert_close(wide_total.cpu(), ref_norm(tensors, ord), rtol=1e-12, atol=0.0)
     torch.testing.assert_close(wide_each.cpu(), ref_norms_each(tensors, ord), rtol=1e-12, atol=0.0)
+
+
+@device_param
+@pytest.mark.parametrize("ord", [0.5, 0.9, 0.001], ids=ord_id)
+def test_orders_below_one_keep_norms_just_below_the_double_range(ord, device):
+    """With p < 1 the root of a finite power sum can overflow where the norm
+    does not (found in review: one fp64 value a few ulps below the largest
+    double had an inf norm at p = 0.5, from the root's rounding, and clip_
+    zeroed it)."""
+    require_kernel(device)
+    top = sys.float_info.max
+    near = top * (1 - 2.0**-50)
+    f64 = {"dtype": torch.float64, "device": device}
+    # (tensors, total norm, per-tensor norms); every root computed directly
+    # would overflow (the references too), so the norms are written out.
+    cases = [([torch.tensor([near], **f64)], near, [near])]
+    if ord >= 0.5:  # 3 adds about 1e-154 relative: the norm rounds to near
+        cases.append(([torch.tensor([3.0], **f64), torch.tensor([near], **f64)], near, [3.0, near]))
+    if ord == 0.5:  # (2 sqrt(top / 4))^2 = top exactly
+        cases += [([torch.tensor([top / 4, top / 4], **f64)], top, [top]),
+                  ([torch.tensor([top / 4], **f64), torch.tensor([top / 4], **f64)], top, [top / 4, top / 4])]
+    for tensors, norm, each in cases:
+        wide_total, wide_each = ops.multi_tensor_norm(tensors, ord, True, True)
+        assert wide_total.item() == pytest.approx(norm, rel=1e-13)
+        assert wide_each.tolist() == pytest.approx(each, rel=1e-13)
+        before = [t.clone() for t in tensors]
+        ops.clip_(tensors, 1.0, ord)
+        for t, b in zip(tensors, before):
+            torch.testing.assert_close(t, b / norm, rtol=1e-13, atol=0.0)
 
 
 # (dtype, smallest and largest binary exponent of the values) over all

@@ -767,10 +767,50 @@ def test_state_check_is_not_kept_past_a_change_of_state():
     assert not opt._has_state()
     opt.state[params[0]] = entry
     assert opt._has_state()
+    # (torch's fused SGD cannot step a group where only some buffers are
+    # missing, so each entry is put back rather than stepped.)
+    entry = dict(opt.state[params[1]])
+    opt.state[params[1]].clear()  # emptied in place: same dict, same entry count
+    assert not opt._has_state()
+    opt.state[params[1]].update(entry)
+    assert opt._has_state()
+    entry = opt.state[params[2]]
+    opt.state[params[2]] = {}  # replaced by an empty one
+    assert not opt._has_state()
+    opt.state[params[2]] = entry
+    assert opt._has_state()
     other = torch.nn.Parameter(torch.ones(4))
     other.grad = torch.ones(4)
     opt.param_groups[0]["params"][1] = other  # another parameter, with a gradient and no state
     assert not opt._has_state()
+
+
+@pytest.mark.parametrize("reset", ["clear", "replace"])
+@pytest.mark.parametrize("host", [True, False], ids=["cpu_host_decides", "device_path"])
+def test_state_reset_in_place_is_not_skipped_into_garbage_momentum(reset, host, monkeypatch):
+    """Momentum reset in place between steps (found in review: the kept
+    answer of the state check survived it; fused SGD's skipped step then
+    left uninitialized buffers, and the next step went NaN)."""
+    monkeypatch.setattr(fastclip.optim, "_CPU_HOST_DECIDES", host)
+    p = torch.nn.Parameter(torch.ones(1000))
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True), max_norm=1e6)
+    for bad in (None, math.nan):  # a step with state, then a skipped one: the answer is kept
+        p.grad = torch.full((1000,), bad if bad is not None else 1.0)
+        opt.step()
+    if reset == "clear":
+        opt.state[p].clear()
+    else:
+        opt.state[p] = {}
+    p.grad = torch.full((1000,), math.nan)
+    before = p.detach().clone()
+    opt.step()
+    assert int(opt.skipped_steps) == 2
+    assert_same_bits(p.detach(), before)
+    assert not opt.state.get(p)  # no buffer left behind by the skipped step
+    p.grad = torch.full((1000,), 1e-3)
+    opt.step()  # a first step again: momentum buffer = the gradient
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], p.grad)
+    torch.testing.assert_close(p.detach(), before - 1e-4)
 
 
 def test_group_that_opts_out_of_fusing_gets_the_plain_clip():
@@ -1066,11 +1106,36 @@ def test_bad_max_norm(max_norm, error):
     assert opt.max_norm == 2.0
 
 
-@pytest.mark.parametrize("kwargs,match", [({"nonfinite": "ignore"}, "nonfinite"), ({"norm_type": -2}, "norm_type")])
+@pytest.mark.parametrize("kwargs,match", [({"nonfinite": "ignore"}, "nonfinite"), ({"norm_type": -2}, "norm_type"),
+                                          ({"nonfinite": "raise"}, "nonfinite"), ({"norm_type": "two"}, "norm_type")])
 def test_bad_policy_and_norm_type(kwargs, match):
     inner = torch.optim.SGD(_model(torch.float32, "cpu").parameters(), lr=0.1)
     with pytest.raises(ValueError, match=match):
         fastclip.ClippedOptimizer(inner, MAX_NORM, **kwargs)
+    # Also when set later (found in review: "raise" was taken as "skip"),
+    # and the setting stays as it was.
+    opt = fastclip.ClippedOptimizer(inner, MAX_NORM, norm_type=1.0, nonfinite="error")
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=match):
+        setattr(opt, name, value)
+    assert (opt.norm_type, opt.nonfinite) == (1.0, "error")
+    opt.norm_type, opt.nonfinite = "inf", "propagate"  # read as the constructor reads them
+    assert (opt.norm_type, opt.nonfinite) == (math.inf, "propagate")
+
+
+def test_wrapper_pickled_with_unchecked_settings_loads_them():
+    """An earlier version pickled norm_type and nonfinite under their own
+    names; such a pickle loads with both, checked properties now."""
+    params = make_params(make_grads([(3, 5)], torch.float32, seed=93))
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), MAX_NORM, norm_type=1.0, nonfinite="error")
+    state = opt.__getstate__()
+    state["norm_type"], state["nonfinite"] = state.pop("_norm_type"), state.pop("_nonfinite")
+    restored = fastclip.ClippedOptimizer.__new__(fastclip.ClippedOptimizer)
+    restored.__setstate__(state)
+    assert (restored.norm_type, restored.nonfinite) == (1.0, "error")
+    assert "norm_type" not in restored.__dict__ and "nonfinite" not in restored.__dict__
+    copied = copy.deepcopy(restored)
+    assert (copied.norm_type, copied.nonfinite) == (1.0, "error")
 
 
 def test_not_an_optimizer():

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -251,21 +252,53 @@ void update_all(const TensorTable& table, const Work& work, UpdateSpanFn (*pick)
       write_in_order(table, work));
 }
 
-// In-place update of a list by a host value. A view with gaps is updated
-// through a contiguous copy by the same span kernels and copied back, one
-// view at a time in list order: ATen's mul_/clamp_ would run on ATen's
-// threads, which do not have the caller's denormal mode (found in review:
-// under flush-denormal half of a gapped view's subnormals were kept), and a
-// copy does no arithmetic.
+// One tensor updated alone. A view with gaps is updated through a
+// contiguous copy by the same span kernels and copied back: ATen's
+// mul_/clamp_ would run on ATen's threads, which do not have the caller's
+// denormal mode (found in review: under flush-denormal half of a gapped
+// view's subnormals were kept), and a copy does no arithmetic.
+void update_one(const at::Tensor& t, UpdateSpanFn (*pick)(DType), double value) {
+  const bool gaps = !t.is_non_overlapping_and_dense();
+  const at::Tensor data = gaps ? t.contiguous() : t;
+  const TensorTable one(data, TensorTable::kWrite);
+  update_all(one, Work(one.descs(), plan_chunks(one.descs(), kChunkElems)), pick, value);
+  if (gaps) t.copy_(data);
+}
+
+const c10::StorageImpl* storage_of(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+}
+
+// A view with gaps over the storage of an entry without gaps. The views
+// with gaps are written after the others, so the list is then written one
+// entry at a time in list order (found in review: a bf16 view with gaps of
+// a float32 gradient was scaled after the gradient; only entries of two
+// dtypes over the same bytes can tell).
+bool gaps_share_storage(at::TensorList tensors, const std::vector<int64_t>& strided) {
+  if (strided.empty()) return false;
+  std::unordered_set<const c10::StorageImpl*> gapped;
+  for (int64_t i : strided) gapped.insert(storage_of(tensors[static_cast<size_t>(i)]));
+  for (size_t i = 0, next = 0; i < tensors.size(); ++i) {
+    if (next < strided.size() && strided[next] == static_cast<int64_t>(i)) {
+      ++next;  // strided is in list order
+    } else if (tensors[i].numel() > 0 && gapped.count(storage_of(tensors[i])) > 0) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// In-place update of a list by a host value: the entries without gaps in
+// one parallel pass, then each view with gaps in list order.
 void update_tensors(at::TensorList tensors, UpdateSpanFn (*pick)(DType), double value) {
   const TensorTable table(tensors, TensorTable::kWrite);
-  update_all(table, Work(table.descs(), plan_chunks(table.descs(), kChunkElems)), pick, value);
-  for (int64_t i : table.strided()) {
-    const at::Tensor& view = tensors[static_cast<size_t>(i)];
-    const at::Tensor copy = view.contiguous();
-    const TensorTable one(copy, TensorTable::kWrite);
-    update_all(one, Work(one.descs(), plan_chunks(one.descs(), kChunkElems)), pick, value);
-    view.copy_(copy);
+  if (gaps_share_storage(tensors, table.strided())) {
+    for (const at::Tensor& t : tensors) {
+      if (t.numel() > 0) update_one(t, pick, value);
+    }
+  } else {
+    update_all(table, Work(table.descs(), plan_chunks(table.descs(), kChunkElems)), pick, value);
+    for (int64_t i : table.strided()) update_one(tensors[static_cast<size_t>(i)], pick, value);
   }
   bump_versions(tensors);
 }
