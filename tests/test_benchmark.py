@@ -351,3 +351,47 @@ def test_git_commit_is_fastclips_own(tmp_path, monkeypatch):
     if (checkout / ".git").exists():  # this suite runs from a checkout (CI's fresh clone)
         commit = report._git_commit()
         assert commit is not None and len(commit.split("-")[0]) == 40
+
+
+def test_cuda_without_an_index_becomes_the_current_device(monkeypatch):
+    # torch.cuda.set_device refuses a device without an index (found in
+    # review: the default --device on a GPU machine was plain "cuda").
+    monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(benchmark.torch.cuda, "current_device", lambda: 3)
+    parser = benchmark._parser()
+    assert benchmark._device(parser, None) == benchmark.torch.device("cuda", 3)
+    assert benchmark._device(parser, "cuda") == benchmark.torch.device("cuda", 3)
+    assert benchmark._device(parser, "cuda:1") == benchmark.torch.device("cuda", 1)
+    assert benchmark._device(parser, "cpu") == benchmark.torch.device("cpu")
+
+
+def test_device_without_kernels_needs_allow_fallback(tmp_path, monkeypatch, capsys):
+    # Its fastclip rows would time the plain-PyTorch fallback under
+    # fastclip's name (a failed CUDA build, found in review).
+    monkeypatch.setattr(fastclip._ops, "has_kernel", lambda device_type: False)
+    with pytest.raises(SystemExit):
+        benchmark.run([*TINY_RUN, "--cases", "norm"])
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert error and "--allow-fallback" in error[-1] and "no cpu kernels" in error[-1], error
+    rows, _ = benchmark.run([*TINY_RUN, "--cases", "norm", "--allow-fallback"])
+    assert _row(rows, "norm", "fastclip").status == "ok"
+    assert _row(rows, "norm", "fastclip op").status.startswith("unavailable")
+
+
+def test_lists_done_are_written_when_a_later_one_fails(tmp_path, monkeypatch):
+    # A device fault ends the run (the CUDA context is lost); the lists
+    # timed before it are kept (found in review: all were lost).
+    real = benchmark.Runner.run_list
+
+    def run_list(self, set_name, dtype_name, case_names):
+        if dtype_name == "bf16":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return real(self, set_name, dtype_name, case_names)
+
+    monkeypatch.setattr(benchmark.Runner, "run_list", run_list)
+    with pytest.raises(RuntimeError, match="simulated"):
+        benchmark.run([*TINY_RUN, "--cases", "norm", "--dtypes", "fp32,bf16", "--out", str(tmp_path)])
+    with open(tmp_path / "results.csv") as f:
+        written = list(csv.DictReader(f))
+    assert written and {r["dtype"] for r in written} == {"fp32"}
+    assert json.loads((tmp_path / "results.json").read_text())["rows"]

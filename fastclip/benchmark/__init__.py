@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .. import _ops
 from . import cases as _cases
 from .cases import CASES, Case, Failed, Method, Skipped, Unavailable, Workload
 from .report import (
@@ -352,13 +353,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds all torch.compile calls of the run may take together")
     parser.add_argument("--quick", action="store_true",
                         help="small lists, few repeats, no torch.compile: about a minute")
-    parser.add_argument("--out", default=None, help="directory for results.csv, results.json, summary.md and benchmark.png")
+    parser.add_argument("--out", default=None,
+                        help="directory for results.csv, results.json, summary.md and benchmark.png (written after each list)")
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help="run where fastclip has no kernels for the device (its rows then time the plain-PyTorch fallback)")
     return parser
 
 
 def _device(parser: argparse.ArgumentParser, value: Optional[str]) -> torch.device:
+    """The device to benchmark; a CUDA device with its index (the current
+    device's where none is given), which torch.cuda.set_device needs (found
+    in review: "cuda", the default on a GPU machine, was refused there)."""
     if value is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        value = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(value)
     except RuntimeError:
@@ -367,6 +374,8 @@ def _device(parser: argparse.ArgumentParser, value: Optional[str]) -> torch.devi
         parser.error(f"--device: {value!r}: the benchmark runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device: {value!r}: torch sees no CUDA device")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -395,6 +404,12 @@ def run(argv: Optional[list[str]] = None) -> tuple[list[Row], dict]:
     elif args.compile_timeout <= 0:
         disabled = "not compiled (--compile-timeout 0)"
 
+    if not _ops.has_kernel(device.type) and not args.allow_fallback:
+        # Its rows would time the plain-PyTorch fallback under fastclip's
+        # name (found in review: a failed CUDA build would have gone unseen).
+        why = "the extension is not loaded" if not _ops.available() else f"this build has no {device.type} kernels"
+        parser.error(f"--device: {device}: fastclip has no kernels here ({why}); "
+                     "pass --allow-fallback to time its plain-PyTorch fallback")
     if device.type == "cuda":
         # CUDA events and the floor's copies go to the current device's
         # stream: it must be the benchmarked one (found in review: with
@@ -413,29 +428,47 @@ def run(argv: Optional[list[str]] = None) -> tuple[list[Row], dict]:
     rounds = min(rounds, max_repeats)  # every round times at least one call of each method
     runner = Runner(device, timer, Compiler(args.compile_timeout, args.compile_budget, disabled), args.quick, rounds)
     runner.progress = progress = Progress(runner.steps(len(sets) * len(dtypes), case_names))
-    rows: list[Row] = []
-    with torch.no_grad():
-        for set_name in sets:
-            for dtype_name in dtypes:
-                rows += runner.run_list(set_name, dtype_name, case_names)
-    runner.floors.release()
-    progress.close()
     settings = {
         "sets": sets, "dtypes": dtypes, "cases": case_names, "rounds": rounds, "warmup": warmup, "min_repeats": min_repeats,
         "max_repeats": max_repeats, "target_s": target, "compile_timeout_s": args.compile_timeout,
         "compile_budget_s": args.compile_budget, "quick": args.quick, "floor": runner.floors.describe(),
     }
+    rows: list[Row] = []
+    with torch.no_grad():
+        for set_name in sets:
+            for dtype_name in dtypes:
+                try:
+                    rows += runner.run_list(set_name, dtype_name, case_names)
+                except BaseException:
+                    # A device fault (or an interrupt) ends the run: the lists
+                    # done so far are kept (found in review: all were lost).
+                    if args.out:
+                        _write_results(args.out, rows, env, settings, chart=False)
+                        print(f"\nstopped in {set_name}/{dtype_name}; the lists before it are in {args.out}/",
+                              file=sys.stderr)
+                    raise
+                if args.out:
+                    _write_results(args.out, rows, env, settings, chart=False)
+    runner.floors.release()
+    progress.close()
     print(format_table(rows))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        write_csv(rows, os.path.join(args.out, "results.csv"))
-        write_json(rows, env, settings, os.path.join(args.out, "results.json"))
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write(summary_markdown(rows))
-        skipped = write_chart(rows, env, os.path.join(args.out, CHART_NAME))
-        chart = f"chart skipped: {skipped}" if skipped else CHART_NAME
+        chart = _write_results(args.out, rows, env, settings, chart=True)
         print(f"\nwrote {args.out}/: results.csv, results.json, summary.md, {chart}")
     return rows, env
+
+
+def _write_results(out: str, rows: list[Row], env: dict, settings: dict, chart: bool) -> str:
+    """Writes the rows so far to ``out``; with ``chart`` the chart too. Returns what became of the chart."""
+    os.makedirs(out, exist_ok=True)
+    write_csv(rows, os.path.join(out, "results.csv"))
+    write_json(rows, env, settings, os.path.join(out, "results.json"))
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(summary_markdown(rows))
+    if not chart:
+        return "no chart yet"
+    skipped = write_chart(rows, env, os.path.join(out, CHART_NAME))
+    return f"chart skipped: {skipped}" if skipped else CHART_NAME
 
 
 def main(argv: Optional[list[str]] = None) -> int:

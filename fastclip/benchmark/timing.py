@@ -33,6 +33,12 @@ L2_FLUSH_FACTOR = 2
 # The GPU copy-bandwidth floor is measured on a buffer far larger than any
 # L2 (H200: 60 MiB), so that it is DRAM bandwidth.
 GPU_BANDWIDTH_BYTES = 1 << 30
+# GPU warm-up: before each block of timed calls, reads of the flush buffer
+# for at least this long. An idle GPU's clock drops (345 MHz seen on an idle
+# H200), as it idles while the host checks results between cases; one call
+# of a few microseconds would not raise it. Reads, not calls of the method:
+# every clip call shrinks the gradients (cases.CLIP_DECAY).
+GPU_WARMUP_MS = 25.0
 
 
 @dataclass
@@ -62,6 +68,23 @@ class Timer:
         if device.type == "cuda":
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
             self._flush = torch.ones(L2_FLUSH_FACTOR * l2 // 4, dtype=torch.int32, device=device)
+            # Made and recorded once here: an event is created on its first
+            # record, which would otherwise fall inside the timed window
+            # (found in review).
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for event in self._events:
+                event.record()
+            torch.cuda.synchronize(device)
+
+    def _warm_up(self, fn: Callable[[], object]) -> None:
+        if self._flush is not None:
+            t0 = time.perf_counter()
+            while (time.perf_counter() - t0) * 1e3 < GPU_WARMUP_MS:
+                for _ in range(8):
+                    self._flush.sum()
+                torch.cuda.synchronize(self.device)  # the GPU's time, not the queue's
+        for _ in range(self.warmup):
+            fn()
 
     def __call__(self, fn: Callable[[], object], block: int = 0, blocks: int = 1) -> Sample:
         """Time ``fn``: block ``block`` of ``blocks`` blocks of calls of the
@@ -71,8 +94,7 @@ class Timer:
         least = max(1, _part(self.min_repeats, block, blocks))
         most = max(least, _part(self.max_repeats, block, blocks))
         target = self.target_s / blocks
-        for _ in range(self.warmup):
-            fn()
+        self._warm_up(fn)
         times: list[float] = []
         host: list[float] = []
         spent = 0.0
@@ -85,12 +107,12 @@ class Timer:
                 # is slower than its kernels pays all of it (host-bound lists
                 # are what this benchmark is about), none hidden behind the flush.
                 torch.cuda.synchronize(self.device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = self._events
                 start.record()
                 t0 = time.perf_counter()
                 fn()
-                host.append((time.perf_counter() - t0) * 1e3)
                 end.record()
+                host.append((time.perf_counter() - t0) * 1e3)
                 end.synchronize()
                 times.append(start.elapsed_time(end))
             else:
