@@ -94,6 +94,28 @@ def groups_of(process_group) -> list:
     return groups
 
 
+def check_mesh_apart(sharding: Optional[Sharding], groups: list) -> None:
+    """DTensor norms are reduced over their mesh already: a group holding
+    another process of the mesh would count that process twice (found in
+    review: FSDP2 gradients with the mesh's own group, or WORLD, as
+    process_group gave sqrt(2) times the norm, and clipped by it). The same
+    rule as between groups; every rank of such a setup sees the clash."""
+    if sharding is None or not groups:
+        return
+    dist = _dist()
+    me = dist.get_rank()
+    mesh_ranks = set(sharding.mesh.mesh.flatten().tolist())
+    for i, group in enumerate(groups):
+        for rank in dist.get_process_group_ranks(group):
+            if rank != me and rank in mesh_ranks:
+                name = f"process_group[{i}]" if len(groups) > 1 else "process_group"
+                raise ValueError(
+                    f"{name} holds global rank {rank}, which is in the DTensors' device mesh too: their "
+                    "norms are reduced over the mesh already and would count it twice; pass only the groups "
+                    "of the other parallel dimensions (none for FSDP2 or tensor parallelism alone)"
+                )
+
+
 def collective_device(groups: list) -> torch.device:
     """Where a rank with no local tensors keeps its (zero) contribution."""
     dist = _dist()

@@ -475,6 +475,7 @@ def _global_norms(
     are combined, and ``local_found`` (a flag) > 0 makes them inf.
     """
     locals_, sharding = _distributed.unwrap(tensors, name)
+    _distributed.check_mesh_apart(sharding, groups)
     keys = sharding.keys if sharding is not None else [()] * len(locals_)
     if not locals_:  # this rank holds nothing but must still join the collectives
         local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))

@@ -514,6 +514,22 @@ def bad_groups(rank: int, world: int) -> None:
         ([a, c], "Partial placement"),
     ):
         _raises_value_error(lambda: fastclip.get_total_norm(mixed), match)
+    # DTensors are reduced over their mesh: a group holding another of its
+    # processes would count that process twice (found in review: sqrt(2)
+    # times the norm with WORLD), on every rank and before anything is written.
+    sharded = params_of([torch.ones(8, 2)])
+    sharded[0].grad = distribute_tensor(torch.full((8, 2), 3.0), mesh, [Shard(0)])
+    before = sharded[0].grad.to_local().clone()
+    wrapper = fastclip.ClippedOptimizer(torch.optim.SGD(sharded, lr=0.1), MAX_NORM, process_group=world_group)
+    for call in (lambda: fastclip.clip_grad_norm_(sharded, MAX_NORM, process_group=world_group),
+                 lambda: fastclip.get_total_norm([sharded[0].grad], process_group=mesh.get_group(0)),
+                 lambda: fastclip.grad_norms(sharded, process_group=[world_group]),
+                 wrapper.step):
+        _raises_value_error(call, "would count it twice")
+        assert torch.equal(sharded[0].grad.to_local(), before)
+    # A group of this process alone shares nothing with the mesh.
+    alone = [dist.new_group([r]) for r in range(world)][rank]
+    assert_norm(fastclip.get_total_norm([sharded[0].grad], process_group=alone), 3.0 * 4.0, "mesh and a group of one")
 
 
 def unwrap_paths_agree(rank: int, world: int) -> None:
