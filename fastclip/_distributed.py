@@ -102,18 +102,36 @@ def check_mesh_apart(sharding: Optional[Sharding], groups: list) -> None:
     rule as between groups; every rank of such a setup sees the clash."""
     if sharding is None or not groups:
         return
+    # Decided once per mesh and groups (reading the mesh's ranks took 30 us
+    # a call in torch 2.13; found in review). The key's objects are kept
+    # with the verdict, so that no id is reused meanwhile.
+    key = (id(sharding.mesh), *map(id, groups))
+    if key not in _MESH_CLASHES:
+        _MESH_CLASHES[key] = (_mesh_clash(sharding.mesh, groups), sharding.mesh, tuple(groups))
+    clash = _MESH_CLASHES[key][0]
+    if clash is not None:
+        i, rank = clash
+        name = f"process_group[{i}]" if len(groups) > 1 else "process_group"
+        raise ValueError(
+            f"{name} holds global rank {rank}, which is in the DTensors' device mesh too: their "
+            "norms are reduced over the mesh already and would count it twice; pass only the groups "
+            "of the other parallel dimensions (none for FSDP2 or tensor parallelism alone)"
+        )
+
+
+_MESH_CLASHES: dict = {}
+
+
+def _mesh_clash(mesh, groups: list) -> Optional[tuple[int, int]]:
+    """(group index, global rank) of a process other than this one in the mesh and a group, or None."""
     dist = _dist()
     me = dist.get_rank()
-    mesh_ranks = set(sharding.mesh.mesh.flatten().tolist())
+    mesh_ranks = set(mesh.mesh.flatten().tolist())
     for i, group in enumerate(groups):
         for rank in dist.get_process_group_ranks(group):
             if rank != me and rank in mesh_ranks:
-                name = f"process_group[{i}]" if len(groups) > 1 else "process_group"
-                raise ValueError(
-                    f"{name} holds global rank {rank}, which is in the DTensors' device mesh too: their "
-                    "norms are reduced over the mesh already and would count it twice; pass only the groups "
-                    "of the other parallel dimensions (none for FSDP2 or tensor parallelism alone)"
-                )
+                return i, rank
+    return None
 
 
 def collective_device(groups: list) -> torch.device:
@@ -257,6 +275,24 @@ def _all_reduce(values: Tensor, op_max: bool, group) -> Tensor:
     return torch.where(flagged[count:] > 0, torch.full_like(values, math.nan), flagged[:count])
 
 
+# Pinned host tensors copied to a GPU inside a CUDA graph capture: every
+# replay copies them again, so they are kept for the life of the process
+# (as the C++ glue keeps its tables; whether torch's host allocator holds
+# a block used during a capture depends on its version; found in review).
+_CAPTURED_HOST: list = []
+
+
+def to_device_async(host: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on ``device``, copied from pinned memory on a GPU (a copy
+    from pageable memory would wait for the stream)."""
+    if device.type != "cuda":
+        return host.to(device)
+    pinned = host.pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _CAPTURED_HOST.append(pinned)
+    return pinned.to(device, non_blocking=True)
+
+
 def _over_mesh(values: Tensor, keys: list, sharding: Optional[Sharding], op_max: bool) -> Tensor:
     """Reduce entry-wise over every mesh dimension that shards some entry."""
     if sharding is None:
@@ -267,10 +303,8 @@ def _over_mesh(values: Tensor, keys: list, sharding: Optional[Sharding], op_max:
             # Replicated on this dimension: the copy at coordinate 0 counts for all.
             kept = [dim in key for key in keys]
             if not all(kept):  # decided on the host list (no tensor read, no graph break when compiled)
-                keep = torch.tensor(kept, device="cpu")
-                if values.device.type != "cpu":
-                    keep = keep.pin_memory()  # so that the copy below does not wait for the stream
-                values = torch.where(keep.to(values.device, non_blocking=True), values, torch.zeros_like(values))
+                keep = to_device_async(torch.tensor(kept, device="cpu"), values.device)
+                values = torch.where(keep, values, torch.zeros_like(values))
         values = _all_reduce(values, op_max, sharding.mesh.get_group(dim))
     return values
 

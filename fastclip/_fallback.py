@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def _dense_values(t: Tensor) -> Tensor:
@@ -112,11 +113,20 @@ def clip_scalars_(
     return coef / scale, divisor, found.to(torch.float32)
 
 
+# first_unsupported's verdicts per (op, dtype, device), kept for the
+# process: a probe on a GPU waits for the device (found in review: it ran
+# on every split-path call).
+_PROBED: dict = {}
+
+
 def first_unsupported(tensors: list[Tensor], op: str) -> Optional[tuple[int, str]]:
     """``(k, error)`` for the first tensor whose dtype torch's ``op``
     ("mul_" or "clamp_", as the functions here call it) cannot write on its
     device, tried once per dtype and device on a one-element tensor."""
-    tried: dict = {}
+    # Not kept from a trace or a dispatch mode (a FakeTensorMode's verdicts
+    # are about fake tensors).
+    traced = torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+    tried = {} if traced else _PROBED.setdefault(op, {})
     for k, t in enumerate(tensors):
         key = (t.dtype, t.device)
         if key not in tried:

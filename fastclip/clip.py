@@ -241,7 +241,9 @@ def _fallback_reason(t: Tensor) -> Optional[str]:
 # and the wrapper of the deprecated alias (found in review: its warnings
 # pointed into typing_extensions).
 _SKIPPED_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
-_SKIPPED_FILES = frozenset(os.path.abspath(m.__file__) for m in (sys.modules[deprecated.__module__], warnings))
+# (The wrapper's file from its code: typing_extensions may re-export the
+# standard library's, which Python 3.14 defines outside `warnings`.)
+_SKIPPED_FILES = frozenset(os.path.abspath(f) for f in (deprecated.__call__.__code__.co_filename, warnings.__file__))
 
 
 def _skipped(filename: str) -> bool:
@@ -292,9 +294,7 @@ def _index(indices: Union[list[int], Tensor], device: torch.device) -> Tensor:
     CPU tensor); to a GPU from pinned memory, asynchronously (a copy from
     pageable memory would sync the host)."""
     index = indices if isinstance(indices, Tensor) else torch.tensor(indices, dtype=torch.long, device="cpu")
-    if device.type == "cuda":
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
+    return _distributed.to_device_async(index, device)
 
 
 def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, per_tensor: bool, fp64: bool = False):
@@ -428,7 +428,9 @@ def _scale_parts(parts: list[_Part], coef: Tensor) -> None:
         parts = [_Part(p.device, _fallback, p.indices, p.tensors) for p in parts]
     _refuse_unsupported(parts, "mul_")
     for part in parts:
-        part.impl.multi_tensor_scale_(part.tensors, coef.to(part.device))
+        # A CPU coefficient stays there (the ops read it on the host; a copy
+        # to a GPU from pageable memory would wait for it; found in review).
+        part.impl.multi_tensor_scale_(part.tensors, _coef_for(coef, part.device))
 
 
 def _scale_held(held, coef: Tensor) -> None:

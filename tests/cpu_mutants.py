@@ -201,7 +201,7 @@ MUTANTS = {
         "  const bool small_p = false;"),
     "gapped_views_written_last": (
         "csrc/cpu/multi_tensor_cpu.cpp", "views with gaps over another entry's storage written after it",
-        "  if (gaps_share_storage(tensors, table.strided())) {",
+        "  if (gaps_reach_other_entries(tensors, table)) {",
         "  if (false) {"),
     "torch_function_items_taken_plain": (
         "csrc/python.cpp", "a __torch_function__ subclass in a list of tensors goes to the kernels unseen",

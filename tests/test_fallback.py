@@ -319,3 +319,29 @@ def test_fake_tensors_trace(tracing_mode):
     assert float(total) == 1.0  # the norm of the clamped gradient
     expected = torch.tensor([-0.5, -0.5, 0.0, 0.5, 0.5]) * (0.4 / (1.0 + 1e-6))
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:fastclip. computing with plain PyTorch")
+def test_write_probe_runs_once_per_dtype_and_device(monkeypatch):
+    """Whether torch can write a dtype is probed on a one-element tensor
+    once per process, not on every split-path call (found in review: on a
+    GPU each probe waits for the device)."""
+    monkeypatch.setattr(_fallback, "_PROBED", {})
+    probes = []
+    real = _fallback.multi_tensor_scale_
+
+    def scale(tensors, coef):
+        if len(tensors) == 1 and tensors[0].numel() == 1 and not tensors[0].any():
+            probes.append(tensors[0].dtype)
+        return real(tensors, coef)
+
+    monkeypatch.setattr(_fallback, "multi_tensor_scale_", scale)
+    params = make_params([torch.full((3,), 4.0), torch.full((2,), 3.0 + 0j, dtype=torch.complex64)])
+    for _ in range(3):
+        fastclip.clip_grad_norm_(params, 0.5)
+    assert probes == [torch.complex64], probes
+    # The verdict for a dtype torch cannot write is kept too.
+    ints = [torch.zeros(2, dtype=torch.int32)]
+    assert _fallback.first_unsupported(ints, "mul_")[0] == 0
+    assert _fallback.first_unsupported(ints, "mul_")[0] == 0
+    assert probes == [torch.complex64, torch.int32], probes

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -464,13 +465,17 @@ def test_entries_sharing_memory_across_pieces_are_written_in_list_order():
     finally:
         torch.set_num_threads(saved)
 
+@pytest.mark.skipif(sys.byteorder != "little", reason="the values below assume little-endian floats")
+@pytest.mark.parametrize("storages", ["one", "two"])
 @pytest.mark.parametrize("op", ["scale", "clip", "clamp"])
-def test_view_with_gaps_over_an_entry_in_another_dtype_is_written_in_list_order(op):
-    """Views with gaps are written after the other entries; where one shares
-    a storage with them, the list is written entry by entry in list order
-    (found in review: a bfloat16 view with gaps of a float32 tensor listed
-    first was scaled after it). Only two dtypes over the same bytes tell
-    the orders apart; CPU only (see the README's Known limitations)."""
+def test_view_with_gaps_over_an_entry_in_another_dtype_is_written_in_list_order(op, storages):
+    """Views with gaps are written after the other entries; where one's
+    bytes reach another entry's, the list is written entry by entry in list
+    order (found in review: a bfloat16 view with gaps of a float32 tensor
+    listed first was scaled after it). Only two dtypes over the same bytes
+    tell the orders apart. Found by address, so also over two storages of
+    the same memory (torch.frombuffer twice). CPU only (see the README's
+    Known limitations)."""
     def build():
         # Pairs of normal bfloat16 values as float32 (little-endian: the odd
         # halves are the floats' upper halves, normal bfloat16 values when
@@ -479,7 +484,12 @@ def test_view_with_gaps_over_an_entry_in_another_dtype_is_written_in_list_order(
         # clamped to bfloat16(0.7) < 0.7 stays below 0.7: the clamp's orders differ.
         rand = torch.rand(2, 4001, generator=torch.Generator().manual_seed(29))
         halves = torch.stack([rand[0] * 2e-8 + 1e-9, rand[1] + 0.5], dim=1).flatten().to(torch.bfloat16)
-        return [torch.ones(3), halves[1::2], halves.view(torch.float32), torch.ones(5)]
+        words = halves.view(torch.float32)
+        if storages == "two":
+            memory = bytearray(halves.view(torch.int16).numpy().tobytes())
+            halves, words = torch.frombuffer(memory, dtype=torch.bfloat16), torch.frombuffer(memory, dtype=torch.float32)
+            assert halves.untyped_storage().data_ptr() == words.untyped_storage().data_ptr()
+        return [torch.ones(3), halves[1::2], words, torch.ones(5)]
 
     tensors, expected = build(), build()
     coef = torch.tensor(0.3, dtype=torch.float64)

@@ -785,7 +785,7 @@ def test_state_check_is_not_kept_past_a_change_of_state():
     assert not opt._has_state()
 
 
-@pytest.mark.parametrize("reset", ["clear", "replace"])
+@pytest.mark.parametrize("reset", ["clear", "replace", "buffer_none"])
 @pytest.mark.parametrize("host", [True, False], ids=["cpu_host_decides", "device_path"])
 def test_state_reset_in_place_is_not_skipped_into_garbage_momentum(reset, host, monkeypatch):
     """Momentum reset in place between steps (found in review: the kept
@@ -799,14 +799,16 @@ def test_state_reset_in_place_is_not_skipped_into_garbage_momentum(reset, host, 
         opt.step()
     if reset == "clear":
         opt.state[p].clear()
-    else:
+    elif reset == "replace":
         opt.state[p] = {}
+    else:  # torch's SGD starts a buffer of None afresh (the fused one from uninitialized memory)
+        opt.state[p]["momentum_buffer"] = None
     p.grad = torch.full((1000,), math.nan)
     before = p.detach().clone()
     opt.step()
     assert int(opt.skipped_steps) == 2
     assert_same_bits(p.detach(), before)
-    assert not opt.state.get(p)  # no buffer left behind by the skipped step
+    assert opt.state.get(p, {}).get("momentum_buffer") is None  # no buffer left behind by the skipped step
     p.grad = torch.full((1000,), 1e-3)
     opt.step()  # a first step again: momentum buffer = the gradient
     torch.testing.assert_close(opt.state[p]["momentum_buffer"], p.grad)
@@ -1123,13 +1125,14 @@ def test_bad_policy_and_norm_type(kwargs, match):
     assert (opt.norm_type, opt.nonfinite) == (math.inf, "propagate")
 
 
-def test_wrapper_pickled_with_unchecked_settings_loads_them():
-    """An earlier version pickled norm_type and nonfinite under their own
-    names; such a pickle loads with both, checked properties now."""
+def test_wrapper_pickled_settings_keep_their_names():
+    """norm_type and nonfinite are pickled under their public names, as
+    earlier versions pickled them (and read them back as attributes); they
+    load into the checked properties."""
     params = make_params(make_grads([(3, 5)], torch.float32, seed=93))
     opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), MAX_NORM, norm_type=1.0, nonfinite="error")
     state = opt.__getstate__()
-    state["norm_type"], state["nonfinite"] = state.pop("_norm_type"), state.pop("_nonfinite")
+    assert (state["norm_type"], state["nonfinite"]) == (1.0, "error")
     restored = fastclip.ClippedOptimizer.__new__(fastclip.ClippedOptimizer)
     restored.__setstate__(state)
     assert (restored.norm_type, restored.nonfinite) == (1.0, "error")

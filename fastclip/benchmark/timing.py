@@ -111,8 +111,8 @@ class Timer:
                 start.record()
                 t0 = time.perf_counter()
                 fn()
-                end.record()
                 host.append((time.perf_counter() - t0) * 1e3)
+                end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
             else:
