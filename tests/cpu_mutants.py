@@ -200,7 +200,7 @@ MUTANTS = {
         "  const bool small_p = order.kind == NormKind::kP && order.p < 1.0;",
         "  const bool small_p = false;"),
     "gapped_views_written_last": (
-        "csrc/cpu/multi_tensor_cpu.cpp", "views with gaps over another entry's storage written after it",
+        "csrc/cpu/multi_tensor_cpu.cpp", "views with gaps written after the entries whose bytes they reach",
         "  if (gaps_reach_other_entries(tensors, table)) {",
         "  if (false) {"),
     "torch_function_items_taken_plain": (
