@@ -597,10 +597,16 @@ class ClippedOptimizer(torch.optim.Optimizer):
         if (kept is not None and kept[0] is state and kept[1] == len(state) and kept[2] == ids
                 and all(map(filled, state.values()) if filled is _filled else state.values())):
             return True
+        # The kept answer is a host cache: not written while dynamo traces
+        # (torch 2.11's stops on the assignment after this function's isinstance
+        # of the inner optimizer: no AttributeMutation; seen running its suite).
+        tracing = torch.compiler.is_compiling()
         if all(map(filled, map(state.get, params))):
-            self._state_verdict = (state, len(state), ids, params)
+            if not tracing:
+                self._state_verdict = (state, len(state), ids, params)
             return True
-        self.__dict__.pop("_state_verdict", None)
+        if not tracing:
+            self.__dict__.pop("_state_verdict", None)
         return all(p.grad is None or filled(state.get(p)) for p in params)
 
     def _fused_step(self, total: Tensor, found: Tensor, policy: str, saved: dict, on_device: bool) -> None:
