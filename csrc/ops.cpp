@@ -182,6 +182,12 @@ void check_scalar(const char* op, const char* name, const at::Tensor& t, const c
                 "; supported dtypes are float32, float64, float16 and bfloat16");
   }
   TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but norm is on ", device);
+  // Read or written through its data pointer (found in review: a storage
+  // resized to 0 under it segfaulted). Not a subclass's or a meta tensor:
+  // they have no memory of their own to check.
+  const bool has_memory = !t.unsafeGetTensorImpl()->is_python_dispatch() && t.device().type() != c10::DeviceType::Meta;
+  TORCH_CHECK(!has_memory || within_storage(t, t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()),
+              op, ": ", name, " has its element beyond the memory of its storage (was it resized or freed?)");
 }
 }  // namespace
 
@@ -235,7 +241,7 @@ TensorTable::TensorTable(at::TensorList tensors, Access access) {
                 " bytes; was it resized or freed?)");
     if (numel == 0 || t.is_non_overlapping_and_dense()) {
       descs_.push_back(TensorDesc{numel == 0 ? nullptr : t.data_ptr(), numel, dtype});
-      storages_.push_back(numel == 0 ? nullptr : storage);
+      storages_.push_back(numel == 0 ? nullptr : storage->data());
     } else if (access == kRead) {
       copies_.push_back(t.contiguous());
       descs_.push_back(TensorDesc{copies_.back().data_ptr(), t.numel(), dtype});
@@ -278,8 +284,10 @@ bool TensorTable::spans_overlap() const {
     last = r;
   }
   if (live < 2 || up || down) return false;
-  // Otherwise only tensors of one storage can share bytes: look for a
-  // storage held twice (open addressing, at most half full; the table is
+  // Otherwise only tensors of one allocation can share bytes: look for an
+  // allocation held twice (keyed by its start, so two storages over one
+  // allocation, torch.from_numpy of one array twice, are one: found in
+  // review, two threads scaled their bytes at once) (open addressing, at most half full; the table is
   // kept per thread, fresh pages for it on every call cost more than the rest).
   size_t slots = 2;
   while (slots < 2 * live) slots *= 2;
@@ -468,6 +476,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
   check_no_tangent("fastclip::clip_scalars_", norm, "norm");
   check_no_tangent("fastclip::clip_scalars_", loss_scale, "loss_scale");
   check_no_tangent("fastclip::clip_scalars_", extra_scale, "extra_scale");
+  // Here, above torch's Negative fallback, which would write the others
+  // and then fail an internal assert (found in review).
+  const std::pair<const char*, const at::Tensor*> outputs[] = {
+      {"last_norm", &last_norm}, {"last_coef", &last_coef}, {"skipped", &skipped}};
+  for (const auto& [name, t] : outputs) {
+    TORCH_CHECK(!t->defined() || !t->is_neg(), "fastclip::clip_scalars_: ", name,
+                " is a negative-bit view (torch._neg_view); resolve_neg() it first");
+  }
   if (c10::GradMode::is_enabled()) {
     const std::pair<const char*, const at::Tensor*> written[] = {{"last_norm", &last_norm}, {"last_coef", &last_coef}};
     for (const auto& [name, t] : written) {

@@ -95,7 +95,7 @@ class TensorTable {
 
  private:
   std::vector<TensorDesc> descs_;
-  std::vector<const void*> storages_;  // each descriptor's StorageImpl (nullptr: empty or a copy)
+  std::vector<const void*> storages_;  // each descriptor's allocation, its storage's start (nullptr: empty or a copy)
   std::vector<int64_t> strided_;
   std::vector<at::Tensor> copies_;  // keeps contiguous read copies alive
 };

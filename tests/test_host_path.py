@@ -401,6 +401,26 @@ def test_entries_sharing_memory_are_written_in_list_order(name, build, device):
         torch.set_num_threads(threads)
 
 
+def test_two_storages_over_one_allocation_are_written_in_list_order():
+    """torch.from_numpy of one array twice: two storages, one allocation.
+    Found in review: both were scaled by two threads at once, and a run
+    lost some of the second scale (140-1,598 of 2,000 calls on 2 cores);
+    the check keys entries by their allocation now. (Without it a run of
+    this test fails by chance: 500 calls.)"""
+    numpy = pytest.importorskip("numpy")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(500):
+            memory = numpy.ones(1 << 16, dtype=numpy.float32)
+            first, second = torch.from_numpy(memory), torch.from_numpy(memory)
+            assert first.untyped_storage()._cdata != second.untyped_storage()._cdata  # two storages
+            ops.multi_tensor_scale_([first, second], torch.tensor(0.5))
+            assert bool((first == 0.25).all())
+    finally:
+        torch.set_num_threads(threads)
+
+
 # How the CPU kernels split a list among threads (multi_tensor_cpu.cpp).
 _PIECES_PER_THREAD = 32
 

@@ -1043,7 +1043,30 @@ def _scalars_call(**change):
     return args
 
 
+def _freed(dtype=torch.float64):
+    """A one-element view of a storage since resized to 0 bytes (as FSDP frees parameters)."""
+    base = torch.zeros(4, dtype=dtype)
+    view = base[1]
+    base.untyped_storage().resize_(0)
+    return view
+
+
+def _shrunk():
+    """The last element of a storage since shrunk to its first element."""
+    base = torch.zeros(1 << 10)
+    view = base[-1]
+    base.untyped_storage().resize_(base.element_size())
+    return view
+
+
 SCALARS_ERRORS = [
+    # Found in review: each read or wrote memory it does not own (a segfault).
+    ("norm_freed", dict(norm=_freed()), "norm has its element beyond the memory of its storage"),
+    ("loss_scale_freed", dict(loss_scale=_freed(torch.float32)), "loss_scale has its element beyond"),
+    ("last_norm_shrunk", dict(last_norm=_shrunk()), "last_norm has its element beyond"),
+    # Found in review: torch's Negative fallback wrote the others, then failed an internal assert.
+    ("last_norm_negative_view", dict(last_norm=torch._neg_view(torch.zeros(()))), "last_norm is a negative-bit view"),
+    ("skipped_negative_view", dict(skipped=torch._neg_view(torch.tensor(3))), "skipped is a negative-bit view"),
     ("norm_2_elements", dict(norm=torch.ones(2, dtype=torch.float64)), "norm must be a tensor with one element"),
     ("norm_int", dict(norm=torch.tensor(3)), "norm has dtype Long"),
     ("max_norm_-1", dict(max_norm=-1.0), "max_norm"),
@@ -1063,7 +1086,9 @@ SCALARS_ERRORS = [
 @pytest.mark.parametrize("change, match", [e[1:] for e in SCALARS_ERRORS], ids=[e[0] for e in SCALARS_ERRORS])
 def test_clip_scalars_errors_name_the_argument_and_modify_nothing(change, match):
     args = _scalars_call(**change)
-    written = [t for t in (args["last_norm"], args["last_coef"], args["skipped"]) if t.device.type != "meta"]
+    # (A negative view is compared through its bits' negation: not by snapshot.)
+    written = [t.resolve_neg() if t.is_neg() else t for t in (args["last_norm"], args["last_coef"], args["skipped"])
+               if t.device.type != "meta"]
     before = snapshot(written)
     with pytest.raises(RuntimeError, match=match):
         ops.clip_scalars_(**args)
