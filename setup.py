@@ -9,11 +9,13 @@ otherwise the extension is CPU-only. Environment overrides:
                          those of the visible GPUs; "9.0" for an H100/H200)
   MAX_JOBS               parallel compile jobs (ninja)
 Install with `pip install --no-build-isolation .` so that the build uses the
-torch that is installed (an isolated build would fetch another one).
+torch that is installed (an isolated build stops with a message that says so).
 """
+import glob
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,8 @@ from setuptools import find_packages, setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError as error:
     raise RuntimeError(
         "fastclip builds against the installed torch: install torch first, then run "
@@ -55,7 +58,7 @@ def _nvcc_mismatch() -> str:
     BuildExtension refuses an nvcc whose CUDA major version differs from
     torch's (a PyPI torch built for CUDA 12 next to a CUDA 13 toolkit): it
     would fail the whole install instead of giving a CPU-only build."""
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
     try:
         shown = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
     except (OSError, subprocess.SubprocessError) as error:
@@ -65,14 +68,43 @@ def _nvcc_mismatch() -> str:
         return ""
     torch_major = torch.version.cuda.split(".")[0]
     if release.group(1) != torch_major:
-        return (f"nvcc {release.group(1)}.{release.group(2)} at {CUDA_HOME} and torch's CUDA {torch.version.cuda} "
+        return (f"nvcc {release.group(1)}.{release.group(2)} at {cpp_extension.CUDA_HOME} and torch's CUDA {torch.version.cuda} "
                 f"differ in major version, which torch cannot build with: set CUDA_HOME to a CUDA {torch_major} toolkit")
     return ""
 
 
+def _has_headers(home: str) -> bool:
+    return os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _toolkit_headers() -> str:
+    """Why the CUDA toolkit torch found has no headers, or "" once it has.
+    Without CUDA_HOME in the environment torch takes the parent of nvcc's
+    folder; where nvcc is a wrapper script (/usr/local/bin/nvcc that runs the
+    real one) that is /usr/local, and the build failed on a missing
+    cuda_runtime.h (found in review). The first toolkit with headers among
+    the real nvcc's, /usr/local/cuda and /usr/local/cuda-* is taken then
+    (for torch's build too: it reads cpp_extension.CUDA_HOME)."""
+    home = cpp_extension.CUDA_HOME
+    if _has_headers(home):
+        return ""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):  # the user's choice stands
+        return f"the CUDA toolkit at {home} (CUDA_HOME) has no include/cuda_runtime.h"
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for candidate in candidates:
+        if _has_headers(candidate):
+            cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = candidate
+            return ""
+    return f"the CUDA toolkit at {home} has no include/cuda_runtime.h (set CUDA_HOME)"
+
+
 def _cuda_decision() -> tuple[bool, str]:
-    if _env("FASTCLIP_CPU_ONLY"):
-        if _env("FASTCLIP_FORCE_CUDA"):
+    # Both read first: a value that cannot be read is an error whatever the other says.
+    cpu_only, force = _env("FASTCLIP_CPU_ONLY"), _env("FASTCLIP_FORCE_CUDA")
+    if cpu_only:
+        if force:
             raise RuntimeError("FASTCLIP_CPU_ONLY and FASTCLIP_FORCE_CUDA are both set: set one")
         return False, "FASTCLIP_CPU_ONLY=1"
     missing = []
@@ -80,17 +112,17 @@ def _cuda_decision() -> tuple[bool, str]:
         # torch leaves CUDA_HOME unset then, wherever nvcc is (found in
         # review: the message also said nvcc was not found).
         missing.append(f"torch {torch.__version__} is a CPU-only build")
-    elif CUDA_HOME is None:
+    elif cpp_extension.CUDA_HOME is None:
         missing.append("nvcc was not found (set CUDA_HOME)")
     else:
-        mismatch = _nvcc_mismatch()
-        if mismatch:
-            missing.append(mismatch)
+        problem = _toolkit_headers() or _nvcc_mismatch()
+        if problem:
+            missing.append(problem)
     if missing:
-        if _env("FASTCLIP_FORCE_CUDA"):
+        if force:
             raise RuntimeError("FASTCLIP_FORCE_CUDA=1 but CUDA cannot be built: " + "; ".join(missing))
         return False, "; ".join(missing)
-    return True, f"CUDA {torch.version.cuda} at {CUDA_HOME}"
+    return True, f"CUDA {torch.version.cuda} at {cpp_extension.CUDA_HOME}"
 
 
 def _openmp_flags() -> list[str]:

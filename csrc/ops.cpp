@@ -347,6 +347,40 @@ bool TensorTable::spans_overlap() const {
   return false;
 }
 
+namespace {
+// A view's bytes, from its first element to one past its last (strides
+// are >= 0; numel > 0).
+ByteRange extent(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return ByteRange{begin, begin + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size()))};
+}
+}  // namespace
+
+bool TensorTable::gaps_reach_dense(at::TensorList tensors) const {
+  if (strided_.empty()) return false;
+  // By extents: the entries without gaps sorted by start, each view's
+  // extent found among them by binary search.
+  std::vector<std::pair<uintptr_t, uintptr_t>> dense;  // (begin, end) of each entry without gaps
+  for (const TensorDesc& d : descs_) {
+    if (d.numel == 0) continue;  // empty, or a view with gaps (no descriptor)
+    const ByteRange r = byte_range(d);
+    dense.emplace_back(r.begin, r.end);
+  }
+  std::sort(dense.begin(), dense.end());
+  std::vector<uintptr_t> reach(dense.size());  // the largest end among dense[0..k]
+  for (size_t k = 0; k < dense.size(); ++k) reach[k] = std::max(dense[k].second, k > 0 ? reach[k - 1] : 0);
+  for (int64_t i : strided_) {
+    const ByteRange view = extent(tensors[static_cast<size_t>(i)]);
+    // Entries starting before the view's end; does one reach past its start?
+    const auto after = std::lower_bound(dense.begin(), dense.end(), std::make_pair(view.end, uintptr_t{0}));
+    const size_t n = static_cast<size_t>(after - dense.begin());
+    if (n > 0 && reach[n - 1] > view.begin) return true;
+  }
+  return false;
+}
+
 void bump_versions(at::TensorList tensors) {
   for (const at::Tensor& t : tensors) {
     if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();  // inference tensors have no counter

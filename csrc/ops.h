@@ -92,6 +92,13 @@ class TensorTable {
   // overlapping views of one storage. Their writes must then run in list
   // order, as torch's loop over the tensors does, not at the same time.
   bool spans_overlap() const;
+  // A view with gaps (written through `strided`, after the other entries)
+  // whose bytes, first element to last, reach those of an entry without
+  // gaps: the list must then be written one entry at a time in list order
+  // (found in review: a bf16 view with gaps of a float32 gradient was
+  // scaled after the gradient; only two dtypes over the same bytes can
+  // tell). `tensors`: those the table was made of.
+  bool gaps_reach_dense(at::TensorList tensors) const;
 
  private:
   std::vector<TensorDesc> descs_;

@@ -7,13 +7,16 @@ gives each op a Python signature, and registers the fake (meta) kernels that
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 try:
-    from . import _C  # noqa: F401  (loading it registers the ops)
+    # Loading it registers the ops. By name: `from . import _C` would report
+    # a missing module as a circular import of the package (found in review).
+    _C = importlib.import_module(__package__ + "._C")
 
     _IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as error:  # the extension was not built, or does not match this torch

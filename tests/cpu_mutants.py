@@ -201,7 +201,7 @@ MUTANTS = {
         "  const bool small_p = false;"),
     "gapped_views_written_last": (
         "csrc/cpu/multi_tensor_cpu.cpp", "views with gaps written after the entries whose bytes they reach",
-        "  if (gaps_reach_other_entries(tensors, table)) {",
+        "  if (table.gaps_reach_dense(tensors)) {",
         "  if (false) {"),
     "torch_function_items_taken_plain": (
         "csrc/python.cpp", "a __torch_function__ subclass in a list of tensors goes to the kernels unseen",

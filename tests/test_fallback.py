@@ -8,6 +8,7 @@ extension, and warn once that it is running without it.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -345,3 +346,23 @@ def test_write_probe_runs_once_per_dtype_and_device(monkeypatch):
     assert _fallback.first_unsupported(ints, "mul_")[0] == 0
     assert _fallback.first_unsupported(ints, "mul_")[0] == 0
     assert probes == [torch.complex64, torch.int32], probes
+
+
+def test_missing_extension_is_reported_as_missing(tmp_path):
+    # The package without its compiled module, imported in a fresh process:
+    # backend() says the module is missing (found in review: `from . import
+    # _C` reported a circular import of the package instead).
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(fastclip.__file__).parent
+    shutil.copytree(package, tmp_path / "fastclip", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    out = subprocess.run(
+        [sys.executable, "-c", "import fastclip; print(fastclip.backend())"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "No module named 'fastclip._C'" in out.stdout, out.stdout
+    assert "circular" not in out.stdout

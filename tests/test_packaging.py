@@ -17,8 +17,9 @@ _BUILD_VARIABLES = ("FASTCLIP_CPU_ONLY", "FASTCLIP_FORCE_CUDA")
 
 def _setup_version(env_vars: dict, tmp_path: Path, torch_cuda) -> subprocess.CompletedProcess:
     """`setup.py --version` with these variables, torch.version.cuda set to
-    ``torch_cuda`` and CUDA_HOME at an empty folder (no nvcc there)."""
-    env = {k: v for k, v in os.environ.items() if k not in _BUILD_VARIABLES}
+    ``torch_cuda`` and torch's CUDA_HOME at ``tmp_path`` (an empty folder
+    unless the test made a toolkit there)."""
+    env = {k: v for k, v in os.environ.items() if k not in _BUILD_VARIABLES + ("CUDA_HOME", "CUDA_PATH")}
     env.update(env_vars)
     code = ("import sys, runpy, torch, torch.utils.cpp_extension as ext; "
             f"torch.version.cuda = {torch_cuda!r}; ext.CUDA_HOME = {str(tmp_path)!r}; "
@@ -46,6 +47,56 @@ def test_build_variables(tmp_path, env_vars, torch_cuda, fails, expected, not_ex
     assert expected in out, out
     assert not_expected is None or not_expected not in out, out
     assert (done.returncode != 0) == fails, out
+
+
+def _fake_toolkit(home: Path, headers: bool) -> Path:
+    """A CUDA 13.0 "toolkit" at ``home``: an nvcc that prints its release, and
+    cuda_runtime.h when ``headers``."""
+    (home / "bin").mkdir(parents=True)
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
+    nvcc.chmod(0o755)
+    if headers:
+        (home / "include").mkdir()
+        (home / "include" / "cuda_runtime.h").write_text("")
+    return nvcc
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell-script nvcc")
+def test_build_finds_the_toolkit_behind_a_wrapper_nvcc(tmp_path):
+    # torch takes the parent of nvcc's folder as CUDA_HOME; for a wrapper
+    # (/usr/local/bin/nvcc) that has no headers, and the build failed (found
+    # in review). The real nvcc's toolkit is taken, for torch's build too.
+    real = tmp_path / "real"
+    _fake_toolkit(real, headers=True)
+    wrapper = tmp_path / "wrapper"
+    (wrapper / "bin").mkdir(parents=True)
+    (wrapper / "bin" / "nvcc").symlink_to(real / "bin" / "nvcc")
+    path = f"{wrapper / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    done = _setup_version({"PATH": path}, wrapper, "13.0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"CUDA + CPU build (CUDA 13.0 at {real})" in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell-script nvcc")
+@pytest.mark.parametrize("force", ["0", "1"])
+def test_build_without_headers_where_cuda_home_says_is_cpu_only(tmp_path, force):
+    _fake_toolkit(tmp_path, headers=False)
+    done = _setup_version({"CUDA_HOME": str(tmp_path), "FASTCLIP_FORCE_CUDA": force}, tmp_path, "13.0")
+    out = done.stdout + done.stderr
+    assert f"the CUDA toolkit at {tmp_path} (CUDA_HOME) has no include/cuda_runtime.h" in out, out
+    assert (done.returncode != 0) == (force == "1"), out
+    assert force == "1" or "CPU-only build" in out, out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell-script nvcc")
+def test_unreadable_force_cuda_is_refused_where_cuda_can_be_built(tmp_path):
+    # It was read only when CUDA could not be built (found in review).
+    _fake_toolkit(tmp_path, headers=True)
+    assert _setup_version({}, tmp_path, "13.0").returncode == 0  # CUDA can be built here
+    done = _setup_version({"FASTCLIP_FORCE_CUDA": "bogus"}, tmp_path, "13.0")
+    assert done.returncode != 0
+    assert "FASTCLIP_FORCE_CUDA='bogus': use 1" in done.stdout + done.stderr
 
 
 def test_sdist_holds_every_source_it_builds_from(tmp_path):

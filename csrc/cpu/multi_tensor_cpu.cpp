@@ -264,50 +264,11 @@ void update_one(const at::Tensor& t, UpdateSpanFn (*pick)(DType), double value) 
   if (gaps) t.copy_(data);
 }
 
-// A view's bytes, from its first element to one past its last (strides
-// are >= 0; numel > 0).
-std::pair<uintptr_t, uintptr_t> extent(const at::Tensor& t) {
-  int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  return {begin, begin + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size()))};
-}
-
-// A view with gaps whose bytes reach those of an entry without gaps. The
-// views with gaps are written after the others, so the list is then
-// written one entry at a time in list order (found in review: a bf16 view
-// with gaps of a float32 gradient was scaled after the gradient; only
-// entries of two dtypes over the same bytes can tell). By extents: the
-// entries without gaps sorted by start, each view's extent found among
-// them by binary search.
-bool gaps_reach_other_entries(at::TensorList tensors, const TensorTable& table) {
-  if (table.strided().empty()) return false;
-  std::vector<std::pair<uintptr_t, uintptr_t>> dense;  // (begin, end) of each entry without gaps
-  for (const TensorDesc& d : table.descs()) {
-    if (d.numel == 0) continue;  // empty, or a view with gaps (no descriptor)
-    const auto begin = reinterpret_cast<uintptr_t>(d.data);
-    dense.emplace_back(begin, begin + static_cast<uintptr_t>(d.numel * dtype_size(d.dtype)));
-  }
-  std::sort(dense.begin(), dense.end());
-  std::vector<uintptr_t> reach(dense.size());  // the largest end among dense[0..k]
-  for (size_t k = 0; k < dense.size(); ++k) reach[k] = std::max(dense[k].second, k > 0 ? reach[k - 1] : 0);
-  for (int64_t i : table.strided()) {
-    const at::Tensor& t = tensors[static_cast<size_t>(i)];
-    if (t.numel() == 0) continue;
-    const auto [begin, end] = extent(t);
-    // Entries starting before the view's end; one of them reaches past its start?
-    const auto after = std::lower_bound(dense.begin(), dense.end(), std::make_pair(end, uintptr_t{0}));
-    const size_t n = static_cast<size_t>(after - dense.begin());
-    if (n > 0 && reach[n - 1] > begin) return true;
-  }
-  return false;
-}
-
 // In-place update of a list by a host value: the entries without gaps in
 // one parallel pass, then each view with gaps in list order.
 void update_tensors(at::TensorList tensors, UpdateSpanFn (*pick)(DType), double value) {
   const TensorTable table(tensors, TensorTable::kWrite);
-  if (gaps_reach_other_entries(tensors, table)) {
+  if (table.gaps_reach_dense(tensors)) {
     for (const at::Tensor& t : tensors) {
       if (t.numel() > 0) update_one(t, pick, value);
     }

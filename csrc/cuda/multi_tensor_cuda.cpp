@@ -143,6 +143,13 @@ NormOutputs norm_outputs(const Upload& up) {
   return out;
 }
 
+// Scales the one dense entry `d` in a launch of its own.
+void scale_one(const TensorDesc& d, const Coefficient& coef, const c10::Device& device, int sms, cudaStream_t stream) {
+  const Upload one = upload(std::vector<TensorDesc>{d}, device, Scratch::kNone);
+  launch_scale(one.table, coef, sms, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Scales the dense entries of `table`, whose flat table `up` holds (null:
 // uploaded here, only where it is used): in one launch, or, where two
 // entries share bytes (the same tensor listed twice, a view and its base),
@@ -158,10 +165,7 @@ void scale_dense(const TensorTable& table, const Upload* up, const Coefficient& 
     return;
   }
   for (const TensorDesc& d : table.descs()) {
-    if (d.numel == 0) continue;  // empty, or a view with gaps (scale_views)
-    const Upload one = upload(std::vector<TensorDesc>{d}, device, Scratch::kNone);
-    launch_scale(one.table, coef, sms, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (d.numel > 0) scale_one(d, coef, device, sms, stream);  // numel 0: empty, or a view with gaps (scale_views)
   }
 }
 
@@ -218,6 +222,39 @@ void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, cons
   if (batch.count > 0) flush();
 }
 
+// Writes every entry of `table` (made of `tensors`): `dense()` writes the
+// entries without gaps, then `views(which)` the views with gaps; or, where
+// a view with gaps reaches the bytes of a dense entry
+// (TensorTable::gaps_reach_dense), one entry at a time in list order
+// (`views({i})` or `one(desc)`), as the CPU does.
+template <typename Dense, typename Views, typename One>
+void for_each_write(at::TensorList tensors, const TensorTable& table, Dense dense, Views views, One one) {
+  const std::vector<int64_t>& strided = table.strided();  // in list order
+  if (!table.gaps_reach_dense(tensors)) {
+    dense();
+    if (!strided.empty()) views(strided);
+    return;
+  }
+  size_t next_view = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (next_view < strided.size() && strided[next_view] == static_cast<int64_t>(i)) {
+      views(std::vector<int64_t>{strided[next_view++]});
+    } else if (table.descs()[i].numel > 0) {
+      one(table.descs()[i]);
+    }
+  }
+}
+
+// Scales every entry of `table` (made of `tensors`), the dense ones through
+// `up` where given (see for_each_write).
+void scale_table(at::TensorList tensors, const TensorTable& table, const Upload* up, const Coefficient& coef,
+                 const at::Tensor& aten_coef, const c10::Device& device, int sms, cudaStream_t stream) {
+  for_each_write(
+      tensors, table, [&] { scale_dense(table, up, coef, device, sms, stream); },
+      [&](const std::vector<int64_t>& views) { scale_views(tensors, views, coef, aten_coef, sms, stream); },
+      [&](const TensorDesc& d) { scale_one(d, coef, device, sms, stream); });
+}
+
 // The kernels load and store whole elements (and 16-byte vectors after a
 // scalar head): data at an address that is no multiple of its element size
 // (a storage offset in bytes, through set_() or a DLPack import) would
@@ -240,26 +277,48 @@ void check_element_aligned(const char* op, at::TensorList tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) check_element_aligned(op, "tensors", tensors[i], static_cast<int64_t>(i));
 }
 
-// Clamps the dense entries of `table` (uploaded here): in one launch, or,
-// where two entries share bytes, one launch per entry in list order, as
-// the CPU does. Clamping the same elements twice changes nothing
-// in one dtype, but entries of different dtypes over the same bytes (a
-// float32 gradient and its bfloat16 view) would be read and written at once
-// by different blocks (found in review).
+// Clamps `descs` (uploaded here) in one launch.
+void clamp_descs(const std::vector<TensorDesc>& descs, double clip_value, const c10::Device& device, int sms,
+                 cudaStream_t stream) {
+  const Upload up = upload(descs, device, Scratch::kNone);
+  launch_clamp(up.table, clip_value, sms, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Clamps the dense entries of `table`: in one launch, or, where two
+// entries share bytes, one launch per entry in list order, as the CPU
+// does. Clamping the same elements twice changes nothing in one dtype, but
+// entries of different dtypes over the same bytes (a float32 gradient and
+// its bfloat16 view) would be read and written at once by different blocks
+// (found in review).
 void clamp_dense(const TensorTable& table, double clip_value, const c10::Device& device, int sms,
                  cudaStream_t stream) {
   if (!table.spans_overlap()) {
-    const Upload up = upload(table.descs(), device, Scratch::kNone);
-    launch_clamp(up.table, clip_value, sms, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    clamp_descs(table.descs(), clip_value, device, sms, stream);
     return;
   }
   for (const TensorDesc& d : table.descs()) {
-    if (d.numel == 0) continue;  // empty, or a view with gaps (clamped through a copy)
-    const Upload one = upload(std::vector<TensorDesc>{d}, device, Scratch::kNone);
-    launch_clamp(one.table, clip_value, sms, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (d.numel > 0) clamp_descs({d}, clip_value, device, sms, stream);  // numel 0: empty, or a view with gaps
   }
+}
+
+// Clamps the views with gaps `which` of `tensors` through contiguous copies
+// and the same kernel, then copies them back: in one launch, or one view at
+// a time in list order where two are over one storage (a copy made before
+// the other view's write-back would undo it). ATen's clamp_ (fminf/fmaxf)
+// may give +0.0 where the kernels give -0.0 (a negative value clamped to a
+// bound of 0).
+void clamp_views(at::TensorList tensors, const std::vector<int64_t>& which, double clip_value,
+                 const c10::Device& device, int sms, cudaStream_t stream) {
+  if (which.size() > 1 && views_share_storage(tensors, which)) {
+    for (int64_t i : which) clamp_views(tensors, {i}, clip_value, device, sms, stream);
+    return;
+  }
+  std::vector<at::Tensor> copies;
+  for (int64_t i : which) copies.push_back(tensors[static_cast<size_t>(i)].contiguous());
+  const TensorTable dense(copies, TensorTable::kWrite);
+  clamp_descs(dense.descs(), clip_value, device, sms, stream);
+  for (size_t k = 0; k < copies.size(); ++k) tensors[static_cast<size_t>(which[k])].copy_(copies[k]);
 }
 
 // ------------------------------------------------------------ the ops
@@ -327,8 +386,8 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   const int sms = sm_count(device.index());
   const cudaStream_t stream = current_stream(device);
   const TensorTable table(tensors, TensorTable::kWrite);
-  scale_dense(table, nullptr, c, device, sms, stream);
-  scale_views(tensors, table.strided(), c, coef.is_cpu() ? coef.reshape({}) : coef_device.reshape({}), sms, stream);
+  scale_table(tensors, table, nullptr, c, coef.is_cpu() ? coef.reshape({}) : coef_device.reshape({}), device, sms,
+              stream);
   bump_versions(tensors);  // a device coefficient may be 1: the host cannot know, so it says "may have written"
 }
 
@@ -344,19 +403,10 @@ void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   const int sms = sm_count(device.index());
   const cudaStream_t stream = current_stream(device);
   const TensorTable table(tensors, TensorTable::kWrite);
-  clamp_dense(table, clip_value, device, sms, stream);
-  if (!table.strided().empty()) {
-    // Views with gaps: through contiguous copies and the same kernel, then
-    // copied back. ATen's clamp_ (fminf/fmaxf) may give +0.0 where the
-    // kernels give -0.0 (a negative value clamped to a bound of 0).
-    std::vector<at::Tensor> copies;
-    for (int64_t i : table.strided()) copies.push_back(tensors[static_cast<size_t>(i)].contiguous());
-    const TensorTable dense(copies, TensorTable::kWrite);
-    const Upload dense_up = upload(dense.descs(), device, Scratch::kNone);
-    launch_clamp(dense_up.table, clip_value, sms, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    for (size_t k = 0; k < copies.size(); ++k) tensors[static_cast<size_t>(table.strided()[k])].copy_(copies[k]);
-  }
+  for_each_write(
+      tensors, table, [&] { clamp_dense(table, clip_value, device, sms, stream); },
+      [&](const std::vector<int64_t>& views) { clamp_views(tensors, views, clip_value, device, sms, stream); },
+      [&](const TensorDesc& d) { clamp_descs({d}, clip_value, device, sms, stream); });
   bump_versions(tensors);
 }
 
@@ -394,10 +444,8 @@ at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool e
   }
 
   const Coefficient coef{out.coef, DType::kFloat64, 0.0};
-  scale_dense(write, all_dense ? &up : nullptr, coef, device, sms, stream);
-  if (!all_dense) {
-    scale_views(tensors, write.strided(), coef, up.view(out.coef, 1, at::kDouble).reshape({}), sms, stream);
-  }
+  const at::Tensor aten_coef = all_dense ? at::Tensor() : up.view(out.coef, 1, at::kDouble).reshape({});
+  scale_table(tensors, write, all_dense ? &up : nullptr, coef, aten_coef, device, sms, stream);
   bump_versions(tensors);  // the coefficient is decided on the device: "may have written"
   return total;
 }
