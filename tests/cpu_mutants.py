@@ -203,6 +203,14 @@ MUTANTS = {
         "csrc/cpu/multi_tensor_cpu.cpp", "views with gaps written after the entries whose bytes they reach",
         "  if (table.gaps_reach_dense(tensors)) {",
         "  if (false) {"),
+    "f16c_inf_norm_drops_nan": (
+        "csrc/cpu/spans.cpp", "the F16C fp16 inf-norm's vector body drops NaN (a max without the unordered test)",
+        "const __m256 take = _mm256_or_ps(_mm256_cmp_ps(a, amax[k], _CMP_GT_OQ), _mm256_cmp_ps(a, a, _CMP_UNORD_Q));",
+        "const __m256 take = _mm256_cmp_ps(a, amax[k], _CMP_GT_OQ);"),
+    "f16c_tail_max_drops_nan": (
+        "csrc/cpu/spans.cpp", "the F16C fp16 inf-norm's tail drops NaN",
+        "    if (K == NormKind::kInf) maxes[l] = max_keep_nan(maxes[l], std::fabs(raw));",
+        "    if (K == NormKind::kInf) maxes[l] = std::max(maxes[l], std::fabs(raw));"),
     "torch_function_items_taken_plain": (
         "csrc/python.cpp", "a __torch_function__ subclass in a list of tensors goes to the kernels unseen",
         '          why_ = "torch_function subclass";', ""),

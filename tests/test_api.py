@@ -866,6 +866,9 @@ NONFINITE = {
     "inf": [(1, 2, math.inf)],
     "-inf": [(0, 0, -math.inf)],
     "nan_and_inf": [(0, 1, math.nan), (5, 4, math.inf)],
+    # Inside whole vector blocks of the last gradient (123 elements), not a tail.
+    "nan_in_block": [(-1, 40, math.nan)],
+    "inf_in_block": [(-1, 70, -math.inf)],
 }
 
 
@@ -876,18 +879,29 @@ def _nonfinite_params(kind, ord, dtype=torch.float32):
     return params
 
 
+def _same_nonfinite(actual, expected):
+    """Both NaN, or the same infinity (fastclip's norm is float32, torch's of the gradients' dtype)."""
+    assert actual.isnan() == expected.isnan() and actual.isinf() == expected.isinf(), (actual, expected)
+    assert actual.isnan() or actual.item() == expected.item(), (actual, expected)
+
+
 @pytest.mark.parametrize("ord", ORDS, ids=ord_id)
 @pytest.mark.parametrize("kind", list(NONFINITE))
-def test_nonfinite_propagates_like_torch(kind, ord):
-    params = _nonfinite_params(kind, ord)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_nonfinite_propagates_like_torch(dtype, kind, ord):
+    params = _nonfinite_params(kind, ord, dtype)
     torch_params = clone_params(params)
     grads = [g.clone() for g in _grads(params)]
 
     total = fastclip.clip_grad_norm_(params, 1.0, ord)
     expected = torch.nn.utils.clip_grad_norm_(torch_params, 1.0, ord)
 
-    assert torch.isnan(total) == torch.isnan(expected) and torch.isinf(total) == torch.isinf(expected)
-    assert_identical(fastclip.get_total_norm(grads, ord), torch.nn.utils.get_total_norm(grads, ord))
+    _same_nonfinite(total, expected)
+    ours, theirs = fastclip.get_total_norm(grads, ord), torch.nn.utils.get_total_norm(grads, ord)
+    if dtype == torch.float32:
+        assert_identical(ours, theirs)
+    else:  # fastclip's norm is float32 for every dtype
+        _same_nonfinite(ours, theirs)
     for p, q in zip(params, torch_params):
         if q.grad is None:
             continue
@@ -904,8 +918,9 @@ def _torch_message(fn, *args, **kwargs):
 
 @pytest.mark.parametrize("ord", [2, 2.0, math.inf, 1, 3.5], ids=lambda o: f"ord={o!r}")
 @pytest.mark.parametrize("kind", list(NONFINITE))
-def test_error_if_nonfinite_raises_torch_error_and_modifies_nothing(kind, ord):
-    params = _nonfinite_params(kind, ord)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_error_if_nonfinite_raises_torch_error_and_modifies_nothing(dtype, kind, ord):
+    params = _nonfinite_params(kind, ord, dtype)
     torch_params = clone_params(params)
     before = snapshot(_grads(params))
     expected = _torch_message(torch.nn.utils.clip_grad_norm_, torch_params, 1.0, ord, error_if_nonfinite=True)

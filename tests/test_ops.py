@@ -706,6 +706,8 @@ def test_data_not_aligned_to_its_element_size(dtype):
 
 BF16_EXPONENT = 0x7F80
 BF16_2_TO_64 = 0x5F80  # the exponent field of 2^64
+FP16_EXPONENT = 0x7C00
+KERNEL_BLOCK = 64  # elements: more than one block of the CPU kernels' 32 lanes, or a CUDA 16-byte vector
 
 
 def _every_bf16(offset: int, below_2_to_64: bool = False) -> torch.Tensor:
@@ -774,6 +776,59 @@ def test_bf16_every_value_norm(ord):
     assert_same_bits(norms[0], norms[1])
     with_inf_nan = ops.multi_tensor_norm([_every_bf16(1)], ord, False)[0]
     assert with_inf_nan.isnan()
+
+
+def _every_fp16(offset: int, finite: bool) -> torch.Tensor:
+    """Every fp16 bit pattern (every finite one when ``finite``) but the last
+    five (an odd length: a tail after whole vectors), at an element offset."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    if finite:
+        bits = bits[(bits & FP16_EXPONENT) != FP16_EXPONENT]
+    bits = bits[:-5]
+    buf = torch.empty(bits.numel() + offset, dtype=torch.float16)
+    buf.view(torch.int16)[offset:].copy_(bits)
+    return buf[offset:]
+
+
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+def test_fp16_every_value_norm(ord):
+    # As test_bf16_every_value_norm, for fp16 (the F16C path): exact against
+    # float64 for every finite value, the same bits at both alignments, and
+    # NaN once NaN and inf are in (found in review: an fp16 kernel that
+    # dropped NaN passed every test).
+    norms = []
+    for offset in (0, 1):
+        x = _every_fp16(offset, finite=True)
+        assert x.isfinite().all() and x.numel() > 60000
+        norms.append(ops.multi_tensor_norm([x], ord, False)[0])
+        assert_norm_close(norms[-1], ref_norm([x], ord), torch.float16)
+    assert_same_bits(norms[0], norms[1])
+    assert ops.multi_tensor_norm([_every_fp16(1, finite=False)], ord, False)[0].isnan()
+
+
+NONFINITE_LENGTH = 3 * KERNEL_BLOCK + 13  # whole blocks, then a tail
+
+
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_nonfinite_at_every_position_of_blocks_and_tail(value, dtype, ord):
+    # One non-finite element at each position, in its own tensor: every
+    # lane of the vector bodies and every element of the scalar tail must
+    # carry it into the tensor's norm and the total (found in review: the
+    # tests' NaN only ever landed in short tails).
+    base = make_grads([(NONFINITE_LENGTH,)], dtype, seed=63)[0]
+    tensors = []
+    for position in range(NONFINITE_LENGTH):
+        x = base.clone()
+        x[position] = value
+        tensors.append(x)
+    total, each = ops.multi_tensor_norm(tensors, ord, True)
+    for norm in (*each, total):
+        if math.isnan(value):
+            assert norm.isnan(), each
+        else:
+            assert norm.item() == math.inf, each
 
 
 def _fp16_edge_values(n=1003, seed=62):
