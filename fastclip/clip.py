@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from typing_extensions import deprecated  # a dependency of torch
 
 from . import _distributed, _fallback, _ops
@@ -420,12 +421,23 @@ def _scale(tensors: list[Tensor], coef: Tensor, one_call: bool) -> None:
     _scale_parts(_split(tensors), coef)
 
 
+def _known_one(coef: Tensor) -> bool:
+    """The coefficient is exactly 1, as the host can tell without waiting for
+    a device: a plain CPU tensor, read outside tracing."""
+    return (
+        type(coef) is Tensor and coef.device == _CPU and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None and coef.item() == 1.0
+    )
+
+
 def _scale_parts(parts: list[_Part], coef: Tensor) -> None:
     """Scale every part by ``coef``; checks first, as the split path does."""
     if _has_tangent(coef):
         # Every gradient's tangent gains g * coef's tangent (torch's mul_),
         # those of gradients without one too: all of them in plain PyTorch.
         parts = [_Part(p.device, _fallback, p.indices, p.tensors) for p in parts]
+    elif _known_one(coef):
+        return  # as the op: no memory traffic (found in review: the fallback's mul_ wrote every gradient)
     _refuse_unsupported(parts, "mul_")
     for part in parts:
         # A CPU coefficient stays there (the ops read it on the host; a copy

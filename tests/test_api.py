@@ -173,13 +173,20 @@ def test_low_precision_against_reference(dtype, ord):
     _assert_grads_scaled(params, before, ref_coef(max_norm, norm))
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_id)
-def test_low_precision_clip_grads_with_norm_against_reference(dtype):
+@pytest.mark.parametrize("max_norm", [7.0, 0.0])
+@pytest.mark.parametrize("total_kind", ["float32", "float64", "float"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_clip_grads_with_norm_against_reference(dtype, total_kind, max_norm):
+    # Every dtype, to the reference's tolerance (the comparison with torch
+    # is looser; found in review: a coefficient rounded to float32 for fp64
+    # gradients passed), with a norm that float32 cannot hold exactly, and
+    # max_norm 0 (every gradient zeroed, as torch does).
     params = _params(dtype, seed=6, scale=3.0)
     before = [None if p.grad is None else p.grad.clone() for p in params]
-    total = torch.tensor(123.456)
-    fastclip.clip_grads_with_norm_(params, 7.0, total)
-    _assert_grads_scaled(params, before, ref_coef(7.0, total))
+    value = 123.456789012345
+    total = value if total_kind == "float" else torch.tensor(value, dtype=getattr(torch, total_kind))
+    fastclip.clip_grads_with_norm_(params, max_norm, total)
+    _assert_grads_scaled(params, before, ref_coef(max_norm, torch.as_tensor(total, dtype=torch.float64)))
 
 
 def test_bf16_norm_closer_to_reference_than_torch():
@@ -1046,6 +1053,48 @@ def test_coefficient_one_writes_nothing(dtype, how):
         total = norm
         fastclip.clip_grads_with_norm_(params, 2 * norm.item(), norm)
     assert_same_bits(total, norm)
+    assert_untouched(_grads(params), before)  # values and _version
+
+
+@pytest.mark.parametrize("nonfinite", [None, math.inf], ids=["finite", "inf"])
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_max_norm_zero_zeroes_like_torch(dtype, ord, nonfinite):
+    # max_norm = 0: a coefficient of 0, every gradient +-0 with its sign, as
+    # torch; an inf gradient makes the norm inf, the coefficient 0 and
+    # inf * 0 NaN (found in review: only hypothesis ever tried 0).
+    params = _params(dtype, seed=21, shapes=_shapes_for(ord))
+    if nonfinite is not None:
+        params[-1].grad[7] = nonfinite
+    torch_params = clone_params(params)
+    norm = ref_norm(_grads(params), ord)
+    total = fastclip.clip_grad_norm_(params, 0.0, ord)
+    expected = torch.nn.utils.clip_grad_norm_(torch_params, 0.0, ord)
+    if nonfinite is None:
+        assert_norm_close(total, norm, dtype)
+    else:
+        assert total.item() == expected.item() == math.inf
+    for g, h in zip(_grads(params), _grads(torch_params)):
+        assert_identical(g, h)
+        assert (g == 0).sum() + g.isnan().sum() == g.numel()
+
+
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "clip_grad_norm_ checked", "clip_grads_with_norm_"])
+def test_coefficient_one_writes_nothing_on_the_split_path(how):
+    # A complex gradient sends the list through the split path (kernels and
+    # plain PyTorch); the fallback's mul_ wrote every gradient there, the
+    # complex one twice (found in review).
+    grads = make_grads([(17,), (4, 9)], [torch.float32, torch.bfloat16], seed=19)
+    grads.insert(1, torch.complex(*make_grads([(5, 2), (5, 2)], torch.float32, seed=20)))
+    params = make_params(grads)
+    before = snapshot(_grads(params))
+    norm = fastclip.get_total_norm(_grads(params))
+    if how == "clip_grad_norm_":
+        fastclip.clip_grad_norm_(params, 2 * norm.item())
+    elif how == "clip_grad_norm_ checked":
+        fastclip.clip_grad_norm_(params, 2 * norm.item(), error_if_nonfinite=True)
+    else:
+        fastclip.clip_grads_with_norm_(params, 2 * norm.item(), norm)
     assert_untouched(_grads(params), before)  # values and _version
 
 

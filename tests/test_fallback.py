@@ -181,6 +181,21 @@ def test_fallback_clip_grad_value_keeps_nan(fallback):
         assert_identical(p, q)
 
 
+def test_fallback_coefficient_one_writes_nothing(fallback):
+    # As the ops: a clip by a coefficient of exactly 1 leaves every gradient
+    # and its version counter as it was (found in review: mul_ wrote them).
+    params = _params(torch.float32, seed=3)
+    before = [(p.grad.clone(), p.grad._version) for p in params if p.grad is not None]
+    norm = fastclip.get_total_norm(_grads(params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastclip.clip_grad_norm_(params, 2 * norm.item())
+        fastclip.clip_grads_with_norm_(params, 2 * norm.item(), norm)
+    for g, (values, version) in zip(_grads(params), before):
+        assert_identical(g, values)
+        assert g._version == version
+
+
 def test_fallback_warns_once_per_process(fallback):
     params = _params(torch.float32, seed=4)
     with pytest.warns(UserWarning, match="fastclip") as record:

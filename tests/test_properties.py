@@ -1,7 +1,14 @@
 """Property tests: random lists of tensors against the float64 reference.
 
-Lists hold 0 to 6 tensors of 0 to 3 dimensions (each of size 0 to 40), each
-of a random dtype among the four, with values randn * 10**k, k in [-3, 3].
+Lists hold 0 to 6 tensors of 0 to 3 dimensions (each of size 0 to 40, or one
+dimension past a 64 Ki-element chunk), each of a random dtype among the
+four, with values randn * 10**k, k in [-3, 3], a few elements replaced by
+NaN, +-inf, a huge value (1e30 in float32: its square overflows), the
+dtype's largest or its smallest subnormal, and each tensor in a random
+layout: contiguous, at an element offset, with gaps, or transposed. The
+memory around and between a view's elements holds NaN, which a read would
+carry into the norm and which a write must leave (found in review: the
+lists had none of these).
 """
 from __future__ import annotations
 
@@ -19,9 +26,9 @@ from hypothesis import strategies as st  # noqa: E402
 import fastclip  # noqa: E402
 from testing import (
     DTYPES,
+    assert_identical,
     assert_norm_close,
     assert_scaled_close,
-    make_params,
     ref_coef,
     ref_norm,
     ref_norms_each,
@@ -29,28 +36,85 @@ from testing import (
 )
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None)
+CHUNK = 65536  # elements: the CPU kernels' chunk (and the CUDA one)
+SPECIALS = ["nan", "inf", "-inf", "huge", "max", "tiny"]
+LAYOUTS = ["contiguous", "offset", "gaps", "transposed"]
 
+
+def _special(name: str, dtype: torch.dtype) -> float:
+    info = torch.finfo(dtype)
+    return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "max": info.max, "tiny": info.tiny * info.eps,
+            "huge": {torch.float16: 60000.0, torch.float64: 1e300}.get(dtype, 1e30)}[name]
+
+
+def _laid_out(values: torch.Tensor, layout: str):
+    """``values`` in ``layout``, and the buffer it lies in when that buffer
+    has other elements (NaN), or None."""
+    if layout == "transposed" and values.dim() >= 2:
+        return values.transpose(0, -1).contiguous().transpose(0, -1), None
+    if layout not in ("offset", "gaps") or values.numel() == 0:
+        return values, None
+    step = 2 if layout == "gaps" else 1
+    base = torch.full((values.numel() * step + 1,), math.nan, dtype=values.dtype)
+    strides = [step * s for s in torch.empty(values.shape).stride()]
+    view = base.as_strided(values.shape, strides, 1)
+    view.copy_(values)
+    return view, base
+
+
+def _outside(view: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The elements of ``base`` that ``view`` does not hold."""
+    held = torch.zeros(base.numel(), dtype=torch.bool)
+    index = torch.arange(base.numel()).as_strided(view.shape, view.stride(), view.storage_offset())
+    held[index.reshape(-1)] = True
+    return base[~held]
 
 
 @st.composite
 def tensor_lists(draw):
+    small = st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple)
+    past_a_chunk = st.integers(CHUNK - 7, CHUNK + 300).map(lambda n: (n,))
     specs = draw(
         st.lists(
             st.tuples(
-                st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple),
+                st.one_of(small, small, small, past_a_chunk),
                 st.sampled_from(DTYPES),
                 st.integers(-3, 3),
                 st.integers(0, 2**31 - 1),
+                st.lists(st.tuples(st.integers(0, 2**20), st.sampled_from(SPECIALS)), max_size=2),
+                st.sampled_from(LAYOUTS),
             ),
             min_size=0,
             max_size=6,
         )
     )
-    tensors = []
-    for shape, dtype, exponent, seed in specs:
+    tensors, bases = [], []
+    for shape, dtype, exponent, seed, specials, layout in specs:
         values = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        tensors.append((values * 10.0**exponent).to(dtype))
-    return tensors
+        values = (values * 10.0**exponent).to(dtype)
+        for position, name in specials:
+            if values.numel() > 0:
+                values.view(-1)[position % values.numel()] = _special(name, dtype)
+        view, base = _laid_out(values, layout)
+        tensors.append(view)
+        bases.append(base)
+    return tensors, bases
+
+
+def _params_of(tensors):
+    """Parameters whose gradients are these very tensors (views and all)."""
+    params = []
+    for t in tensors:
+        p = torch.nn.Parameter(torch.zeros(t.shape, dtype=t.dtype))
+        p.grad = t
+        params.append(p)
+    return params
+
+
+def _check_outside_untouched(tensors, bases):
+    for view, base in zip(tensors, bases):
+        if base is not None:
+            assert _outside(view, base).isnan().all()
 
 
 # 0.5 and 1500: a general p below 1, and one whose powers of values below
@@ -64,20 +128,23 @@ def _close(actual, expected):
 
 
 @PROPERTY_SETTINGS
-@given(tensors=tensor_lists(), ord=orders)
-def test_get_total_norm_property(tensors, ord):
+@given(lists=tensor_lists(), ord=orders)
+def test_get_total_norm_property(lists, ord):
+    tensors, bases = lists
     before = [t.clone() for t in tensors]
     total = fastclip.get_total_norm(tensors, ord)
     assert total.shape == ()
     _close(total, ref_norm(tensors, ord))
     for t, b in zip(tensors, before):
-        assert torch.equal(t, b)
+        assert_identical(t, b)
+    _check_outside_untouched(tensors, bases)
 
 
 @PROPERTY_SETTINGS
-@given(tensors=tensor_lists(), ord=orders)
-def test_grad_norms_property(tensors, ord):
-    params = make_params(tensors)
+@given(lists=tensor_lists(), ord=orders)
+def test_grad_norms_property(lists, ord):
+    tensors, _ = lists
+    params = _params_of(tensors)
     total, each = fastclip.grad_norms(params, ord)
     _close(total, ref_norm(tensors, ord))
     assert each.shape == (len(tensors),)
@@ -85,16 +152,20 @@ def test_grad_norms_property(tensors, ord):
 
 
 @PROPERTY_SETTINGS
-@given(tensors=tensor_lists(), ord=orders, fraction=st.floats(0.05, 2.0))
-def test_clip_grad_norm_property(tensors, ord, fraction):
-    params = make_params(tensors)
+@given(lists=tensor_lists(), ord=orders, fraction=st.one_of(st.just(0.0), st.floats(0.05, 2.0)))
+def test_clip_grad_norm_property(lists, ord, fraction):
+    tensors, bases = lists
+    params = _params_of(tensors)
     norm = ref_norm(tensors, ord)
-    max_norm = fraction * norm.item()
+    # A fraction of a finite norm (max_norm 0 too); of a NaN or inf one, the
+    # fraction itself (max_norm must be finite).
+    max_norm = fraction * norm.item() if math.isfinite(norm.item()) else fraction
+    expected = [ref_scaled(t, ref_coef(max_norm, norm)) for t in tensors]
 
     total = fastclip.clip_grad_norm_(params, max_norm, ord)
 
     _close(total, norm)
-    coef = ref_coef(max_norm, norm)
-    for p, t in zip(params, tensors):
-        assert p.grad.dtype == t.dtype
-        assert_scaled_close(p.grad, ref_scaled(t, coef))
+    for p, t, e in zip(params, tensors, expected):
+        assert p.grad is t and p.grad.dtype == t.dtype
+        assert_scaled_close(p.grad, e)
+    _check_outside_untouched(tensors, bases)
