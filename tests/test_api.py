@@ -1460,6 +1460,8 @@ def test_build_decides_cpu_only_when_torch_cannot_build_with_this_nvcc(tmp_path,
 
     root = pathlib.Path(__file__).resolve().parents[1]
     (tmp_path / "bin").mkdir()
+    (tmp_path / "include").mkdir()  # a toolkit with headers (setup.py looks for another one without)
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
     if nvcc is not None:
         script = tmp_path / "bin" / "nvcc"
         script.write_text(_FAKE_NVCC.format(release=nvcc))
