@@ -9,6 +9,9 @@
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/forward_grad.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -97,6 +101,8 @@ const char* unwritable_reason(const at::Tensor& t) {
   // has no memory of its own to check: the torch ops it runs check theirs
   // (found in review: its empty storage was reported as freed).
   if (t.unsafeGetTensorImpl()->is_python_dispatch()) return nullptr;
+  // So has torch.func.functionalize's wrapper (its storage is not memory).
+  if (t.key_set().has(c10::DispatchKey::Functionalize)) return nullptr;
   if (t.layout() != at::kStrided) return nullptr;
   if (!t.is_non_overlapping_and_dense() && at::has_internal_overlap(t) == at::MemOverlap::Yes) return "overlap";
   if (t.numel() > 0 && t.device().type() != c10::DeviceType::Meta &&
@@ -467,12 +473,50 @@ void check_no_grad(const char* op, at::TensorList tensors) {
   }
 }
 
+// An autograd node that raises when backward reaches it (torch's
+// NotImplemented). Its pointer type differs between torch versions
+// (std::shared_ptr, later c10::intrusive_ptr): the one TensorBase::grad_fn
+// returns. `Impl` keeps the other version's branch uninstantiated.
+using NodePtr = std::decay_t<decltype(std::declval<const at::Tensor&>().grad_fn())>;
+
+template <typename Ptr, typename Impl = torch::autograd::NotImplemented>
+Ptr not_implemented_node(const std::string& op) {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<typename Ptr::element_type>>) {
+    return Ptr(new Impl(op));
+  } else {
+    return c10::make_intrusive<Impl>(op);
+  }
+}
+
+// Outputs of a non-differentiable op whose inputs require grad (grad mode
+// on) get a node that raises on backward, as torch gives a custom op
+// without a derivative; otherwise they would silently have no gradient
+// (found in review: a loss plus the norm of the weights backpropagated as
+// if the norm were a constant).
+template <typename... Inputs>
+void refuse_backward(const char* op, const std::vector<at::Tensor>& outputs, const Inputs&... inputs) {
+  NodePtr node = not_implemented_node<NodePtr>(op);
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  torch::autograd::set_history(outputs, node);
+}
+
+bool any_requires_grad(at::TensorList tensors) {
+  return std::any_of(tensors.begin(), tensors.end(), [](const at::Tensor& t) { return t.requires_grad(); });
+}
+
 std::tuple<at::Tensor, at::Tensor> norm_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double ord,
                                                  bool per_tensor, bool fp64) {
   static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
   check_no_tangent("fastclip::multi_tensor_norm", tensors);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, ord, per_tensor, fp64);
+  std::tuple<at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, ord, per_tensor, fp64);
+  }
+  if (c10::GradMode::is_enabled() && any_requires_grad(tensors)) {
+    refuse_backward("fastclip::multi_tensor_norm", {std::get<0>(out), std::get<1>(out)}, tensors);
+  }
+  return out;
 }
 
 void scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
@@ -525,9 +569,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
                   " requires grad; the op writes it in place and is not differentiable");
     }
   }
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, norm, max_norm, loss_scale, extra_scale, found_inf,
-                       extra_found, skip_inf_divisor, last_norm, last_coef, skipped, count_skip);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, norm, max_norm, loss_scale, extra_scale, found_inf,
+                        extra_found, skip_inf_divisor, last_norm, last_coef, skipped, count_skip);
+  }
+  const auto requires_grad = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (c10::GradMode::is_enabled() && (norm.requires_grad() || requires_grad(loss_scale) || requires_grad(extra_scale))) {
+    // The factor and divisor come from them; the found flag is not differentiable.
+    refuse_backward("fastclip::clip_scalars_", {std::get<0>(out), std::get<1>(out)}, norm, loss_scale, extra_scale);
+  }
+  return out;
 }
 
 }  // namespace

@@ -43,6 +43,9 @@ const char* blocker(const at::Tensor& t, const at::Tensor& first, bool dual) {
   // DTensor and other __torch_dispatch__ subclasses: the ops would reach the
   // subclass's dispatch, which knows nothing of them; Python unwraps them first.
   if (t.key_set().has(c10::DispatchKey::Python)) return "subclass";
+  // torch.func.functionalize's wrappers: its C++ functionalization cannot
+  // run a custom op that writes a list in place (found in review).
+  if (t.key_set().has(c10::DispatchKey::Functionalize)) return "functional tensor";
   return nullptr;
 }
 

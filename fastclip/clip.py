@@ -85,9 +85,14 @@ def _max_norm(max_norm) -> MaxNorm:
         if torch.compiler.is_compiling() or max_norm.device.type != "cpu":
             return max_norm
     value = max_norm if isinstance(max_norm, torch.SymFloat) else _as_float(max_norm, "max_norm", what)
-    # Comparisons, not math.isfinite: dynamo traces them on a symbolic float.
-    if not 0.0 <= value < math.inf:  # also rejects NaN
-        raise ValueError(f"max_norm must be {what}, got {max_norm!r}")
+    # Comparisons, not math.isfinite: dynamo traces them on a symbolic float
+    # and guards on them. Against the largest double, not inf: its symbols
+    # are assumed finite, so `< inf` held without a guard and a later inf
+    # ran the graph unchecked (found in review).
+    if not 0.0 <= value <= sys.float_info.max:  # also rejects NaN
+        # A symbolic float cannot be formatted while dynamo traces.
+        got = "a value outside that range" if torch.compiler.is_compiling() else repr(max_norm)
+        raise ValueError(f"max_norm must be {what}, got {got}")
     return value
 
 
@@ -234,6 +239,8 @@ def _fallback_reason(t: Tensor) -> Optional[str]:
     # (dynamo cannot trace is_neg(); the C++ check routes such views eagerly)
     if not torch.compiler.is_compiling() and t.is_neg():
         return "torch refuses in-place ops on a list holding a negative-bit view (torch._neg_view)"
+    if not torch.compiler.is_compiling() and torch._is_functional_tensor(t):
+        return "torch.func.functionalize cannot run custom ops that write a list of tensors in place"
     return None
 
 

@@ -1292,6 +1292,64 @@ def test_torch_compile_max_norm_schedule_compiles_once(kind):
     assert counter.frame_count <= 2
 
 
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_"])
+def test_torch_compile_refuses_bad_max_norm_after_it_became_dynamic(fn):
+    """Once a schedule has made max_norm a symbolic float, inf, NaN and a
+    negative value are still refused (ValueError, as eager; found in review:
+    inf was taken as "no clipping", the symbol being assumed finite), and
+    the values after them still compile to the same graph's results."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    call = getattr(fastclip, fn)
+    extra = () if fn == "clip_grad_norm_" else (torch.tensor(5.0),)
+    compiled = torch.compile(lambda ps, m: call(ps, m, *extra), backend=counter)
+    for max_norm in (0.1, 0.2, math.inf, math.nan, -1.0, 0.3):
+        params, eager_params = _model_params(), _model_params()
+        if not 0.0 <= max_norm < math.inf:
+            before = snapshot(_grads(params))
+            with pytest.raises(ValueError, match="max_norm must be a finite number >= 0"):
+                compiled(params, max_norm)
+            assert_untouched(_grads(params), before)
+            continue
+        compiled(params, max_norm)
+        call(eager_params, max_norm, *extra)
+        for p, q in zip(params, eager_params):
+            assert_same_bits(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_functionalize_traces_like_torch(fn):
+    """Under torch.func.functionalize the lists go through plain PyTorch: its
+    C++ functionalization cannot run a custom op that writes a list in
+    place (found in review: clip_grad_norm_ failed where torch's traced)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def run(module):
+        def f(a, b):
+            params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+            params[0].grad, params[1].grad = a, b
+            if fn == "clip_grad_norm_":
+                out = module.clip_grad_norm_(params, 1.0)
+            elif fn == "clip_grads_with_norm_":
+                out = module.clip_grads_with_norm_(params, 1.0, torch.tensor(12.0))
+            else:
+                out = module.clip_grad_value_(params, 2.5)
+            return out, a, b
+        return f
+
+    inputs = (torch.tensor([3.0, -4.0, 0.0]), torch.tensor([12.0, 1e-3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = make_fx(torch.func.functionalize(run(fastclip)))(*(x.clone() for x in inputs))
+        theirs = make_fx(torch.func.functionalize(run(torch.nn.utils)))(*(x.clone() for x in inputs))
+        got, expected = ours(*(x.clone() for x in inputs)), theirs(*(x.clone() for x in inputs))
+    for g, e in zip(got, expected):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=0)
+
+
 def test_torch_compile_fullgraph_error_if_nonfinite():
     """With error_if_nonfinite the compiled call keeps the fused op, which
     raises from inside the graph (found in review: the split path's host

@@ -375,7 +375,9 @@ def test_missing_extension_is_reported_as_missing(tmp_path):
     package = Path(fastclip.__file__).parent
     shutil.copytree(package, tmp_path / "fastclip", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
     out = subprocess.run(
-        [sys.executable, "-c", "import fastclip; print(fastclip.backend())"],
+        # Without an editable install's finder, which would find the built module elsewhere.
+        [sys.executable, "-c", "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+         "getattr(f, '__module__', '') + getattr(f, '__name__', '')]; import fastclip; print(fastclip.backend())"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr

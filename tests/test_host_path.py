@@ -295,8 +295,13 @@ def test_norm_of_tensors_that_require_grad_is_not_differentiable(device):
     for t in tensors:
         t.requires_grad_(True)
     total, each = ops.multi_tensor_norm(tensors, 2.0, True)
-    assert not total.requires_grad and not each.requires_grad
-    assert_norm_close(total, ref_norm([t.detach() for t in tensors]))
+    # Not silently a constant: a backward through it raises (see
+    # test_ops.test_outputs_from_inputs_that_require_grad_refuse_backward).
+    with pytest.raises(RuntimeError, match="derivative for fastclip::multi_tensor_norm is not implemented"):
+        (total + each.sum()).backward()
+    assert_norm_close(total.detach(), ref_norm([t.detach() for t in tensors]))
+    with torch.no_grad():
+        assert not ops.multi_tensor_norm(tensors, 2.0, True)[0].requires_grad
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)

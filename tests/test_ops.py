@@ -1243,6 +1243,29 @@ def test_clip_scalars_refuses_inference_logs_and_logs_that_require_grad():
     assert log.item() == 3.0
 
 
+def test_outputs_from_inputs_that_require_grad_refuse_backward():
+    # Not differentiable, and not silently constant: a backward through the
+    # norm or the clip coefficient raises, as through a torch custom op
+    # without a derivative (found in review: the weights' gradient came out
+    # as if the norm were a constant).
+    w = torch.tensor([3.0, 4.0], requires_grad=True)
+    total, each = ops.multi_tensor_norm([w, w.detach()], 2.0, True)
+    assert total.requires_grad and each.requires_grad and total.item() == pytest.approx(50**0.5)
+    with pytest.raises(RuntimeError, match="derivative for fastclip::multi_tensor_norm is not implemented"):
+        ((w * 2).sum() + total).backward()
+    assert w.grad is None
+    norm = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    factor, divisor, found = ops.clip_scalars_(**_scalars_call(norm=norm))
+    assert not found.requires_grad
+    with pytest.raises(RuntimeError, match="derivative for fastclip::clip_scalars_ is not implemented"):
+        factor.backward()
+    # Without grad mode or a requiring input, outputs are plain tensors.
+    with torch.no_grad():
+        assert not ops.multi_tensor_norm([w], 2.0, True)[0].requires_grad
+    assert not ops.multi_tensor_norm([w.detach()], 2.0, True)[0].requires_grad
+    assert not fastclip.get_total_norm([w]).requires_grad  # under no_grad, as torch's
+
+
 @pytest.mark.parametrize("k", [0, 4, 7, 11])
 def test_clip_scalars_opcheck(k):
     case = clip_scalars_cases()[k]
