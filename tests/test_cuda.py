@@ -330,6 +330,44 @@ def test_graph_capture_and_replay_equal_eager(max_norm):
             assert_same_bits(p.grad, q.grad)
 
 
+def test_graph_capture_of_norms_with_a_missing_gradient():
+    # grad_norms puts each norm where its parameter is, through an index
+    # copied from pinned host memory during the capture (found in review:
+    # pin_memory() during a capture failed in torch versions whose host
+    # allocator polled events then; the index must stay alive for replays).
+    params = _graph_params(12)
+    params.insert(1, torch.nn.Parameter(torch.zeros(3, device="cuda")))  # no gradient
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fastclip.grad_norms(params)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total, each = fastclip.grad_norms(params)
+    for step in range(2):
+        for p, q in zip([p for p in params if p.grad is not None], _graph_params(13 + step)):
+            p.grad.copy_(q.grad)
+        graph.replay()
+        expected_total, expected_each = fastclip.grad_norms(params)
+        assert_same_bits(total, expected_total)
+        assert_same_bits(each, expected_each)
+        assert each[1].item() == 0.0
+
+
+def test_error_if_nonfinite_is_refused_in_a_graph_capture():
+    # It reads the norm back on the host, which a capture cannot do: a clear
+    # error before anything is queued, not CUDA's capture failure.
+    params = _graph_params(14)
+    before = snapshot(_grads_cuda(params))
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="error_if_nonfinite=True reads the norm back on the host"):
+        with torch.cuda.graph(graph):
+            fastclip.clip_grad_norm_(params, 1e-3, error_if_nonfinite=True)
+    torch.cuda.synchronize()
+    assert_untouched(_grads_cuda(params), before)
+
+
 # ------------------------------------------------------------- host syncs
 def test_no_host_sync_in_the_clipping_path():
     params = _graph_params(11)

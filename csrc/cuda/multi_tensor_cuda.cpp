@@ -422,6 +422,11 @@ at::Tensor clip_cuda(at::TensorList tensors, double max_norm, double ord, bool e
   const c10::cuda::CUDAGuard guard(device);
   const int sms = sm_count(device.index());
   const cudaStream_t stream = current_stream(device);
+  // The check reads a flag on the host, which a capture cannot do: it would
+  // end the capture with CUDA's own error (found in review).
+  TORCH_CHECK(!(error_if_nonfinite && capturing(stream)), kOp,
+              ": error_if_nonfinite=True reads the norm back on the host, which a CUDA graph capture cannot "
+              "do (torch's clip_grad_norm_ cannot either); capture with error_if_nonfinite=False");
 
   // Dense tensors are read and written in place through one table; views
   // with gaps are read through contiguous copies (a second table) and
