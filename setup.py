@@ -53,24 +53,42 @@ def _env(name: str) -> bool:
     return value in _TRUE
 
 
+def _nvcc_at(home: str) -> str:
+    return os.path.join(home, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
+
+
+def _nvcc_release(home: str):
+    """(major, minor) of the nvcc under ``home`` as strings, None when it
+    does not say; raises OSError or SubprocessError when it does not run."""
+    shown = subprocess.run([_nvcc_at(home), "--version"], capture_output=True, text=True, timeout=120).stdout
+    release = re.search(r"release (\d+)\.(\d+)", shown)
+    return None if release is None else (release.group(1), release.group(2))
+
+
 def _nvcc_mismatch() -> str:
     """Why CUDA_HOME's nvcc cannot build against this torch, or "". torch's
     BuildExtension refuses an nvcc whose CUDA major version differs from
     torch's (a PyPI torch built for CUDA 12 next to a CUDA 13 toolkit): it
     would fail the whole install instead of giving a CPU-only build."""
-    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
     try:
-        shown = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
+        release = _nvcc_release(cpp_extension.CUDA_HOME)
     except (OSError, subprocess.SubprocessError) as error:
-        return f"nvcc at {nvcc} did not run ({error})"
-    release = re.search(r"release (\d+)\.(\d+)", shown)
+        return f"nvcc at {_nvcc_at(cpp_extension.CUDA_HOME)} did not run ({error})"
     if release is None:  # torch then skips its check too
         return ""
     torch_major = torch.version.cuda.split(".")[0]
-    if release.group(1) != torch_major:
-        return (f"nvcc {release.group(1)}.{release.group(2)} at {cpp_extension.CUDA_HOME} and torch's CUDA {torch.version.cuda} "
+    if release[0] != torch_major:
+        return (f"nvcc {release[0]}.{release[1]} at {cpp_extension.CUDA_HOME} and torch's CUDA {torch.version.cuda} "
                 f"differ in major version, which torch cannot build with: set CUDA_HOME to a CUDA {torch_major} toolkit")
     return ""
+
+
+def _same_major(home: str) -> bool:
+    try:
+        release = _nvcc_release(home)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return release is not None and release[0] == torch.version.cuda.split(".")[0]
 
 
 def _has_headers(home: str) -> bool:
@@ -92,12 +110,20 @@ def _toolkit_headers() -> str:
         return f"the CUDA toolkit at {home} (CUDA_HOME) has no include/cuda_runtime.h"
     nvcc = shutil.which("nvcc")
     candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for candidate in candidates:
-        if _has_headers(candidate):
-            cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = candidate
-            return ""
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), key=_version_key, reverse=True)
+    with_headers = [c for c in dict.fromkeys(candidates) if _has_headers(c)]
+    # One whose nvcc has torch's CUDA major version first, in that order
+    # (found in review: cuda-13.0 was taken next to torch's 12.8 and a cuda-12.8).
+    with_headers.sort(key=lambda c: not _same_major(c))
+    if with_headers:
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = with_headers[0]
+        return ""
     return f"the CUDA toolkit at {home} has no include/cuda_runtime.h (set CUDA_HOME)"
+
+
+def _version_key(path: str) -> tuple:
+    """(12, 10) for /usr/local/cuda-12.10: numerically, not as text (12.10 after 12.9)."""
+    return tuple(int(n) for n in re.findall(r"\d+", os.path.basename(path)))
 
 
 def _cuda_decision() -> tuple[bool, str]:

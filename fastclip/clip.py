@@ -443,9 +443,9 @@ def _scale_parts(parts: list[_Part], coef: Tensor) -> None:
         # Every gradient's tangent gains g * coef's tangent (torch's mul_),
         # those of gradients without one too: all of them in plain PyTorch.
         parts = [_Part(p.device, _fallback, p.indices, p.tensors) for p in parts]
-    elif _known_one(coef):
+    _refuse_unsupported(parts, "mul_")  # whatever the coefficient (found in review: a float8 gradient passed at 1)
+    if _known_one(coef) and not _has_tangent(coef):
         return  # as the op: no memory traffic (found in review: the fallback's mul_ wrote every gradient)
-    _refuse_unsupported(parts, "mul_")
     for part in parts:
         # A CPU coefficient stays there (the ops read it on the host; a copy
         # to a GPU from pageable memory would wait for it; found in review).

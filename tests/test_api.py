@@ -1079,6 +1079,20 @@ def test_max_norm_zero_zeroes_like_torch(dtype, ord, nonfinite):
         assert (g == 0).sum() + g.isnan().sum() == g.numel()
 
 
+@pytest.mark.parametrize("total_norm", [0.5, 100.0], ids=["coef_one", "clips"])
+def test_gradient_mul_cannot_write_is_refused_whatever_the_coefficient(total_norm):
+    # A float8 gradient, which torch's mul_ cannot write: refused before
+    # anything is written, also when the coefficient is exactly 1 (found in
+    # review: the skip at 1 came before the check, so a job would fail only
+    # once clipping set in).
+    grads = [torch.randn(5), torch.randn(4).to(torch.float8_e4m3fn)]
+    params = make_params(grads)
+    before = snapshot(_grads(params))
+    with pytest.raises(TypeError, match="which torch's mul_ cannot write"):
+        fastclip.clip_grads_with_norm_(params, 1.0, total_norm)
+    assert_untouched(_grads(params), before)
+
+
 @pytest.mark.parametrize("how", ["clip_grad_norm_", "clip_grad_norm_ checked", "clip_grads_with_norm_"])
 def test_coefficient_one_writes_nothing_on_the_split_path(how):
     # A complex gradient sends the list through the split path (kernels and

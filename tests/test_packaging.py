@@ -79,6 +79,34 @@ def test_build_finds_the_toolkit_behind_a_wrapper_nvcc(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a shell-script nvcc")
+def test_build_prefers_a_toolkit_of_torchs_cuda_major_version(tmp_path):
+    # Behind a wrapper nvcc, among the toolkits with headers, one whose nvcc
+    # has torch's major version, the newest first by number (12.10 after
+    # 12.9), not the first found (found in review). /usr/local/cuda-* is
+    # replaced by these folders.
+    toolkits = {}
+    for version in ("13.0", "12.9", "12.10"):
+        home = tmp_path / f"cuda-{version}"
+        nvcc = _fake_toolkit(home, headers=True)
+        nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {version}, V{version}.1'\n")
+        toolkits[version] = home
+    wrapper = tmp_path / "wrapper" / "bin"
+    wrapper.mkdir(parents=True)
+    (wrapper / "nvcc").write_text(f"#!/bin/sh\nexec {toolkits['13.0'] / 'bin' / 'nvcc'} \"$@\"\n")
+    (wrapper / "nvcc").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in _BUILD_VARIABLES + ("CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = f"{wrapper}{os.pathsep}{env.get('PATH', '')}"
+    folders = sorted(str(p) for p in toolkits.values())
+    code = ("import sys, runpy, glob, torch, torch.utils.cpp_extension as ext; "
+            f"glob.glob = lambda pattern: {folders!r} if pattern == '/usr/local/cuda-*' else []; "
+            f"torch.version.cuda = '12.8'; ext.CUDA_HOME = {str(wrapper.parent)!r}; "
+            "sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"CUDA + CPU build (CUDA 12.8 at {toolkits['12.10']})" in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell-script nvcc")
 @pytest.mark.parametrize("force", ["0", "1"])
 def test_build_without_headers_where_cuda_home_says_is_cpu_only(tmp_path, force):
     _fake_toolkit(tmp_path, headers=False)

@@ -157,9 +157,11 @@ def test_clip_grad_norm_property(lists, ord, fraction):
     tensors, bases = lists
     params = _params_of(tensors)
     norm = ref_norm(tensors, ord)
-    # A fraction of a finite norm (max_norm 0 too); of a NaN or inf one, the
+    # A fraction of a finite norm (max_norm 0 too); of a NaN or inf one, or
+    # where the product overflows (a norm near the largest double), the
     # fraction itself (max_norm must be finite).
     max_norm = fraction * norm.item() if math.isfinite(norm.item()) else fraction
+    max_norm = max_norm if math.isfinite(max_norm) else fraction
     expected = [ref_scaled(t, ref_coef(max_norm, norm)) for t in tensors]
 
     total = fastclip.clip_grad_norm_(params, max_norm, ord)

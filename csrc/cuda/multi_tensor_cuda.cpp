@@ -169,13 +169,14 @@ void scale_dense(const TensorTable& table, const Upload* up, const Coefficient& 
   }
 }
 
-// Whether two of the views `which` of `tensors` are over one storage (and
-// so may share bytes).
+// Whether two of the views `which` of `tensors` are over one allocation
+// (and so may share bytes): keyed by its start, as TensorTable::spans_overlap,
+// so that two storages over one memory count as one (found in review).
 bool views_share_storage(at::TensorList tensors, const std::vector<int64_t>& which) {
-  std::vector<const c10::StorageImpl*> storages;
+  std::vector<const void*> storages;
   storages.reserve(which.size());
   for (int64_t i : which) {
-    storages.push_back(tensors[static_cast<size_t>(i)].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+    storages.push_back(tensors[static_cast<size_t>(i)].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()->data());
   }
   std::sort(storages.begin(), storages.end());
   return std::adjacent_find(storages.begin(), storages.end()) != storages.end();
