@@ -78,6 +78,9 @@ _DOUBLE = (torch.float64, torch.complex128)
 
 
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
+    # One element of any shape, as the op takes it (found in review: a [1, 1]
+    # coefficient broadcast a 1-d tensor to [1, n] and mul_ refused it).
+    coef = coef.reshape(())
     for t in tensors:
         # The kernels' arithmetic: float32 (the coefficient rounded to float32)
         # unless the data is double. A float64 coefficient would make torch

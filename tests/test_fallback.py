@@ -383,3 +383,16 @@ def test_missing_extension_is_reported_as_missing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "No module named 'fastclip._C'" in out.stdout, out.stdout
     assert "circular" not in out.stdout
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0-dim", "[1]", "[1,1]"])
+def test_fallback_scale_takes_every_coefficient_shape_the_op_takes(shape):
+    # A one-element coefficient of any shape, as the op (found in review: a
+    # [1, 1] one broadcast a 1-d gradient to [1, n], which mul_ refused).
+    grads = make_grads([(5,), (2, 3)], [torch.float32, torch.bfloat16], seed=9)
+    ours, theirs = [g.clone() for g in grads], [g.clone() for g in grads]
+    coef = torch.full(shape, 0.3, dtype=torch.float64)
+    _ops.multi_tensor_scale_(ours, coef)
+    _fallback.multi_tensor_scale_(theirs, coef)
+    for a, b in zip(ours, theirs):
+        assert_same_bits(a, b)
