@@ -226,6 +226,36 @@ def test_wrong_results_fail_instead_of_being_timed(monkeypatch):
     assert _row(rows, "clip", "fastclip op").status == "ok"
 
 
+def test_a_few_tensors_left_unscaled_fail_the_clip_row(monkeypatch):
+    """Negative control: a bf16 clip that leaves its last tensor of many
+    unscaled moves the total norm by less than bf16's tolerance; the
+    per-tensor check catches it (found in review: 10 of 10,000 passed)."""
+    monkeypatch.setitem(benchmark.SETS, "tiny", lambda: [(64,)] * 200)
+    real = fastclip.clip_grad_norm_
+
+    def all_but_last(params, max_norm):
+        params = list(params)
+        kept = params[-1].grad.clone()
+        total = real(params, max_norm)
+        params[-1].grad.copy_(kept)
+        return total
+
+    monkeypatch.setattr(fastclip, "clip_grad_norm_", all_but_last)
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "bf16", "--cases", "clip"])
+    assert _row(rows, "clip", "fastclip", "bf16").status.startswith("failed: a tensor's norm after clipping")
+    assert _row(rows, "clip", "fastclip op", "bf16").status == "ok"
+
+
+def test_exit_status_fails_when_a_fastclip_row_fails(monkeypatch, tmp_path):
+    """A wrong result makes a `failed` row and a non-zero exit (found in
+    review: the run exited 0); a correct run exits 0."""
+    argv = [*TINY_RUN, "--dtypes", "fp32", "--cases", "clip", "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    monkeypatch.setattr(fastclip, "clip_grad_norm_", lambda params, max_norm: fastclip.get_total_norm(
+        [p.grad for p in params]))
+    assert benchmark.main(argv) == 1
+
+
 @pytest.mark.skipif(not hasattr(fastclip, "ClippedOptimizer"), reason="this fastclip has no ClippedOptimizer yet")
 def test_wrapper_steps_skipped_while_timed_fail_the_row(monkeypatch):
     """Negative control: the check is a first step; timed steps that the
