@@ -144,16 +144,24 @@ void check_norm_finite(double norm, double ord) {
 }
 
 void raise_nonfinite_norm(double ord) {
-  // The order as Python prints a float (torch's message uses f"{norm_type}").
+  // The order as Python prints a float (torch's message uses f"{norm_type}"):
+  // the fewest digits that read back as it, with an exponent from 1e16 up
+  // (found in review: %g wrote 1e16 + 2 without one), ".0" after an integer.
+  constexpr double kPythonExponentFrom = 1e16;
+  const bool exponent = std::fabs(ord) >= kPythonExponentFrom;
   std::string order;
   if (std::isinf(ord)) {
     order = "inf";
-  } else if (ord == std::floor(ord) && std::fabs(ord) < 1e16) {
+  } else if (ord == std::floor(ord) && !exponent) {
     order = std::to_string(static_cast<int64_t>(ord)) + ".0";
   } else {
     char buf[32];
     for (int digits = 1; digits <= 17; ++digits) {
-      std::snprintf(buf, sizeof(buf), "%.*g", digits, ord);
+      if (exponent) {
+        std::snprintf(buf, sizeof(buf), "%.*e", digits - 1, ord);
+      } else {
+        std::snprintf(buf, sizeof(buf), "%.*g", digits, ord);
+      }
       if (std::strtod(buf, nullptr) == ord) break;
     }
     order = buf;
@@ -248,6 +256,7 @@ TensorTable::TensorTable(at::TensorList tensors, Access access) {
     if (numel == 0 || t.is_non_overlapping_and_dense()) {
       descs_.push_back(TensorDesc{numel == 0 ? nullptr : t.data_ptr(), numel, dtype});
       storages_.push_back(numel == 0 ? nullptr : storage->data());
+      foreign_ = foreign_ || (numel != 0 && storage->allocator() == nullptr);
     } else if (access == kRead) {
       copies_.push_back(t.contiguous());
       descs_.push_back(TensorDesc{copies_.back().data_ptr(), t.numel(), dtype});
@@ -271,6 +280,17 @@ ByteRange byte_range(const TensorDesc& d) {
   const auto begin = reinterpret_cast<uintptr_t>(d.data);
   return ByteRange{begin, begin + static_cast<uintptr_t>(d.numel * dtype_size(d.dtype))};
 }
+
+// Two of `ranges` share an address (sorts them by start).
+bool any_meet(std::vector<ByteRange>& ranges) {
+  std::sort(ranges.begin(), ranges.end(), [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
+  uintptr_t reach = 0;  // the largest end so far
+  for (size_t k = 0; k < ranges.size(); ++k) {
+    if (k > 0 && ranges[k].begin < reach) return true;
+    reach = std::max(reach, ranges[k].end);
+  }
+  return false;
+}
 }  // namespace
 
 bool TensorTable::spans_overlap() const {
@@ -290,11 +310,22 @@ bool TensorTable::spans_overlap() const {
     last = r;
   }
   if (live < 2 || up || down) return false;
-  // Otherwise only tensors of one allocation can share bytes: look for an
-  // allocation held twice (keyed by its start, so two storages over one
-  // allocation, torch.from_numpy of one array twice, are one: found in
-  // review, two threads scaled their bytes at once) (open addressing, at most half full; the table is
-  // kept per thread, fresh pages for it on every call cost more than the rest).
+  if (foreign_) {
+    // Storages over memory from outside torch: two of them (torch.from_numpy
+    // of two overlapping slices, found in review) or one and a tensor of
+    // torch's may share bytes whatever their starts, so every range counts.
+    std::vector<ByteRange> ranges;
+    ranges.reserve(live);
+    for (size_t i = 0; i < descs_.size(); ++i) {
+      if (storages_[i] != nullptr) ranges.push_back(byte_range(descs_[i]));
+    }
+    return any_meet(ranges);
+  }
+  // Otherwise (every storage's memory from a torch allocator, which gives
+  // each allocation to one storage) only tensors of one allocation can
+  // share bytes: look for an allocation held twice, keyed by its start
+  // (open addressing, at most half full; the table is kept per thread,
+  // fresh pages for it on every call cost more than the rest).
   size_t slots = 2;
   while (slots < 2 * live) slots *= 2;
   thread_local std::vector<const void*> keys;
@@ -385,6 +416,16 @@ bool TensorTable::gaps_reach_dense(at::TensorList tensors) const {
     if (n > 0 && reach[n - 1] > view.begin) return true;
   }
   return false;
+}
+
+bool extents_meet(at::TensorList tensors, const std::vector<int64_t>& which) {
+  std::vector<ByteRange> ranges;
+  ranges.reserve(which.size());
+  for (int64_t i : which) {
+    const at::Tensor& t = tensors[static_cast<size_t>(i)];
+    if (t.numel() > 0) ranges.push_back(extent(t));
+  }
+  return any_meet(ranges);
 }
 
 void bump_versions(at::TensorList tensors) {

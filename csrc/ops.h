@@ -103,9 +103,18 @@ class TensorTable {
  private:
   std::vector<TensorDesc> descs_;
   std::vector<const void*> storages_;  // each descriptor's allocation, its storage's start (nullptr: empty or a copy)
+  // A descriptor's storage holds memory no torch allocator gave it
+  // (torch.from_numpy, from_blob, DLPack): it may share bytes with any
+  // other storage, so spans_overlap compares every range.
+  bool foreign_ = false;
   std::vector<int64_t> strided_;
   std::vector<at::Tensor> copies_;  // keeps contiguous read copies alive
 };
+
+// Whether the extents (first element to last) of two of the views `which`
+// of `tensors` meet, by address, whatever their storages: such views may
+// share bytes and are written one at a time, in list order.
+bool extents_meet(at::TensorList tensors, const std::vector<int64_t>& which);
 
 // The op `name` ("fastclip::clip_"), for calls through the dispatcher from C++.
 template <typename Sig>

@@ -4,7 +4,8 @@
 //   - HeldTensors: the gradients of a parameter list (or a tensor list),
 //     gathered in one C++ pass and kept as C++ tensors, with methods that
 //     call the fused ops through the dispatcher;
-//   - single_call_blocker: why a Python list cannot go to one op call.
+//   - single_call_blocker: why a Python list cannot go to one op call;
+//   - all_dense: whether a fused optimizer step may write the tensors.
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
@@ -60,6 +61,16 @@ std::optional<std::string> single_call_blocker(const std::vector<at::Tensor>& te
   return std::nullopt;
 }
 
+// Every tensor strided, with neither gaps nor overlap: torch's fused
+// optimizer kernels read and write a gradient as one dense block, so only
+// such gradients may carry a folded clip (found in review: a fused step
+// with grad_scale wrote the gaps of a gradient that was a strided view).
+bool all_dense(const std::vector<at::Tensor>& tensors) {
+  return std::all_of(tensors.begin(), tensors.end(), [](const at::Tensor& t) {
+    return t.layout() == c10::kStrided && t.is_non_overlapping_and_dense();
+  });
+}
+
 // True when the ops have kernels for tensors of this device type.
 bool has_kernels(c10::DeviceType type) {
   static const bool cuda = [] {
@@ -71,41 +82,55 @@ bool has_kernels(c10::DeviceType type) {
 
 // True when `.grad` of objects of this Python type can be read in C++:
 // torch.Tensor, nn.Parameter, and subclasses (the DTensor parameters of
-// FSDP2) that neither override .grad nor have a __torch_function__ of their
-// own, which could. Asking Python instead costs ~1 us per parameter. In a
-// list of tensors, the others go to the ops through torch.ops, which calls
-// their __torch_function__.
+// FSDP2) that override neither .grad, nor __getattribute__, nor
+// __torch_function__, any of which could change what .grad gives. Asking
+// Python instead costs ~1 us per parameter. In a list of tensors, the
+// others go to the ops through torch.ops, which calls their
+// __torch_function__. The type's own entries are compared, as its MRO
+// holds them (not read through the class: a descriptor may refuse that,
+// found in review).
 // Decided once per type and version of it: assigning an attribute to a
 // class (or a base) changes its version tag (found in review: a `grad`
 // property added after the first call was not read, and the gradient was
-// not clipped). The cache keeps a reference to each type, so an address in
-// it is never reused by another type.
+// not clipped). Tags are never reused, so an entry of a type since freed
+// cannot match another type at its address; no reference is kept (found in
+// review: one per type kept every class, and all its class body held,
+// alive for the life of the process).
 bool reads_grad_in_cpp(PyTypeObject* type) {
   struct Verdict {
     unsigned int version;  // the type's tp_version_tag when decided; 0: none, decide again
     bool plain;
   };
+  // Entries of freed types are only dropped with the rest, at this size.
+  constexpr size_t kMaxKnownTypes = 4096;
   static std::unordered_map<PyTypeObject*, Verdict> known;  // guarded by the GIL
   const auto found = known.find(type);
   if (found != known.end() && found->second.version != 0 && found->second.version == type->tp_version_tag) {
     return found->second.plain;
   }
+  const auto entry = [](PyTypeObject* t, const char* name) {
+    PyObject* key = PyUnicode_InternFromString(name);
+    if (key == nullptr) throw pybind11::error_already_set();
+    PyObject* value = _PyType_Lookup(t, key);  // borrowed, or nullptr; no descriptor is called
+    Py_DECREF(key);
+    return value;
+  };
+  auto* const tensor = reinterpret_cast<PyTypeObject*>(THPVariableClass);
   // Kept for the life of the process (released: no decref after Python has finalized).
-  static PyObject* const base_grad =
-      pybind11::object(pybind11::handle(THPVariableClass).attr("grad")).release().ptr();
+  static PyObject* const base_grad = Py_XNewRef(entry(tensor, "grad"));
+  static PyObject* const base_getattribute = Py_XNewRef(entry(tensor, "__getattribute__"));
   static PyObject* const disabled =
       pybind11::object(pybind11::module_::import("torch._C").attr("_disabled_torch_function_impl")).release().ptr();
-  const auto cls = pybind11::reinterpret_borrow<pybind11::object>(reinterpret_cast<PyObject*>(type));
-  const bool plain = type == reinterpret_cast<PyTypeObject*>(THPVariableClass) ||
-                     (pybind11::object(cls.attr("grad")).ptr() == base_grad &&
-                      pybind11::object(cls.attr("__torch_function__")).ptr() == disabled);
-  // The attribute lookups above gave the type a version tag where it can have one.
+  const bool plain = type == tensor ||
+                     (entry(type, "grad") == base_grad && entry(type, "__getattribute__") == base_getattribute &&
+                      entry(type, "__torch_function__") == disabled);
+  // The lookups above gave the type a version tag where it can have one.
   const Verdict verdict{type->tp_version_tag, plain};
   if (found != known.end()) {
     found->second = verdict;
   } else {
+    if (known.size() >= kMaxKnownTypes) known.clear();
     known.emplace(type, verdict);
-    cls.inc_ref();
   }
   return plain;
 }
@@ -175,6 +200,14 @@ class HeldTensors {
     tensors_.reserve(items.size());
     positions_.reserve(items.size());
     PyTypeObject* plain = nullptr;  // the last item type read in C++ (lists hold one type)
+    unsigned int plain_version = 0;  // its version tag then: a .grad in Python may change a class mid-call
+    const auto read_in_cpp = [&](PyTypeObject* type) {
+      if (type == plain && plain_version != 0 && type->tp_version_tag == plain_version) return true;
+      if (!reads_grad_in_cpp(type)) return false;
+      plain = type;
+      plain_version = type->tp_version_tag;
+      return true;
+    };
     const bool dual = dual_level_active();
     // The size read again per item (a .grad in Python could change the list), inline.
     for (size_t i = 0; i < static_cast<size_t>(PyList_GET_SIZE(items.ptr())); ++i) {
@@ -191,16 +224,13 @@ class HeldTensors {
       at::Tensor t;
       if (!grads) {
         t = THPVariable_Unpack(obj);
-        if (Py_TYPE(obj) == plain || reads_grad_in_cpp(Py_TYPE(obj))) {
-          plain = Py_TYPE(obj);
-        } else if (!why_) {
+        if (!read_in_cpp(Py_TYPE(obj)) && !why_) {
           // Its __torch_function__ must see the ops: torch.ops calls it (found
           // in review: an UninitializedParameter's norm was taken as 0).
           why_ = "torch_function subclass";
         }
-      } else if (Py_TYPE(obj) == plain || reads_grad_in_cpp(Py_TYPE(obj))) {  // `plain`: no lookup per item
+      } else if (read_in_cpp(Py_TYPE(obj))) {  // the last type's verdict: no lookup per item
         t = grad_of(THPVariable_Unpack(obj));
-        plain = Py_TYPE(obj);
       } else {
         // This subclass may override .grad: ask Python.
         pybind11::object g = pybind11::reinterpret_borrow<pybind11::object>(obj).attr("grad");
@@ -220,6 +250,7 @@ class HeldTensors {
   }
 
   int64_t size() const { return static_cast<int64_t>(tensors_.size()); }
+  bool dense() const { return all_dense(tensors_); }
   // The device of the first tensor (the CPU for an empty list).
   c10::Device device() const { return tensors_.empty() ? c10::Device(c10::kCPU) : tensors_.front().device(); }
   const std::optional<std::string>& blocker_reason() const { return why_; }
@@ -468,6 +499,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       pybind11::arg("tensors"),
       "(index, 'inference' | 'overlap' | 'storage') of the first tensor an in-place op would refuse, or None.");
+  m.def("all_dense", &fastclip::all_dense, pybind11::arg("tensors"),
+        "True when every tensor is strided with neither gaps nor overlap.");
   m.def("single_call_blocker", &fastclip::single_call_blocker, pybind11::arg("tensors"),
         "None if the tensors can go to one fastclip op call, else the reason "
         "('sparse', 'complex', 'dtype', 'devices' or 'subclass').");
@@ -482,6 +515,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              "Why one op call cannot take the list ('sparse', 'complex', 'dtype', 'devices', "
                              "'subclass', 'no kernels'), or None.")
       .def_property_readonly("device", &HeldTensors::device, "The first tensor's device.")
+      .def_property_readonly("dense", &HeldTensors::dense,
+                             "True when every tensor is strided with neither gaps nor overlap.")
       .def("tensors", &HeldTensors::tensors, "The tensors as a Python list.")
       .def("positions", &HeldTensors::positions, "Each tensor's index in the list it was gathered from (int64 CPU tensor).")
       .def("norm", &HeldTensors::norm, pybind11::arg("ord"), pybind11::arg("per_tensor"),

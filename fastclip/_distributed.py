@@ -122,8 +122,12 @@ def check_mesh_apart(sharding: Optional[Sharding], groups: list) -> None:
 _MESH_CLASHES: dict = {}
 
 
+@torch.compiler.assume_constant_result
 def _mesh_clash(mesh, groups: list) -> Optional[tuple[int, int]]:
-    """(group index, global rank) of a process other than this one in the mesh and a group, or None."""
+    """(group index, global rank) of a process other than this one in the
+    mesh and a group, or None. A constant to dynamo, which runs it when it
+    traces (found in review: the mesh's ranks, read from its tensor, were
+    data-dependent to it, and fullgraph failed on a fresh cache)."""
     dist = _dist()
     me = dist.get_rank()
     mesh_ranks = set(mesh.mesh.flatten().tolist())
@@ -135,12 +139,28 @@ def _mesh_clash(mesh, groups: list) -> Optional[tuple[int, int]]:
 
 
 def collective_device(groups: list) -> torch.device:
-    """Where a rank with no local tensors keeps its (zero) contribution."""
+    """Where a rank with no local tensors keeps its (zero) contribution: a
+    GPU where a group reduces CUDA tensors with NCCL (the others' gradients
+    are there), its bound device if it has one, else the CPU."""
+    index = _nccl_device(tuple(groups))
+    if index is None:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device() if index < 0 else index)
+
+
+@torch.compiler.assume_constant_result
+def _nccl_device(groups: tuple) -> Optional[int]:
+    """The CUDA device index of the first group whose backends include NCCL
+    (-1: the current device), or None. From each group's backend config:
+    a group made without a backend reports "undefined" as its backend
+    (found in review; torch 2.13). A constant to dynamo."""
     dist = _dist()
-    # A default group made without a backend reports "cpu:gloo,cuda:nccl".
-    if groups and "nccl" in str(dist.get_backend(groups[0])):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    for group in groups:
+        config = dist.get_backend_config(group) if hasattr(dist, "get_backend_config") else dist.get_backend(group)
+        if "nccl" in str(config):
+            bound = getattr(group, "bound_device_id", None)
+            return bound.index if bound is not None and bound.type == "cuda" and bound.index is not None else -1
+    return None
 
 
 # ---------------------------------------------------------------- DTensors
@@ -304,7 +324,11 @@ def _over_mesh(values: Tensor, keys: list, sharding: Optional[Sharding], op_max:
             kept = [dim in key for key in keys]
             if not all(kept):  # decided on the host list (no tensor read, no graph break when compiled)
                 keep = to_device_async(torch.tensor(kept, device="cpu"), values.device)
-                values = torch.where(keep, values, torch.zeros_like(values))
+                # A copy's NaN or inf still counts, as torch's sum of every
+                # copy counts it (found in review: a replica out of step with
+                # a NaN on one rank passed error_if_nonfinite). In step,
+                # the copy at coordinate 0 holds the same value already.
+                values = torch.where(keep | ~torch.isfinite(values), values, torch.zeros_like(values))
         values = _all_reduce(values, op_max, sharding.mesh.get_group(dim))
     return values
 

@@ -55,6 +55,28 @@ def single_call_blocker(tensors: list[Tensor]) -> Optional[str]:
     return _C.single_call_blocker(tensors)
 
 
+def all_dense(tensors: list[Tensor]) -> bool:
+    """True when every tensor is strided with neither gaps nor overlap (in
+    any order of its dimensions): one C++ pass, or in Python where the
+    extension is not loaded or dynamo traces."""
+    if _C is not None and not torch.compiler.is_compiling():
+        return _C.all_dense(tensors)
+    return all(_dense(t) for t in tensors)
+
+
+def _dense(t: Tensor) -> bool:
+    if t.layout != torch.strided:
+        return False
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for size, stride in sorted((p for p in zip(t.shape, t.stride()) if p[0] != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def first_unwritable(tensors: list[Tensor]) -> Optional[tuple[int, str]]:
     """``(i, why)`` for the first tensor an in-place op would refuse, ``why``
     one of "inference", "overlap" (elements that share memory) or "storage"

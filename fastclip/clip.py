@@ -52,13 +52,16 @@ __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_
 def _as_float(value, name: str, what: str) -> float:
     """float(value), or the error float() gives (TypeError for None or a
     complex number, as torch's functions raise; ValueError for a string that
-    is no number), naming the argument."""
+    is no number; OverflowError for an int beyond the double range), naming
+    the argument."""
     try:
         return float(value)
     except TypeError:
         raise TypeError(f"{name} must be {what}, got {value!r}") from None
     except ValueError:
         raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    except OverflowError:  # an int beyond the double range (torch's error names nothing)
+        raise OverflowError(f"{name} must be {what}, got an int too large for a float") from None
 
 
 def _norm_type(norm_type) -> float:

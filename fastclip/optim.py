@@ -129,6 +129,17 @@ def _filled(entry: Optional[dict]) -> bool:
     return bool(entry) and entry.get("momentum_buffer", True) is not None
 
 
+def _all_finite(grad: Tensor) -> bool:
+    """No NaN or inf among the values ``grad`` holds (sparse: its stored
+    values, summed where an index repeats, as its norm sums them; found in
+    review: ``torch.isfinite`` has no sparse kernel)."""
+    if grad.layout == torch.sparse_coo:
+        grad = grad.coalesce().values()
+    elif grad.layout != torch.strided:
+        grad = grad.values()
+    return bool(torch.isfinite(grad).all())
+
+
 def _policy(nonfinite) -> str:
     if nonfinite not in _POLICIES:
         raise ValueError(f"nonfinite must be one of {', '.join(map(repr, _POLICIES))}, got {nonfinite!r}")
@@ -473,7 +484,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 raw, _ = _clip._norms(grads, self.norm_type, False, one_call, fp64=True)
         policy = "skip" if scaler_found is not None else self.nonfinite
         inner = self.optimizer
-        folds = _folds(inner) and not _has_step_pre_hooks(inner)
+        folds = _folds(inner) and not _has_step_pre_hooks(inner) and (
+            held.dense if held is not None else _ops.all_dense(grads)
+        )
         # A divisor and flag the inner optimizer already carries (set by its
         # user) stay in force for a fused step.
         saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__} if folds else {}
@@ -548,7 +561,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # DTensor: this rank's shard
-                if grad is not None and not bool(torch.isfinite(grad).all()):
+                if grad is not None and not _all_finite(grad):
                     where = repr(names[i]) if names is not None else f"param_groups[{g}]['params'][{i}]"
                     return (
                         f"ClippedOptimizer: the gradient of parameter {where} is non-finite "

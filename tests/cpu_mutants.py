@@ -215,6 +215,18 @@ MUTANTS = {
     "torch_function_items_taken_plain": (
         "csrc/python.cpp", "a __torch_function__ subclass in a list of tensors goes to the kernels unseen",
         '          why_ = "torch_function subclass";', ""),
+    "foreign_storages_unchecked": (
+        "csrc/ops.cpp", "storages over memory from outside torch are taken to own it (overlap missed)",
+        "      foreign_ = foreign_ || (numel != 0 && storage->allocator() == nullptr);",
+        "      foreign_ = false;"),
+    "getattribute_override_ignored": (
+        "csrc/python.cpp", "a __getattribute__ override does not send .grad to Python",
+        'entry(type, "grad") == base_grad && entry(type, "__getattribute__") == base_getattribute &&',
+        'entry(type, "grad") == base_grad &&'),
+    "fold_ignores_layout": (
+        "fastclip/optim.py", "the clip is folded into a fused step whatever the gradients' layout",
+        "held.dense if held is not None else _ops.all_dense(grads)",
+        "True"),
 }
 
 

@@ -406,6 +406,49 @@ def compiled_dtensors(rank: int, world: int) -> None:
     assert_norm(norm, expected, "compiled clip over two groups")
 
 
+def compiled_dtensors_with_a_group(rank: int, world: int) -> None:
+    """torch.compile(fullgraph=True) over DTensor gradients and a
+    process_group apart from their mesh (pipeline stages over FSDP2) on a
+    fresh cache (found in review: the mesh check read the mesh's ranks from
+    its tensor, data-dependent to dynamo, and fullgraph failed)."""
+    mesh = init_device_mesh("cpu", (world,))
+    alone = [dist.new_group([r]) for r in range(world)][rank]  # no other process of the mesh
+    full = full_list(torch.float32, seed=5)[:3]
+    expected = ref_norm(full, 2.0)
+    torch._dynamo.reset()
+    fastclip._distributed._MESH_CLASHES.clear()
+    params = params_of([distribute_tensor(g, mesh, [Shard(0)]) for g in full])
+    clip = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, MAX_NORM, process_group=alone), fullgraph=True)
+    assert_norm(clip(params), expected, "compiled DTensor clip with a group")
+    for p, g in zip(params, full):
+        assert_scaled(p.grad.full_tensor(), g, ref_coef(expected), "compiled DTensor clip with a group")
+
+
+def nonfinite_in_one_replica(rank: int, world: int) -> None:
+    """A replicated gradient whose copy on the last rank alone holds a NaN
+    (replicas out of step): it counts, as in torch's sum over every copy
+    (found in review: the copies off coordinate 0 were zeroed, NaN with
+    them, and error_if_nonfinite passed with the NaN kept on that rank)."""
+    mesh = init_device_mesh("cpu", (world,))
+    for ord in ORDS:
+        for bad in (math.nan, math.inf):
+            sharded = distribute_tensor(torch.arange(1.0, 2.0 * world + 1), mesh, [Shard(0)])
+            local = torch.ones(3)
+            if rank == world - 1:
+                local[1] = bad
+            replicated = DTensor.from_local(local, mesh, [Replicate()], run_check=False)
+            params = params_of([sharded, replicated])
+            try:
+                fastclip.clip_grad_norm_(params, MAX_NORM, ord, error_if_nonfinite=True)
+            except RuntimeError as e:
+                assert "is non-finite" in str(e), e
+            else:
+                raise AssertionError(f"no error for a {bad} in one replica, ord={ord}")
+            total = fastclip.get_total_norm([sharded, replicated], ord)
+            value = float(total.full_tensor())
+            assert math.isnan(value) if math.isnan(bad) else value == math.inf, (ord, bad, value)
+
+
 def local_norm_beyond_float32(rank: int, world: int) -> None:
     """A rank whose own norm exceeds float32's range (finite gradients near its
     maximum) gives what one process gives for the whole list: its local norm
@@ -579,6 +622,8 @@ SCENARIOS = {
         strided_shards_of_fsdp2_over_tp,
         partial_total_norm,
         compiled_dtensors,
+        compiled_dtensors_with_a_group,
+        nonfinite_in_one_replica,
         local_norm_beyond_float32,
         fp64_norms_beyond_squares,
     )

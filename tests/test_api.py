@@ -940,6 +940,16 @@ def test_error_if_nonfinite_raises_torch_error_and_modifies_nothing(dtype, kind,
     assert_untouched(_grads(params), before)
 
 
+def test_nonfinite_error_writes_the_order_as_python_does():
+    # The fused op builds torch's message in C++; the order as f"{norm_type}"
+    # (found in review: 1e16 + 2 came out without its exponent).
+    orders = [0.1, 1e-5, 3.5, 7.0, 123456789.5, 1e15, 1e16, 1e16 + 2, 2.0**60, 1e300, 0.30000000000000004]
+    for ord in orders:
+        with pytest.raises(RuntimeError) as info:
+            fastclip.clip_grad_norm_(make_params([torch.tensor([math.inf])]), 1.0, ord, error_if_nonfinite=True)
+        assert f"The total norm of order {ord} for gradients" in str(info.value), ord
+
+
 @pytest.mark.parametrize("ord", ORDS, ids=ord_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_error_if_nonfinite_true_clips_like_false(dtype, ord):
@@ -1012,6 +1022,15 @@ BAD_INPUTS += [
     # A string is no number even where float() parses it (found in review; torch raises TypeError too).
     ("with_norm total_norm='10'", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, "10"), TypeError, "total_norm"),
     ("with_norm total_norm=b'10'", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, b"10"), TypeError,
+     "total_norm"),
+]
+# An int beyond the double range: OverflowError, as torch's float() raises, but naming the argument.
+HUGE_INT = 10**400
+BAD_INPUTS += [
+    ("max_norm=10**400", lambda ps: fastclip.clip_grad_norm_(ps, HUGE_INT), OverflowError, "max_norm"),
+    ("norm_type=10**400", lambda ps: fastclip.clip_grad_norm_(ps, 1.0, HUGE_INT), OverflowError, "norm_type"),
+    ("clip_value=10**400", lambda ps: fastclip.clip_grad_value_(ps, HUGE_INT), OverflowError, "clip_value"),
+    ("with_norm total_norm=10**400", lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, HUGE_INT), OverflowError,
      "total_norm"),
 ]
 BAD_INPUTS += [

@@ -67,6 +67,29 @@ def test_process_group_without_init(call):
         call(object())
 
 
+def test_empty_rank_device_follows_each_groups_backend_config(monkeypatch):
+    """Where a rank without gradients puts its zero contribution: on a GPU
+    when a group reduces CUDA tensors with NCCL, as the others' gradients
+    are. A group made without a backend reports "undefined" from
+    get_backend in torch 2.13, "cuda:nccl" from get_backend_config on a GPU
+    machine (found in review: such a rank chose the CPU), and any group of
+    the list may be the NCCL one."""
+    from fastclip import _distributed
+
+    class Group:
+        def __init__(self, config, bound=None):
+            self.config, self.bound_device_id = config, bound
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group: "undefined")
+    monkeypatch.setattr(torch.distributed, "get_backend_config", lambda group: group.config)
+    nccl, gloo = Group("cuda:nccl"), Group("cpu:gloo,cuda:gloo")
+    assert _distributed._nccl_device((nccl,)) == -1  # the current device
+    assert _distributed._nccl_device((gloo, Group("cpu:gloo,cuda:nccl", torch.device("cuda", 3)))) == 3
+    assert _distributed._nccl_device((gloo, nccl)) == -1
+    assert _distributed._nccl_device((gloo, Group("cpu:gloo"))) is None
+    assert _distributed.collective_device([gloo]) == torch.device("cpu")
+
+
 def test_no_process_group_is_local():
     params = _params()
     assert float(fastclip.clip_grad_norm_(params, 1.0, process_group=None)) == pytest.approx(75 ** 0.5)

@@ -219,6 +219,96 @@ def test_held_tensors_see_a_grad_property_added_later():
     assert float(_ops.hold([p], True, "parameters").norm(2.0, False)[0]) == 0.0
 
 
+def test_held_tensors_ask_python_where_getattribute_is_overridden():
+    """A Parameter subclass whose __getattribute__ answers .grad (found in
+    review: read in C++, its gradient [3, 4] was taken as the stored zeros,
+    and torch.ops' path under a __torch_function__ mode gave 5)."""
+    class Redirected(torch.nn.Parameter):
+        def __getattribute__(self, name):
+            if name == "grad":
+                return object.__getattribute__(self, "shadow")
+            return super().__getattribute__(name)
+
+    p = Redirected(torch.zeros(2))
+    p.grad = torch.zeros(2)  # what C++ would read
+    p.shadow = torch.tensor([3.0, 4.0])
+    assert float(fastclip.clip_grad_norm_([p], 1.0)) == 5.0
+    torch.testing.assert_close(p.shadow, torch.tensor([0.6, 0.8]))
+
+
+def test_held_tensors_read_a_grad_descriptor_only_through_instances():
+    """A `grad` descriptor that refuses access through the class (found in
+    review: the type check read it from the class and raised AttributeError,
+    also for get_total_norm, which never reads .grad)."""
+    class InstanceOnly:
+        def __get__(self, obj, cls=None):
+            if obj is None:
+                raise AttributeError("grad is an instance attribute")
+            return obj.stored
+
+        def __set__(self, obj, value):
+            obj.stored = value
+
+    class P(torch.nn.Parameter):
+        grad = InstanceOnly()
+
+    class T(torch.Tensor):
+        grad = InstanceOnly()
+        __torch_function__ = torch._C._disabled_torch_function_impl
+
+    p = P(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    assert float(fastclip.clip_grad_norm_([p], 1.0)) == 5.0
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8]))
+    assert float(fastclip.get_total_norm([torch.tensor([3.0, 4.0]).as_subclass(T)])) == 5.0
+
+
+def test_held_tensors_keep_no_tensor_class_alive():
+    """Classes made at run time are freed once unused (found in review: the
+    per-type cache kept a reference to each, and all their class bodies
+    held, for the life of the process)."""
+    import gc
+    import weakref
+
+    def make_class():
+        class Temporary(torch.nn.Parameter):
+            payload = torch.zeros(1000)
+        return Temporary
+
+    refs = []
+    for _ in range(5):
+        cls = make_class()
+        p = cls(torch.zeros(2))
+        p.grad = torch.ones(2)
+        fastclip.clip_grad_norm_([p], 1.0)
+        refs.append(weakref.ref(cls))
+        del cls, p
+    gc.collect()
+    assert [r() for r in refs] == [None] * 5
+
+
+def test_held_tensors_see_a_class_changed_by_a_grad_getter_mid_call():
+    """A Python .grad getter that adds a grad property to the class of later
+    items of the same call (found in review: the call kept reading that
+    class's gradients in C++)."""
+    class Plain(torch.nn.Parameter):
+        pass
+
+    class Trigger(torch.nn.Parameter):
+        @property
+        def grad(self):
+            Plain.grad = property(lambda self: torch.tensor([3.0, 4.0]))
+            return None
+
+    first, second = Plain(torch.zeros(2)), Plain(torch.zeros(2))
+    first.grad = second.grad = torch.zeros(2)
+    try:
+        held = _ops.hold([first, Trigger(torch.zeros(2)), second], True, "parameters")
+        assert_norm_close(held.norm(2.0, False)[0], torch.tensor(5.0, dtype=torch.float64))
+    finally:
+        del Plain.grad
+
+
 def test_held_tensors_let_torch_function_see_grad():
     # A subclass with a __torch_function__ of its own may answer .grad itself:
     # its gradients are asked for in Python, not read in C++.
@@ -422,6 +512,38 @@ def test_two_storages_over_one_allocation_are_written_in_list_order():
             assert first.untyped_storage()._cdata != second.untyped_storage()._cdata  # two storages
             ops.multi_tensor_scale_([first, second], torch.tensor(0.5))
             assert bool((first == 0.25).all())
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["two_foreign", "foreign_over_torch"])
+def test_storages_over_overlapping_memory_at_different_starts_are_written_in_list_order(kind):
+    """Two storages over overlapping memory that start at different
+    addresses: torch.frombuffer of one buffer at two offsets (as
+    torch.from_numpy of two overlapping slices), or a DLPack view of a torch
+    tensor's tail. Found in review: keyed by their starts they looked
+    unrelated, two threads scaled the shared bytes at once, and 130-280 of
+    500 calls lost one of the two scales. (Without the check a run of this
+    test fails by chance: 300 calls.)"""
+    n, shift = 1 << 16, 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(300):
+            if kind == "two_foreign":
+                memory = bytearray(4 * (n + shift))
+                whole = torch.frombuffer(memory, dtype=torch.float32)
+                whole.fill_(1.0)
+                first = torch.frombuffer(memory, dtype=torch.float32, count=n)
+                second = torch.frombuffer(memory, dtype=torch.float32, offset=4 * shift, count=n)
+            else:
+                whole = torch.ones(n + shift)
+                first = whole[:n]
+                second = torch.from_dlpack(whole[shift:])
+            assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+            ops.multi_tensor_scale_([first, second], torch.tensor(0.5))
+            assert bool((whole[shift:n] == 0.25).all()) and bool((whole[:shift] == 0.5).all())
+            assert bool((whole[n:] == 0.5).all())
     finally:
         torch.set_num_threads(threads)
 

@@ -835,6 +835,79 @@ def test_group_that_opts_out_of_fusing_gets_the_plain_clip():
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["held", "list"])
+@pytest.mark.parametrize("layout", ["gaps", "transposed"])
+def test_fused_step_writes_only_the_gradients_own_memory(layout, held, monkeypatch):
+    """torch's fused CPU kernels read and write a gradient as one dense
+    block: a clip folded into them as grad_scale wrote the gaps of a
+    gradient that was a strided view (found in review). Such gradients get
+    the plain clip, then the fused step, as in torch's recipe; a dense
+    transposed one still folds (the kernel scales all of its memory)."""
+    if not held:
+        monkeypatch.setattr(fastclip.clip, "_held", lambda *args: None)  # the Python list path
+    buf = torch.arange(1.0, 17.0).reshape(2, 8)
+    view = {"gaps": lambda b: b[:, ::2], "transposed": lambda b: b[:, :4].t().contiguous().t()}[layout]
+    p = torch.nn.Parameter(torch.zeros(2, 4))
+    ref = torch.nn.Parameter(torch.zeros(2, 4))
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW([p], lr=0.1, fused=True), MAX_NORM)
+    ref_opt = torch.optim.AdamW([ref], lr=0.1, fused=True)
+    folded = []
+    step = opt.optimizer.step
+    monkeypatch.setattr(opt.optimizer, "step", lambda: (folded.append("grad_scale" in opt.optimizer.__dict__), step())[1])
+    before = buf.clone()
+    p.grad = view(buf)
+    ref.grad = view(before.clone())
+    torch.nn.utils.clip_grad_norm_([ref], MAX_NORM)
+    ref_opt.step()
+    opt.step()
+    assert folded == [layout == "transposed"]
+    if layout == "gaps":
+        assert torch.equal(buf[:, 1::2], before[:, 1::2])  # not the gradient's memory
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(p.grad, ref.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_density_check_in_python_agrees_with_the_cpp_one():
+    """The fold's layout check in Python (no extension, or dynamo tracing)
+    and in C++ give the same answer on every layout."""
+    base = torch.zeros(4, 6, 5)
+    layouts = {
+        "contiguous": base, "transposed": base.transpose(0, 2), "permuted": base.permute(1, 2, 0),
+        "channels_last": torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        "gaps": base[:, ::2], "offset_row": base[1:], "column": base[:, :, 1:], "expanded": base[:1].expand(3, 6, 5),
+        "size_one_odd_stride": torch.zeros(4, 1, 5).as_strided((4, 1, 5), (5, 7, 1)),
+        "empty": torch.zeros(0, 3), "empty_strided": torch.zeros(3, 4)[:, :0], "scalar": torch.tensor(1.0),
+        "sparse": torch.eye(3).to_sparse(), "overlap": torch.zeros(6).as_strided((3, 2), (1, 1)),
+    }
+    dense = {name: fastclip._ops._C.all_dense([t]) for name, t in layouts.items()}
+    assert dense == {name: fastclip._ops._dense(t) for name, t in layouts.items()}
+    assert [name for name, d in dense.items() if not d] == ["gaps", "column", "expanded", "sparse", "overlap"]
+    assert not fastclip._ops._C.all_dense(list(layouts.values()))
+
+
+def test_error_policy_with_a_sparse_gradient_names_the_nonfinite_parameter():
+    """nonfinite="error" looks for the non-finite gradient to name it, also
+    past a sparse one (found in review: torch.isfinite has no sparse kernel,
+    and the step raised NotImplementedError)."""
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    lin = torch.nn.Linear(4, 1)
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD([*emb.parameters(), *lin.parameters()], lr=0.1), MAX_NORM,
+                                    nonfinite="error")
+    lin(emb(torch.tensor([1, 2, 2]))).sum().backward()
+    assert emb.weight.grad.is_sparse and not emb.weight.grad.is_coalesced()
+    for bad, name in ((lin.bias, r"\['params'\]\[2\]"), (emb.weight, r"\['params'\]\[0\]")):
+        bad.grad = bad.grad.clone()
+        values = bad.grad._values() if bad.grad.is_sparse else bad.grad
+        values.view(-1)[-1] = math.nan
+        weights = [q.detach().clone() for q in (emb.weight, lin.weight, lin.bias)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's note on sparse gradients
+            with pytest.raises(RuntimeError, match=name):
+                opt.step()
+        assert all(torch.equal(w, q) for w, q in zip(weights, (emb.weight, lin.weight, lin.bias)))
+        values.view(-1)[-1] = 0.0
+
+
 @pytest.mark.parametrize("where", ["inner", "global"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 def test_step_pre_hooks_of_the_inner_optimizer_see_clipped_gradients(where, fused):

@@ -169,27 +169,14 @@ void scale_dense(const TensorTable& table, const Upload* up, const Coefficient& 
   }
 }
 
-// Whether two of the views `which` of `tensors` are over one allocation
-// (and so may share bytes): keyed by its start, as TensorTable::spans_overlap,
-// so that two storages over one memory count as one (found in review).
-bool views_share_storage(at::TensorList tensors, const std::vector<int64_t>& which) {
-  std::vector<const void*> storages;
-  storages.reserve(which.size());
-  for (int64_t i : which) {
-    storages.push_back(tensors[static_cast<size_t>(i)].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()->data());
-  }
-  std::sort(storages.begin(), storages.end());
-  return std::adjacent_find(storages.begin(), storages.end()) != storages.end();
-}
-
 // Scales the views with gaps that TensorTable leaves out of the flat table
 // (`which`), batched into launch_scale_strided calls (one view per launch,
-// in list order, where two views are over one storage: see scale_dense);
+// in list order, where two views' extents meet: see scale_dense);
 // the rare view of more than kMaxViewDims dimensions goes to ATen with
 // `aten_coef` (0-dim).
 void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, const Coefficient& coef,
                  const at::Tensor& aten_coef, int sms, cudaStream_t stream) {
-  const int64_t per_launch = views_share_storage(tensors, which) ? 1 : kMaxViewsPerLaunch;
+  const int64_t per_launch = extents_meet(tensors, which) ? 1 : kMaxViewsPerLaunch;
   StridedViews batch{};
   const auto flush = [&] {
     launch_scale_strided(batch, coef, sms, stream);
@@ -305,13 +292,13 @@ void clamp_dense(const TensorTable& table, double clip_value, const c10::Device&
 
 // Clamps the views with gaps `which` of `tensors` through contiguous copies
 // and the same kernel, then copies them back: in one launch, or one view at
-// a time in list order where two are over one storage (a copy made before
+// a time in list order where two views' extents meet (a copy made before
 // the other view's write-back would undo it). ATen's clamp_ (fminf/fmaxf)
 // may give +0.0 where the kernels give -0.0 (a negative value clamped to a
 // bound of 0).
 void clamp_views(at::TensorList tensors, const std::vector<int64_t>& which, double clip_value,
                  const c10::Device& device, int sms, cudaStream_t stream) {
-  if (which.size() > 1 && views_share_storage(tensors, which)) {
+  if (which.size() > 1 && extents_meet(tensors, which)) {
     for (int64_t i : which) clamp_views(tensors, {i}, clip_value, device, sms, stream);
     return;
   }
