@@ -55,13 +55,26 @@ def single_call_blocker(tensors: list[Tensor]) -> Optional[str]:
     return _C.single_call_blocker(tensors)
 
 
-def all_dense(tensors: list[Tensor]) -> bool:
-    """True when every tensor is strided with neither gaps nor overlap (in
-    any order of its dimensions): one C++ pass, or in Python where the
-    extension is not loaded or dynamo traces."""
+def dense_and_apart(tensors: list[Tensor]) -> bool:
+    """True when every tensor is one dense block (strided, neither gaps nor
+    overlap, in any order of its dimensions) and no two share bytes: one
+    C++ pass, or in Python where the extension is not loaded or dynamo
+    traces (there only the same tensor twice is seen as shared)."""
     if _C is not None and not torch.compiler.is_compiling():
-        return _C.all_dense(tensors)
-    return all(_dense(t) for t in tensors)
+        return _C.dense_and_apart(tensors)
+    if not all(_dense(t) for t in tensors):
+        return False
+    if torch.compiler.is_compiling():
+        return len({id(t) for t in tensors}) == len(tensors)
+    ranges = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for t in tensors
+        if t.numel() > 0 and t.device.type != "meta" and not torch._C._dispatch_keys(t).has(_PYTHON_KEY)
+    )
+    return all(ranges[k][0] >= ranges[k - 1][1] for k in range(1, len(ranges)))
+
+
+_PYTHON_KEY = torch._C.DispatchKey.Python  # fake and wrapper subclasses: no memory of their own to compare
 
 
 def _dense(t: Tensor) -> bool:

@@ -485,7 +485,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         policy = "skip" if scaler_found is not None else self.nonfinite
         inner = self.optimizer
         folds = _folds(inner) and not _has_step_pre_hooks(inner) and (
-            held.dense if held is not None else _ops.all_dense(grads)
+            held.dense_and_apart if held is not None else _ops.dense_and_apart(grads)
         )
         # A divisor and flag the inner optimizer already carries (set by its
         # user) stay in force for a fused step.

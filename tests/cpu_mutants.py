@@ -221,11 +221,11 @@ MUTANTS = {
         "      foreign_ = false;"),
     "getattribute_override_ignored": (
         "csrc/python.cpp", "a __getattribute__ override does not send .grad to Python",
-        'entry(type, "grad") == base_grad && entry(type, "__getattribute__") == base_getattribute &&',
-        'entry(type, "grad") == base_grad &&'),
+        "entry(type, grad_name) == base_grad && entry(type, getattribute_name) == base_getattribute &&",
+        "entry(type, grad_name) == base_grad &&"),
     "fold_ignores_layout": (
         "fastclip/optim.py", "the clip is folded into a fused step whatever the gradients' layout",
-        "held.dense if held is not None else _ops.all_dense(grads)",
+        "held.dense_and_apart if held is not None else _ops.dense_and_apart(grads)",
         "True"),
 }
 

@@ -849,8 +849,10 @@ def test_fused_step_writes_only_the_gradients_own_memory(layout, held, monkeypat
     view = {"gaps": lambda b: b[:, ::2], "transposed": lambda b: b[:, :4].t().contiguous().t()}[layout]
     p = torch.nn.Parameter(torch.zeros(2, 4))
     ref = torch.nn.Parameter(torch.zeros(2, 4))
-    opt = fastclip.ClippedOptimizer(torch.optim.AdamW([p], lr=0.1, fused=True), MAX_NORM)
-    ref_opt = torch.optim.AdamW([ref], lr=0.1, fused=True)
+    # SGD: the update is the clipped gradient itself (AdamW's first step is
+    # about -lr whatever the gradient's scale; found in review).
+    opt = fastclip.ClippedOptimizer(torch.optim.SGD([p], lr=0.1, fused=True), MAX_NORM)
+    ref_opt = torch.optim.SGD([ref], lr=0.1, fused=True)
     folded = []
     step = opt.optimizer.step
     monkeypatch.setattr(opt.optimizer, "step", lambda: (folded.append("grad_scale" in opt.optimizer.__dict__), step())[1])
@@ -867,9 +869,9 @@ def test_fused_step_writes_only_the_gradients_own_memory(layout, held, monkeypat
     torch.testing.assert_close(p.grad, ref.grad, rtol=1e-6, atol=1e-7)
 
 
-def test_density_check_in_python_agrees_with_the_cpp_one():
-    """The fold's layout check in Python (no extension, or dynamo tracing)
-    and in C++ give the same answer on every layout."""
+def test_fold_check_in_python_agrees_with_the_cpp_one(monkeypatch):
+    """The fold's check (every gradient one dense block, no two sharing
+    bytes) in Python (no extension) and in C++ give the same answers."""
     base = torch.zeros(4, 6, 5)
     layouts = {
         "contiguous": base, "transposed": base.transpose(0, 2), "permuted": base.permute(1, 2, 0),
@@ -879,10 +881,40 @@ def test_density_check_in_python_agrees_with_the_cpp_one():
         "empty": torch.zeros(0, 3), "empty_strided": torch.zeros(3, 4)[:, :0], "scalar": torch.tensor(1.0),
         "sparse": torch.eye(3).to_sparse(), "overlap": torch.zeros(6).as_strided((3, 2), (1, 1)),
     }
-    dense = {name: fastclip._ops._C.all_dense([t]) for name, t in layouts.items()}
-    assert dense == {name: fastclip._ops._dense(t) for name, t in layouts.items()}
-    assert [name for name, d in dense.items() if not d] == ["gaps", "column", "expanded", "sparse", "overlap"]
-    assert not fastclip._ops._C.all_dense(list(layouts.values()))
+    buf, g = torch.zeros(8), torch.zeros(3)
+    lists = {name: [t] for name, t in layouts.items()}
+    lists.update({"same twice": [g, g], "overlapping": [buf[:4], buf[2:6]], "adjacent": [buf[:4], buf[4:]],
+                  "apart": [g, buf], "transposed and apart": [base.transpose(0, 2), g]})
+    cpp = {name: fastclip._ops._C.dense_and_apart(ts) for name, ts in lists.items()}
+    assert [name for name, ok in cpp.items() if not ok] == [
+        "gaps", "column", "expanded", "sparse", "overlap", "same twice", "overlapping"]
+    monkeypatch.setattr(fastclip._ops, "_C", None)
+    assert {name: fastclip._ops.dense_and_apart(ts) for name, ts in lists.items()} == cpp
+
+
+def test_fused_step_divides_a_gradient_shared_by_two_parameters_once():
+    """Two parameters with one gradient tensor (or overlapping ones): torch's
+    fused kernel divides a gradient in place once per parameter, so a
+    folded clip would give the second parameter the coefficient twice
+    (found in review); such lists get the plain clip, then the fused step,
+    as torch's recipe (clip_grad_norm_ scales the shared memory once per
+    entry, in list order, then the step)."""
+    for share in ("same", "overlapping"):
+        def grads():
+            buf = torch.arange(1.0, 9.0)
+            return (buf, buf) if share == "same" else (buf[:6], buf[2:])
+
+        params = [torch.nn.Parameter(torch.zeros(8 if share == "same" else 6)) for _ in range(2)]
+        refs = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+        opt = fastclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1, fused=True), MAX_NORM)
+        ref_opt = torch.optim.SGD(refs, lr=0.1, fused=True)
+        for ps in (params, refs):
+            ps[0].grad, ps[1].grad = grads()
+        torch.nn.utils.clip_grad_norm_(refs, MAX_NORM, foreach=False)
+        ref_opt.step()
+        opt.step()
+        for p, r in zip(params, refs):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-8)
 
 
 def test_error_policy_with_a_sparse_gradient_names_the_nonfinite_parameter():
