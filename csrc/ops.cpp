@@ -418,6 +418,34 @@ bool TensorTable::gaps_reach_dense(at::TensorList tensors) const {
   return false;
 }
 
+bool TensorTable::reaches(at::TensorList tensors, const at::Tensor& x) const {
+  if (x.numel() == 0) return false;
+  const ByteRange target = extent(x);
+  const auto meets = [&](const ByteRange& r) { return r.begin < target.end && target.begin < r.end; };
+  for (const TensorDesc& d : descs_) {
+    if (d.numel > 0 && meets(byte_range(d))) return true;
+  }
+  for (int64_t i : strided_) {
+    if (meets(extent(tensors[static_cast<size_t>(i)]))) return true;
+  }
+  return false;
+}
+
+bool may_share_elements(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
+  dims.reserve(static_cast<size_t>(t.dim()));
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // the largest offset the smaller strides reach
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return true;
+    reach += (size - 1) * stride;
+  }
+  return false;
+}
+
 bool extents_meet(at::TensorList tensors, const std::vector<int64_t>& which) {
   std::vector<ByteRange> ranges;
   ranges.reserve(which.size());

@@ -99,6 +99,9 @@ class TensorTable {
   // scaled after the gradient; only two dtypes over the same bytes can
   // tell). `tensors`: those the table was made of.
   bool gaps_reach_dense(at::TensorList tensors) const;
+  // An entry's bytes (first element to last for a view with gaps) meet
+  // those of `x`, by address: x is written while it is read otherwise.
+  bool reaches(at::TensorList tensors, const at::Tensor& x) const;
 
  private:
   std::vector<TensorDesc> descs_;
@@ -110,6 +113,12 @@ class TensorTable {
   std::vector<int64_t> strided_;
   std::vector<at::Tensor> copies_;  // keeps contiguous read copies alive
 };
+
+// Whether two elements of the view `t` may lie at one address (an
+// as_strided view whose rows overlap, which torch's overlap check calls
+// "too hard" and lets through): false when its strides, in increasing
+// order, each pass the reach of the smaller ones.
+bool may_share_elements(const at::Tensor& t);
 
 // Whether the extents (first element to last) of two of the views `which`
 // of `tensors` meet, by address, whatever their storages: such views may

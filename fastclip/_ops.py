@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _fallback
+
 try:
     # Loading it registers the ops. By name: `from . import _C` would report
     # a missing module as a circular import of the package (found in review).
@@ -107,10 +109,8 @@ def first_unwritable(tensors: list[Tensor]) -> Optional[tuple[int, str]]:
             continue
         if torch._debug_has_internal_overlap(t) == 1:
             return i, "overlap"
-        if t.numel() > 0 and t.device.type != "meta":
-            last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-            if (last + 1) * t.element_size() > t.untyped_storage().nbytes():
-                return i, "storage"
+        if _fallback.first_beyond_storage([t]) is not None:
+            return i, "storage"
     return None
 
 

@@ -172,13 +172,19 @@ def _grads(parameters: TensorOrTensors, held=None) -> tuple[list[Tensor], bool]:
 
 
 def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
-    if not torch.isfinite(total).item():
-        raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from "
-            "`parameters` is non-finite, so it cannot be clipped. To disable "
-            "this error and scale the gradients by the non-finite norm anyway, "
-            "set `error_if_nonfinite=False`"
-        )
+    message = (
+        f"The total norm of order {norm_type} for gradients from "
+        "`parameters` is non-finite, so it cannot be clipped. To disable "
+        "this error and scale the gradients by the non-finite norm anyway, "
+        "set `error_if_nonfinite=False`"
+    )
+    if torch.compiler.is_compiling():
+        # Dynamo cannot branch on the norm's value: the graph checks it
+        # before the writes that follow (found in review: the split path
+        # failed fullgraph=True with a data-dependent guard).
+        torch._assert_async(torch.isfinite(total), message)
+    elif not torch.isfinite(total).item():
+        raise RuntimeError(message)
 
 
 # ---------------------------------------------------------------- routing
@@ -228,23 +234,33 @@ def _has_tangent(t: Tensor) -> bool:
     )
 
 
-def _fallback_reason(t: Tensor) -> Optional[str]:
+# Why a tensor needs the fallback: (template, detail) of constants, so
+# that a trace can hand them to _warn_while_tracing (dynamo cannot make an
+# f-string one); the text is made where it is warned.
+_NOT_LOADED = "the compiled extension fastclip._C could not be loaded ({})"
+
+
+def _fallback_reason(t: Tensor) -> Optional[tuple]:
     if not _ops.available():
-        return f"the compiled extension fastclip._C could not be loaded ({_ops.import_error()})"
+        return _NOT_LOADED, None
     if t.device.type not in _KERNEL_DEVICES:
-        return f"this build of fastclip has no kernels for {t.device.type} tensors"
+        return "this build of fastclip has no kernels for {} tensors", t.device.type
     if t.layout != torch.strided:
-        return f"the kernels take dense tensors, not {t.layout}"
+        return "the kernels take dense tensors, not {}", t.layout
     if t.dtype not in _KERNEL_DTYPES:
-        return f"the kernels take float32/float64/float16/bfloat16 tensors, not {t.dtype}"
+        return "the kernels take float32/float64/float16/bfloat16 tensors, not {}", t.dtype
     if _has_tangent(t):
-        return "the kernels do not propagate forward-mode AD tangents"
+        return "the kernels do not propagate forward-mode AD tangents", None
     # (dynamo cannot trace is_neg(); the C++ check routes such views eagerly)
     if not torch.compiler.is_compiling() and t.is_neg():
-        return "torch refuses in-place ops on a list holding a negative-bit view (torch._neg_view)"
+        return "torch refuses in-place ops on a list holding a negative-bit view (torch._neg_view)", None
     if not torch.compiler.is_compiling() and torch._is_functional_tensor(t):
-        return "torch.func.functionalize cannot run custom ops that write a list of tensors in place"
+        return "torch.func.functionalize cannot run custom ops that write a list of tensors in place", None
     return None
+
+
+def _reason_text(template: str, detail) -> str:
+    return template.format(_ops.import_error() if template is _NOT_LOADED else detail)
 
 
 # Frames skipped when a warning is attributed: fastclip's own, and torch's
@@ -271,10 +287,28 @@ def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=level)
 
 
-def _warn_once(reason: str) -> None:
-    if reason not in _warned and not torch.compiler.is_compiling():
+def _warn_once(template: str, detail) -> None:
+    if torch.compiler.is_compiling():
+        _warn_while_tracing(template, detail)
+        return
+    reason = _reason_text(template, detail)
+    if reason not in _warned:
         _warned.add(reason)
         _warn(f"fastclip: computing with plain PyTorch because {reason}")
+
+
+@torch.compiler.assume_constant_result
+def _warn_while_tracing(template: str, detail) -> bool:
+    """_warn_once while dynamo traces: it runs functions marked so at trace
+    time, and a compiled graph cannot warn (found in review: a program that
+    called fastclip only under torch.compile never heard why it ran on the
+    fallback). Reads ``_warned`` here, not in the traced code, where the
+    set would be guarded and its change recompile."""
+    reason = _reason_text(template, detail)
+    if reason not in _warned:
+        _warned.add(reason)
+        _warn(f"fastclip: computing with plain PyTorch because {reason}")
+    return True
 
 
 class _Part:
@@ -292,7 +326,7 @@ def _split(tensors: list[Tensor]) -> list[_Part]:
             raise _not_a_tensor(tensors, "tensors")
         reason = _fallback_reason(t)
         if reason is not None:
-            _warn_once(reason)
+            _warn_once(*reason)
         buckets.setdefault((t.device, reason is None), []).append(i)
     return [
         _Part(device, _ops if use_kernels else _fallback, idx, [tensors[i] for i in idx])
@@ -317,6 +351,7 @@ def _split_norms(parts: list[_Part], first: torch.device, n: int, ord: float, pe
     totals, eaches, order = [], [], []
     for part in parts:
         if part.impl is _fallback:
+            _refuse_unreadable(part)
             total, part_each = _fallback.norms64(part.tensors, ord)
         else:
             total, part_each = _ops.multi_tensor_norm(part.tensors, ord, per_tensor, fp64=True)
@@ -400,10 +435,25 @@ def _refuse_unwritable(tensors: list[Tensor]) -> None:
             f"{name} has elements that share memory (an expand()ed view?), so it cannot be written in "
             "place; clone() it first"
         )
-    raise RuntimeError(
+    raise _beyond_storage(name, tensors[i])
+
+
+def _beyond_storage(name: str, t: Tensor) -> RuntimeError:
+    return RuntimeError(
         f"{name} has elements beyond the memory of its storage "
-        f"({tensors[i].untyped_storage().nbytes()} bytes; was it resized or freed?)"
+        f"({t.untyped_storage().nbytes()} bytes; was it resized or freed?)"
     )
+
+
+def _refuse_unreadable(part: _Part) -> None:
+    """Before the fallback reads ``part``: a tensor with elements beyond its
+    storage, which the ops refuse (found in review: the fallback read past
+    the memory of a complex gradient, NaN or a crash)."""
+    if torch.compiler.is_compiling():
+        return
+    k = _fallback.first_beyond_storage(part.tensors)
+    if k is not None:
+        raise _beyond_storage(f"gradient {part.indices[k]} (counting non-None gradients)", part.tensors[k])
 
 
 def _refuse_unsupported(parts: list, op: str) -> None:

@@ -563,6 +563,45 @@ def test_device_coefficient_inside_a_scaled_tensor_is_read_once():
 
 
 
+def _same_bytes_other_storage(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """``t``'s first element through another storage object over the same bytes."""
+    if kind == "dlpack":
+        return torch.from_dlpack(t[:1])[0]
+    other = torch.empty(0, dtype=t.dtype, device=t.device)
+    return other.set_(t.untyped_storage()[t.element_size():], 0, ())  # t[1], from a second storage
+
+
+@pytest.mark.parametrize("kind", ["dlpack", "storage_slice"])
+def test_device_coefficient_over_the_same_bytes_through_another_storage_is_read_once(kind):
+    # Found in review (not run on a GPU when written): the copy was made
+    # only for the same storage object, and these are other objects.
+    a = torch.full((8 * CHUNK,), 0.5, device="cuda")
+    b = torch.full((8 * CHUNK,), 3.0, device="cuda")
+    coef = _same_bytes_other_storage(a, kind)
+    assert coef.untyped_storage()._cdata != a.untyped_storage()._cdata  # another storage object
+    ops.multi_tensor_scale_([a, b], coef)
+    assert torch.equal(a, torch.full_like(a, 0.25)) and torch.equal(b, torch.full_like(b, 1.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("coef_device", ["cpu", "cuda"])
+def test_view_with_elements_at_one_address_is_scaled_once_per_address(dtype, coef_device):
+    # Found in review (not run on a GPU when written): as_strided((N, 2),
+    # (1, 1)) passes torch's overlap check ("too hard"); the strided kernel
+    # scaled its shared addresses in two threads at once, some twice. Each
+    # address is scaled once, as on the CPU.
+    n = 8 * CHUNK
+    expected = {}
+    for device in ("cpu", "cuda"):
+        base = (torch.arange(1, n + 2, dtype=torch.float64) % 1000).to(dtype).to(device)
+        view = base.as_strided((n, 2), (1, 1))
+        ops.multi_tensor_scale_([view], torch.tensor(0.5, dtype=torch.float64, device=coef_device if device == "cuda" else "cpu"))
+        expected[device] = base.cpu()
+    assert_same_bits(expected["cuda"], expected["cpu"])
+    reference = ((torch.arange(1, n + 2, dtype=torch.float64) % 1000).to(dtype).double() * 0.5).to(dtype)
+    assert_same_bits(expected["cpu"], reference)
+
+
 def test_clip_scalars_on_cuda_matches_the_cpu_op_bitwise():
     """The one-thread CUDA kernel of clip_scalars_ (inputs of every dtype on
     the device) against the CPU op on 400 argument sets, every output and

@@ -396,3 +396,103 @@ def test_fallback_scale_takes_every_coefficient_shape_the_op_takes(shape):
     _fallback.multi_tensor_scale_(theirs, coef)
     for a, b in zip(ours, theirs):
         assert_same_bits(a, b)
+
+
+@pytest.fixture(params=["no_extension", "complex"])
+def fallback_route(request, monkeypatch):
+    """How a list reaches the fallback: the extension missing (values as
+    given), or loaded with the gradients complex (values as the real parts:
+    the same norms)."""
+    monkeypatch.setattr(fastclip.clip, "_warned", set())
+    if request.param == "complex":
+        if not _ops.available():
+            pytest.skip("the extension is not loaded")
+        return lambda t: t.to(torch.complex128 if t.dtype == torch.float64 else torch.complex64)
+    request.getfixturevalue("fallback")
+    return lambda t: t
+
+
+@pytest.mark.parametrize(
+    "values, dtype, ord",
+    [([1.47e-27, 1.3e-27], torch.float32, 12.0), ([4e-4, 3e-4, 5e-4], torch.float32, 100.0),
+     ([1e-160, 2e-160], torch.float64, 2.0)],
+    ids=["fp32_1e-27_ord12", "fp32_4e-4_ord100", "fp64_1e-160_ord2"],
+)
+def test_fallback_rescues_power_sums_in_the_subnormal_range(values, dtype, ord, fallback_route):
+    # Found in review: a power sum below 2^-960 that lost digits to
+    # subnormals without coming out below max |x| was kept (2.2e-3 off at
+    # order 12; the kernels rescue such sums).
+    grads = [fallback_route(torch.tensor(values, dtype=dtype))]
+    norm = ref_norm(grads, ord)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # (the float32 result of 2.2e-160 is 0)
+        torch.testing.assert_close(fastclip.get_total_norm(grads, ord), norm.float(), rtol=2**-23, atol=0)
+        total, _ = _fallback.multi_tensor_norm(grads, ord, False, fp64=True)
+    torch.testing.assert_close(total, norm, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("n, value, ord", [(2000, 1e-300, 0.01), (2, 1e-319, 1 / 1030)], ids=["2000x1e-300", "2x1e-319"])
+def test_fallback_combination_below_order_1_does_not_overflow(n, value, ord, fallback):
+    # Found in review: the per-tensor norms divided by the largest, summed
+    # and raised to 1/p overflowed (inf) where the norm is finite.
+    grads = [torch.tensor([value], dtype=torch.float64) for _ in range(n)]
+    expected = math.exp(math.log(n) / ord + math.log(value))
+    with pytest.warns(UserWarning, match="fastclip"):
+        assert_norm_close(fastclip.get_total_norm(grads, ord), torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(_fallback.combine(torch.full((n,), value, dtype=torch.float64), ord).item(),
+                               expected, rtol=1e-12, atol=0)
+
+
+def test_fallback_norms_refuse_a_gradient_beyond_its_storage(fallback_route):
+    # Found in review: the norm functions read past the memory of a
+    # gradient whose storage was shrunk under it (NaN, or a crash), where
+    # the ops refuse it; nothing is read then.
+    params = make_params([fallback_route(torch.full((3,), 4.0)), fallback_route(torch.ones(1000))])
+    dense, short = _grads(params)
+    short.untyped_storage().resize_(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match=r"gradient 1 .*beyond the memory of its storage"):
+            fastclip.get_total_norm([dense, short])
+        with pytest.raises(RuntimeError, match="beyond the memory of its storage"):
+            fastclip.grad_norms(params)
+
+
+def test_fallback_warning_is_given_when_only_compiled_code_runs(fallback):
+    # Found in review: the warning was skipped while dynamo traced, so a
+    # program calling fastclip only under torch.compile never got it. It
+    # is given once, at trace time.
+    torch._dynamo.reset()
+    params = _params(torch.float32, seed=11)
+    compiled = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, 1.0), backend="aot_eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        compiled(params)
+        compiled(params)
+    found = _fastclip_warnings(record)
+    assert len(found) == 1 and "could not be loaded" in str(found[0].message), [str(w.message) for w in record]
+    assert found[0].filename == __file__, found[0].filename  # attributed to the caller
+
+
+def test_fallback_error_if_nonfinite_under_fullgraph_compile(fallback):
+    # Found in review: the split path read the norm on the host, which
+    # fullgraph=True refuses (a data-dependent guard); the graph checks it
+    # now, with torch's message, before anything is written.
+    torch._dynamo.reset()
+    params = _params(torch.float32, seed=12)
+    expected = clone_params(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        norm = fastclip.clip_grad_norm_(expected, 1.0, error_if_nonfinite=True)
+        compiled = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True),
+                                 backend="aot_eager", fullgraph=True)
+        assert_identical(compiled(params), norm)
+        for p, q in zip(_grads(params), _grads(expected)):
+            assert_identical(p, q)
+        params[0].grad[0] = math.inf
+        before = [g.clone() for g in _grads(params)]
+        with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
+            compiled(params)
+    for g, b in zip(_grads(params), before):
+        assert_identical(g, b)

@@ -172,8 +172,10 @@ void scale_dense(const TensorTable& table, const Upload* up, const Coefficient& 
 // Scales the views with gaps that TensorTable leaves out of the flat table
 // (`which`), batched into launch_scale_strided calls (one view per launch,
 // in list order, where two views' extents meet: see scale_dense);
-// the rare view of more than kMaxViewDims dimensions goes to ATen with
-// `aten_coef` (0-dim).
+// the rare view of more than kMaxViewDims dimensions, and one whose
+// elements may share an address, go to ATen with `aten_coef` (0-dim), out
+// of place: the strided kernel's threads would scale a shared address at
+// once, some twice (found in review: as_strided((N, 2), (1, 1))).
 void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, const Coefficient& coef,
                  const at::Tensor& aten_coef, int sms, cudaStream_t stream) {
   const int64_t per_launch = extents_meet(tensors, which) ? 1 : kMaxViewsPerLaunch;
@@ -185,14 +187,16 @@ void scale_views(at::TensorList tensors, const std::vector<int64_t>& which, cons
   };
   for (int64_t i : which) {
     const at::Tensor& t = tensors[static_cast<size_t>(i)];
-    if (t.dim() > kMaxViewDims) {
-      // ATen would round a float64 device coefficient to a 16-bit dtype
-      // before multiplying; the kernels multiply by float(coef) and round
-      // once, which computing in float reproduces.
+    if (t.dim() > kMaxViewDims || may_share_elements(t)) {
+      // Every element read before any is written; elements at one address
+      // then write the same value. ATen would round a float64 device
+      // coefficient to a 16-bit dtype before multiplying; the kernels
+      // multiply by float(coef) and round once, which computing in float
+      // reproduces.
       if (t.element_size() == 2) {
         t.copy_(t.to(at::kFloat).mul_(aten_coef.to(at::kFloat)));
       } else {
-        t.mul_(aten_coef);
+        t.copy_(t.mul(aten_coef));
       }
       continue;
     }
@@ -356,16 +360,19 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   if (coef.is_cpu()) {
     c.host = coef.item<double>();  // a host value: no device sync
     if (c.host == 1.0) return;     // the contract: no memory traffic at all
-  } else {
+  }
+  const TensorTable table(tensors, TensorTable::kWrite);
+  if (!coef.is_cpu()) {
     // Every block reads a device coefficient when it starts: one that lies
     // in a scaled tensor (scale_([a], a[0])) would be read after some block
     // scaled it (found in review); it is read from a copy then, queued on
-    // the stream (no sync). One at an odd byte address is refused: its
-    // load would fault, in ATen's copy as in the kernels (found in review).
+    // the stream (no sync). Found by address: a second storage over the
+    // same bytes (DLPack, set_ on a slice of the storage) is another
+    // storage object (found in review). One at an odd byte address is
+    // refused: its load would fault, in ATen's copy as in the kernels
+    // (found in review).
     check_element_aligned(kOp, "coef", coef);
-    bool aliased = false;
-    for (const at::Tensor& t : tensors) aliased = aliased || t.storage().is_alias_of(coef.storage());
-    coef_device = supported_dtype(coef.scalar_type()) && !aliased
+    coef_device = supported_dtype(coef.scalar_type()) && !table.reaches(tensors, coef)
                       ? coef
                       : coef.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
     c.device = coef_device.data_ptr();
@@ -373,7 +380,6 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   }
   const int sms = sm_count(device.index());
   const cudaStream_t stream = current_stream(device);
-  const TensorTable table(tensors, TensorTable::kWrite);
   scale_table(tensors, table, nullptr, c, coef.is_cpu() ? coef.reshape({}) : coef_device.reshape({}), device, sms,
               stream);
   bump_versions(tensors);  // a device coefficient may be 1: the host cannot know, so it says "may have written"
