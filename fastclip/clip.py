@@ -114,7 +114,12 @@ def _total_norm(total_norm) -> Tensor:
         raise TypeError(f"total_norm must be {what}, got {total_norm!r}")
     if not isinstance(total_norm, Tensor):
         # On the CPU whatever `with torch.device(...)` is active (found in review: a meta default failed).
-        return torch.tensor(_as_float(total_norm, "total_norm", what), dtype=torch.float64, device="cpu")
+        value = _as_float(total_norm, "total_norm", what)
+        if torch.compiler.is_compiling():
+            # 1 * value: dynamo specializes torch.tensor(value), a graph per
+            # value (found in review), as for max_norm in _coefficient.
+            return torch.ones((), dtype=torch.float64, device="cpu") * value
+        return torch.tensor(value, dtype=torch.float64, device="cpu")
     if total_norm.is_complex():
         raise TypeError(f"total_norm must be {what}, got a {total_norm.dtype} tensor")
     if total_norm.numel() != 1:

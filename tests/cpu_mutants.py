@@ -127,7 +127,7 @@ MUTANTS = {
         "    return numerator / (norm + 1e-6)"),
     "fallback_combine_unscaled": (
         "fastclip/_fallback.py", "the fallback combines per-tensor norms without scaling (overflow)",
-        "    return torch.linalg.vector_norm(norms / scale, ord) * scale",
+        "    return _scaled_norm(norms, scale, ord)",
         "    return torch.linalg.vector_norm(norms, ord)"),
     "fused_step_divisor_inverted": (
         "csrc/numerics.h", "the fused step's grad_scale multiplies by the coefficient instead of dividing",

@@ -1325,6 +1325,50 @@ def test_torch_compile_max_norm_schedule_compiles_once(kind):
     assert counter.frame_count <= 2
 
 
+@pytest.mark.parametrize("fn", ["get_total_norm", "clip_grad_norm_tensor_max_norm"])
+def test_torch_compile_fullgraph_error_if_nonfinite_checks_in_the_graph(fn):
+    """get_total_norm(error_if_nonfinite=True), and clip_grad_norm_ with a
+    tensor max_norm and it, compile with fullgraph=True (they failed on a
+    data-dependent guard, as torch's do): the graph checks the norm and
+    raises torch's error before anything is written."""
+    torch._dynamo.reset()
+    params = _model_params()
+    if fn == "get_total_norm":
+        call = lambda ps: fastclip.get_total_norm([p.grad for p in ps], 2.0, error_if_nonfinite=True)
+    else:
+        call = lambda ps: fastclip.clip_grad_norm_(ps, torch.tensor(0.1), error_if_nonfinite=True)
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    eager_params = clone_params(params)
+    assert_same_bits(compiled(params), call(eager_params))
+    for p, q in zip(params, eager_params):
+        assert_same_bits(p.grad, q.grad)
+    params[0].grad.view(-1)[0] = math.nan
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
+        compiled(params)
+    for p, b in zip(params, before):
+        assert_same_bits(p.grad, b)
+
+
+def test_torch_compile_float_total_norm_schedule_compiles_once():
+    """clip_grads_with_norm_ with a float total_norm that changes from call
+    to call stays one graph after dynamo makes it dynamic (found in review:
+    torch.tensor(total_norm) specialized a graph per value, and fullgraph
+    hit the recompile limit); every value gives eager's bits."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fastclip.clip_grads_with_norm_, fullgraph=True, backend=counter)
+    for total_norm in (3.0, 4.5, 7.0, 9.25, 12.0):
+        params, eager_params = _model_params(), _model_params()
+        compiled(params, 1.0, total_norm)
+        fastclip.clip_grads_with_norm_(eager_params, 1.0, total_norm)
+        for p, q in zip(params, eager_params):
+            assert_same_bits(p.grad, q.grad)
+    assert counter.frame_count <= 2
+
+
 @pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_"])
 def test_torch_compile_refuses_bad_max_norm_after_it_became_dynamic(fn):
     """Once a schedule has made max_norm a symbolic float, inf, NaN and a

@@ -9,6 +9,7 @@ import math
 import time
 
 import pytest
+import torch
 
 import fastclip
 from fastclip import benchmark
@@ -220,7 +221,7 @@ def test_wrong_results_fail_instead_of_being_timed(monkeypatch):
     monkeypatch.setattr(fastclip, "clip_grad_norm_", lambda params, max_norm: fastclip.get_total_norm(
         [p.grad for p in params]))
     rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "fp32", "--cases", "clip,adamw"])
-    assert _row(rows, "clip", "fastclip").status.startswith("failed: norm after clipping")
+    assert _row(rows, "clip", "fastclip").status.startswith("failed: an element after clipping")
     assert _row(rows, "clip", "fastclip").median_ms is None
     assert _row(rows, "adamw", "fastclip+adamw").status.startswith("failed: parameters after one step")
     assert _row(rows, "clip", "fastclip op").status == "ok"
@@ -242,8 +243,61 @@ def test_a_few_tensors_left_unscaled_fail_the_clip_row(monkeypatch):
 
     monkeypatch.setattr(fastclip, "clip_grad_norm_", all_but_last)
     rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "bf16", "--cases", "clip"])
-    assert _row(rows, "clip", "fastclip", "bf16").status.startswith("failed: a tensor's norm after clipping")
+    assert _row(rows, "clip", "fastclip", "bf16").status.startswith("failed: an element after clipping")
     assert _row(rows, "clip", "fastclip op", "bf16").status == "ok"
+
+
+def test_a_tail_of_every_tensor_left_unscaled_fails_the_clip_row(monkeypatch):
+    """Negative control (found in review): a bf16 clip that leaves the last
+    0.4% of every tensor unscaled moves each tensor's norm by less than
+    bf16's tolerance; the check of every element catches it."""
+    monkeypatch.setitem(benchmark.SETS, "tiny", lambda: [(64, 64)] * 4)
+    real = fastclip.clip_grad_norm_
+
+    def tail_unscaled(params, max_norm):
+        params = list(params)
+        kept = [p.grad.reshape(-1)[-16:].clone() for p in params]
+        total = real(params, max_norm)
+        for p, k in zip(params, kept):
+            p.grad.reshape(-1)[-16:].copy_(k)
+        return total
+
+    monkeypatch.setattr(fastclip, "clip_grad_norm_", tail_unscaled)
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "bf16", "--cases", "clip"])
+    assert _row(rows, "clip", "fastclip", "bf16").status.startswith("failed: an element after clipping")
+    assert _row(rows, "clip", "fastclip op", "bf16").status == "ok"
+
+
+def test_noclip_check_sees_negated_gradients(monkeypatch):
+    """Negative control (found in review): negated gradients have the same
+    per-tensor norms, which the check compared before."""
+    def negates(params, max_norm):
+        total = fastclip.get_total_norm([p.grad for p in params])
+        for p in params:
+            p.grad.neg_()
+        return total
+
+    monkeypatch.setattr(fastclip, "clip_grad_norm_", negates)
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "bf16", "--cases", "noclip"])
+    assert _row(rows, "noclip", "fastclip", "bf16").status == "failed: the gradients changed although no clipping was needed"
+    assert _row(rows, "noclip", "fastclip op", "bf16").status == "ok"
+
+
+def test_a_failed_torch_row_does_not_fail_the_rows_after_it(monkeypatch):
+    """Found in review: a torch row that scaled the gradients in the noclip
+    case left them so, and the fastclip checks after it failed."""
+    def scales(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+        grads = [p.grad for p in parameters]
+        total = torch.nn.utils.get_total_norm(grads)
+        torch._foreach_mul_(grads, 0.9)
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", scales)
+    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "fp32", "--cases", "noclip,clip"])
+    assert _row(rows, "noclip", "torch foreach").status.startswith("failed:")
+    for case in ("noclip", "clip"):
+        assert _row(rows, case, "fastclip").status == "ok"
+        assert _row(rows, case, "fastclip op").status == "ok"
 
 
 def test_exit_status_fails_when_a_fastclip_row_fails(monkeypatch, tmp_path):
@@ -358,6 +412,18 @@ def test_orders_diagnostic_refuses_a_wrong_norm(monkeypatch):
     monkeypatch.setattr(fastclip, "get_total_norm", lambda grads, order: real(grads, order) * 1.01)
     with pytest.raises(RuntimeError, match="off the float64 reference"):
         orders.run(["tiny"], ["fp32"], [3.5], rounds=1)
+
+
+def test_orders_diagnostic_does_not_time_a_wrong_torch_norm(monkeypatch):
+    # Found in review: torch's norm was not checked, so a wrong one would
+    # have been timed and published.
+    from fastclip.benchmark import orders
+
+    real = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads, order: real(grads, order) * 1.5)
+    row = orders.run(["tiny"], ["fp32"], [3.5], rounds=1)["rows"][0]
+    assert math.isnan(row["torch_ms"]) and math.isnan(row["speedup"]) and row["torch_rel_err"] > 0.4
+    assert row["fastclip_ms"] > 0
 
 
 def test_git_commit_is_fastclips_own(tmp_path, monkeypatch):

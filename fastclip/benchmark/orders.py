@@ -23,6 +23,7 @@ import time
 import torch
 
 from . import shapes as shape_lists
+from .cases import NORM_RTOL
 from .report import save_result
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -74,6 +75,12 @@ def run(sets, dtypes, orders, rounds: int = ROUNDS, device: str = "cpu") -> dict
                 if not errors["fastclip"] <= FASTCLIP_RTOL:  # correct before timed (NaN fails too)
                     raise RuntimeError(f"{set_name} {dtype_name} order {order}: fastclip's norm is "
                                        f"{errors['fastclip']:.3g} off the float64 reference")
+                if not errors["torch"] <= NORM_RTOL["torch"]:
+                    # Reported, not timed, as a failed torch row of the
+                    # main benchmark (found in review: it was not checked).
+                    del calls["torch"]
+                    print(f"{set_name} {dtype_name} order {order}: torch's norm is {errors['torch']:.3g} off "
+                          "the float64 reference: not timed", file=sys.stderr)
                 best = {m: math.inf for m in calls}
                 for _ in range(rounds):
                     for method, call in calls.items():
@@ -81,8 +88,8 @@ def run(sets, dtypes, orders, rounds: int = ROUNDS, device: str = "cpu") -> dict
                 rows.append({
                     "set": set_name, "dtype": dtype_name, "order": order, "tensors": len(grads),
                     "mbytes": sum(g.numel() * g.element_size() for g in grads) / 1e6,
-                    "fastclip_ms": best["fastclip"], "torch_ms": best["torch"],
-                    "speedup": best["torch"] / best["fastclip"],
+                    "fastclip_ms": best["fastclip"], "torch_ms": best.get("torch", math.nan),
+                    "speedup": best.get("torch", math.nan) / best["fastclip"],
                     "fastclip_rel_err": errors["fastclip"], "torch_rel_err": errors["torch"],
                 })
             del grads, flat
