@@ -287,6 +287,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     @state.setter
     def state(self, value) -> None:
+        self.__dict__.pop("_state_verdict", None)
         self.optimizer.state = value
 
     @property
@@ -339,6 +340,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self.__dict__.pop("_state_verdict", None)
         self.optimizer.load_state_dict(state_dict)
 
     # State-dict hooks live on the inner optimizer, whose state_dict() runs
@@ -484,8 +486,13 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 raw, _ = _clip._norms(grads, self.norm_type, False, one_call, fp64=True)
         policy = "skip" if scaler_found is not None else self.nonfinite
         inner = self.optimizer
+        # Not across device types (found in review): torch's fused step
+        # takes a GPU divisor and flag to the CPU with a copy it does not
+        # wait for, and its CPU kernel reads them at once. `held` is on one
+        # device.
         folds = _folds(inner) and not _has_step_pre_hooks(inner) and (
-            held.dense_and_apart if held is not None else _ops.dense_and_apart(grads)
+            held.dense_and_apart if held is not None
+            else _ops.dense_and_apart(grads) and len({g.device.type for g in grads}) == 1
         )
         # A divisor and flag the inner optimizer already carries (set by its
         # user) stay in force for a fused step.
@@ -602,12 +609,16 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # `state[p].clear()`, `state[p] = {}` or a momentum buffer set to
         # None, kept the answer, and fused SGD's skipped step left garbage
         # momentum). The parameters are kept with it, so that no id is
-        # reused meanwhile.
+        # reused meanwhile; the state dict by its id only (found in review:
+        # holding it kept the whole old optimizer state alive after
+        # load_state_dict until the next step, 8 bytes per fp32 parameter
+        # of AdamW on the GPU), and the answer is dropped where the wrapper
+        # replaces it.
         # (The momentum check costs 12 us per 161 entries: SGD's only.)
         filled = _filled if isinstance(self.optimizer, torch.optim.SGD) else bool
         ids = tuple(map(id, params))
         kept = self.__dict__.get("_state_verdict")
-        if (kept is not None and kept[0] is state and kept[1] == len(state) and kept[2] == ids
+        if (kept is not None and kept[0] == id(state) and kept[1] == len(state) and kept[2] == ids
                 and all(map(filled, state.values()) if filled is _filled else state.values())):
             return True
         # The kept answer is a host cache: not written while dynamo traces
@@ -616,7 +627,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         tracing = torch.compiler.is_compiling()
         if all(map(filled, map(state.get, params))):
             if not tracing:
-                self._state_verdict = (state, len(state), ids, params)
+                self._state_verdict = (id(state), len(state), ids, params)
             return True
         if not tracing:
             self.__dict__.pop("_state_verdict", None)

@@ -129,6 +129,14 @@ MUTANTS = {
         "fastclip/_fallback.py", "the fallback combines per-tensor norms without scaling (overflow)",
         "    return _scaled_norm(norms, scale, ord)",
         "    return torch.linalg.vector_norm(norms, ord)"),
+    "fallback_tiny_sum_kept": (
+        "fastclip/_fallback.py", "the fallback keeps a power sum below 2^-960 (digits lost to subnormals)",
+        "    tiny = torch.log2(norm) * ord < RESCUE_TINY_LOG2",
+        "    tiny = torch.zeros((), dtype=torch.bool)"),
+    "fallback_reads_beyond_storage": (
+        "fastclip/clip.py", "the fallback's norms read a gradient with elements beyond its storage",
+        "            _refuse_unreadable(part)\n",
+        ""),
     "fused_step_divisor_inverted": (
         "csrc/numerics.h", "the fused step's grad_scale multiplies by the coefficient instead of dividing",
         "  s.divisor = static_cast<float>(loss_scale * extra_scale / s.coef);",
@@ -225,7 +233,8 @@ MUTANTS = {
         "entry(type, grad_name) == base_grad &&"),
     "fold_ignores_layout": (
         "fastclip/optim.py", "the clip is folded into a fused step whatever the gradients' layout",
-        "held.dense_and_apart if held is not None else _ops.dense_and_apart(grads)",
+        "held.dense_and_apart if held is not None\n"
+        "            else _ops.dense_and_apart(grads) and len({g.device.type for g in grads}) == 1",
         "True"),
 }
 

@@ -639,3 +639,27 @@ def test_clip_scalars_refuses_an_argument_on_another_device(name):
     with pytest.raises(RuntimeError, match=f"{name} is on cpu but norm is on cuda"):
         torch.ops.fastclip.clip_scalars_(**args)
     assert math.isnan(args["last_coef"].item()) and args["skipped"].item() == 7
+
+
+def test_clipped_optimizer_with_cpu_and_cuda_parameters_steps_as_torch():
+    # Found in review (not run on a GPU when written): folded into a fused
+    # step, a GPU divisor and flag reach torch's CPU kernel by a copy it
+    # does not wait for. Such a list is clipped, then stepped, as torch's
+    # recipe.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64, device=d)) for d in ("cuda", "cpu", "cuda", "cpu")]
+    refs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, r in zip(params, refs):
+        p.grad = torch.randn_like(p) * 10
+        r.grad = p.grad.clone()
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW(params, lr=0.1, fused=True), max_norm=1.0)
+    ref_opt = torch.optim.AdamW(refs, lr=0.1, fused=True)
+    for _ in range(3):
+        torch.nn.utils.clip_grad_norm_(refs, 1.0)
+        ref_opt.step()
+        opt.step()
+        for p, r in zip(params, refs):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
+        for p, r in zip(params, refs):
+            p.grad = torch.randn_like(p) * 10
+            r.grad = p.grad.clone()

@@ -1398,3 +1398,35 @@ def test_logs_of_another_dtype_become_float32_and_keep_their_values():
     assert restored.last_norm.dtype == restored.last_clip_coef.dtype == torch.float32
     assert restored.last_norm.item() == pytest.approx(norm, rel=1e-6)
     assert restored.skipped_steps.item() == 3
+
+
+@pytest.mark.parametrize("how", ["wrapper", "inner", "state_setter"])
+def test_replaced_optimizer_state_is_freed_at_once(monkeypatch, how):
+    """Found in review: the kept answer of the state check held the state
+    dict, so after load_state_dict the old AdamW state stayed alive until
+    the next step (on a GPU, where the check runs every step: forced here).
+    torch frees it at once, and so does the wrapper now."""
+    import gc
+    import weakref
+
+    import fastclip.optim as optim_module
+
+    monkeypatch.setattr(optim_module, "_CPU_HOST_DECIDES", False)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), max_norm=1.0)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(2, 16)).sum().backward()
+        opt.step()
+    saved = {"state": {k: {n: v.clone() for n, v in s.items()} for k, s in opt.state_dict()["state"].items()},
+             "param_groups": opt.state_dict()["param_groups"]}
+    old = weakref.ref(opt.state[model.weight]["exp_avg"])
+    if how == "wrapper":
+        opt.load_state_dict(saved)
+    elif how == "inner":
+        opt.optimizer.load_state_dict(saved)
+    else:
+        opt.state = collections.defaultdict(dict)
+    gc.collect()
+    assert old() is None
