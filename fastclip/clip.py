@@ -183,10 +183,12 @@ def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
         "this error and scale the gradients by the non-finite norm anyway, "
         "set `error_if_nonfinite=False`"
     )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and total.device.type == "cpu":
         # Dynamo cannot branch on the norm's value: the graph checks it
         # before the writes that follow (found in review: the split path
-        # failed fullgraph=True with a data-dependent guard).
+        # failed fullgraph=True with a data-dependent guard). Not on a GPU,
+        # where it is a device-side assert that ends the CUDA context (found
+        # in review): there the host read breaks the graph, as torch's does.
         torch._assert_async(torch.isfinite(total), message)
     elif not torch.isfinite(total).item():
         raise RuntimeError(message)
@@ -298,8 +300,8 @@ def _warn_once(template: str, detail) -> None:
         return
     reason = _reason_text(template, detail)
     if reason not in _warned:
-        _warned.add(reason)
         _warn(f"fastclip: computing with plain PyTorch because {reason}")
+        _warned.add(reason)  # after: a warning filter's "error" raises on every call
 
 
 @torch.compiler.assume_constant_result
@@ -311,8 +313,11 @@ def _warn_while_tracing(template: str, detail) -> bool:
     set would be guarded and its change recompile."""
     reason = _reason_text(template, detail)
     if reason not in _warned:
-        _warned.add(reason)
+        # Under warnings.simplefilter("error") dynamo raises its
+        # InternalTorchDynamoError around the warning (found in review),
+        # then on every call, as eager raises the warning on every call.
         _warn(f"fastclip: computing with plain PyTorch because {reason}")
+        _warned.add(reason)
     return True
 
 
