@@ -309,6 +309,7 @@ def test_graph_capture_and_replay_equal_eager(max_norm):
     with torch.cuda.stream(side):  # warm-up outside the capture, as torch recommends
         for _ in range(2):
             fastclip.clip_grad_norm_(clone_params(params), max_norm)
+            fastclip.grad_norms(clone_params(params))  # captured below too (found in review: not warmed up)
     torch.cuda.current_stream().wait_stream(side)
 
     graph = torch.cuda.CUDAGraph()
