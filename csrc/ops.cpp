@@ -652,8 +652,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
   return out;
 }
 
+// -------------------------------------------------------- negative bit
+// A view with the negative bit (`x.conj().imag`, `torch._neg_view`): torch's
+// Negative fallback refuses a list written in place that holds one. Each
+// written op gives the same memory whatever the sign of its data (a scale;
+// a clamp to [-c, c]; a clip, whose norm is of |x|), so it runs on the
+// views without the bit, over the same bytes. Eager calls route such
+// views to plain PyTorch first (fastclip/clip.py); under torch.compile,
+// which cannot ask is_neg(), they reach the ops (found in review).
+std::vector<at::Tensor> without_neg_bit(at::TensorList tensors) {
+  std::vector<at::Tensor> out(tensors.begin(), tensors.end());
+  for (at::Tensor& t : out) {
+    if (t.is_neg()) t = at::_neg_view(t);  // flips the bit back: the same bytes, read as stored
+  }
+  return out;
+}
+
+const c10::DispatchKeySet kAfterNegative(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::Negative);
+
+void scale_negative(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
+  static const auto op = op_handle<ScaleSig>("fastclip::multi_tensor_scale_");
+  op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), coef.is_neg() ? coef.resolve_neg() : coef);
+}
+
+void clamp_negative(c10::DispatchKeySet ks, at::TensorList tensors, double clip_value) {
+  static const auto op = op_handle<ClampSig>("fastclip::multi_tensor_clamp_");
+  op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), clip_value);
+}
+
+at::Tensor clip_negative(c10::DispatchKeySet ks, at::TensorList tensors, double max_norm, double ord,
+                         bool error_if_nonfinite) {
+  static const auto op = op_handle<ClipSig>("fastclip::clip_");
+  return op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), max_norm, ord, error_if_nonfinite);
+}
+
 }  // namespace
 }  // namespace fastclip
+
+// The written list ops under the Negative key (see without_neg_bit); the
+// others take torch's fallback, which resolves what they read.
+TORCH_LIBRARY_IMPL(fastclip, Negative, m) {
+  m.impl("multi_tensor_scale_", &fastclip::scale_negative);
+  m.impl("multi_tensor_clamp_", &fastclip::clamp_negative);
+  m.impl("clip_", &fastclip::clip_negative);
+}
 
 // One registration for every device's autograd key.
 TORCH_LIBRARY_IMPL(fastclip, Autograd, m) {
