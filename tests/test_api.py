@@ -1691,3 +1691,10 @@ def test_ops_take_negative_bit_views(op):
         torch.testing.assert_close(ours, theirs, rtol=2e-7, atol=0)
     else:
         assert_same_bits(ours, theirs)
+
+
+def test_scale_by_a_negative_bit_view_coefficient():
+    # Its value, not its stored bytes (the GPU kernels read the bytes).
+    t = torch.tensor([1.0, -2.0, 4.0])
+    torch.ops.fastclip.multi_tensor_scale_([t, torch._neg_view(torch.zeros(2))], torch._neg_view(torch.tensor(-0.5)))
+    assert_same_bits(t, torch.tensor([0.5, -1.0, 2.0]))

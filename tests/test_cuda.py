@@ -664,3 +664,15 @@ def test_clipped_optimizer_with_cpu_and_cuda_parameters_steps_as_torch():
         for p, r in zip(params, refs):
             p.grad = torch.randn_like(p) * 10
             r.grad = p.grad.clone()
+
+
+def test_negative_bit_views_and_coefficient_on_cuda():
+    # The Negative kernels (not run on a GPU when written): a view's bytes
+    # are scaled as stored, and a coefficient is read for its value, which
+    # the kernels would otherwise take from its bytes (the wrong sign).
+    base = torch.tensor([3.0, -4.0, 12.0], device="cuda")
+    t = torch.tensor([1.0, -2.0], device="cuda")
+    torch.ops.fastclip.multi_tensor_scale_([torch._neg_view(base), t],
+                                           torch._neg_view(torch.tensor(-0.5, device="cuda")))
+    assert_same_bits(base.cpu(), torch.tensor([1.5, -2.0, 6.0]))
+    assert_same_bits(t.cpu(), torch.tensor([0.5, -1.0]))
