@@ -660,10 +660,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
 // views without the bit, over the same bytes. Eager calls route such
 // views to plain PyTorch first (fastclip/clip.py); under torch.compile,
 // which cannot ask is_neg(), they reach the ops (found in review).
+// The view shares the original's version counter: made below
+// ADInplaceOrView (inside the Autograd kernel's guard) it would get one of
+// its own, and the write would leave the original and its base at their
+// versions, so that autograd used the overwritten values silently (found
+// in review: a gradient came out 3x too large where torch raises).
 std::vector<at::Tensor> without_neg_bit(at::TensorList tensors) {
   std::vector<at::Tensor> out(tensors.begin(), tensors.end());
   for (at::Tensor& t : out) {
-    if (t.is_neg()) t = at::_neg_view(t);  // flips the bit back: the same bytes, read as stored
+    if (!t.is_neg()) continue;
+    at::Tensor view = at::_neg_view(t);  // flips the bit back: the same bytes, read as stored
+    if (!t.is_inference()) view.unsafeGetTensorImpl()->set_version_counter(t.unsafeGetTensorImpl()->version_counter());
+    t = std::move(view);
   }
   return out;
 }

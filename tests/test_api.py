@@ -1698,3 +1698,24 @@ def test_scale_by_a_negative_bit_view_coefficient():
     t = torch.tensor([1.0, -2.0, 4.0])
     torch.ops.fastclip.multi_tensor_scale_([t, torch._neg_view(torch.zeros(2))], torch._neg_view(torch.tensor(-0.5)))
     assert_same_bits(t, torch.tensor([0.5, -1.0, 2.0]))
+
+
+@pytest.mark.parametrize("op", ["scale", "clamp", "clip"])
+def test_ops_on_a_negative_bit_view_bump_its_base_version(op):
+    # Found in review: the view the Negative kernels write through had a
+    # version counter of its own, so autograd used overwritten values
+    # silently (a gradient 3x too large) where torch raises.
+    x = torch.tensor([0.5, 1.0], requires_grad=True)
+    y = x.exp()  # saved for backward
+    view = torch._neg_view(y)
+    before = y._version
+    with torch.no_grad():
+        if op == "scale":
+            torch.ops.fastclip.multi_tensor_scale_([view], torch.tensor(3.0))
+        elif op == "clamp":
+            torch.ops.fastclip.multi_tensor_clamp_([view], 1.0)
+        else:
+            torch.ops.fastclip.clip_([view], 1.0, 2.0)
+    assert y._version > before and view._version == y._version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
