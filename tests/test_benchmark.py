@@ -227,42 +227,34 @@ def test_wrong_results_fail_instead_of_being_timed(monkeypatch):
     assert _row(rows, "clip", "fastclip op").status == "ok"
 
 
-def test_a_few_tensors_left_unscaled_fail_the_clip_row(monkeypatch):
-    """Negative control: a bf16 clip that leaves its last tensor of many
-    unscaled moves the total norm by less than bf16's tolerance; the
-    per-tensor check catches it (found in review: 10 of 10,000 passed)."""
-    monkeypatch.setitem(benchmark.SETS, "tiny", lambda: [(64,)] * 200)
+def _last_tensor(params):
+    return [params[-1].grad]
+
+
+def _tail_of_each(params):
+    return [p.grad.reshape(-1)[-16:] for p in params]
+
+
+@pytest.mark.parametrize("shapes, kept", [([(64,)] * 200, _last_tensor), ([(64, 64)] * 4, _tail_of_each)],
+                         ids=["last_of_200_tensors", "tail_of_every_tensor"])
+def test_elements_left_unscaled_fail_the_clip_row(monkeypatch, shapes, kept):
+    """Negative controls: a bf16 clip that leaves its last tensor of many
+    unscaled moves the total norm by less than bf16's tolerance (found in
+    review: 10 of 10,000 passed), and one that leaves the last 0.4% of every
+    tensor unscaled moves each tensor's norm by less (found in review); the
+    check of every element catches both."""
+    monkeypatch.setitem(benchmark.SETS, "tiny", lambda: shapes)
     real = fastclip.clip_grad_norm_
 
-    def all_but_last(params, max_norm):
+    def clip_but_keep(params, max_norm):
         params = list(params)
-        kept = params[-1].grad.clone()
+        saved = [(part, part.clone()) for part in kept(params)]
         total = real(params, max_norm)
-        params[-1].grad.copy_(kept)
+        for part, old in saved:
+            part.copy_(old)
         return total
 
-    monkeypatch.setattr(fastclip, "clip_grad_norm_", all_but_last)
-    rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "bf16", "--cases", "clip"])
-    assert _row(rows, "clip", "fastclip", "bf16").status.startswith("failed: an element after clipping")
-    assert _row(rows, "clip", "fastclip op", "bf16").status == "ok"
-
-
-def test_a_tail_of_every_tensor_left_unscaled_fails_the_clip_row(monkeypatch):
-    """Negative control (found in review): a bf16 clip that leaves the last
-    0.4% of every tensor unscaled moves each tensor's norm by less than
-    bf16's tolerance; the check of every element catches it."""
-    monkeypatch.setitem(benchmark.SETS, "tiny", lambda: [(64, 64)] * 4)
-    real = fastclip.clip_grad_norm_
-
-    def tail_unscaled(params, max_norm):
-        params = list(params)
-        kept = [p.grad.reshape(-1)[-16:].clone() for p in params]
-        total = real(params, max_norm)
-        for p, k in zip(params, kept):
-            p.grad.reshape(-1)[-16:].copy_(k)
-        return total
-
-    monkeypatch.setattr(fastclip, "clip_grad_norm_", tail_unscaled)
+    monkeypatch.setattr(fastclip, "clip_grad_norm_", clip_but_keep)
     rows, _ = benchmark.run([*TINY_RUN, "--dtypes", "bf16", "--cases", "clip"])
     assert _row(rows, "clip", "fastclip", "bf16").status.startswith("failed: an element after clipping")
     assert _row(rows, "clip", "fastclip op", "bf16").status == "ok"
