@@ -608,17 +608,20 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # entry is filled (found in review: a state reset in place,
         # `state[p].clear()`, `state[p] = {}` or a momentum buffer set to
         # None, kept the answer, and fused SGD's skipped step left garbage
-        # momentum). The parameters are kept with it, so that no id is
-        # reused meanwhile; the state dict by its id only (found in review:
-        # holding it kept the whole old optimizer state alive after
-        # load_state_dict until the next step, 8 bytes per fp32 parameter
-        # of AdamW on the GPU), and the answer is dropped where the wrapper
-        # replaces it.
+        # momentum), and for the same keys of `state` in the same order
+        # (found in review: a key swapped in place, `state[q] =
+        # state.pop(p)`, kept it). The parameters and the keys are kept
+        # with it, so that no id is reused meanwhile; the state dict by its
+        # id only (found in review: holding it kept the whole old optimizer
+        # state alive after load_state_dict until the next step, 8 bytes
+        # per fp32 parameter of AdamW on the GPU), and the answer is dropped
+        # where the wrapper replaces it.
         # (The momentum check costs 12 us per 161 entries: SGD's only.)
         filled = _filled if isinstance(self.optimizer, torch.optim.SGD) else bool
         ids = tuple(map(id, params))
+        keys = tuple(map(id, state))
         kept = self.__dict__.get("_state_verdict")
-        if (kept is not None and kept[0] == id(state) and kept[1] == len(state) and kept[2] == ids
+        if (kept is not None and kept[0] == id(state) and kept[1] == keys and kept[2] == ids
                 and all(map(filled, state.values()) if filled is _filled else state.values())):
             return True
         # The kept answer is a host cache: not written while dynamo traces
@@ -627,7 +630,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         tracing = torch.compiler.is_compiling()
         if all(map(filled, map(state.get, params))):
             if not tracing:
-                self._state_verdict = (id(state), len(state), ids, params)
+                self._state_verdict = (id(state), keys, ids, params, tuple(state))
             return True
         if not tracing:
             self.__dict__.pop("_state_verdict", None)

@@ -744,7 +744,7 @@ def test_stale_state_of_removed_parameters_does_not_skip_on_the_device(host, mon
 
 def test_state_check_is_not_kept_past_a_change_of_state():
     """The kept answer of the per-parameter state check ends with the state
-    dict it was found for, its entry count, or the parameters."""
+    dict it was found for, its keys, or the parameters."""
     params = [torch.nn.Parameter(torch.ones(4)) for _ in range(3)]
     for p in params:
         p.grad = torch.ones(4)
@@ -778,6 +778,12 @@ def test_state_check_is_not_kept_past_a_change_of_state():
     opt.state[params[2]] = {}  # replaced by an empty one
     assert not opt._has_state()
     opt.state[params[2]] = entry
+    assert opt._has_state()
+    stray = torch.nn.Parameter(torch.ones(4))  # in no group
+    entry = opt.state.pop(params[0])
+    opt.state[stray] = entry  # a key swapped in place: same dict, same count, every entry filled
+    assert not opt._has_state()
+    opt.state[params[0]] = opt.state.pop(stray)
     assert opt._has_state()
     other = torch.nn.Parameter(torch.ones(4))
     other.grad = torch.ones(4)
