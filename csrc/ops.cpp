@@ -593,6 +593,11 @@ void scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Te
   check_no_grad("fastclip::multi_tensor_scale_", tensors);
   check_no_tangent("fastclip::multi_tensor_scale_", tensors);
   check_no_tangent("fastclip::multi_tensor_scale_", coef, "coef");
+  // torch's mul_ would record coef's history in the tensors; this op would
+  // drop it silently (found in review).
+  TORCH_CHECK(!c10::GradMode::is_enabled() || !coef.requires_grad(),
+              "fastclip::multi_tensor_scale_: coef requires grad; the op is not differentiable: call it under "
+              "torch.no_grad() (fastclip's Python functions do) or pass coef.detach()");
   at::AutoDispatchBelowADInplaceOrView guard;
   op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, coef);
 }

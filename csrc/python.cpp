@@ -569,6 +569,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unwrap_dtensors", &fastclip::unwrap_dtensors, pybind11::arg("items"), pybind11::arg("dtensor_type"),
         pybind11::arg("shard_types"), pybind11::arg("replicate_type"), pybind11::arg("partial_type"),
         "(local tensors, sharded mesh dims of each, mesh) of a list of DTensors on one mesh, or None.");
+  m.def(
+      "same_objects",
+      [](const pybind11::iterable& items, const pybind11::tuple& kept) {
+        // By identity, never __eq__ (a tensor's compares elements).
+        const size_t count = kept.size();
+        size_t i = 0;
+        for (pybind11::handle item : items) {
+          if (i == count || item.ptr() != PyTuple_GET_ITEM(kept.ptr(), i)) return false;
+          ++i;
+        }
+        return i == count;
+      },
+      pybind11::arg("items"), pybind11::arg("kept"),
+      "True when iterating items gives the objects of kept, the same ones in the same order.");
   m.def("build_info", &fastclip::build_info, "How this extension was built.");
   m.def("check_list_op", &fastclip::check_list_op, pybind11::arg("op"), pybind11::arg("tensors"),
         pybind11::arg("ord") = std::nullopt, pybind11::arg("max_norm") = std::nullopt,

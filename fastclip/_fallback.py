@@ -156,8 +156,9 @@ def clip_scalars_(
     found = ~torch.isfinite(norm64) | (value(found_inf, 0.0) > 0) | (value(extra_found, 0.0) > 0)
     if skip_inf_divisor:
         found = found | torch.isinf(divisor)
-    last_norm.copy_(norm64)
-    last_coef.copy_(coef)
+    with torch.no_grad():  # logs, without history, as the op writes them
+        last_norm.copy_(norm64)
+        last_coef.copy_(coef)
     if count_skip:
         skipped.add_(found.to(torch.int64))
     return coef / scale, divisor, found.to(torch.float32)

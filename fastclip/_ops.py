@@ -114,6 +114,15 @@ def first_unwritable(tensors: list[Tensor]) -> Optional[tuple[int, str]]:
     return None
 
 
+def same_objects(items, kept: tuple) -> bool:
+    """True when iterating ``items`` (a list, a dict's keys) gives the objects
+    of ``kept``, the same ones in the same order: by identity, in C++ (161
+    objects: under 1 us, against about 10 us for their ids in Python)."""
+    if _C is not None and not torch.compiler.is_compiling():
+        return _C.same_objects(items, kept)
+    return tuple(map(id, items)) == tuple(map(id, kept))
+
+
 def hold(items: list, grads: bool, name: str):
     """``items`` (their gradients that are not None, when ``grads``) gathered
     in one C++ pass into a ``_C.HeldTensors``, whose methods ``norm``,

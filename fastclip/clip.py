@@ -28,6 +28,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 from torch.autograd import forward_ad as _forward_ad
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
@@ -328,8 +329,20 @@ class _Part:
         self.device, self.impl, self.indices, self.tensors = device, impl, indices, tensors
 
 
+def _dispatch_type(t: Tensor) -> Optional[type]:
+    """The class of a ``__torch_dispatch__`` subclass, else None. Such a
+    class runs an op once per call on its own terms (a wrapper of two
+    tensors, once per component), and every other tensor of the call with
+    it (found in review: a plain gradient listed with one was scaled twice)."""
+    kind = type(t)
+    if kind is Tensor or kind is Parameter or torch.compiler.is_compiling():
+        return None
+    return kind if kind.__torch_dispatch__ is not Tensor.__torch_dispatch__ else None
+
+
 def _split(tensors: list[Tensor]) -> list[_Part]:
-    """Per device: the tensors the kernels take, and those that need the fallback."""
+    """Per device: the tensors the kernels take, and those that need the
+    fallback; ``__torch_dispatch__`` subclasses apart, one part per class."""
     buckets: dict = {}
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
@@ -337,10 +350,10 @@ def _split(tensors: list[Tensor]) -> list[_Part]:
         reason = _fallback_reason(t)
         if reason is not None:
             _warn_once(*reason)
-        buckets.setdefault((t.device, reason is None), []).append(i)
+        buckets.setdefault((t.device, reason is None, _dispatch_type(t)), []).append(i)
     return [
         _Part(device, _ops if use_kernels else _fallback, idx, [tensors[i] for i in idx])
-        for (device, use_kernels), idx in buckets.items()
+        for (device, use_kernels, _), idx in buckets.items()
     ]
 
 
@@ -548,7 +561,7 @@ def _needs_global(tensors: list[Tensor], one_call: bool, groups: list) -> bool:
 
 def _global_norms(
     tensors: list[Tensor], ord: float, per_tensor: bool, groups: list, name: str,
-    local_divisor: Optional[Tensor] = None, local_found: Optional[Tensor] = None,
+    local_divisor: Optional[Tensor] = None, local_found: Optional[Tensor] = None, writes: bool = False,
 ):
     """Norms over DTensor shards and/or rank-local lists spread over ``groups``.
 
@@ -556,10 +569,17 @@ def _global_norms(
     per-tensor float32 norms (global over the mesh for DTensors, local for
     plain tensors), the local tensors to scale, and the DTensors' sharding.
     ``local_divisor`` (a loss scale) divides this rank's norms before they
-    are combined, and ``local_found`` (a flag) > 0 makes them inf.
+    are combined, and ``local_found`` (a flag) > 0 makes them inf. With
+    ``writes``, local tensors the scale would refuse are refused first.
     """
     locals_, sharding = _distributed.unwrap(tensors, name)
     _distributed.check_mesh_apart(sharding, groups)
+    if writes and locals_:
+        # Before the collective (found in review: refused after it, the
+        # other ranks had clipped by a norm that held this rank's part).
+        _refuse_unwritable(locals_)
+        if not _one_call(locals_):
+            _refuse_unsupported(_split(locals_), "mul_")
     keys = sharding.keys if sharding is not None else [()] * len(locals_)
     if not locals_:  # this rank holds nothing but must still join the collectives
         local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
@@ -725,7 +745,7 @@ def clip_grad_norm_(
         return held.clip_(max_norm, norm_type, error_if_nonfinite)
     grads, one_call = _grads(parameters, held)
     if _needs_global(grads, one_call, groups):
-        total, _, locals_, sharding = _global_norms(grads, norm_type, False, groups, "parameters")
+        total, _, locals_, sharding = _global_norms(grads, norm_type, False, groups, "parameters", writes=True)
         if error_if_nonfinite:
             _raise_if_nonfinite(total, norm_type)  # the same decision on every rank
         if locals_:

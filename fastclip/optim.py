@@ -462,6 +462,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 self.optimizer.step()
                 return loss
         divisor, scaler_found = self._incoming_scale()
+        spread = None  # (sharding, groups) of a norm over several processes
         with torch.no_grad():
             # The norm in float64 (found in review: the float32 one made
             # the coefficient of fp64 gradients inexact, and under a large
@@ -476,9 +477,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 # different scales, and the norm reduced before the division
                 # came out different and wrong on each; a step skipped on one
                 # rank only was taken on the others).
-                raw, _, grads, _ = _clip._global_norms(
-                    grads, self.norm_type, False, groups, "parameters", divisor, scaler_found
+                raw, _, grads, sharding = _clip._global_norms(
+                    grads, self.norm_type, False, groups, "parameters", divisor, scaler_found,
+                    writes=not _folds(self.optimizer),
                 )
+                spread = (sharding, groups)
                 if divisor is not None:
                     raw = raw * divisor.reshape(()).to(raw.device, torch.float64)  # clip_scalars_ divides again
                 one_call = len(grads) > 0 and _clip._one_call(grads)
@@ -500,10 +503,20 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # Where the host reads the flag for free, the state check (a lookup
         # per parameter) waits for a non-finite step (see _fused_step).
         on_device = folds and policy == "skip" and not _host_decides(raw) and self._has_state()
+        # Over several processes the skip is decided alike everywhere: the
+        # flag also holds this rank's fused divisor beyond float32 (its loss
+        # scale is its own) and its own inner found_inf, so every rank takes
+        # the largest flag, one more collective of one value (found in
+        # review: one rank skipped, or raised, where another stepped).
+        agree = spread is not None and policy != "propagate"
         factor, total, found = self._scalars(
             raw, divisor, saved.get("grad_scale"), scaler_found, saved.get("found_inf"),
-            skip_inf_divisor=folds and policy != "propagate", count_skip=on_device,
+            skip_inf_divisor=folds and policy != "propagate", count_skip=on_device and not agree,
         )
+        if agree:
+            found = _clip._distributed.any_rank(found, *spread)
+            if on_device:
+                self.skipped_steps.add_(found.to(torch.int64))  # as clip_scalars_ counts
         if folds and torch.compiler.is_compiling() and not _DYNAMO_SETS_OPTIMIZER_ATTRS:
             # Outside the graph: the fused inner step and its hooks run
             # eagerly, with the host decisions of an eager step.
@@ -603,25 +616,25 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # of `state` was fooled by entries of parameters no longer in any
         # group, and fused SGD's skipped first step left garbage momentum).
         # A lookup hashes a tensor in Python (39-50 us per step for 161
-        # parameters, against 8-10 for the count), so a positive answer is
-        # kept for the same state dict, entry count and parameters while every
-        # entry is filled (found in review: a state reset in place,
-        # `state[p].clear()`, `state[p] = {}` or a momentum buffer set to
-        # None, kept the answer, and fused SGD's skipped step left garbage
-        # momentum), and for the same keys of `state` in the same order
-        # (found in review: a key swapped in place, `state[q] =
-        # state.pop(p)`, kept it). The parameters and the keys are kept
-        # with it, so that no id is reused meanwhile; the state dict by its
-        # id only (found in review: holding it kept the whole old optimizer
-        # state alive after load_state_dict until the next step, 8 bytes
-        # per fp32 parameter of AdamW on the GPU), and the answer is dropped
-        # where the wrapper replaces it.
+        # parameters), so a positive answer is kept while the parameters and
+        # the keys of `state` are the same objects in the same order and
+        # every entry is filled: then it holds of any dict. Found in review:
+        # a state reset in place (`state[p].clear()`, `state[p] = {}`, a
+        # momentum buffer set to None) kept the answer, and fused SGD's
+        # skipped step left garbage momentum; so did a key swapped in place
+        # (`state[q] = state.pop(p)`) under the entry count compared before.
+        # Parameters and keys are compared by identity in C++: 10.5 us per
+        # step for 161 parameters, 0.47 ms for 10,000 (their ids in Python
+        # took 31 us and 1.7 ms). The objects are kept with the answer, so
+        # that no id is reused meanwhile; the state dict by its id only
+        # (found in review: holding it kept the old optimizer state alive
+        # after load_state_dict, 8 bytes per fp32 parameter of AdamW on the
+        # GPU), and the answer is dropped where the wrapper replaces it.
         # (The momentum check costs 12 us per 161 entries: SGD's only.)
         filled = _filled if isinstance(self.optimizer, torch.optim.SGD) else bool
-        ids = tuple(map(id, params))
-        keys = tuple(map(id, state))
         kept = self.__dict__.get("_state_verdict")
-        if (kept is not None and kept[0] == id(state) and kept[1] == keys and kept[2] == ids
+        if (kept is not None and kept[0] == id(state) and _ops.same_objects(params, kept[1])
+                and _ops.same_objects(state, kept[2])
                 and all(map(filled, state.values()) if filled is _filled else state.values())):
             return True
         # The kept answer is a host cache: not written while dynamo traces
@@ -630,7 +643,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         tracing = torch.compiler.is_compiling()
         if all(map(filled, map(state.get, params))):
             if not tracing:
-                self._state_verdict = (id(state), keys, ids, params, tuple(state))
+                self._state_verdict = (id(state), tuple(params), tuple(state))
             return True
         if not tracing:
             self.__dict__.pop("_state_verdict", None)

@@ -503,6 +503,110 @@ def fp64_norms_beyond_squares(rank: int, world: int) -> None:
     torch.testing.assert_close(params[0].detach(), -full[rank] * (MAX_NORM / total), rtol=1e-9, atol=0.0)
 
 
+def wrapper_skips_alike(rank: int, world: int) -> None:
+    """A fused divisor beyond float32's range on some ranks only (their loss
+    scales differ, or a rank holds no gradient or a strided one, which take
+    the plain step): every rank skips, or raises (found in review: one rank
+    skipped or raised where another stepped)."""
+    for case in ("scales", "empty", "strided"):
+        for policy in ("skip",) if case == "scales" else ("skip", "error"):  # a scaler's steps skip
+            what = f"{case} {policy} rank {rank}"
+            scale = 2.0 ** (10 - rank) if case == "scales" else 1.0
+            buf = torch.full((4,), 3e33 * scale)
+            p = torch.nn.Parameter(torch.zeros(2))
+            if not (case == "empty" and rank == world - 1):
+                p.grad = buf[::2] if case == "strided" and rank == world - 1 else buf[:2].clone()
+            before = p.detach().clone()
+            # The divisor, norm / max_norm * scale (norm 4.2e33 or more), is beyond 3.4e38 on
+            # rank 0 only (scales), or on the ranks that fold (the others).
+            max_norm = 0.01 if case == "scales" else 1e-5
+            opt = fastclip.ClippedOptimizer(torch.optim.SGD([p], lr=1.0, fused=True), max_norm, nonfinite=policy,
+                                            process_group=dist.group.WORLD)
+            if case == "scales":
+                opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)  # as GradScaler.step sets
+            if policy == "error":
+                try:
+                    opt.step()
+                except RuntimeError as error:
+                    assert "nothing was modified" in str(error), f"{what}: {error}"
+                else:
+                    raise AssertionError(f"{what}: stepped")
+            else:
+                opt.step()
+                assert int(opt.skipped_steps) == 1, f"{what}: not skipped"
+            assert torch.equal(p.detach(), before), f"{what}: parameters moved"
+            dist.barrier()
+
+
+def small_orders_over_ranks(rank: int, world: int) -> None:
+    """Orders below 1: a rank's or a replicated class's norm under 2^-1074
+    of the largest still counts (found in review: its ratio vanished, a
+    norm 4.9% low at order 0.01), and a root beyond the double range of
+    norms that are not (2,000 per-tensor norms of 1e-300: 1.3e30)."""
+    ord = 0.01
+    tiny = torch.tensor([1e-300], dtype=torch.float64)
+    mine = [torch.ones(2, dtype=torch.float64)] if rank == 0 else [tiny.clone()]
+    # sum of |x|^p over all ranks, then the root, in logarithms
+    expected = math.exp(math.log(2 + (world - 1) * 1e-300 ** ord) / ord)
+    total = fastclip.get_total_norm(mine, ord, process_group=dist.group.WORLD)
+    assert math.isclose(float(total), expected, rel_tol=1e-6), f"ranks: {float(total)} vs {expected}"
+    mesh = init_device_mesh("cpu", (world,))
+    # bias / weight's norm (1e-30 * 4^100) is under 2^-1074; the norm stays in float32's range
+    weight = distribute_tensor(torch.full((4,), 1e-30, dtype=torch.float64), mesh, [Shard(0)])
+    bias = distribute_tensor(tiny, mesh, [Replicate()])
+    expected = math.exp(math.log(4 * 1e-30 ** ord + 1e-300 ** ord) / ord)
+    for call in (lambda g: fastclip.get_total_norm(g, ord), lambda g: fastclip.grad_norms(params_of(g), ord)[0]):
+        total = call([weight, bias])
+        total = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        assert math.isclose(total, expected, rel_tol=1e-6), f"replicated class: {total} vs {expected}"
+    many = [tiny.clone() for _ in range(2000 // world)]  # 2,000 in all (world 2 or 4)
+    expected = math.exp(math.log(1e-300) + math.log(2000) / ord)
+    for per_tensor in (False, True):
+        if per_tensor:
+            total, _ = fastclip.grad_norms(params_of(many), ord, process_group=dist.group.WORLD)
+        else:
+            total = fastclip.get_total_norm(many, ord, process_group=dist.group.WORLD)
+        assert math.isclose(float(total), expected, rel_tol=1e-6), f"per_tensor={per_tensor}: {float(total)}"
+
+
+def refused_before_the_collective(rank: int, world: int) -> None:
+    """A gradient the clip cannot write is refused before any collective
+    (found in review: after the all_reduce, so the other ranks clipped by a
+    norm that held it): a collective on the way fails this scenario instead
+    of hanging, and only rank 0 makes the calls."""
+    if rank == 0:
+        def no_collective(*args, **kwargs):
+            raise AssertionError("a collective before the refusal")
+
+        kept = dist.all_reduce
+        dist.all_reduce = no_collective
+        try:
+            for bad in ("float8", "inference"):
+                if bad == "float8":
+                    grad = torch.ones(3).to(torch.float8_e4m3fn)
+                else:
+                    with torch.inference_mode():
+                        grad = torch.ones(3)
+                params = params_of([torch.full((3,), 10.0)])
+                odd = torch.nn.Parameter(torch.zeros(3, dtype=grad.dtype))
+                odd.grad = grad
+                calls = [
+                    lambda: fastclip.clip_grad_norm_(params + [odd], MAX_NORM, process_group=dist.group.WORLD),
+                    lambda: fastclip.ClippedOptimizer(torch.optim.SGD(params + [odd], lr=0.1), MAX_NORM,
+                                                      process_group=dist.group.WORLD).step(),
+                ]
+                for k, call in enumerate(calls):
+                    try:
+                        call()
+                    except (TypeError, RuntimeError) as error:
+                        assert "collective" not in str(error), f"{bad} call {k}: {error}"
+                    else:
+                        raise AssertionError(f"{bad} call {k}: not refused")
+                    assert torch.equal(params[0].grad, torch.full((3,), 10.0)), f"{bad} call {k}: modified"
+        finally:
+            dist.all_reduce = kept
+
+
 def wrapper_over_fsdp2(rank: int, world: int) -> None:
     """10 steps of ClippedOptimizer over an FSDP2 model against torch's loop,
     with a foreach AdamW (clip op) and a fused one (clip folded into it)."""
@@ -626,6 +730,9 @@ SCENARIOS = {
         nonfinite_in_one_replica,
         local_norm_beyond_float32,
         fp64_norms_beyond_squares,
+        wrapper_skips_alike,
+        small_orders_over_ranks,
+        refused_before_the_collective,
     )
 }
 

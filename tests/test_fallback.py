@@ -298,6 +298,43 @@ def test_torch_dispatch_subclass_gradients_like_torch():
     assert float(mine[0].grad.b.abs().max()) == pytest.approx(0.1)  # the clamp took effect
 
 
+def test_torch_dispatch_subclass_next_to_plain_gradients_like_torch():
+    """A plain gradient listed with a wrapper-subclass one is written once
+    (found in review: one op call took both, the subclass ran it once per
+    component, and clip_grads_with_norm_ scaled the plain gradient twice)."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+
+    def params():
+        p, q = (torch.nn.Parameter(torch.zeros(2)) for _ in range(2))
+        r = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        p.grad = two_tensor.TwoTensor(torch.tensor([3.0, 4.0]), torch.tensor([6.0, 8.0]))
+        q.grad = torch.tensor([0.0, 12.0])
+        r.grad = torch.tensor([-5.0, 1.0], dtype=torch.float64)
+        return [q, p, r]
+
+    def same(mine, theirs):
+        for m, t in zip(mine, theirs):
+            if isinstance(t.grad, two_tensor.TwoTensor):
+                torch.testing.assert_close(m.grad.a, t.grad.a, rtol=1e-6, atol=0)
+                torch.testing.assert_close(m.grad.b, t.grad.b, rtol=1e-6, atol=0)
+            else:
+                assert type(m.grad) is torch.Tensor
+                torch.testing.assert_close(m.grad, t.grad, rtol=1e-6, atol=0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        for name, args in (("clip_grads_with_norm_", (1.0, torch.tensor(13.0))), ("clip_grad_value_", (3.5,))):
+            mine, theirs = params(), params()
+            getattr(fastclip, name)(mine, *args)
+            getattr(torch.nn.utils, name)(theirs, *args)
+            same(mine, theirs)
+        mine, theirs = params(), params()
+        fastclip.clip_grads_with_norm_(mine, 1.0, 13.0)  # a float total norm
+        torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, torch.tensor(13.0))
+        same(mine, theirs)
+        assert mine[0].grad.tolist() == pytest.approx([0.0, 12.0 / 13.0])
+
+
 def test_torch_dispatch_subclass_per_tensor_norms_stay_whole():
     """grad_norms of wrapper-subclass gradients: each component's norms,
     next to a plain gradient and one that is None (found in review: the

@@ -1266,6 +1266,32 @@ def test_outputs_from_inputs_that_require_grad_refuse_backward():
     assert not fastclip.get_total_norm([w]).requires_grad  # under no_grad, as torch's
 
 
+def test_scale_refuses_a_coefficient_that_requires_grad():
+    """torch's mul_ records the coefficient's history; the op would drop it
+    silently (found in review): refused under grad mode, nothing written."""
+    t = torch.tensor([3.0, 4.0])
+    coef = torch.tensor(0.5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="coef requires grad"):
+        ops.multi_tensor_scale_([t], coef)
+    assert t.tolist() == [3.0, 4.0] and t._version == 0
+    with torch.no_grad():
+        ops.multi_tensor_scale_([t], coef)
+    assert t.tolist() == [1.5, 2.0] and not t.requires_grad
+
+
+@pytest.mark.parametrize("impl", ["op", "fallback"])
+def test_clip_scalars_logs_have_no_history(impl):
+    """The logs are written without history by the op and the fallback alike
+    (found in review: the fallback's copy_ gave them a grad_fn)."""
+    call = _scalars_call(norm=torch.tensor(3.0, dtype=torch.float64, requires_grad=True))
+    if impl == "op":
+        ops.clip_scalars_(**call)
+    else:
+        fastclip._fallback.clip_scalars_(*call.values())
+    assert call["last_norm"].item() == 3.0
+    assert not call["last_norm"].requires_grad and not call["last_coef"].requires_grad
+
+
 @pytest.mark.parametrize("k", [0, 4, 7, 11])
 def test_clip_scalars_opcheck(k):
     case = clip_scalars_cases()[k]

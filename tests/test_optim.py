@@ -791,6 +791,18 @@ def test_state_check_is_not_kept_past_a_change_of_state():
     assert not opt._has_state()
 
 
+@pytest.mark.parametrize("extension", [True, False], ids=["cpp", "python"])
+def test_same_objects_compares_identity(extension, monkeypatch):
+    """The state check's comparison: identity in order, never a tensor's __eq__."""
+    if not extension:
+        monkeypatch.setattr(fastclip._ops, "_C", None)
+    a, b, c = torch.ones(3), torch.ones(3), torch.ones(2)
+    same = fastclip._ops.same_objects
+    assert same([a, b], (a, b)) and same({a: 1, b: 2}, (a, b)) and same([], ())
+    assert not same([a, b], (b, a)) and not same([a, c], (a, b)) and not same({a: 1}, (a, b))
+    assert not same([a, b], (a,)) and not same([a, torch.ones(3)], (a, b))
+
+
 @pytest.mark.parametrize("reset", ["clear", "replace", "buffer_none"])
 @pytest.mark.parametrize("host", [True, False], ids=["cpu_host_decides", "device_path"])
 def test_state_reset_in_place_is_not_skipped_into_garbage_momentum(reset, host, monkeypatch):
