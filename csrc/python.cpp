@@ -61,6 +61,15 @@ std::optional<std::string> single_call_blocker(const std::vector<at::Tensor>& te
   return std::nullopt;
 }
 
+// (index, why) of the first tensor an in-place op would refuse (see
+// unwritable_reason), or none.
+std::optional<std::tuple<int64_t, std::string>> first_unwritable(const std::vector<at::Tensor>& tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (const char* why = unwritable_reason(tensors[i])) return std::make_tuple(static_cast<int64_t>(i), std::string(why));
+  }
+  return std::nullopt;
+}
+
 // Every tensor one dense block (strided, neither gaps nor overlap) and no
 // two sharing bytes: torch's fused optimizer kernels read and write each
 // gradient as one dense block, once per parameter, so only such gradients
@@ -292,6 +301,9 @@ class HeldTensors {
 
   int64_t size() const { return static_cast<int64_t>(tensors_.size()); }
   bool dense_and_apart() const { return fastclip::dense_and_apart(tensors_); }
+  std::optional<std::tuple<int64_t, std::string>> first_unwritable() const {
+    return fastclip::first_unwritable(tensors_);
+  }
   // The device of the first tensor (the CPU for an empty list).
   c10::Device device() const { return tensors_.empty() ? c10::Device(c10::kCPU) : tensors_.front().device(); }
   const std::optional<std::string>& blocker_reason() const { return why_; }
@@ -528,18 +540,8 @@ void check_list_op(const std::string& op, const std::vector<at::Tensor>& tensors
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using fastclip::HeldTensors;
   m.doc() = "fastclip: fused multi-tensor gradient norm and clipping kernels";
-  m.def(
-      "first_unwritable",
-      [](const std::vector<at::Tensor>& tensors) -> std::optional<std::tuple<int64_t, std::string>> {
-        for (size_t i = 0; i < tensors.size(); ++i) {
-          if (const char* why = fastclip::unwritable_reason(tensors[i])) {
-            return std::make_tuple(static_cast<int64_t>(i), std::string(why));
-          }
-        }
-        return std::nullopt;
-      },
-      pybind11::arg("tensors"),
-      "(index, 'inference' | 'overlap' | 'storage') of the first tensor an in-place op would refuse, or None.");
+  m.def("first_unwritable", &fastclip::first_unwritable, pybind11::arg("tensors"),
+        "(index, 'inference' | 'overlap' | 'storage') of the first tensor an in-place op would refuse, or None.");
   m.def("dense_and_apart", &fastclip::dense_and_apart, pybind11::arg("tensors"),
         "True when every tensor is one dense block and no two share bytes.");
   m.def("single_call_blocker", &fastclip::single_call_blocker, pybind11::arg("tensors"),
@@ -558,6 +560,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("device", &HeldTensors::device, "The first tensor's device.")
       .def_property_readonly("dense_and_apart", &HeldTensors::dense_and_apart,
                              "True when every tensor is one dense block and no two share bytes.")
+      .def("first_unwritable", &HeldTensors::first_unwritable,
+           "(index, 'inference' | 'overlap' | 'storage') of the first tensor an in-place op would refuse, or None.")
       .def("tensors", &HeldTensors::tensors, "The tensors as a Python list.")
       .def("positions", &HeldTensors::positions, "Each tensor's index in the list it was gathered from (int64 CPU tensor).")
       .def("norm", &HeldTensors::norm, pybind11::arg("ord"), pybind11::arg("per_tensor"),

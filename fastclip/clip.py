@@ -335,7 +335,7 @@ def _dispatch_type(t: Tensor) -> Optional[type]:
     tensors, once per component), and every other tensor of the call with
     it (found in review: a plain gradient listed with one was scaled twice)."""
     kind = type(t)
-    if kind is Tensor or kind is Parameter or torch.compiler.is_compiling():
+    if kind is Tensor or kind is Parameter:
         return None
     return kind if kind.__torch_dispatch__ is not Tensor.__torch_dispatch__ else None
 
@@ -430,7 +430,7 @@ def _coef_for(coef: Tensor, device: torch.device) -> Tensor:
     return coef if coef.device in (device, _CPU) else coef.to(device)
 
 
-def _refuse_unwritable(tensors: list[Tensor]) -> None:
+def _refuse_unwritable(tensors: list[Tensor], held=None) -> None:
     """Before the split path writes anything, what any part would refuse:
     one op call checks its whole list before writing, but the parts are
     written one after the other (kernels, plain PyTorch, devices), so a
@@ -439,10 +439,11 @@ def _refuse_unwritable(tensors: list[Tensor]) -> None:
     tensor whose elements share memory and one beyond its storage; the
     fallback's torch ops refuse the first two only while writing. Not
     while dynamo traces (it cannot trace these checks; the ops still refuse
-    such tensors when the graph runs)."""
+    such tensors when the graph runs). ``held``: the same list gathered in
+    C++, checked without another conversion of the list."""
     if torch.compiler.is_compiling():
         return
-    found = _ops.first_unwritable(tensors)
+    found = held.first_unwritable() if held is not None else _ops.first_unwritable(tensors)
     if found is None:
         return
     i, why = found
@@ -561,25 +562,34 @@ def _needs_global(tensors: list[Tensor], one_call: bool, groups: list) -> bool:
 
 def _global_norms(
     tensors: list[Tensor], ord: float, per_tensor: bool, groups: list, name: str,
-    local_divisor: Optional[Tensor] = None, local_found: Optional[Tensor] = None, writes: bool = False,
+    local_divisor: Optional[Tensor] = None, local_found: Optional[Tensor] = None, writes=False,
 ):
     """Norms over DTensor shards and/or rank-local lists spread over ``groups``.
 
-    Returns ``(total, each, locals, sharding)``: the float64 global norm, the
-    per-tensor float32 norms (global over the mesh for DTensors, local for
-    plain tensors), the local tensors to scale, and the DTensors' sharding.
-    ``local_divisor`` (a loss scale) divides this rank's norms before they
-    are combined, and ``local_found`` (a flag) > 0 makes them inf. With
-    ``writes``, local tensors the scale would refuse are refused first.
+    Returns ``(total, each, locals, sharding, held)``: the float64 global
+    norm, the per-tensor float32 norms (global over the mesh for DTensors,
+    local for plain tensors), the local tensors to scale, the DTensors'
+    sharding, and with ``writes`` the local tensors gathered in C++ where
+    one op call takes them (else None). ``local_divisor`` (a loss scale)
+    divides this rank's norms before they are combined, and
+    ``local_found`` (a flag) > 0 makes them inf. ``writes`` (True, or a
+    function of the local tensors and ``held`` that says whether they
+    will be written): local tensors the scale would refuse are refused
+    before the collectives (found in review: refused after them, the
+    other ranks had clipped by a norm that held this rank's part).
     """
     locals_, sharding = _distributed.unwrap(tensors, name)
     _distributed.check_mesh_apart(sharding, groups)
-    if writes and locals_:
-        # Before the collective (found in review: refused after it, the
-        # other ranks had clipped by a norm that held this rank's part).
-        _refuse_unwritable(locals_)
-        if not _one_call(locals_):
-            _refuse_unsupported(_split(locals_), "mul_")
+    held = None
+    if writes is not False and locals_:
+        # Gathered once for the checks, the local norm and the scale.
+        gathered = _held(locals_, False, "tensors")
+        one = gathered.one_call if gathered is not None else _one_call(locals_)
+        held = gathered if one else None
+        if writes is True or writes(locals_, held):
+            _refuse_unwritable(locals_, held)
+            if not one:
+                _refuse_unsupported(_split(locals_), "mul_")
     keys = sharding.keys if sharding is not None else [()] * len(locals_)
     if not locals_:  # this rank holds nothing but must still join the collectives
         local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
@@ -587,16 +597,17 @@ def _global_norms(
     elif per_tensor:
         # float64 local norms: one beyond float32's range stays finite (found
         # in review: a rank whose float32 norm overflowed made the global one inf).
-        _, local = _list_norms(locals_, ord, True, fp64=True)
+        _, local = held.norm(ord, True, True) if held is not None else _list_norms(locals_, ord, True, fp64=True)
         entry_keys = keys
     else:
         classes: dict = {}  # sharded mesh dims -> tensor indices: one local pass per class
         for i, key in enumerate(keys):
             classes.setdefault(key, []).append(i)
-        norms = []
-        for indices in classes.values():
-            part = [locals_[i] for i in indices]
-            norms.append(_list_norms(part, ord, False, fp64=True)[0])
+        if held is not None and len(classes) == 1:
+            norms = [held.norm(ord, False, True)[0]]
+        else:
+            norms = [_list_norms([locals_[i] for i in indices], ord, False, fp64=True)[0]
+                     for indices in classes.values()]
         local, entry_keys = torch.stack(norms), list(classes)
     if local_divisor is not None:
         local = local / local_divisor.reshape(()).to(local.device, torch.float64)
@@ -604,7 +615,7 @@ def _global_norms(
         local = torch.where(local_found.reshape(()).to(local.device) > 0, math.inf, local)
     total, entries = _distributed.reduce_norms(local, entry_keys, sharding, groups, ord, per_entry=per_tensor)
     each = entries.to(torch.float32) if per_tensor else local.new_zeros((0,), dtype=torch.float32)
-    return total, each, locals_, sharding
+    return total, each, locals_, sharding, held
 
 
 def _as_result(total: Tensor, sharding) -> Tensor:
@@ -653,7 +664,7 @@ def get_total_norm(
         return total
     one_call = held.one_call if held is not None else len(tensors) > 0 and _one_call(tensors)
     if _needs_global(tensors, one_call, groups):
-        total, _, _, sharding = _global_norms(tensors, norm_type, False, groups, "tensors")
+        total, _, _, sharding, _ = _global_norms(tensors, norm_type, False, groups, "tensors")
         if error_if_nonfinite:
             _raise_if_nonfinite(total, norm_type)
         return _as_result(total, sharding)
@@ -745,10 +756,12 @@ def clip_grad_norm_(
         return held.clip_(max_norm, norm_type, error_if_nonfinite)
     grads, one_call = _grads(parameters, held)
     if _needs_global(grads, one_call, groups):
-        total, _, locals_, sharding = _global_norms(grads, norm_type, False, groups, "parameters", writes=True)
+        total, _, locals_, sharding, held = _global_norms(grads, norm_type, False, groups, "parameters", writes=True)
         if error_if_nonfinite:
             _raise_if_nonfinite(total, norm_type)  # the same decision on every rank
-        if locals_:
+        if held is not None:
+            _scale_held(held, _coefficient(max_norm, total))
+        elif locals_:
             _list_scale(locals_, _coefficient(max_norm, total))
         return _as_result(total, sharding)
     if len(grads) == 0:
@@ -841,7 +854,7 @@ def grad_norms(parameters: TensorOrTensors, norm_type: float = 2.0, process_grou
     else:
         grads, one_call = _grads(params, held)
         if _needs_global(grads, one_call, groups):
-            total, each, _, _ = _global_norms(grads, norm_type, True, groups, "parameters")
+            total, each, _, _, _ = _global_norms(grads, norm_type, True, groups, "parameters")
             total = total.to(torch.float32)
         elif len(grads) == 0:  # float32 as documented, whatever the default dtype
             return torch.tensor(0.0, dtype=torch.float32), torch.zeros(len(params), dtype=torch.float32)

@@ -477,26 +477,20 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 # different scales, and the norm reduced before the division
                 # came out different and wrong on each; a step skipped on one
                 # rank only was taken on the others).
-                raw, _, grads, sharding = _clip._global_norms(
+                # This rank's gradients are written unless the step folds.
+                raw, _, grads, sharding, held = _clip._global_norms(
                     grads, self.norm_type, False, groups, "parameters", divisor, scaler_found,
-                    writes=not _folds(self.optimizer),
+                    writes=lambda local, local_held: not self._folds_on(local, local_held),
                 )
                 spread = (sharding, groups)
                 if divisor is not None:
                     raw = raw * divisor.reshape(()).to(raw.device, torch.float64)  # clip_scalars_ divides again
-                one_call = len(grads) > 0 and _clip._one_call(grads)
+                one_call = held is not None or (len(grads) > 0 and _clip._one_call(grads))
             else:
                 raw, _ = _clip._norms(grads, self.norm_type, False, one_call, fp64=True)
         policy = "skip" if scaler_found is not None else self.nonfinite
         inner = self.optimizer
-        # Not across device types (found in review): torch's fused step
-        # takes a GPU divisor and flag to the CPU with a copy it does not
-        # wait for, and its CPU kernel reads them at once. `held` is on one
-        # device.
-        folds = _folds(inner) and not _has_step_pre_hooks(inner) and (
-            held.dense_and_apart if held is not None
-            else _ops.dense_and_apart(grads) and len({g.device.type for g in grads}) == 1
-        )
+        folds = self._folds_on(grads, held)
         # A divisor and flag the inner optimizer already carries (set by its
         # user) stay in force for a fused step.
         saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__} if folds else {}
@@ -508,7 +502,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # scale is its own) and its own inner found_inf, so every rank takes
         # the largest flag, one more collective of one value (found in
         # review: one rank skipped, or raised, where another stepped).
-        agree = spread is not None and policy != "propagate"
+        # Only a fused inner optimizer's flags can differ (the loss scale's
+        # flag is in the global norm): `_folds` reads the optimizer alone,
+        # so every rank with the same kind of inner optimizer agrees on it.
+        agree = spread is not None and policy != "propagate" and _folds(inner)
         factor, total, found = self._scalars(
             raw, divisor, saved.get("grad_scale"), scaler_found, saved.get("found_inf"),
             skip_inf_divisor=folds and policy != "propagate", count_skip=on_device and not agree,
@@ -526,6 +523,19 @@ class ClippedOptimizer(torch.optim.Optimizer):
         else:
             self._plain_step(held, grads, one_call, factor, found, policy)
         return loss
+
+    def _folds_on(self, grads: list[Tensor], held) -> bool:
+        """True when the step folds the clip into the fused inner step for
+        these gradients (``held``: the same, gathered in C++ for one op
+        call, or None). Not across device types (found in review): torch's
+        fused step takes a GPU divisor and flag to the CPU with a copy it
+        does not wait for, and its CPU kernel reads them at once. `held` is
+        on one device."""
+        inner = self.optimizer
+        return _folds(inner) and not _has_step_pre_hooks(inner) and (
+            held.dense_and_apart if held is not None
+            else _ops.dense_and_apart(grads) and len({g.device.type for g in grads}) == 1
+        )
 
     def _scalars(
         self, raw: Tensor, loss_scale: Optional[Tensor], extra_scale: Optional[Tensor], found_inf: Optional[Tensor],

@@ -133,6 +133,14 @@ MUTANTS = {
         "fastclip/_fallback.py", "the fallback keeps a power sum below 2^-960 (digits lost to subnormals)",
         "    tiny = torch.log2(norm) * ord < RESCUE_TINY_LOG2",
         "    tiny = torch.zeros((), dtype=torch.bool)"),
+    "fallback_small_ratio_dropped": (
+        "fastclip/_fallback.py", "below order 1 a norm under the double range of the largest is dropped",
+        "    tiny = (ratio < RATIO_TINY) & (values > 0) & torch.isfinite(scale)",
+        "    tiny = torch.zeros_like(ratio, dtype=torch.bool)"),
+    "subclass_shares_a_call": (
+        "fastclip/clip.py", "a __torch_dispatch__ subclass shares an op call with plain tensors",
+        "        buckets.setdefault((t.device, reason is None, _dispatch_type(t)), []).append(i)",
+        "        buckets.setdefault((t.device, reason is None, None), []).append(i)"),
     "fallback_reads_beyond_storage": (
         "fastclip/clip.py", "the fallback's norms read a gradient with elements beyond its storage",
         "            _refuse_unreadable(part)\n",

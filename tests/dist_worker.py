@@ -536,6 +536,24 @@ def wrapper_skips_alike(rank: int, world: int) -> None:
                 assert int(opt.skipped_steps) == 1, f"{what}: not skipped"
             assert torch.equal(p.detach(), before), f"{what}: parameters moved"
             dist.barrier()
+    # The flag's collective is for fused inner optimizers only (the others' flags agree already).
+    kept, counted = dist.all_reduce, []
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return kept(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        for fused, expected in ((False, 1), (True, 2)):
+            counted.clear()
+            p = torch.nn.Parameter(torch.zeros(2))
+            p.grad = torch.ones(2)
+            fastclip.ClippedOptimizer(torch.optim.SGD([p], lr=1.0, fused=fused), 1.0,
+                                      process_group=dist.group.WORLD).step()
+            assert len(counted) == expected, f"fused={fused}: {len(counted)} all_reduce calls"
+    finally:
+        dist.all_reduce = kept
 
 
 def small_orders_over_ranks(rank: int, world: int) -> None:
@@ -581,12 +599,14 @@ def refused_before_the_collective(rank: int, world: int) -> None:
         kept = dist.all_reduce
         dist.all_reduce = no_collective
         try:
-            for bad in ("float8", "inference"):
+            for bad in ("float8", "inference", "expanded"):
                 if bad == "float8":
                     grad = torch.ones(3).to(torch.float8_e4m3fn)
-                else:
+                elif bad == "inference":
                     with torch.inference_mode():
-                        grad = torch.ones(3)
+                        grad = torch.ones(6)[::2]  # strided: no fold
+                else:
+                    grad = torch.ones(1).expand(3)  # elements that share memory: no fold
                 params = params_of([torch.full((3,), 10.0)])
                 odd = torch.nn.Parameter(torch.zeros(3, dtype=grad.dtype))
                 odd.grad = grad
@@ -595,6 +615,10 @@ def refused_before_the_collective(rank: int, world: int) -> None:
                     lambda: fastclip.ClippedOptimizer(torch.optim.SGD(params + [odd], lr=0.1), MAX_NORM,
                                                       process_group=dist.group.WORLD).step(),
                 ]
+                if bad != "float8":  # a fused inner optimizer whose step cannot fold these writes them
+                    calls.append(lambda: fastclip.ClippedOptimizer(
+                        torch.optim.SGD(params + [odd], lr=0.1, fused=True), MAX_NORM,
+                        process_group=dist.group.WORLD).step())
                 for k, call in enumerate(calls):
                     try:
                         call()

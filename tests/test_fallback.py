@@ -333,6 +333,21 @@ def test_torch_dispatch_subclass_next_to_plain_gradients_like_torch():
         torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, torch.tensor(13.0))
         same(mine, theirs)
         assert mine[0].grad.tolist() == pytest.approx([0.0, 12.0 / 13.0])
+        # Compiled too (found in review: the parts were not split while dynamo traced).
+        mine, theirs = params(), params()
+
+        def clip(ps, grads):  # the gradients set inside: dynamo takes wrapper-subclass inputs then
+            for p, g in zip(ps, grads):
+                p.grad = g
+            fastclip.clip_grads_with_norm_(ps, 1.0, 13.0)
+
+        grads = [p.grad for p in mine]
+        for p in mine:
+            p.grad = None
+        torch._dynamo.reset()
+        torch.compile(clip, backend="eager", fullgraph=True)(mine, grads)
+        torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, torch.tensor(13.0))
+        same(mine, theirs)
 
 
 def test_torch_dispatch_subclass_per_tensor_norms_stay_whole():
@@ -479,6 +494,23 @@ def test_fallback_combination_below_order_1_does_not_overflow(n, value, ord, fal
         assert_norm_close(fastclip.get_total_norm(grads, ord), torch.tensor(expected, dtype=torch.float64))
     torch.testing.assert_close(_fallback.combine(torch.full((n,), value, dtype=torch.float64), ord).item(),
                                expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("route", ["complex", "mixed_parts"])
+def test_small_order_keeps_a_norm_under_the_double_range_of_the_largest(route):
+    """At order 0.01 a norm of 1e-300 next to one of 1 adds 1e-3 to the sum
+    of powers: the split path's combination kept it (found in review: the
+    ratio 1e-300 / 1.27e30 vanished, a norm 4.9% low; the kernels were right)."""
+    big, tiny = torch.ones(2, dtype=torch.complex128), torch.tensor([1e-300], dtype=torch.complex128)
+    if route == "mixed_parts":
+        big = big.real.contiguous()  # float64: the kernels' part, next to the complex one
+    expected = math.exp(math.log(2 + 1e-300**0.01) / 0.01)  # 1.3326e30
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        total = fastclip.get_total_norm([big, tiny], 0.01)
+    assert total.item() == pytest.approx(expected, rel=2**-23)
+    torch.testing.assert_close(_fallback.combine(torch.tensor([1.0, 1e-300], dtype=torch.float64), 0.01).item(),
+                               math.exp(math.log(1 + 1e-300**0.01) / 0.01), rtol=1e-12, atol=0)
 
 
 def test_fallback_norms_refuse_a_gradient_beyond_its_storage(fallback_route):
