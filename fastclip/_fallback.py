@@ -95,7 +95,11 @@ def ratio_pow(values: Tensor, scale: Tensor, ord: float) -> Tensor:
     range is not negligible: such ratios are taken in logarithms."""
     ratio = torch.where(scale > 0, values / scale, torch.zeros_like(values))
     tiny = (ratio < RATIO_TINY) & (values > 0) & torch.isfinite(scale)
-    return torch.where(tiny, torch.exp(ord * (torch.log(values) - torch.log(scale))), ratio.pow(ord))
+    # 0 ** ord is taken as 0 apart: its derivative (inf below order 1) made
+    # a forward-mode tangent NaN (found in review; vector_norm gives 0).
+    zero = ratio == 0
+    powers = torch.where(zero, torch.zeros_like(ratio), torch.where(zero, torch.ones_like(ratio), ratio).pow(ord))
+    return torch.where(tiny, torch.exp(ord * (torch.log(values) - torch.log(scale))), powers)
 
 
 def root(scale: Tensor, sums: Tensor, ord: float) -> Tensor:

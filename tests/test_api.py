@@ -439,6 +439,28 @@ def test_forward_ad_tangents_like_torch(call, dtype):
             torch.testing.assert_close(tangent.double(), tangent_t.double(), **tol)
 
 
+@pytest.mark.parametrize("ord", [0.5, 0.01, 3.5])
+def test_forward_ad_tangent_with_a_zero_gradient_below_order_1(ord):
+    """A zero gradient next to others: its powers' derivative at 0 (inf
+    below order 1) made every tangent NaN (found in review); torch's
+    vector_norm gives it none."""
+    import torch.autograd.forward_ad as fwd
+
+    def results(module, kw):
+        with fwd.dual_level():
+            params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+            params[0].grad = fwd.make_dual(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0]))
+            params[1].grad = fwd.make_dual(torch.zeros(2), torch.zeros(2))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                total = module.clip_grad_norm_(params, 1.0, ord, **kw)
+            return [fwd.unpack_dual(t).tangent.clone() for t in (total, params[0].grad, params[1].grad)]
+
+    for ours, torchs in zip(results(fastclip, {}), results(torch.nn.utils, {"foreach": False})):
+        assert bool(torch.isfinite(ours).all()), ours
+        torch.testing.assert_close(ours.double(), torchs.double(), rtol=1e-5, atol=1e-7)
+
+
 def test_forward_ad_total_norm_tangent_reaches_plain_gradients():
     """Only the given total_norm has a tangent (the one-call path otherwise):
     every gradient gets g * coef's tangent, as torch's mul_ gives it."""

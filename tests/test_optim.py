@@ -903,9 +903,15 @@ def test_fold_check_in_python_agrees_with_the_cpp_one(monkeypatch):
     lists = {name: [t] for name, t in layouts.items()}
     lists.update({"same twice": [g, g], "overlapping": [buf[:4], buf[2:6]], "adjacent": [buf[:4], buf[4:]],
                   "apart": [g, buf], "transposed and apart": [base.transpose(0, 2), g]})
+    # Out of address order, of any dtype (found in review: float8 raised there).
+    f8 = torch.zeros(30).to(torch.float8_e4m3fn)
+    lists.update({"float8 out of order": [f8[20:], f8[:10], f8[10:20]],
+                  "float8 overlapping out of order": [f8[20:], f8[:10], f8[5:15]],
+                  "out of order, inside another": [buf[4:], buf[:3], buf[1:2]]})
     cpp = {name: fastclip._ops._C.dense_and_apart(ts) for name, ts in lists.items()}
     assert [name for name, ok in cpp.items() if not ok] == [
-        "gaps", "column", "expanded", "sparse", "overlap", "same twice", "overlapping"]
+        "gaps", "column", "expanded", "sparse", "overlap", "same twice", "overlapping",
+        "float8 overlapping out of order", "out of order, inside another"]
     monkeypatch.setattr(fastclip._ops, "_C", None)
     assert {name: fastclip._ops.dense_and_apart(ts) for name, ts in lists.items()} == cpp
 
