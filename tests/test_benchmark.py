@@ -131,6 +131,25 @@ def test_repeats_is_the_most_calls_per_row_over_all_rounds(repeats, rounds):
             assert r.status == "ok" and min(repeats, 3) <= r.repeats <= repeats, r
 
 
+def test_many_repeats_do_not_clip_the_gradients_to_subnormals(monkeypatch):
+    """Each timed clip shrinks the gradients by CLIP_DECAY; with enough
+    repeats (here 4 methods x 900 calls, 0.99^3600 ~ 2e-16) fp16 values
+    went subnormal. Every timed call must clip gradients seeded no more than
+    RESEED_BELOW ago."""
+    shrink = []
+    real = cases.Workload.next_max_norm
+
+    def logged(self):
+        shrink.append(self.clip_target / self.seeded_total)
+        return real(self)
+
+    monkeypatch.setattr(cases.Workload, "next_max_norm", logged)
+    rows, _ = benchmark.run(["--device", "cpu", "--sets", "tiny", "--dtypes", "fp16", "--cases", "clip",
+                             "--warmup", "0", "--rounds", "2", "--repeats", "900", "--compile-timeout", "0"])
+    assert all(r.status == "ok" for r in rows if r.method != "torch compile"), rows
+    assert len(shrink) > 3000 and min(shrink) >= cases.RESEED_BELOW, min(shrink)
+
+
 def test_a_method_failing_in_a_later_round(monkeypatch):
     """Its row says why and keeps no numbers; the other rows and the floor are timed."""
     log = []
@@ -178,6 +197,18 @@ def test_chart_is_a_png(quick_run):
     *_, out, _ = quick_run
     pytest.importorskip("matplotlib")
     assert (out / report.CHART_NAME).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_chart_leaves_out_rows_without_a_floor(tmp_path):
+    """A row timed next to a failed floor has a speedup but no ratio to the
+    floor: the chart draws what there is (it raised TypeError, found in review)."""
+    pytest.importorskip("matplotlib")
+    rows, env = benchmark.run([*TINY_RUN, "--dtypes", "fp32", "--cases", "norm"])
+    timed = [r for r in rows if r.status == "ok" and r.method != "floor"]
+    assert timed and all(r.x_floor is not None for r in timed)
+    timed[0].x_floor = None
+    assert report.write_chart(rows, env, str(tmp_path / "chart.png")) is None
+    assert (tmp_path / "chart.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_run_without_matplotlib_says_the_chart_was_skipped(tmp_path, monkeypatch, capsys):

@@ -284,7 +284,8 @@ class Runner:
                     continue
                 with _reported(row):
                     with self._guard(method, timing=True):
-                        sample = self.timer(lambda: call(case.timed_max_norm(work)), r, self.rounds)
+                        sample = self.timer(lambda: call(case.timed_max_norm(work)), r, self.rounds,
+                                            before=work.reseed_if_shrunk)
                     times[id(row)] += sample.times_ms
                     host[id(row)] += sample.host_ms
         for row, _, call in checked:

@@ -42,6 +42,13 @@ CHECK_SHRINK = 0.5
 # within a few calls, where max_norm / (norm + 1e-6) is exactly 1 and
 # fastclip rightly writes nothing. 100 calls shrink the gradients by 2.7x.
 CLIP_DECAY = 0.99
+# Before a timed call, gradients that CLIP_DECAY has shrunk below this
+# fraction of their seeded norm are seeded again (outside the timed
+# window): with many repeats (--repeats 200 over a case's methods) fp16
+# values went subnormal, and later calls timed subnormals or zeros (found
+# in review). 1e-4 keeps AdamW's clipped elements (~1e-2) above fp16's
+# smallest normal (6.1e-5) for most values.
+RESEED_BELOW = 1e-4
 
 # Relative error allowed on a returned norm against float64. fastclip
 # accumulates in float64 and returns float32; torch accumulates fp32 in fp32
@@ -153,6 +160,14 @@ class Workload:
     def seeded_total(self) -> float:
         """The float64 norm of the seeded gradients (fill_grads)."""
         return self._seeded_ref[0]
+
+    def reseed_if_shrunk(self) -> bool:
+        """Seed the gradients again when the timed clips have shrunk them
+        below RESEED_BELOW of their seeded norm; returns whether it did."""
+        if self.clip_target >= RESEED_BELOW * self.seeded_total:
+            return False
+        self.fill_grads()
+        return True
 
     def next_max_norm(self) -> float:
         """max_norm for the next timed clip: CLIP_DECAY below the last one."""

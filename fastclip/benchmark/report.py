@@ -251,7 +251,9 @@ def write_chart(rows: list[Row], env: dict, path: str) -> Optional[str]:
         panels = (("speedup_vs_torch", "speedup over torch foreach"), ("x_floor", "time / floor (1 = memory-bound)"))
         for ax, (metric, title) in zip(row_axes, panels):
             for k, method in enumerate(methods):
-                values = {(r.set, r.dtype): getattr(r, metric) for r in in_case if r.method == method}
+                # A row timed next to a failed floor has a speedup but no ratio to the floor.
+                values = {(r.set, r.dtype): getattr(r, metric) for r in in_case
+                          if r.method == method and getattr(r, metric) is not None}
                 xs = [i + (k - (len(methods) - 1) / 2) * width for i, g in enumerate(groups) if g in values]
                 heights = [values[g] for g in groups if g in values]
                 ax.bar(xs, heights, width, label=method, color=colors[method])

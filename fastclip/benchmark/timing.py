@@ -76,7 +76,7 @@ class Timer:
                 event.record()
             torch.cuda.synchronize(device)
 
-    def _warm_up(self, fn: Callable[[], object]) -> None:
+    def _warm_up(self, fn: Callable[[], object], before: Callable[[], object]) -> None:
         if self._flush is not None:
             t0 = time.perf_counter()
             while (time.perf_counter() - t0) * 1e3 < GPU_WARMUP_MS:
@@ -84,23 +84,27 @@ class Timer:
                     self._flush.sum()
                 torch.cuda.synchronize(self.device)  # the GPU's time, not the queue's
         for _ in range(self.warmup):
+            before()
             fn()
 
-    def __call__(self, fn: Callable[[], object], block: int = 0, blocks: int = 1) -> Sample:
+    def __call__(
+        self, fn: Callable[[], object], block: int = 0, blocks: int = 1, before: Callable[[], object] = lambda: None
+    ) -> Sample:
         """Time ``fn``: block ``block`` of ``blocks`` blocks of calls of the
         same method (at most ``max_repeats`` and at least ``min_repeats``
         calls over all blocks, each block at least one; the time target split
-        evenly)."""
+        evenly). ``before`` runs before each call, outside the timed window."""
         least = max(1, _part(self.min_repeats, block, blocks))
         most = max(least, _part(self.max_repeats, block, blocks))
         target = self.target_s / blocks
-        self._warm_up(fn)
+        self._warm_up(fn, before)
         times: list[float] = []
         host: list[float] = []
         spent = 0.0
         if self._flush is not None:
             torch.cuda.synchronize(self.device)
         while len(times) < least or (spent < target and len(times) < most):
+            before()
             if self._flush is not None:
                 self._flush.sum()
                 # The GPU idles when the window opens: a method whose enqueue
