@@ -56,6 +56,8 @@ def main():
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "fastclip", fastclip.__version__)
     print("host us per call (median, min, max):")
     print("  clip_grad_norm_(params, 1e6)      ", median_wall_us(lambda: fastclip.clip_grad_norm_(params, 1e6)))
+    # After a few calls this clip's coefficient is exactly 1 (a no-op on the
+    # device); the host issues the same launches either way.
     print("  clip_grad_norm_(params, 0.1)      ", median_wall_us(lambda: fastclip.clip_grad_norm_(params, 0.1)))
     print("  ops.clip_(grads, 1e6, 2.0)        ", median_wall_us(lambda: torch.ops.fastclip.clip_(grads, 1e6, 2.0)))
     print("  ops.multi_tensor_norm(grads, 2, T)", median_wall_us(lambda: torch.ops.fastclip.multi_tensor_norm(grads, 2.0, True)))
