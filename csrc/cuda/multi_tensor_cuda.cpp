@@ -91,18 +91,35 @@ bool capturing(cudaStream_t stream) {
 // a capture depends on the torch version), so these come from
 // cudaHostAlloc and are never freed: one table per captured call (about 40
 // bytes per tensor), while a graph is captured once and replayed many times.
+// Tables are packed into blocks of kCaptureBlockBytes: one cudaHostAlloc
+// (a page at least, and a pinned mapping) per table cost a page per tensor
+// where a list's entries share bytes and each gets a launch (found in review).
+constexpr size_t kCaptureBlockBytes = size_t{1} << 20;
+constexpr size_t kCaptureTableAlign = 64;  // a cache line; the table's fields need 8
+
 void* capture_table_memory(size_t bytes) {
   static std::mutex mutex;
   static std::vector<void*> kept;  // for the life of the process
-  void* ptr = nullptr;
-  {
-    // A host allocation is no stream work: relaxed mode allows it during a capture.
-    const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
-    C10_CUDA_CHECK(cudaHostAlloc(&ptr, bytes, cudaHostAllocDefault));
-  }
+  static char* next = nullptr;     // the free part of the newest block
+  static size_t left = 0;
+  const size_t need = (bytes + kCaptureTableAlign - 1) / kCaptureTableAlign * kCaptureTableAlign;
   const std::lock_guard<std::mutex> lock(mutex);
-  kept.push_back(ptr);
-  return ptr;
+  if (need > left) {
+    const size_t block = std::max(need, kCaptureBlockBytes);
+    void* ptr = nullptr;
+    {
+      // A host allocation is no stream work: relaxed mode allows it during a capture.
+      const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+      C10_CUDA_CHECK(cudaHostAlloc(&ptr, block, cudaHostAllocDefault));
+    }
+    kept.push_back(ptr);
+    next = static_cast<char*>(ptr);
+    left = block;
+  }
+  void* out = next;
+  next += need;
+  left -= need;
+  return out;
 }
 
 Upload upload(const std::vector<TensorDesc>& descs, const c10::Device& device, Scratch scratch) {
