@@ -239,6 +239,16 @@ MUTANTS = {
         "csrc/python.cpp", "a __getattribute__ override does not send .grad to Python",
         "entry(type, grad_name) == base_grad && entry(type, getattribute_name) == base_getattribute &&",
         "entry(type, grad_name) == base_grad &&"),
+    # Caught only by tests/test_memory_bounds.py (guard and read-only pages).
+    "f16c_tail_reads_past_end": (
+        "csrc/cpu/spans.cpp", "the F16C fp16 update loads its tail as a whole vector in place (past the end)",
+        "    for (int64_t j = i; j < n; ++j) tail[j - i] = x[j];\n    store8(tail, op(load8(tail)));\n",
+        "    store8(tail, op(load8(x + i)));\n"),
+    "clip_coefficient_one_writes": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "clip_ with a coefficient of exactly 1 stores what it read (no version bump)",
+        "  if (coef == 1.0) return scalar_float(total);  // the contract: no memory traffic at all\n",
+        "  if (coef == 1.0 && table.in_place()) update_all(table, work, scale_fn, coef);\n"
+        "  if (coef == 1.0) return scalar_float(total);\n"),
     "fold_ignores_layout": (
         "fastclip/optim.py", "the clip is folded into a fused step whatever the gradients' layout",
         "held.dense_and_apart if held is not None\n"

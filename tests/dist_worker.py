@@ -55,14 +55,27 @@ def assert_norm(actual, expected: float, what: str) -> None:
 
 def assert_scaled(actual: torch.Tensor, original: torch.Tensor, coef: float, what: str) -> None:
     expected = (original.double() * coef).to(original.dtype)
-    tol = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8}[original.dtype]
+    tol = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 2 ** -8}[original.dtype]
     torch.testing.assert_close(actual, expected, rtol=tol, atol=0.0, msg=lambda m: f"{what}: {m}")
 
 
 # --------------------------------------------------------------- scenarios
+def assert_as_one_process(actual: torch.Tensor, alone: torch.Tensor, what: str) -> None:
+    """A gradient clipped over the group against the same one clipped by one
+    process holding the whole list: the same bits, the coefficient coming
+    from the same float64 norm (summed in another order: fp64 gradients,
+    scaled by the double coefficient, may differ in its last bits).
+    assert_scaled's tolerances alone let a coefficient from the float32 norm
+    pass (found in review)."""
+    if actual.dtype == torch.float64:
+        torch.testing.assert_close(actual, alone, rtol=2 ** -50, atol=0.0, msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(actual, alone), f"{what}: not the bits of one process clipping the whole list"
+
+
 def sharded_lists(rank: int, world: int) -> None:
     """Each rank holds every world-th tensor of the list; one group."""
-    for dtype in DTYPES:
+    for dtype in DTYPES + [torch.float64]:
         full = full_list(dtype)
         mine = [i for i in range(len(full)) if i % world == rank]
         for ord in ORDS:
@@ -76,8 +89,11 @@ def sharded_lists(rank: int, world: int) -> None:
                 assert_norm(each[j], ref_norm([full[i]], ord), what + f" grad_norms[{j}]")
             norm = fastclip.clip_grad_norm_(params, MAX_NORM, ord, process_group=dist.group.WORLD)
             assert_norm(norm, expected, what + " clip")
+            alone = params_of(full)
+            fastclip.clip_grad_norm_(alone, MAX_NORM, ord)
             for p, i in zip(params, mine):
                 assert_scaled(p.grad, full[i], ref_coef(expected), what + f" grad {i}")
+                assert_as_one_process(p.grad, alone[i].grad, what + f" grad {i}")
 
 
 def empty_rank(rank: int, world: int) -> None:

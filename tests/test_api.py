@@ -1507,6 +1507,14 @@ def test_torch_compile_fullgraph_get_total_norm_and_grad_norms():
     grads = _grads(params)
     compiled = torch.compile(lambda gs: fastclip.get_total_norm(gs, 3.5), fullgraph=True)
     assert_same_bits(compiled(grads), fastclip.get_total_norm(grads, 3.5))
+    # grad_norms over parameters, one without a gradient (its norm 0): the
+    # name promised it, the body did not compile it (found in review).
+    with_none = [*params, torch.nn.Parameter(torch.ones(3))]
+    total, each = torch.compile(lambda ps: fastclip.grad_norms(ps, 3.5), fullgraph=True)(with_none)
+    eager_total, eager_each = fastclip.grad_norms(with_none, 3.5)
+    assert_same_bits(total, eager_total)
+    assert_same_bits(each, eager_each)
+    assert each[-1].item() == 0.0 and each.shape == (len(with_none),)
 
 
 # -------------------------------------------------------------- devices

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-import fastclip  # noqa: F401  (registers the ops)
+import fastclip  # registers the ops
 from testing import (
     DEVICE_PARAMS,
     DTYPES,
@@ -32,6 +32,7 @@ from testing import (
     dtype_id,
     gapped_view,
     make_grads,
+    make_params,
     offset_view,
     ord_id,
     poison,
@@ -283,23 +284,46 @@ def test_norm_mixed_dtypes(ord, device):
 
 
 @device_param
-def test_norm_10000_small_tensors(device):
+@ord_param
+@dtype_param
+def test_norm_10000_small_tensors(dtype, ord, device):
+    """10,000 tensors in every dtype and order (fp32 at order 2 alone
+    before: found in review), a 0-size one every 997th."""
     require_kernel(device)
     rng = random.Random(30)
-    sizes = [rng.randint(64, 4096) for _ in range(10_000)]
-    flat = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(31))
+    sizes = [0 if i % 997 == 0 else rng.randint(64, 4096) for i in range(10_000)]
+    flat = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(31)).to(dtype)
     # Copies: on the CPU, split views of flat would be clipped along with it.
     tensors = [t.to(device, copy=True) for t in torch.split(flat, sizes)]
     poison_allocator([1] * 4 + [len(tensors)] * 4, device)
-    total, each = ops.multi_tensor_norm(tensors, 2.0, True)
-    assert_norm_close(total, torch.linalg.vector_norm(flat.double()))
-    assert_norm_close(each, ref_norms_each(tensors, 2.0))
+    ref = ref_norm([flat], ord)  # cascade sums: vector_norm's fp64 sum was 2.9e-13 off here
+    total, each = ops.multi_tensor_norm(tensors, ord, True)
+    assert_norm_close(total, ref, dtype)
+    assert_norm_close(each, ref_norms_each(tensors, ord), dtype)
 
     max_norm = 0.5 * total.item()
-    norm = ops.clip_(tensors, max_norm, 2.0)
+    norm = ops.clip_(tensors, max_norm, ord)
     assert_same_bits(norm, total)
-    coef = ref_coef(max_norm, torch.linalg.vector_norm(flat.double()))
-    assert_scaled_close(torch.cat(tensors), ref_scaled(flat, coef))
+    assert_scaled_close(torch.cat([t.cpu() for t in tensors]), ref_scaled(flat, ref_coef(max_norm, ref)))
+
+
+@device_param
+@ord_param
+def test_lists_of_only_empty_tensors(ord, device):
+    """Only 0-size tensors, of every dtype: norm 0, per-tensor norms 0, a
+    clip that writes nothing; the API as torch (zero norm)."""
+    require_kernel(device)
+    tensors = [torch.empty(shape, dtype=dtype, device=device)
+               for shape, dtype in zip([(0,), (3, 0), (0, 5, 2), (0,)], DTYPES)]
+    total, each = ops.multi_tensor_norm(tensors, ord, True)
+    assert total.item() == 0.0 and each.tolist() == [0.0] * len(tensors)
+    assert ops.clip_(tensors, 1.0, ord).item() == 0.0
+    ops.multi_tensor_scale_(tensors, torch.tensor(0.5))
+    params = make_params(tensors)
+    assert fastclip.clip_grad_norm_(params, 1.0, ord).item() == 0.0
+    total, each = fastclip.grad_norms(params, ord)
+    assert total.item() == 0.0 and each.tolist() == [0.0] * len(tensors)
+    assert all(p.grad.numel() == 0 for p in params)
 
 
 # ------------------------------------------------------------------- scale
