@@ -42,13 +42,15 @@ CHECK_SHRINK = 0.5
 # within a few calls, where max_norm / (norm + 1e-6) is exactly 1 and
 # fastclip rightly writes nothing. 100 calls shrink the gradients by 2.7x.
 CLIP_DECAY = 0.99
-# Before a timed call, gradients that CLIP_DECAY has shrunk below this
-# fraction of their seeded norm are seeded again (outside the timed
-# window): with many repeats (--repeats 200 over a case's methods) fp16
-# values went subnormal, and later calls timed subnormals or zeros (found
-# in review). 1e-4 keeps AdamW's clipped elements (~1e-2) above fp16's
-# smallest normal (6.1e-5) for most values.
-RESEED_BELOW = 1e-4
+# Before a timed call, gradients that CLIP_DECAY has shrunk to this
+# fraction of where the case's timed clips started are seeded again
+# (outside the timed window) and the clips start over: with many repeats
+# (--repeats 200 over a case's methods) fp16 values went subnormal, then
+# zero, and a clip of zeros writes nothing (found in review). At 0.1 an
+# fp16 clip case's elements stay normal but for |u| < 1e-3 of the
+# uniform(-1, 1) values (0.1%), AdamW's (from 1e-2 of the seeded norm) but
+# for 6%; the default repeats (125 calls per case at most) never reach it.
+RESEED_SHRINK = 0.1
 
 # Relative error allowed on a returned norm against float64. fastclip
 # accumulates in float64 and returns float32; torch accumulates fp32 in fp32
@@ -121,6 +123,7 @@ class Workload:
     params_ready: bool = False
     adamw: Optional[torch.optim.Optimizer] = None  # see _adamw
     clip_target: float = 0.0  # the max_norm the gradients were last clipped to (see next_max_norm)
+    clip_start: float = 0.0  # where the timed clips started (see reseed_if_shrunk)
     _seeded_ref: tuple = ()  # the reference of the seeded gradients
 
     @classmethod
@@ -154,19 +157,26 @@ class Workload:
         if not self._seeded_ref:
             self._seeded_ref = (self.update_reference(), self.ref_each)
         self.ref_total, self.ref_each = self._seeded_ref
-        self.clip_target = self.ref_total
+        self.clip_target = self.clip_start = self.ref_total
 
     @property
     def seeded_total(self) -> float:
         """The float64 norm of the seeded gradients (fill_grads)."""
         return self._seeded_ref[0]
 
+    def start_clips_at(self, max_norm: float) -> None:
+        """The gradients were just clipped to ``max_norm``: timed clips go on from there."""
+        self.clip_target = self.clip_start = max_norm
+
     def reseed_if_shrunk(self) -> bool:
-        """Seed the gradients again when the timed clips have shrunk them
-        below RESEED_BELOW of their seeded norm; returns whether it did."""
-        if self.clip_target >= RESEED_BELOW * self.seeded_total:
+        """Seed the gradients again, and start the timed clips over from
+        where they started, when the clips have shrunk them to RESEED_SHRINK
+        of that; returns whether it did."""
+        if self.clip_target >= RESEED_SHRINK * self.clip_start:
             return False
+        start = self.clip_start
         self.fill_grads()
+        self.start_clips_at(min(start, self.ref_total))
         return True
 
     def next_max_norm(self) -> float:
@@ -485,7 +495,7 @@ class ClipCase(Case):
         before = work.ref_total
         max_norm = before * CHECK_SHRINK
         returned = call(max_norm)
-        work.clip_target = work.update_reference()  # where the timed calls go on from
+        work.start_clips_at(work.update_reference())  # where the timed calls go on from
         error = _check_total(method, returned, before)
         coef = max_norm / (before + 1e-6)
         # Every element, not a norm: a few tensors left unscaled moved a
@@ -526,7 +536,7 @@ class AdamWCase(Case):
         p0, g0 = work.probe(work.params), work.probe(work.grads)
         max_norm = _adamw_max_norm(work)
         result = call(max_norm)
-        work.clip_target = max_norm
+        work.start_clips_at(max_norm)
         error = _check_total(method, result, work.ref_total) if result is not None else None
         coef = 1.0 if method.name == "adamw alone" else min(1.0, max_norm / (work.ref_total + 1e-6))
         _check_adamw_step(method, work, p0, g0, coef)
