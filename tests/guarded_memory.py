@@ -100,6 +100,8 @@ def bounds() -> None:
                         total, each = ops.multi_tensor_norm(lst, ord, True)
                         check_norm(total, ref_norm(lst, ord), f"{what}, order {ord}")
                         check_norm(each[-1], ref_norm([t], ord), f"{what}, order {ord}, per tensor")
+                        total64, _ = ops.multi_tensor_norm(lst, ord, False, True)  # float64 outputs
+                        check_norm(total64, ref_norm(lst, ord), f"{what}, order {ord}, fp64 outputs")
                 original = t.clone()
                 ops.multi_tensor_scale_([neighbour, t], torch.tensor(0.5))
                 check_equal(t, (original.double() * 0.5).to(dtype), f"{what}, scale")
