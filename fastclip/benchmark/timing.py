@@ -33,6 +33,9 @@ L2_FLUSH_FACTOR = 2
 # The GPU copy-bandwidth floor is measured on a buffer far larger than any
 # L2 (H200: 60 MiB), so that it is DRAM bandwidth.
 GPU_BANDWIDTH_BYTES = 1 << 30
+# L2 size assumed where the device reports none (0, as under MIG on some
+# drivers): larger than any L2 so far (H200: 60 MiB), so the flush still flushes.
+L2_UNKNOWN_BYTES = 256 << 20
 # GPU warm-up: before each block of timed calls, reads of the flush buffer
 # for at least this long. An idle GPU's clock drops (345 MHz seen on an idle
 # H200), as it idles while the host checks results between cases; one call
@@ -66,7 +69,7 @@ class Timer:
         self.min_repeats, self.max_repeats, self.target_s = min_repeats, max(max_repeats, min_repeats), target_s
         self._flush: Optional[torch.Tensor] = None
         if device.type == "cuda":
-            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size or L2_UNKNOWN_BYTES
             self._flush = torch.ones(L2_FLUSH_FACTOR * l2 // 4, dtype=torch.int32, device=device)
             # Made and recorded once here: an event is created on its first
             # record, which would otherwise fall inside the timed window
