@@ -911,9 +911,14 @@ def _opcheck_tensors(device):
         (ops.multi_tensor_norm.default, (2.0, True, True)),
         (ops.multi_tensor_scale_.default, (torch.tensor(0.25),)),
         (ops.multi_tensor_clamp_.default, (0.5,)),
+        (ops.multi_tensor_norm.default, (math.inf, True)),
+        (ops.multi_tensor_scale_.default, (torch.tensor(1.0),)),
         (ops.clip_.default, (0.5, 2.0)),
+        (ops.clip_.default, (0.5, 1.0, True)),
+        (ops.clip_.default, (1e9, math.inf, True)),
     ],
-    ids=["norm_per_tensor", "norm_total", "norm_fp64", "scale_", "clamp_", "clip_"],
+    ids=["norm_per_tensor", "norm_total", "norm_fp64", "norm_inf", "scale_", "scale_one", "clamp_", "clip_",
+         "clip_error_if_nonfinite", "clip_no_write"],
 )
 @device_param
 def test_opcheck(op, extra, device):

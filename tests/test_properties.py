@@ -171,3 +171,38 @@ def test_clip_grad_norm_property(lists, ord, fraction):
         assert p.grad is t and p.grad.dtype == t.dtype
         assert_scaled_close(p.grad, e)
     _check_outside_untouched(tensors, bases)
+
+
+@PROPERTY_SETTINGS
+@given(lists=tensor_lists(), max_norm=st.floats(0.0, 1e6), total=st.floats(0.0, 1e8),
+       total_kind=st.sampled_from(["float", "float32", "float64"]))
+def test_clip_grads_with_norm_property(lists, max_norm, total, total_kind):
+    tensors, bases = lists
+    params = _params_of(tensors)
+    given_total = total if total_kind == "float" else torch.tensor(total, dtype=getattr(torch, total_kind))
+    coef = ref_coef(max_norm, torch.as_tensor(given_total, dtype=torch.float64))
+    expected = [ref_scaled(t, coef) for t in tensors]
+
+    assert fastclip.clip_grads_with_norm_(params, max_norm, given_total) is None
+
+    for p, t, e in zip(params, tensors, expected):
+        assert p.grad is t
+        assert_scaled_close(p.grad, e)
+    _check_outside_untouched(tensors, bases)
+
+
+@PROPERTY_SETTINGS
+@given(lists=tensor_lists(), clip_value=st.one_of(st.just(0.0), st.floats(1e-6, 1e6), st.just(math.inf)))
+def test_clip_grad_value_property(lists, clip_value):
+    tensors, bases = lists
+    params = _params_of(tensors)
+    # Clamped in float64, then rounded to the dtype: exact, NaN kept; a
+    # clip_value beyond the dtype's range clamps to it rounded (README).
+    expected = [t.double().clamp(-clip_value, clip_value).to(t.dtype) for t in tensors]
+
+    assert fastclip.clip_grad_value_(params, clip_value) is None
+
+    for p, t, e in zip(params, tensors, expected):
+        assert p.grad is t
+        assert_identical(p.grad, e)
+    _check_outside_untouched(tensors, bases)
