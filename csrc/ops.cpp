@@ -171,6 +171,17 @@ void raise_nonfinite_norm(double ord) {
               "and scale the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
 }
 
+namespace {
+void check_scalar_memory(const char* op, const char* name, const at::Tensor& t) {
+  // Read or written through its data pointer (found in review: a storage
+  // resized to 0 under it segfaulted). Not a subclass's or a meta tensor:
+  // they have no memory of their own to check.
+  const bool has_memory = !t.unsafeGetTensorImpl()->is_python_dispatch() && t.device().type() != c10::DeviceType::Meta;
+  TORCH_CHECK(!has_memory || within_storage(t, t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()),
+              op, ": ", name, " has its element beyond the memory of its storage (was it resized or freed?)");
+}
+}  // namespace
+
 void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device) {
   TORCH_CHECK(coef.defined() && coef.numel() == 1, op,
               ": coef must be a tensor with one element, got ",
@@ -179,6 +190,9 @@ void check_coef(const char* op, const at::Tensor& coef, const c10::Device& devic
               ": coef must be a floating-point tensor, got ", coef.scalar_type());
   TORCH_CHECK(coef.device().is_cpu() || coef.device() == device, op, ": coef is on ",
               coef.device(), " but the tensors are on ", device);
+  TORCH_CHECK(coef.layout() == at::kStrided, op, ": coef has layout ", coef.layout(), "; a dense tensor is needed");
+  // Found in review: a coef past its shrunk storage scaled by stale memory.
+  check_scalar_memory(op, "coef", coef);
 }
 
 namespace {
@@ -196,12 +210,7 @@ void check_scalar(const char* op, const char* name, const at::Tensor& t, const c
                 "; supported dtypes are float32, float64, float16 and bfloat16");
   }
   TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but norm is on ", device);
-  // Read or written through its data pointer (found in review: a storage
-  // resized to 0 under it segfaulted). Not a subclass's or a meta tensor:
-  // they have no memory of their own to check.
-  const bool has_memory = !t.unsafeGetTensorImpl()->is_python_dispatch() && t.device().type() != c10::DeviceType::Meta;
-  TORCH_CHECK(!has_memory || within_storage(t, t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()),
-              op, ": ", name, " has its element beyond the memory of its storage (was it resized or freed?)");
+  check_scalar_memory(op, name, t);
 }
 }  // namespace
 
@@ -628,14 +637,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
   check_no_tangent("fastclip::clip_scalars_", norm, "norm");
   check_no_tangent("fastclip::clip_scalars_", loss_scale, "loss_scale");
   check_no_tangent("fastclip::clip_scalars_", extra_scale, "extra_scale");
-  // Here, above torch's Negative fallback, which would write the others
-  // and then fail an internal assert (found in review).
-  const std::pair<const char*, const at::Tensor*> outputs[] = {
-      {"last_norm", &last_norm}, {"last_coef", &last_coef}, {"skipped", &skipped}};
-  for (const auto& [name, t] : outputs) {
-    TORCH_CHECK(!t->defined() || !t->is_neg(), "fastclip::clip_scalars_: ", name,
-                " is a negative-bit view (torch._neg_view); resolve_neg() it first");
-  }
   if (c10::GradMode::is_enabled()) {
     const std::pair<const char*, const at::Tensor*> written[] = {{"last_norm", &last_norm}, {"last_coef", &last_coef}};
     for (const auto& [name, t] : written) {
@@ -685,6 +686,8 @@ const c10::DispatchKeySet kAfterNegative(c10::DispatchKeySet::FULL_AFTER, c10::D
 
 void scale_negative(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
   static const auto op = op_handle<ScaleSig>("fastclip::multi_tensor_scale_");
+  // Resolving reads coef: its memory is checked first (as check_coef would).
+  if (coef.is_neg() && coef.layout() == at::kStrided && coef.numel() == 1) check_scalar_memory("fastclip::multi_tensor_scale_", "coef", coef);
   op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), coef.is_neg() ? coef.resolve_neg() : coef);
 }
 
@@ -699,15 +702,61 @@ at::Tensor clip_negative(c10::DispatchKeySet ks, at::TensorList tensors, double 
   return op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), max_norm, ord, error_if_nonfinite);
 }
 
+// A norm is of |x|: the views without the bit, whose memory the kernels'
+// checks then see (torch's fallback copied what lay beyond a shrunk
+// storage before any check; found in review).
+std::tuple<at::Tensor, at::Tensor> norm_negative(c10::DispatchKeySet ks, at::TensorList tensors, double ord,
+                                                 bool per_tensor, bool fp64) {
+  static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
+  return op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), ord, per_tensor, fp64);
+}
+
+// The written logs must not carry the bit: torch's fallback would write
+// the others, then fail an internal assert (found in review; in inference
+// mode no Autograd kernel runs before this one). The scalars read are
+// resolved as the fallback would, after the memory check the fallback's
+// copy would skip (found in review: a shrunk `norm` segfaulted).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_negative(
+    c10::DispatchKeySet ks, const at::Tensor& norm, double max_norm, const std::optional<at::Tensor>& loss_scale,
+    const std::optional<at::Tensor>& extra_scale, const std::optional<at::Tensor>& found_inf,
+    const std::optional<at::Tensor>& extra_found, bool skip_inf_divisor, const at::Tensor& last_norm,
+    const at::Tensor& last_coef, const at::Tensor& skipped, bool count_skip) {
+  static const auto op = op_handle<ClipScalarsSig>("fastclip::clip_scalars_");
+  constexpr const char* kOp = "fastclip::clip_scalars_";
+  const std::pair<const char*, const at::Tensor*> outputs[] = {
+      {"last_norm", &last_norm}, {"last_coef", &last_coef}, {"skipped", &skipped}};
+  for (const auto& [name, t] : outputs) {
+    TORCH_CHECK(!t->defined() || !t->is_neg(), kOp, ": ", name,
+                " is a negative-bit view (torch._neg_view); resolve_neg() it first");
+  }
+  const auto resolved = [&](const char* name, const at::Tensor& t) {
+    if (!t.defined() || !t.is_neg()) return t;
+    TORCH_CHECK(t.numel() == 1 && t.layout() == at::kStrided, kOp, ": ", name,
+                " must be a dense tensor with one element, got ", t.sizes());
+    check_scalar_memory(kOp, name, t);
+    return t.resolve_neg();
+  };
+  const auto resolved_opt = [&](const char* name, const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t.has_value()) return t;
+    return resolved(name, *t);
+  };
+  return op.redispatch(ks & kAfterNegative, resolved("norm", norm), max_norm, resolved_opt("loss_scale", loss_scale),
+                       resolved_opt("extra_scale", extra_scale), resolved_opt("found_inf", found_inf),
+                       resolved_opt("extra_found", extra_found), skip_inf_divisor, last_norm, last_coef, skipped,
+                       count_skip);
+}
+
 }  // namespace
 }  // namespace fastclip
 
-// The written list ops under the Negative key (see without_neg_bit); the
-// others take torch's fallback, which resolves what they read.
+// Every op under the Negative key (see without_neg_bit): torch's fallback
+// copies what it resolves before the ops' checks can see it.
 TORCH_LIBRARY_IMPL(fastclip, Negative, m) {
+  m.impl("multi_tensor_norm", &fastclip::norm_negative);
   m.impl("multi_tensor_scale_", &fastclip::scale_negative);
   m.impl("multi_tensor_clamp_", &fastclip::clamp_negative);
   m.impl("clip_", &fastclip::clip_negative);
+  m.impl("clip_scalars_", &fastclip::clip_scalars_negative);
 }
 
 // One registration for every device's autograd key.

@@ -38,7 +38,8 @@ void check_clip_value(const char* op, double clip_value);
 void check_norm_finite(double norm, double ord);
 // The same error, unconditionally (for a non-finite flag computed on a device).
 [[noreturn]] void raise_nonfinite_norm(double ord);
-// coef: a one-element floating tensor on the CPU or on `device`.
+// coef: a one-element dense floating tensor on the CPU or on `device`,
+// whose element lies in its storage.
 void check_coef(const char* op, const at::Tensor& coef, const c10::Device& device);
 // The arguments of clip_scalars_, before anything is written: norm a
 // one-element floating tensor of a `device_type` device; the optional

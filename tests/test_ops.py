@@ -1151,6 +1151,11 @@ SCALARS_ERRORS = [
     # Found in review: torch's Negative fallback wrote the others, then failed an internal assert.
     ("last_norm_negative_view", dict(last_norm=torch._neg_view(torch.zeros(()))), "last_norm is a negative-bit view"),
     ("skipped_negative_view", dict(skipped=torch._neg_view(torch.tensor(3))), "skipped is a negative-bit view"),
+    # Found in review: torch's Negative fallback copied these before any
+    # check (a segfault, or a norm from stale memory).
+    ("norm_negative_view_freed", dict(norm=torch._neg_view(_freed())), "norm has its element beyond"),
+    ("loss_scale_negative_view_shrunk", dict(loss_scale=torch._neg_view(_shrunk())), "loss_scale has its element beyond"),
+    ("found_inf_negative_view_freed", dict(found_inf=torch._neg_view(_freed(torch.float32))), "found_inf has its element"),
     ("norm_2_elements", dict(norm=torch.ones(2, dtype=torch.float64)), "norm must be a tensor with one element"),
     ("norm_int", dict(norm=torch.tensor(3)), "norm has dtype Long"),
     ("max_norm_-1", dict(max_norm=-1.0), "max_norm"),
@@ -1167,16 +1172,63 @@ SCALARS_ERRORS = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["grad", "inference"])
 @pytest.mark.parametrize("change, match", [e[1:] for e in SCALARS_ERRORS], ids=[e[0] for e in SCALARS_ERRORS])
-def test_clip_scalars_errors_name_the_argument_and_modify_nothing(change, match):
+def test_clip_scalars_errors_name_the_argument_and_modify_nothing(change, match, mode):
+    # Inference mode too: no Autograd kernel runs there (found in review: a
+    # negative-bit last_norm was refused only by it, after torch's Negative
+    # fallback had written last_coef and skipped).
     args = _scalars_call(**change)
     # (A negative view is compared through its bits' negation: not by snapshot.)
     written = [t.resolve_neg() if t.is_neg() else t for t in (args["last_norm"], args["last_coef"], args["skipped"])
                if t.device.type != "meta"]
     before = snapshot(written)
-    with pytest.raises(RuntimeError, match=match):
+    with torch.inference_mode(mode == "inference"), pytest.raises(RuntimeError, match=match):
         ops.clip_scalars_(**args)
     assert_untouched(written, before)
+
+
+def _shrunk_list_entry(dtype=torch.float32):
+    """A 512-element view whose storage keeps only its first 4 elements'
+    bytes (elements beyond the storage, not the whole view freed)."""
+    base = torch.ones(1 << 10, dtype=dtype)
+    view = base[512:]
+    base.untyped_storage().resize_(4 * base.element_size())
+    return view
+
+
+@pytest.mark.parametrize("mode", ["grad", "inference"])
+@pytest.mark.parametrize("case", ["coef_shrunk", "coef_freed", "coef_negative_view_shrunk", "norm_negative_view",
+                                  "norm_negative_view_per_tensor", "clip_negative_view", "scale_negative_view"])
+def test_memory_beyond_storage_is_refused_before_anything_is_read(case, mode):
+    """Found in review: multi_tensor_scale_ read coef without checking its
+    storage (stale memory scaled the tensors, or a segfault), and a
+    negative-bit view went through torch's Negative fallback, whose copy
+    read beyond the storage before the kernels' check (a norm of stale
+    memory, or a segfault)."""
+    tensors = make_grads([(100,), (7, 3)], torch.float32, "cpu", seed=74)
+    before = snapshot(tensors)
+    calls = {
+        "coef_shrunk": (lambda: ops.multi_tensor_scale_(tensors, _shrunk()),
+                        "coef has its element beyond"),
+        "coef_freed": (lambda: ops.multi_tensor_scale_(tensors, _freed(torch.float32)), "coef has its element beyond"),
+        "coef_negative_view_shrunk": (lambda: ops.multi_tensor_scale_(tensors, torch._neg_view(_shrunk())),
+                                      "coef has its element beyond"),
+        "norm_negative_view": (lambda: ops.multi_tensor_norm([torch._neg_view(_shrunk_list_entry())], 2.0, False),
+                               r"tensors\[0\] has elements beyond the memory of its storage"),
+        "norm_negative_view_per_tensor": (
+            lambda: ops.multi_tensor_norm(tensors + [torch._neg_view(_shrunk_list_entry(torch.bfloat16))], 1.0, True),
+            r"tensors\[2\] has elements beyond the memory of its storage"),
+        "clip_negative_view": (lambda: ops.clip_(tensors + [torch._neg_view(_shrunk_list_entry())], 0.1, 2.0),
+                               r"tensors\[2\] has elements beyond the memory of its storage"),
+        "scale_negative_view": (
+            lambda: ops.multi_tensor_scale_(tensors + [torch._neg_view(_shrunk_list_entry())], torch.tensor(0.5)),
+            r"tensors\[2\] has elements beyond the memory of its storage"),
+    }
+    call, match = calls[case]
+    with torch.inference_mode(mode == "inference"), pytest.raises(RuntimeError, match=match):
+        call()
+    assert_untouched(tensors, before)
 
 
 @pytest.mark.parametrize("op", ["norm", "scale_", "clamp_", "clip_", "scale_meta_coef"])
