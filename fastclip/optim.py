@@ -488,12 +488,16 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 one_call = held is not None or (len(grads) > 0 and _clip._one_call(grads))
             else:
                 raw, _ = _clip._norms(grads, self.norm_type, False, one_call, fp64=True)
-        policy = "skip" if scaler_found is not None else self.nonfinite
         inner = self.optimizer
         folds = self._folds_on(grads, held)
         # A divisor and flag the inner optimizer already carries (set by its
         # user) stay in force for a fused step.
         saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__} if folds else {}
+        # A flag, the scaler's or one on the fused inner optimizer, skips
+        # its steps whatever `nonfinite` says, as the bare fused step does
+        # (found in review: "propagate" stepped, "error" raised).
+        flagged = scaler_found is not None or saved.get("found_inf") is not None
+        policy = "skip" if flagged else self.nonfinite
         # Where the host reads the flag for free, the state check (a lookup
         # per parameter) waits for a non-finite step (see _fused_step).
         on_device = folds and policy == "skip" and not _host_decides(raw) and self._has_state()
