@@ -38,6 +38,7 @@ from testing import (
     ord_id,
     ref_coef,
     ref_norm,
+    require_kernel,
     ref_norms_each,
     ref_scaled,
     snapshot,
@@ -1749,3 +1750,19 @@ def test_ops_on_a_negative_bit_view_bump_its_base_version(op):
     assert y._version > before and view._version == y._version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_vmap_per_sample_norms_with_the_kernels_loaded(dtype, ord, fresh_warnings):
+    """Found in review: batched tensors reached the ops, which have no
+    batching rule (torch's foreach=False computes them). They go to plain
+    PyTorch with a warning; an unbatched tensor in the list too."""
+    require_kernel("cpu")
+    x = make_grads([(4, 37)], dtype, seed=29, scale=3.0)[0]
+    fixed = make_grads([(5,)], dtype, seed=30)[0]
+    with pytest.warns(UserWarning, match="vmap"):
+        batched = torch.vmap(lambda a: fastclip.get_total_norm([a, a * 2, fixed], ord))(x)
+    expected = torch.stack([ref_norm([row, row * 2, fixed], ord) for row in x])
+    assert batched.shape == (4,)
+    assert_norm_close(batched, expected, dtype)
