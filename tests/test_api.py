@@ -1794,3 +1794,103 @@ def test_vmap_per_sample_norms_with_the_kernels_loaded(dtype, ord, fresh_warning
     expected = torch.stack([ref_norm([row, row * 2, fixed], ord) for row in x])
     assert batched.shape == (4,)
     assert_norm_close(batched, expected, dtype)
+
+
+def _numpy_scalar(kind: str, value):
+    np = pytest.importorskip("numpy")
+    return getattr(np, kind)(value)
+
+
+_MAX_NORMS = {
+    "int": (lambda: 1, 1.0),
+    "bool": (lambda: True, 1.0),
+    "np.float32": (lambda: _numpy_scalar("float32", 0.5), 0.5),
+    "tensor_0d": (lambda: torch.tensor(0.5), 0.5),
+    "tensor_1": (lambda: torch.tensor([0.5]), 0.5),
+    "tensor_int": (lambda: torch.tensor(1), 1.0),
+}
+_NORM_TYPES = {
+    "str_inf": (lambda: "inf", math.inf),
+    "np.int64": (lambda: _numpy_scalar("int64", 1), 1.0),
+    "np.float64": (lambda: _numpy_scalar("float64", 3.5), 3.5),
+    "tensor": (lambda: torch.tensor(3.0), 3.0),
+    "int": (lambda: 2, 2.0),
+}
+
+
+@pytest.mark.parametrize("norm_type", list(_NORM_TYPES))
+@pytest.mark.parametrize("max_norm", list(_MAX_NORMS))
+def test_argument_types_give_the_float_arguments_result(max_norm, norm_type):
+    """Each kind of number torch's float() takes, as max_norm and norm_type:
+    the bits of the same call with plain floats (found in review: nothing
+    checked them side by side), and the norm within 1e-2 of torch's."""
+    (make_max, max_value), (make_ord, ord_value) = _MAX_NORMS[max_norm], _NORM_TYPES[norm_type]
+    # (No 0-size gradient: torch's inf-norm refuses one.)
+    shapes = [shape for shape in SHAPES if math.prod(shape) > 0]
+    ours, plain, theirs = (_params(seed=31, scale=3.0, shapes=shapes) for _ in range(3))
+    total = fastclip.clip_grad_norm_(ours, make_max(), make_ord())
+    expected = fastclip.clip_grad_norm_(plain, max_value, ord_value)
+    assert_same_bits(total, expected)
+    for p, q in zip(ours, plain):
+        if p.grad is not None:
+            assert_same_bits(p.grad, q.grad)
+    torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(theirs, make_max(), make_ord()).float(),
+                               rtol=1e-2, atol=0.0)
+
+
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_inside_inference_mode_like_torch(fn):
+    """Ordinary gradients clipped inside torch.inference_mode() (found in
+    review: only inference tensors were tested there): torch's result, and
+    the version counters bumped as torch's in-place ops bump them."""
+    ours, theirs = _params(seed=33, scale=3.0), _params(seed=33, scale=3.0)
+    calls = {
+        "clip_grad_norm_": lambda m, ps: m.clip_grad_norm_(ps, 0.5),
+        "get_total_norm": lambda m, ps: m.get_total_norm(_grads(ps)),
+        "clip_grads_with_norm_": lambda m, ps: m.clip_grads_with_norm_(ps, 0.5, torch.tensor(4.0)),
+        "clip_grad_value_": lambda m, ps: m.clip_grad_value_(ps, 0.2),
+    }
+    versions = [g._version for g in _grads(ours)]
+    with torch.inference_mode():
+        got = calls[fn](fastclip, ours)
+        expected = calls[fn](torch.nn.utils, theirs)
+    if got is not None:
+        torch.testing.assert_close(got, expected.float(), rtol=TORCH_RTOL, atol=0.0)
+    _assert_grads_match_torch(ours, theirs)
+    wrote = fn != "get_total_norm"
+    assert [g._version > v for g, v in zip(_grads(ours), versions)] == [wrote] * len(versions)
+
+
+def test_concurrent_callers_get_the_serial_bits():
+    """Several Python threads calling the ops at once (the kernels share no
+    state between calls; found in review: nothing tested it): each list's
+    norm and clipped values are the bits of the same call made alone."""
+    import threading
+
+    def lists():
+        return [make_params(make_grads([(40_000,), (33, 17), (5,)], dtype, "cpu", seed=40 + k, scale=3.0))
+                for k, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float64])]
+
+    serial, parallel = lists(), lists()
+    expected = [fastclip.clip_grad_norm_(ps, 0.1, ord) for ps, ord in zip(serial, ORDS)]
+    results, errors = [None] * len(parallel), []
+
+    def work(k):
+        try:
+            for _ in range(30):
+                for p, q in zip(parallel[k], lists()[k]):
+                    p.grad.copy_(q.grad)  # start from the same gradients each time
+                results[k] = fastclip.clip_grad_norm_(parallel[k], 0.1, ORDS[k])
+        except Exception as error:  # reported below, in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(parallel))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, want, ps, qs in zip(results, expected, parallel, serial):
+        assert_same_bits(got, want)
+        for p, q in zip(ps, qs):
+            assert_same_bits(p.grad, q.grad)
