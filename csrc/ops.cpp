@@ -101,8 +101,13 @@ const char* unwritable_reason(const at::Tensor& t) {
   // has no memory of its own to check: the torch ops it runs check theirs
   // (found in review: its empty storage was reported as freed).
   if (t.unsafeGetTensorImpl()->is_python_dispatch()) return nullptr;
-  // So has torch.func.functionalize's wrapper (its storage is not memory).
+  // So has torch.func.functionalize's wrapper (its storage is not memory),
+  // and torch.vmap's batched tensor (found in review: the check of its
+  // storage failed the in-place functions under vmap).
   if (t.key_set().has(c10::DispatchKey::Functionalize)) return nullptr;
+  if (t.key_set().has(c10::DispatchKey::FuncTorchBatched) || t.key_set().has(c10::DispatchKey::BatchedNestedTensor)) {
+    return nullptr;
+  }
   if (t.layout() != at::kStrided) return nullptr;
   if (!t.is_non_overlapping_and_dense() && at::has_internal_overlap(t) == at::MemOverlap::Yes) return "overlap";
   if (t.numel() > 0 && t.device().type() != c10::DeviceType::Meta &&
@@ -687,7 +692,13 @@ const c10::DispatchKeySet kAfterNegative(c10::DispatchKeySet::FULL_AFTER, c10::D
 void scale_negative(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
   static const auto op = op_handle<ScaleSig>("fastclip::multi_tensor_scale_");
   // Resolving reads coef: its memory is checked first (as check_coef would).
-  if (coef.is_neg() && coef.layout() == at::kStrided && coef.numel() == 1) check_scalar_memory("fastclip::multi_tensor_scale_", "coef", coef);
+  // (Shape and layout first: found in review, a many-element coef was
+  // resolved, reading freed memory, before check_coef refused its size.)
+  if (coef.is_neg()) {
+    TORCH_CHECK(coef.numel() == 1 && coef.layout() == at::kStrided,
+                "fastclip::multi_tensor_scale_: coef must be a dense tensor with one element, got ", coef.sizes());
+    check_scalar_memory("fastclip::multi_tensor_scale_", "coef", coef);
+  }
   op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), coef.is_neg() ? coef.resolve_neg() : coef);
 }
 

@@ -512,7 +512,9 @@ def _known_one(coef: Tensor) -> bool:
     a device: a plain CPU tensor, read outside tracing."""
     return (
         type(coef) is Tensor and coef.device == _CPU and not torch.compiler.is_compiling()
-        and _get_current_dispatch_mode() is None and coef.item() == 1.0
+        and _get_current_dispatch_mode() is None
+        # (not a vmap-batched one: a value per sample, no item(); found in review)
+        and not torch._C._functorch.is_batchedtensor(coef) and coef.item() == 1.0
     )
 
 

@@ -493,11 +493,15 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # A divisor and flag the inner optimizer already carries (set by its
         # user) stay in force for a fused step.
         saved = {name: inner.__dict__[name] for name in _SCALE_ATTRS if name in inner.__dict__} if folds else {}
-        # A flag, the scaler's or one on the fused inner optimizer, skips
-        # its steps whatever `nonfinite` says, as the bare fused step does
-        # (found in review: "propagate" stepped, "error" raised).
-        flagged = scaler_found is not None or saved.get("found_inf") is not None
-        policy = "skip" if flagged else self.nonfinite
+        policy = "skip" if scaler_found is not None else self.nonfinite
+        # A found_inf the user set on the fused inner optimizer: under "skip"
+        # it joins the wrapper's flag (and the count); otherwise it is the
+        # inner step's own, which it skips as the bare step does, while
+        # `nonfinite` applies to the norm alone (found in review: merged
+        # into the norm's flag, "propagate" stepped and "error" raised; and
+        # forcing "skip" made the policy, and the collectives, depend on
+        # whether each rank's step folds).
+        user_found = saved.get("found_inf") if policy == "skip" else None
         # Where the host reads the flag for free, the state check (a lookup
         # per parameter) waits for a non-finite step (see _fused_step).
         on_device = folds and policy == "skip" and not _host_decides(raw) and self._has_state()
@@ -511,7 +515,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         # so every rank with the same kind of inner optimizer agrees on it.
         agree = spread is not None and policy != "propagate" and _folds(inner)
         factor, total, found = self._scalars(
-            raw, divisor, saved.get("grad_scale"), scaler_found, saved.get("found_inf"),
+            raw, divisor, saved.get("grad_scale"), scaler_found, user_found,
             skip_inf_divisor=folds and policy != "propagate", count_skip=on_device and not agree,
         )
         if agree:
@@ -685,6 +689,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 inner.grad_scale = total
             if on_device:
                 inner.found_inf = found  # counted in skipped_steps by clip_scalars_
+            elif policy != "skip" and "found_inf" in saved:
+                inner.found_inf = saved["found_inf"]  # the user's flag, the inner step's to apply
             else:
                 inner.__dict__.pop("found_inf", None)
             inner.step()

@@ -1880,8 +1880,13 @@ def test_concurrent_callers_get_the_serial_bits():
             for _ in range(30):
                 for p, q in zip(parallel[k], lists()[k]):
                     p.grad.copy_(q.grad)  # start from the same gradients each time
-                results[k] = fastclip.clip_grad_norm_(parallel[k], 0.1, ORDS[k])
-        except Exception as error:  # reported below, in the main thread
+                total = fastclip.clip_grad_norm_(parallel[k], 0.1, ORDS[k])
+                # Every call, not the last one only (found in review).
+                assert_same_bits(total, expected[k])
+                for p, q in zip(parallel[k], serial[k]):
+                    assert_same_bits(p.grad, q.grad)
+                results[k] = total
+        except Exception as error:  # AssertionError too: reported below, in the main thread
             errors.append(error)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(parallel))]
@@ -1894,3 +1899,30 @@ def test_concurrent_callers_get_the_serial_bits():
         assert_same_bits(got, want)
         for p, q in zip(ps, qs):
             assert_same_bits(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_vmap_per_sample_clipping_with_the_kernels_loaded(fn, fresh_warnings):
+    """Found in review: the in-place functions checked a batched gradient's
+    storage (which it has not) and read a batched coefficient with item()."""
+    require_kernel("cpu")
+    x, y = make_grads([(3, 5), (3, 4)], torch.float32, seed=35, scale=3.0)
+    calls = {
+        "clip_grad_norm_": lambda m, ps: m.clip_grad_norm_(ps, 1.0, foreach=False),
+        "clip_grads_with_norm_": lambda m, ps: (m.clip_grads_with_norm_(ps, 1.0, torch.tensor(10.0), foreach=False),
+                                                torch.zeros(()))[1],
+        "clip_grad_value_": lambda m, ps: (m.clip_grad_value_(ps, 0.5, foreach=False), torch.zeros(()))[1],
+    }
+
+    def per_sample(module):
+        def f(a, b):
+            pa, pb = torch.nn.Parameter(torch.zeros_like(a)), torch.nn.Parameter(torch.zeros_like(b))
+            pa.grad, pb.grad = a.clone(), b.clone()
+            return calls[fn](module, [pa, pb]), pa.grad, pb.grad
+        return f
+
+    with pytest.warns(UserWarning, match="vmap"):
+        ours = torch.vmap(per_sample(fastclip))(x, y)
+    theirs = torch.vmap(per_sample(torch.nn.utils))(x, y)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b.float(), rtol=TORCH_RTOL, atol=0.0)

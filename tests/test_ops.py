@@ -1188,6 +1188,13 @@ def test_clip_scalars_errors_name_the_argument_and_modify_nothing(change, match,
     assert_untouched(written, before)
 
 
+def _freed_many():
+    """Two elements of a storage since resized to 0 bytes."""
+    base = torch.ones(2)
+    base.untyped_storage().resize_(0)
+    return base
+
+
 def _shrunk_list_entry(dtype=torch.float32):
     """A 512-element view whose storage keeps only its first 4 elements'
     bytes (elements beyond the storage, not the whole view freed)."""
@@ -1198,7 +1205,8 @@ def _shrunk_list_entry(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("mode", ["grad", "inference"])
-@pytest.mark.parametrize("case", ["coef_shrunk", "coef_freed", "coef_negative_view_shrunk", "norm_negative_view",
+@pytest.mark.parametrize("case", ["coef_shrunk", "coef_freed", "coef_negative_view_shrunk", "coef_negative_view_freed_2",
+                                  "norm_negative_view",
                                   "norm_negative_view_per_tensor", "clip_negative_view", "scale_negative_view"])
 def test_memory_beyond_storage_is_refused_before_anything_is_read(case, mode):
     """Found in review: multi_tensor_scale_ read coef without checking its
@@ -1214,6 +1222,10 @@ def test_memory_beyond_storage_is_refused_before_anything_is_read(case, mode):
         "coef_freed": (lambda: ops.multi_tensor_scale_(tensors, _freed(torch.float32)), "coef has its element beyond"),
         "coef_negative_view_shrunk": (lambda: ops.multi_tensor_scale_(tensors, torch._neg_view(_shrunk())),
                                       "coef has its element beyond"),
+        # Found in a later review: a many-element one was resolved (read)
+        # before its size was refused.
+        "coef_negative_view_freed_2": (lambda: ops.multi_tensor_scale_(tensors, torch._neg_view(_freed_many())),
+                                       "coef must be a dense tensor with one element"),
         "norm_negative_view": (lambda: ops.multi_tensor_norm([torch._neg_view(_shrunk_list_entry())], 2.0, False),
                                r"tensors\[0\] has elements beyond the memory of its storage"),
         "norm_negative_view_per_tensor": (
