@@ -151,16 +151,16 @@ MUTANTS = {
         "  s.divisor = static_cast<float>(loss_scale * extra_scale * s.coef);"),
     "user_grad_scale_ignored": (
         "fastclip/optim.py", "a grad_scale the user set on the inner optimizer is dropped",
-        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, saved.get(\"found_inf\"),",
-        "            raw, divisor, None, scaler_found, saved.get(\"found_inf\"),"),
+        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, user_found,",
+        "            raw, divisor, None, scaler_found, user_found,"),
     "user_found_inf_ignored": (
         "fastclip/optim.py", "a found_inf the user set on the inner optimizer is dropped",
-        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, saved.get(\"found_inf\"),",
+        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, user_found,",
         "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, None,"),
     "scaler_found_inf_dropped": (
         "fastclip/optim.py", "the found_inf a GradScaler sets on the wrapper is dropped",
-        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, saved.get(\"found_inf\"),",
-        "            raw, divisor, saved.get(\"grad_scale\"), None, saved.get(\"found_inf\"),"),
+        "            raw, divisor, saved.get(\"grad_scale\"), scaler_found, user_found,",
+        "            raw, divisor, saved.get(\"grad_scale\"), None, user_found,"),
     "scalar_inputs_not_converted": (
         "fastclip/optim.py", "a bool flag or an integer loss scale reaches clip_scalars_ as it is",
         "    if t is None or (t.device == device and t.dtype in _clip._KERNEL_DTYPES):\n        return t",
