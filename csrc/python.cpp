@@ -47,11 +47,9 @@ const char* blocker(const at::Tensor& t, const at::Tensor& first, bool dual) {
   // torch.func.functionalize's wrappers: its C++ functionalization cannot
   // run a custom op that writes a list in place (found in review).
   if (t.key_set().has(c10::DispatchKey::Functionalize)) return "functional tensor";
-  // torch.vmap's batched tensors: the ops have no batching rule; torch's
-  // per-tensor functions batch (found in review: vmap raised).
-  if (t.key_set().has(c10::DispatchKey::FuncTorchBatched) || t.key_set().has(c10::DispatchKey::BatchedNestedTensor)) {
-    return "batched tensor";
-  }
+  // torch.vmap's batched tensors go to the ops, whose batching rules
+  // (fastclip/_ops.py) take them; nested tensors' batching has none.
+  if (t.key_set().has(c10::DispatchKey::BatchedNestedTensor)) return "batched nested tensor";
   return nullptr;
 }
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _fallback
 
@@ -215,3 +217,175 @@ if _C is not None:
             torch.empty((), dtype=torch.float32, device=norm.device),
             torch.empty((), dtype=torch.float32, device=norm.device),
         )
+
+    # ------------------------------------------------------------- torch.vmap
+    # Batching rules: a batched tensor is its underlying value with a batch
+    # dimension. The norms of every sample are one op call on all samples'
+    # slices (float64 per-tensor norms, combined per sample as the split
+    # path combines devices), not a call per sample (256 samples of 12 small
+    # tensors: 12.2 -> 7.9 ms; the views cost the most, see the README's
+    # Known limitations). A per-sample coefficient is then one multiply per
+    # tensor over all samples, in the kernels' arithmetic (_fallback's
+    # scale); a clamp, or a scale by one coefficient for all samples, is one
+    # op call on the values. Under torch.compile the rules are traced like
+    # any other Python code.
+
+    def _check_samples_writable(op, tensors, dims, per_sample_value: Optional[str]):
+        """What cannot be written per sample, refused before anything is:
+        a value whose samples share memory or reach beyond its storage, and,
+        when each sample gets its own value, a tensor that is not batched;
+        and what the op's autograd kernel refuses, which under vmap runs
+        after this rule (torch's mul_ here would record a history)."""
+        if torch.is_grad_enabled():
+            for i, t in enumerate(tensors):
+                if t.requires_grad:
+                    raise RuntimeError(
+                        f"fastclip::{op}: tensors[{i}] requires grad; the op modifies it in place and is not "
+                        "differentiable: call it under torch.no_grad() (fastclip's Python functions do)")
+        if per_sample_value is not None:
+            for i, d in enumerate(dims):
+                if d is None:
+                    raise RuntimeError(
+                        f"fastclip::{op}: under torch.vmap, tensors[{i}] is not batched while {per_sample_value} "
+                        "is, so it cannot be written in place with a value per sample (torch's in-place ops "
+                        "refuse it too); make it an input of the vmapped function or clone it per sample")
+        bad = first_unwritable(list(tensors))
+        if bad is not None:
+            i, why = bad
+            if why == "inference":  # the op's message (found in review: tensors before it were written)
+                raise RuntimeError(
+                    f"fastclip::{op}: tensors[{i}] is an inference tensor, and an inplace update to an inference "
+                    "tensor outside InferenceMode is not allowed (as in torch); clone() it first or call this "
+                    "under torch.inference_mode()")
+            what = "elements that share memory (an expand()ed view?)" if why == "overlap" else \
+                "elements beyond its storage's memory"
+            raise RuntimeError(f"fastclip::{op}: under torch.vmap, tensors[{i}] has {what}, so it cannot be "
+                               "written in place; clone() it first")
+
+    def _levels(t: Tensor) -> set:
+        """The vmap levels ``t`` is batched at (nested vmap wraps once per level)."""
+        levels = set()
+        while torch._C._functorch.is_batchedtensor(t):
+            levels.add(torch._C._functorch.maybe_get_level(t))
+            t = torch._C._functorch.get_unwrapped(t)
+        return levels
+
+    def _check_outer_levels(op, tensors, coef: Tensor, what: str) -> None:
+        """Under nested vmap, a coefficient batched at an outer level cannot
+        be written into a tensor that is not: refused before any write
+        (found in review: torch's multiply raised after the tensors before
+        it were scaled)."""
+        needed = _levels(coef)
+        for i, t in enumerate(tensors):
+            if not needed <= _levels(t):
+                raise RuntimeError(
+                    f"fastclip::{op}: under torch.vmap, tensors[{i}] is not batched while {what} is, so it cannot "
+                    "be written in place with a value per sample (torch's in-place ops refuse it too); make it "
+                    "an input of the vmapped function or clone it per sample")
+
+    def _sample_norms(tensors, dims, batch: int, ord: float) -> tuple[Tensor, Tensor]:
+        """(total, each) of every sample in float64, shapes [batch] and
+        [batch, len(tensors)], from one op call (batch > 0)."""
+        batched = [i for i, d in enumerate(dims) if d is not None]
+        shared = [i for i, d in enumerate(dims) if d is None]
+        slices = [s for i in batched for s in tensors[i].unbind(dims[i])]
+        _, norms = torch.ops.fastclip.multi_tensor_norm.default(
+            slices + [tensors[i] for i in shared], ord, True, True)
+        columns = norms[:len(slices)].view(len(batched), batch).t()
+        if shared:
+            columns = torch.cat([columns, norms[len(slices):].expand(batch, len(shared))], dim=1)
+        if batched + shared != list(range(len(tensors))):
+            where = [0] * len(tensors)
+            for position, i in enumerate(batched + shared):
+                where[i] = position
+            columns = columns[:, torch.tensor(where, device=columns.device)]
+        total = _fallback.combine(columns, ord, dim=1)
+        return total, columns
+
+    def _empty_batch(like: Tensor, dtype, *shape) -> Tensor:
+        return torch.empty((0, *shape), dtype=dtype, device=like.device)
+
+    def _scale_samples(tensors, dims, coef: Tensor) -> None:
+        """tensors[i] (batched along dims[i]) times coef[b] in sample b, as
+        the kernels multiply: in float32 unless the data is double."""
+        for t, d in zip(tensors, dims):
+            shape = [1] * t.dim()
+            shape[d] = coef.numel()
+            t.mul_(coef.to(torch.float64 if t.dtype == torch.float64 else torch.float32).view(shape))
+
+    @torch.library.register_vmap("fastclip::multi_tensor_norm")
+    def _multi_tensor_norm_vmap(info, in_dims, tensors, ord, per_tensor, fp64=False):
+        dtype = torch.float64 if fp64 else torch.float32
+        _C.check_list_op("multi_tensor_norm", tensors, ord=ord)  # before the slices are made
+        if info.batch_size == 0:
+            total, each = _empty_batch(tensors[0], dtype), _empty_batch(tensors[0], dtype, len(tensors))
+        else:
+            total, each = _sample_norms(tensors, in_dims[0], info.batch_size, ord)
+        if not per_tensor:
+            each = each[:, :0]
+        return (total.to(dtype), each.to(dtype)), (0, 0)
+
+    @torch.library.register_vmap("fastclip::multi_tensor_scale_")
+    def _multi_tensor_scale_vmap(info, in_dims, tensors, coef):
+        dims, coef_dim = in_dims
+        if coef_dim is None:  # one coefficient for every sample
+            torch.ops.fastclip.multi_tensor_scale_.default(list(tensors), coef)
+            return None, None
+        # (A plain tensor of a sample's shape: coef may still be batched at
+        # an outer level, which the check cannot read; found in review.)
+        sample_coef = torch.empty(coef.shape[:coef_dim] + coef.shape[coef_dim + 1:], dtype=coef.dtype,
+                                  device=coef.device)
+        _C.check_list_op("multi_tensor_scale_", tensors, coef=sample_coef)
+        _check_samples_writable("multi_tensor_scale_", tensors, dims, "coef")
+        _check_outer_levels("multi_tensor_scale_", tensors, coef, "coef")
+        if torch.is_grad_enabled() and coef.requires_grad:
+            raise RuntimeError("fastclip::multi_tensor_scale_: coef requires grad; the op is not differentiable: "
+                               "call it under torch.no_grad() (fastclip's Python functions do) or pass "
+                               "coef.detach()")
+        _scale_samples(tensors, dims, coef.movedim(coef_dim, 0).reshape(info.batch_size))
+        return None, None
+
+    @torch.library.register_vmap("fastclip::multi_tensor_clamp_")
+    def _multi_tensor_clamp_vmap(info, in_dims, tensors, clip_value):
+        torch.ops.fastclip.multi_tensor_clamp_.default(list(tensors), clip_value)  # the same bound for every sample
+        return None, None
+
+    @torch.library.register_vmap("fastclip::clip_")
+    def _clip_vmap(info, in_dims, tensors, max_norm, ord, error_if_nonfinite=False):
+        dims = in_dims[0]
+        _C.check_list_op("clip_", tensors, max_norm=max_norm, ord=ord)  # before the samples' checks
+        _check_samples_writable("clip_", tensors, dims, "the norm")
+        if info.batch_size == 0:
+            return _empty_batch(tensors[0], torch.float32), 0
+        total, _ = _sample_norms(tensors, dims, info.batch_size, ord)
+        if error_if_nonfinite:
+            _raise_if_a_sample_is_nonfinite(tensors, dims, total, ord)
+        # clip_coefficient in csrc/numerics.h, a true division (a float over
+        # a tensor is a reciprocal times it in torch: one ulp off for fp64
+        # data in about a quarter of the samples; found in review).
+        coef = torch.full_like(total, max_norm) / (total + _CLIP_EPSILON)
+        coef = torch.where(torch.isnan(coef) | (coef < 1.0), coef, torch.ones_like(coef))
+        _check_outer_levels("clip_", tensors, coef, "the norm")
+        _scale_samples(tensors, dims, coef)
+        return total.to(torch.float32), 0
+
+    def _raise_if_a_sample_is_nonfinite(tensors, dims, total: Tensor, ord: float) -> None:
+        """The op's own error, before anything is written, when a sample's
+        norm is NaN/inf: a clip whose coefficient is 1 writes nothing and
+        raises it. Where the norms cannot be read (a traced graph, nested
+        vmap) all samples are checked together: non-finite exactly when a
+        sample is, but for float64 data whose samples' norms are finite
+        and together pass 1.8e308 (found in review)."""
+        readable = not (torch.compiler.is_compiling() or is_fake(total)
+                        or torch._C._functorch.is_functorch_wrapped_tensor(total))
+        if not readable:
+            torch.ops.fastclip.clip_.default(list(tensors), _NEVER_CLIPS, ord, True)
+            return
+        bad = torch.nonzero(~torch.isfinite(total)).flatten().tolist()
+        if bad:
+            sample = [t.select(d, bad[0]) for t, d in zip(tensors, dims)]
+            torch.ops.fastclip.clip_.default(sample, _NEVER_CLIPS, ord, True)
+            raise AssertionError("fastclip::clip_ did not refuse a non-finite norm")  # it always does
+
+    _NEVER_CLIPS = sys.float_info.max  # min(1, max_norm / (norm + 1e-6)) is 1 for every norm
+    _CLIP_EPSILON = 1e-6  # torch's, kClipEpsilon in csrc/numerics.h

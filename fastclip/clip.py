@@ -264,8 +264,6 @@ def _fallback_reason(t: Tensor) -> Optional[tuple]:
         return "torch refuses in-place ops on a list holding a negative-bit view (torch._neg_view)", None
     if not torch.compiler.is_compiling() and torch._is_functional_tensor(t):
         return "torch.func.functionalize cannot run custom ops that write a list of tensors in place", None
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_batchedtensor(t):
-        return "the kernels have no torch.vmap batching rule", None
     return None
 
 

@@ -127,8 +127,8 @@ MUTANTS = {
         "    return numerator / (norm + 1e-6)"),
     "fallback_combine_unscaled": (
         "fastclip/_fallback.py", "the fallback combines per-tensor norms without scaling (overflow)",
-        "    return _scaled_norm(norms, scale, ord)",
-        "    return torch.linalg.vector_norm(norms, ord)"),
+        "    return _scaled_norm(norms, scale, ord, dim)",
+        "    return torch.linalg.vector_norm(norms, ord, dim=dim)"),
     "fallback_tiny_sum_kept": (
         "fastclip/_fallback.py", "the fallback keeps a power sum below 2^-960 (digits lost to subnormals)",
         "    tiny = torch.log2(norm) * ord < RESCUE_TINY_LOG2",
@@ -254,6 +254,14 @@ MUTANTS = {
         "held.dense_and_apart if held is not None\n"
         "            else _ops.dense_and_apart(grads) and len({g.device.type for g in grads}) == 1",
         "True"),
+    "vmap_coef_of_another_sample": (
+        "fastclip/_ops.py", "under torch.vmap each sample is clipped by the next sample's coefficient",
+        "        _scale_samples(tensors, dims, coef)\n",
+        "        _scale_samples(tensors, dims, coef.roll(1))\n"),
+    "vmap_nonfinite_ignored": (
+        "fastclip/_ops.py", "under torch.vmap error_if_nonfinite does not raise on a NaN/inf sample",
+        "        if bad:\n",
+        "        if False:\n"),
 }
 
 

@@ -1783,14 +1783,14 @@ def test_ops_on_a_negative_bit_view_bump_its_base_version(op):
 @pytest.mark.parametrize("ord", ORDS, ids=ord_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_vmap_per_sample_norms_with_the_kernels_loaded(dtype, ord, fresh_warnings):
-    """Found in review: batched tensors reached the ops, which have no
-    batching rule (torch's foreach=False computes them). They go to plain
-    PyTorch with a warning; an unbatched tensor in the list too."""
+    """Found in review: batched tensors reached the ops, which had no
+    batching rule (torch's foreach=False computes them). The ops' rules
+    compute them now (tests/test_vmap.py); an unbatched tensor in the list
+    too."""
     require_kernel("cpu")
     x = make_grads([(4, 37)], dtype, seed=29, scale=3.0)[0]
     fixed = make_grads([(5,)], dtype, seed=30)[0]
-    with pytest.warns(UserWarning, match="vmap"):
-        batched = torch.vmap(lambda a: fastclip.get_total_norm([a, a * 2, fixed], ord))(x)
+    batched = torch.vmap(lambda a: fastclip.get_total_norm([a, a * 2, fixed], ord))(x)
     expected = torch.stack([ref_norm([row, row * 2, fixed], ord) for row in x])
     assert batched.shape == (4,)
     assert_norm_close(batched, expected, dtype)
@@ -1921,8 +1921,7 @@ def test_vmap_per_sample_clipping_with_the_kernels_loaded(fn, fresh_warnings):
             return calls[fn](module, [pa, pb]), pa.grad, pb.grad
         return f
 
-    with pytest.warns(UserWarning, match="vmap"):
-        ours = torch.vmap(per_sample(fastclip))(x, y)
+    ours = torch.vmap(per_sample(fastclip))(x, y)
     theirs = torch.vmap(per_sample(torch.nn.utils))(x, y)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b.float(), rtol=TORCH_RTOL, atol=0.0)

@@ -1,0 +1,479 @@
+"""torch.vmap over the ops and the Python functions (per-sample norms and
+clipping, as in DP-SGD): the batching rules in fastclip/_ops.py.
+
+Each sample must get what the same call on that sample alone gives: the
+same per-tensor norms, its total within float rounding of the combination
+(see assert_total_close), its values clipped by that coefficient, in eager
+vmap and in torch.compile of a vmap; what cannot be done per sample in
+place is refused before anything is written.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+
+import fastclip  # registers the ops
+from testing import (
+    DEVICE_PARAMS,
+    DTYPES,
+    ORDS,
+    assert_norm_close,
+    assert_same_bits,
+    assert_untouched,
+    dtype_id,
+    make_grads,
+    make_params,
+    ord_id,
+    ref_norm,
+    ref_norms_each,
+    require_kernel,
+    snapshot,
+)
+
+ops = torch.ops.fastclip
+BATCH = 5
+
+
+def _batched(dtype, device, seed=0, scale=3.0):
+    """Three tensors batched along different dimensions (0, 1 and the last,
+    so two of the per-sample slices are strided), the batch first in
+    ``rows``, and one tensor shared by every sample."""
+    x, y, z, shared = make_grads([(BATCH, 3, 17), (7, BATCH), (2, 9, BATCH), (11,)], dtype, device, seed, scale)
+    return [x, y, z], [0, 1, -1], shared
+
+
+def assert_total_close(got, alone):
+    """A sample's total norm against the op's call on that sample alone:
+    the rules combine the sample's float64 per-tensor norms, the op its
+    exact sums, so a float64 total may differ in its last bits and a
+    float32 one (rounded from it) by one ulp, rarely."""
+    rtol = 1e-14 if got.dtype == torch.float64 else 2.0**-23
+    torch.testing.assert_close(got, alone, rtol=rtol, atol=0.0, equal_nan=True)
+
+
+def assert_values_close(got, alone):
+    """Clipped values against the op's call on the sample alone: their
+    coefficient comes from that total, so one ulp apart at most (float64
+    data takes it unrounded); any NaN for a NaN (a NaN coefficient's
+    payload is kept differently by torch's multiply and the kernels)."""
+    if got.dtype == torch.float64:
+        rtol = 1e-15
+    else:
+        rtol = torch.finfo(got.dtype).eps
+    torch.testing.assert_close(got, alone, rtol=rtol, atol=0.0, equal_nan=True)
+
+
+def _sample(tensors, dims, b):
+    return [t.select(d, b) for t, d in zip(tensors, dims)]
+
+
+@contextlib.contextmanager
+def _no_fallback():
+    """Errors on fastclip's fallback warning: batched tensors must reach the ops."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastclip: computing with plain PyTorch", category=UserWarning)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(fastclip.clip, "_warned", set())
+
+
+# ------------------------------------------------------------------ the ops
+@pytest.mark.parametrize("per_tensor,fp64", [(False, False), (True, False), (True, True)], ids=["total", "each", "fp64"])
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_norm_per_sample_is_the_call_on_the_sample(device, dtype, ord, per_tensor, fp64):
+    require_kernel(device)
+    tensors, dims, shared = _batched(dtype, device)
+    total, each = torch.vmap(lambda x, y, z: ops.multi_tensor_norm([x, y, shared, z], ord, per_tensor, fp64),
+                             in_dims=tuple(dims))(*tensors)
+    out_dtype = torch.float64 if fp64 else torch.float32
+    assert total.shape == (BATCH,) and total.dtype == out_dtype
+    assert each.shape == (BATCH, 4 if per_tensor else 0) and each.dtype == out_dtype
+    for b in range(BATCH):
+        x, y, z = _sample(tensors, dims, b)
+        alone_total, alone_each = ops.multi_tensor_norm([x, y, shared, z], ord, per_tensor, fp64)
+        assert_same_bits(each[b], alone_each)
+        assert_total_close(total[b], alone_total)
+        assert_norm_close(total[b].float(), ref_norm([x, y, shared, z], ord), dtype)
+        if per_tensor:
+            assert_norm_close(each[b].float(), ref_norms_each([x, y, shared, z], ord), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_norm_in_nested_vmap(device):
+    require_kernel(device)
+    x = make_grads([(3, 4, 6)], torch.bfloat16, device, seed=1)[0]
+    got = torch.vmap(torch.vmap(lambda a: ops.multi_tensor_norm([a, a[:2]], 3.5, False)[0]))(x)
+    assert got.shape == (3, 4)
+    for i in range(3):
+        for j in range(4):
+            assert_same_bits(got[i, j], ops.multi_tensor_norm([x[i, j], x[i, j, :2]], 3.5, False)[0])
+
+
+def test_norm_of_an_empty_batch():
+    require_kernel("cpu")
+    total, each = torch.vmap(lambda a: ops.multi_tensor_norm([a], 2.0, True))(torch.ones(0, 3))
+    assert total.shape == (0,) and each.shape == (0, 1) and total.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="ord must be a positive number"):
+        torch.vmap(lambda a: ops.multi_tensor_norm([a], -1.0, True))(torch.ones(0, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_scale_by_a_coefficient_per_sample(device, dtype):
+    """Sample 1's coefficient is exactly 1: its slices keep their bits."""
+    require_kernel(device)
+    tensors, dims, _ = _batched(dtype, device, seed=2)
+    coef = torch.tensor([0.5, 1.0, 0.3, 2.0, 1e-3], device=device)
+    expected = [t.clone() for t in tensors]
+    for b in range(BATCH):
+        ops.multi_tensor_scale_(_sample(expected, dims, b), coef[b])
+    before = [t.clone() for t in tensors]
+
+    def f(x, y, z, c):
+        ops.multi_tensor_scale_([x, y, z], c)
+        return x
+
+    torch.vmap(f, in_dims=(*dims, 0))(*tensors, coef)
+    for t, e, old, d in zip(tensors, expected, before, dims):
+        assert_same_bits(t, e)
+        assert_same_bits(t.select(d, 1), old.select(d, 1))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_scale_by_one_coefficient_and_clamp_are_one_call_on_the_values(device):
+    """An unbatched coefficient or bound: every sample and the shared
+    tensor written as the same op call on the whole tensors writes them."""
+    require_kernel(device)
+    tensors, dims, shared = _batched(torch.float32, device, seed=3)
+    coef = torch.tensor(0.25, device=device)
+    for name, call in {"scale": lambda ts: ops.multi_tensor_scale_(ts, coef),
+                       "clamp": lambda ts: ops.multi_tensor_clamp_(ts, 0.7)}.items():
+        ours, alone = [t.clone() for t in [*tensors, shared]], [t.clone() for t in [*tensors, shared]]
+
+        def f(x, y, z, s):
+            call([x, y, z, s])
+            return x
+
+        torch.vmap(f, in_dims=(*dims, None))(*ours)
+        call(alone)
+        for a, b in zip(ours, alone):
+            assert_same_bits(a, b)
+        assert not torch.equal(ours[0], tensors[0]), name
+
+
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_clip_per_sample_is_the_call_on_the_sample(device, dtype, ord):
+    """Samples of different norms (one under max_norm, left as it was), a
+    NaN in one sample that only that sample's norm and values see."""
+    require_kernel(device)
+    tensors, dims, _ = _batched(dtype, device, seed=4)
+    for t, d in zip(tensors, dims):
+        t.select(d, 1).mul_(1e-3)
+    tensors[1][2, 3] = math.nan
+    max_norm = 2.0
+    expected = [t.clone() for t in tensors]
+    norms = [ops.clip_(_sample(expected, dims, b), max_norm, ord) for b in range(BATCH)]
+    total = torch.vmap(lambda x, y, z: ops.clip_([x, y, z], max_norm, ord), in_dims=tuple(dims))(*tensors)
+    assert_total_close(total, torch.stack(norms))
+    for t, e in zip(tensors, expected):
+        assert_values_close(t, e)
+    assert total[3].isnan() and total[1] < max_norm and (total[[0, 2, 4]] > max_norm).all()
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_clip_error_if_nonfinite_raises_before_any_sample_is_written(device):
+    """The NaN is in the last sample: the samples before it would be
+    clipped first if each sample were checked only as it is clipped."""
+    require_kernel(device)
+    tensors, dims, _ = _batched(torch.float32, device, seed=5)
+    tensors[2][1, 4, BATCH - 1] = math.inf
+    before = snapshot(tensors)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.vmap(lambda x, y, z: ops.clip_([x, y, z], 0.1, 2.0, True), in_dims=tuple(dims))(*tensors)
+    assert_untouched(tensors, before)
+    # And without the NaN, the flag changes nothing.
+    tensors[2][1, 4, BATCH - 1] = 0.0
+    expected = [t.clone() for t in tensors]
+    for b in range(BATCH):
+        ops.clip_(_sample(expected, dims, b), 0.1, 2.0)
+    torch.vmap(lambda x, y, z: ops.clip_([x, y, z], 0.1, 2.0, True), in_dims=tuple(dims))(*tensors)
+    for t, e in zip(tensors, expected):
+        assert_values_close(t, e)
+
+
+@pytest.mark.parametrize("op", ["clip_", "multi_tensor_scale_"])
+def test_a_tensor_without_the_batch_is_not_written_per_sample(op):
+    """torch's in-place ops refuse to write a per-sample value into a
+    tensor that is not batched; so do the rules, before any write."""
+    require_kernel("cpu")
+    tensors, dims, shared = _batched(torch.float32, "cpu", seed=6)
+    before = snapshot([*tensors, shared])
+    calls = {"clip_": lambda ts, c: ops.clip_(ts, 0.1, 2.0),
+             "multi_tensor_scale_": lambda ts, c: ops.multi_tensor_scale_(ts, c)}
+    with pytest.raises(RuntimeError, match=r"tensors\[3\] is not batched"):
+        torch.vmap(lambda x, y, z, c: calls[op]([x, y, z, shared], c),
+                   in_dims=(*dims, 0))(*tensors, torch.full((BATCH,), 0.5))
+    assert_untouched([*tensors, shared], before)
+
+
+@pytest.mark.parametrize("op", ["clip_", "multi_tensor_scale_"])
+def test_samples_that_share_memory_are_refused(op):
+    """An expand()ed batch: every sample's slice is the same memory, each
+    slice alone writable; written per sample, the last sample would win."""
+    require_kernel("cpu")
+    base = make_grads([(1, 40)], torch.float32, seed=7, scale=3.0)[0]
+    expanded = base.expand(BATCH, 40)
+    other = make_grads([(BATCH, 3)], torch.float32, seed=8)[0]
+    before = snapshot([base, other])
+    calls = {"clip_": lambda ts, c: ops.clip_(ts, 0.1, 2.0),
+             "multi_tensor_scale_": lambda ts, c: ops.multi_tensor_scale_(ts, c)}
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements that share memory"):
+        torch.vmap(lambda o, e, c: calls[op]([o, e], c))(other, expanded, torch.full((BATCH,), 0.5))
+    assert_untouched([base, other], before)
+
+
+def test_arguments_are_checked_under_vmap():
+    require_kernel("cpu")
+    tensors, dims, _ = _batched(torch.float32, "cpu", seed=9)
+    before = snapshot(tensors)
+    with pytest.raises(RuntimeError, match="max_norm must be a finite number"):
+        torch.vmap(lambda x, y, z: ops.clip_([x, y, z], -1.0, 2.0), in_dims=tuple(dims))(*tensors)
+    with pytest.raises(RuntimeError, match="clip_value"):
+        torch.vmap(lambda x, y, z: ops.multi_tensor_clamp_([x, y, z], math.nan), in_dims=tuple(dims))(*tensors)
+    assert_untouched(tensors, before)
+
+
+# ------------------------------------------------------- the Python functions
+def _none(result):
+    assert result is None
+    return torch.zeros(())  # vmap takes tensors only
+
+
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_", "get_total_norm",
+                                "grad_norms"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_functions_per_sample_are_the_calls_on_the_samples(fn, dtype):
+    """The public functions inside vmap reach the ops (no fallback warning)
+    and give each sample what the function called on it alone gives."""
+    require_kernel("cpu")
+    x, y = make_grads([(BATCH, 6, 5), (BATCH, 13)], dtype, seed=10, scale=2.0)
+    calls = {
+        "clip_grad_norm_": lambda ps: fastclip.clip_grad_norm_(ps, 1.0, 3.5),
+        "clip_grads_with_norm_": lambda ps: _none(fastclip.clip_grads_with_norm_(ps, 1.0, torch.tensor(4.0))),
+        "clip_grad_value_": lambda ps: _none(fastclip.clip_grad_value_(ps, 0.5)),
+        "get_total_norm": lambda ps: fastclip.get_total_norm([p.grad for p in ps], math.inf),
+        "grad_norms": lambda ps: fastclip.grad_norms(ps, 1.0),
+    }
+
+    def f(a, b):
+        ps = make_params([a, b])
+        return calls[fn](ps), ps[0].grad, ps[1].grad
+
+    with _no_fallback():
+        got = torch.vmap(f)(x, y)
+    for b in range(BATCH):
+        alone = f(x[b], y[b])
+        for g, a in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(alone)):
+            assert_values_close(g[b], a)
+
+
+def test_per_sample_gradients_clipped_like_dp_sgd():
+    """torch.func.grad per sample, each sample's gradients clipped to
+    max_norm: the reference is torch's clip_grad_norm_(foreach=False)."""
+    require_kernel("cpu")
+    w1, w2 = make_grads([(4, 8), (8,)], torch.float32, seed=11)
+    data = make_grads([(BATCH, 4)], torch.float32, seed=12, scale=5.0)[0]
+
+    def loss(w1, w2, x):
+        return torch.tanh(x @ w1).dot(w2) ** 2
+
+    grads = torch.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(w1, w2, data)
+
+    def clipped(module, **kwargs):
+        def f(g1, g2):
+            ps = make_params([g1, g2])
+            module.clip_grad_norm_(ps, 0.5, **kwargs)
+            return ps[0].grad, ps[1].grad
+        return torch.vmap(f)(*grads)
+
+    with _no_fallback():
+        ours = clipped(fastclip)
+    theirs = clipped(torch.nn.utils, foreach=False)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
+    assert torch.cat([g.flatten(1) for g in ours], 1).norm(dim=1).max() <= 0.5 * (1 + 1e-6)
+
+
+# ------------------------------------------------------------ torch.compile
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_compiled_vmap_of_the_norm_matches_eager(dtype):
+    """Found in review: torch.compile of a vmap reached the ops, which had
+    no batching rule."""
+    require_kernel("cpu")
+    x, y = make_grads([(BATCH, 6, 5), (13, BATCH)], dtype, seed=13)
+    shared = make_grads([(9,)], dtype, seed=14)[0]
+
+    def f(a, b):
+        return fastclip.get_total_norm([a, b, shared], 3.5)
+
+    eager = torch.vmap(f, in_dims=(0, 1))(x, y)
+    assert_same_bits(_compiled(torch.vmap(f, in_dims=(0, 1)))(x, y), eager)
+    total, each = _compiled(torch.vmap(lambda a, b: ops.multi_tensor_norm([a, b], 1.0, True, True),
+                                       in_dims=(0, 1)))(x, y)
+    alone = [ops.multi_tensor_norm([x[b], y[:, b]], 1.0, True, True) for b in range(BATCH)]
+    assert_same_bits(total, torch.stack([a[0] for a in alone]))
+    assert_same_bits(each, torch.stack([a[1] for a in alone]))
+
+
+@pytest.mark.parametrize("op", ["clip_", "multi_tensor_scale_", "multi_tensor_clamp_"])
+def test_compiled_vmap_of_the_in_place_ops_matches_eager(op):
+    require_kernel("cpu")
+    x, y = make_grads([(BATCH, 6, 5), (13, BATCH)], torch.float32, seed=15, scale=2.0)
+    coef = torch.tensor([0.5, 1.0, 0.25, 3.0, 0.1])
+
+    def f(a, b, c):
+        if op == "clip_":
+            return ops.clip_([a, b], 1.0, 2.0)
+        if op == "multi_tensor_scale_":
+            ops.multi_tensor_scale_([a, b], c)
+        else:
+            ops.multi_tensor_clamp_([a, b], 0.3)
+        return c
+
+    eager_x, eager_y = x.clone(), y.clone()
+    expected = torch.vmap(f, in_dims=(0, 1, 0))(eager_x, eager_y, coef)
+    got = _compiled(torch.vmap(f, in_dims=(0, 1, 0)))(x, y, coef)
+    assert_same_bits(got, expected)
+    assert_same_bits(x, eager_x)
+    assert_same_bits(y, eager_y)
+    assert not torch.equal(x, make_grads([(BATCH, 6, 5)], torch.float32, seed=15, scale=2.0)[0])
+
+
+def test_compiled_vmap_clip_error_if_nonfinite_writes_nothing():
+    require_kernel("cpu")
+    x, y = make_grads([(BATCH, 6, 5), (13, BATCH)], torch.float32, seed=16, scale=2.0)
+    y[4, BATCH - 1] = math.nan
+    before = snapshot([x, y])
+    compiled = _compiled(torch.vmap(lambda a, b: ops.clip_([a, b], 0.1, 2.0, True), in_dims=(0, 1)))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        compiled(x, y)
+    assert_same_bits(x, before[0][0])
+    assert_same_bits(y, before[1][0])
+
+
+@pytest.mark.parametrize("op", ["clip_", "multi_tensor_scale_"])
+def test_tensors_that_require_grad_are_refused_as_outside_vmap(op):
+    """The rules run before the op's autograd kernel under vmap: without
+    their own check a non-leaf that requires grad was multiplied with a
+    history recorded (found in review of these rules)."""
+    require_kernel("cpu")
+    leaf = make_grads([(BATCH, 6)], torch.float32, seed=17, scale=3.0)[0].requires_grad_()
+    x = leaf * 1.0  # not a leaf: torch's mul_ would take it
+    before = snapshot([x.detach()])
+    calls = {"clip_": lambda t, c: ops.clip_([t], 0.1, 2.0),
+             "multi_tensor_scale_": lambda t, c: (ops.multi_tensor_scale_([t], c), c)[1]}
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] requires grad"):
+        torch.vmap(calls[op])(x, torch.full((BATCH,), 0.5))
+    assert_untouched([x.detach()], before)
+    assert x.grad_fn.name() == "MulBackward0" and x._version == 0
+    with torch.no_grad():
+        torch.vmap(calls[op])(x, torch.full((BATCH,), 0.5))
+    assert x._version > 0
+
+
+# --------------------------------------------- found in review of the rules
+def test_error_if_nonfinite_decides_per_sample_on_float64_norms():
+    """Samples of float64 norm 1.5e308 (float32 inf, not an error, as the op
+    alone decides) whose norm together passes the double range: no error."""
+    require_kernel("cpu")
+    x = torch.full((4, 3), 5e307, dtype=torch.float64)
+    alone = x[0].clone()
+    got = torch.vmap(lambda a: ops.clip_([a], 1.0, 1.0, True))(x)
+    assert_same_bits(got, ops.clip_([alone], 1.0, 1.0, True).expand(4))
+    assert_values_close(x, alone.expand(4, 3))
+
+
+def test_inference_tensor_refused_before_any_sample_is_written():
+    require_kernel("cpu")
+    x = make_grads([(BATCH, 6)], torch.float32, seed=18, scale=3.0)[0]
+    with torch.inference_mode():
+        frozen = torch.randn(BATCH, 4)
+    before = snapshot([x])
+    for call in (lambda a, i: ops.clip_([a, i], 0.1, 2.0),
+                 lambda a, i: (ops.multi_tensor_scale_([a, i], torch.full((), 0.5) * a.sum()), a)[1]):
+        with pytest.raises(RuntimeError, match=r"tensors\[1\] is an inference tensor"):
+            torch.vmap(call)(x, frozen)
+        assert_untouched([x], before)
+
+
+def test_nested_vmap_outer_norm_into_an_inner_only_tensor_is_refused():
+    """y is batched at the inner level only, the norm at both: torch's
+    multiply raised after x was clipped; the rule refuses before."""
+    require_kernel("cpu")
+    outer = make_grads([(3, BATCH, 6)], torch.float32, seed=19, scale=3.0)[0]
+    inner_only = make_grads([(BATCH, 4)], torch.float32, seed=20, scale=3.0)[0]
+    before = snapshot([outer, inner_only])
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is not batched while the norm is"):
+        torch.vmap(lambda a: torch.vmap(lambda x, y: ops.clip_([x, y], 1.0, 2.0))(a, inner_only))(outer)
+    assert_untouched([outer, inner_only], before)
+
+
+@pytest.mark.parametrize("error_if_nonfinite", [False, True])
+def test_nested_vmap_clip_grad_norm_like_torch(error_if_nonfinite):
+    """Found in review: a coefficient batched at both levels was checked as
+    a plain tensor and refused; error_if_nonfinite failed in eager vmap
+    (the split path read the norm with item())."""
+    require_kernel("cpu")
+    grads = make_grads([(2, 3, 5)], torch.float32, seed=21, scale=3.0)[0]
+
+    def clipped(module, **kwargs):
+        def one(g):
+            ps = make_params([g])
+            module.clip_grad_norm_(ps, 1.0, **kwargs)
+            return ps[0].grad
+        return torch.vmap(torch.vmap(one))(grads)
+
+    ours = clipped(fastclip, error_if_nonfinite=error_if_nonfinite)
+    torch.testing.assert_close(ours, clipped(torch.nn.utils, foreach=False), rtol=1e-6, atol=0.0)
+
+
+def test_clip_grad_norm_error_if_nonfinite_in_eager_vmap():
+    require_kernel("cpu")
+    grads = make_grads([(BATCH, 7)], torch.float32, seed=22, scale=3.0)[0]
+
+    def one(g):
+        ps = make_params([g])
+        return fastclip.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True), ps[0].grad
+
+    with _no_fallback():
+        norms, clipped = torch.vmap(one)(grads)
+    for b in range(BATCH):
+        assert_values_close(clipped[b], one(grads[b])[1])
+    grads[3, 2] = math.nan
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.vmap(one)(grads)
+
+
+@pytest.mark.parametrize("fn", ["get_total_norm", "grad_norms"])
+def test_functions_on_an_empty_batch(fn):
+    require_kernel("cpu")
+    calls = {"get_total_norm": lambda g: fastclip.get_total_norm([g]),
+             "grad_norms": lambda g: fastclip.grad_norms(make_params([g]))}
+    got = torch.vmap(calls[fn])(torch.randn(0, 3))
+    assert all(t.shape[0] == 0 for t in torch.utils._pytree.tree_leaves(got))
