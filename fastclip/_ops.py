@@ -245,10 +245,7 @@ if _C is not None:
         if per_sample_value is not None:
             for i, d in enumerate(dims):
                 if d is None:
-                    raise RuntimeError(
-                        f"fastclip::{op}: under torch.vmap, tensors[{i}] is not batched while {per_sample_value} "
-                        "is, so it cannot be written in place with a value per sample (torch's in-place ops "
-                        "refuse it too); make it an input of the vmapped function or clone it per sample")
+                    raise _not_batched(op, i, per_sample_value)
         bad = first_unwritable(list(tensors))
         if bad is not None:
             i, why = bad
@@ -278,10 +275,13 @@ if _C is not None:
         needed = _levels(coef)
         for i, t in enumerate(tensors):
             if not needed <= _levels(t):
-                raise RuntimeError(
-                    f"fastclip::{op}: under torch.vmap, tensors[{i}] is not batched while {what} is, so it cannot "
-                    "be written in place with a value per sample (torch's in-place ops refuse it too); make it "
-                    "an input of the vmapped function or clone it per sample")
+                raise _not_batched(op, i, what)
+
+    def _not_batched(op: str, i: int, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"fastclip::{op}: under torch.vmap, tensors[{i}] is not batched while {what} is, so it cannot be "
+            "written in place with a value per sample (torch's in-place ops refuse it too); make it an input of "
+            "the vmapped function or clone it per sample")
 
     def _sample_norms(tensors, dims, batch: int, ord: float) -> tuple[Tensor, Tensor]:
         """(total, each) of every sample in float64, shapes [batch] and
