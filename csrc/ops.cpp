@@ -135,6 +135,17 @@ void check_norm_order(const char* op, double ord) {
   TORCH_CHECK(ord > 0.0, op, ": ord must be a positive number or inf, got ", ord);
 }
 
+void check_slices(const char* op, at::TensorList tensors, int64_t slices) {
+  TORCH_CHECK(slices >= 1, op, ": slices must be at least 1, got ", slices);
+  if (slices == 1) return;  // every tensor whole, of any shape
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    // Symbolic sizes under torch.compile's dynamic shapes: a guard, not an error.
+    TORCH_CHECK(t.dim() >= 1 && t.sym_size(0) == slices, op, ": tensors[", i, "] has shape ", t.sym_sizes(),
+                ", but slices=", slices, " takes every tensor as that many slices along its first dimension");
+  }
+}
+
 void check_max_norm(const char* op, double max_norm) {
   TORCH_CHECK(std::isfinite(max_norm) && max_norm >= 0.0, op,
               ": max_norm must be a finite number >= 0, got ", max_norm);
@@ -279,6 +290,36 @@ TensorTable::TensorTable(at::TensorList tensors, Access access) {
       strided_.push_back(static_cast<int64_t>(i));
       descs_.push_back(TensorDesc{nullptr, 0, dtype});
       storages_.push_back(nullptr);
+    }
+  }
+}
+
+TensorTable::TensorTable(at::TensorList tensors, int64_t slices) : TensorTable(tensors, kRead) {
+  if (slices == 1) return;
+  std::vector<TensorDesc> whole = std::move(descs_);
+  std::vector<const void*> whole_storages = std::move(storages_);
+  descs_.clear();
+  storages_.clear();
+  descs_.reserve(whole.size() * static_cast<size_t>(slices));
+  storages_.reserve(descs_.capacity());
+  for (size_t i = 0; i < whole.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TensorDesc d = whole[i];
+    const void* storage = whole_storages[i];
+    const int64_t per_slice = d.numel / slices;
+    // In place (storage != nullptr), the slices are consecutive blocks
+    // exactly when the first dimension is the outermost one in memory (the
+    // table holds dense tensors only); a read copy is contiguous already.
+    if (storage != nullptr && slices > 1 && t.stride(0) != per_slice) {
+      copies_.push_back(t.contiguous());
+      d.data = copies_.back().data_ptr();
+      storage = nullptr;
+    }
+    const int64_t slice_bytes = per_slice * dtype_size(d.dtype);
+    for (int64_t s = 0; s < slices; ++s) {
+      void* data = per_slice == 0 ? nullptr : static_cast<char*>(d.data) + s * slice_bytes;
+      descs_.push_back(TensorDesc{data, per_slice, d.dtype});
+      storages_.push_back(per_slice == 0 ? nullptr : storage);
     }
   }
 }
@@ -491,7 +532,13 @@ TORCH_LIBRARY(fastclip, m) {
   // shape [len(tensors)]; else shape [0]). fp64: both as float64 instead,
   // not rounded to float32 (finite beyond its range), for callers that
   // combine norms further (several devices, processes, a loss scale).
-  m.def("multi_tensor_norm(Tensor[] tensors, float ord, bool per_tensor, bool fp64=False) -> (Tensor, Tensor)");
+  // slices > 1: every tensor's first dimension has that size, and the
+  // per-tensor norms are those of its slices along it, tensor-major (shape
+  // [len(tensors) * slices]); the total is still over everything. The
+  // torch.vmap rules take every sample's norms from one call this way.
+  m.def(
+      "multi_tensor_norm(Tensor[] tensors, float ord, bool per_tensor, bool fp64=False, int slices=1) -> "
+      "(Tensor, Tensor)");
   // tensors *= coef in place; no memory traffic at all when coef == 1.
   m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
   // tensors = clamp(tensors, -clip_value, clip_value) in place; NaN stays NaN.
@@ -588,13 +635,13 @@ bool any_requires_grad(at::TensorList tensors) {
 }
 
 std::tuple<at::Tensor, at::Tensor> norm_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double ord,
-                                                 bool per_tensor, bool fp64) {
+                                                 bool per_tensor, bool fp64, int64_t slices) {
   static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
   check_no_tangent("fastclip::multi_tensor_norm", tensors);
   std::tuple<at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, ord, per_tensor, fp64);
+    out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, ord, per_tensor, fp64, slices);
   }
   if (c10::GradMode::is_enabled() && any_requires_grad(tensors)) {
     refuse_backward("fastclip::multi_tensor_norm", {std::get<0>(out), std::get<1>(out)}, tensors);
@@ -717,9 +764,9 @@ at::Tensor clip_negative(c10::DispatchKeySet ks, at::TensorList tensors, double 
 // checks then see (torch's fallback copied what lay beyond a shrunk
 // storage before any check; found in review).
 std::tuple<at::Tensor, at::Tensor> norm_negative(c10::DispatchKeySet ks, at::TensorList tensors, double ord,
-                                                 bool per_tensor, bool fp64) {
+                                                 bool per_tensor, bool fp64, int64_t slices) {
   static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
-  return op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), ord, per_tensor, fp64);
+  return op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), ord, per_tensor, fp64, slices);
 }
 
 // The written logs must not carry the bit: torch's fallback would write

@@ -32,6 +32,9 @@ void check_writable(const char* op, at::TensorList tensors);
 // The Python API's split path asks it of every tensor before writing any.
 const char* unwritable_reason(const at::Tensor& t);
 void check_norm_order(const char* op, double ord);
+// multi_tensor_norm's slices: at least 1, and when above 1 the size of
+// every tensor's first dimension.
+void check_slices(const char* op, at::TensorList tensors, int64_t slices);
 void check_max_norm(const char* op, double max_norm);
 void check_clip_value(const char* op, double clip_value);
 // torch's error_if_nonfinite error when `norm` is NaN or inf.
@@ -83,6 +86,11 @@ class TensorTable {
  public:
   enum Access { kRead, kWrite };
   TensorTable(at::TensorList tensors, Access access);
+  // For reading: every tensor as `slices` descriptors, one per slice along
+  // its first dimension (check_slices first), tensor-major. A tensor whose
+  // slices are consecutive dense blocks of its memory is sliced in place,
+  // any other is read through one contiguous copy: no view per slice.
+  TensorTable(at::TensorList tensors, int64_t slices);
 
   const std::vector<TensorDesc>& descs() const { return descs_; }
   const std::vector<int64_t>& strided() const { return strided_; }
@@ -133,7 +141,7 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 }
 
 // The ops' C++ signatures (the schemas are in ops.cpp).
-using NormSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, bool, bool);
+using NormSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, bool, bool, int64_t);
 using ScaleSig = void(at::TensorList, const at::Tensor&);
 using ClampSig = void(at::TensorList, double);
 using ClipSig = at::Tensor(at::TensorList, double, double, bool);

@@ -353,7 +353,7 @@ class HeldTensors {
     static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
     require_one_call("norm");
     pybind11::gil_scoped_release no_gil;
-    return named_errors([&] { return op.call(tensors_, ord, per_tensor, fp64); });
+    return named_errors([&] { return op.call(tensors_, ord, per_tensor, fp64, 1); });
   }
 
   void scale_(const at::Tensor& coef) const {
@@ -544,7 +544,7 @@ pybind11::dict build_info() {
 // Not check_writable: its overlap test reads sizes, which may be symbolic.
 void check_list_op(const std::string& op, const std::vector<at::Tensor>& tensors, std::optional<double> ord,
                    std::optional<double> max_norm, std::optional<double> clip_value,
-                   const std::optional<at::Tensor>& coef) {
+                   const std::optional<at::Tensor>& coef, int64_t slices) {
   const std::string name = "fastclip::" + op;
   // An empty list reaches a kernel only through multi_tensor_scale_'s coef
   // (the dispatcher has no other tensor to dispatch on), which does nothing.
@@ -555,6 +555,7 @@ void check_list_op(const std::string& op, const std::vector<at::Tensor>& tensors
   if (clip_value.has_value()) check_clip_value(name.c_str(), *clip_value);
   if (max_norm.has_value()) check_max_norm(name.c_str(), *max_norm);
   if (ord.has_value()) check_norm_order(name.c_str(), *ord);
+  check_slices(name.c_str(), tensors, slices);
 }
 
 }  // namespace fastclip
@@ -612,7 +613,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &fastclip::build_info, "How this extension was built.");
   m.def("check_list_op", &fastclip::check_list_op, pybind11::arg("op"), pybind11::arg("tensors"),
         pybind11::arg("ord") = std::nullopt, pybind11::arg("max_norm") = std::nullopt,
-        pybind11::arg("clip_value") = std::nullopt, pybind11::arg("coef") = std::nullopt,
+        pybind11::arg("clip_value") = std::nullopt, pybind11::arg("coef") = std::nullopt, pybind11::arg("slices") = 1,
         "The data-free argument checks of a list op (for its fake kernel); raises as the op would.");
   m.def(
       "check_clip_scalars",

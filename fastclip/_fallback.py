@@ -147,7 +147,22 @@ def norms64(tensors: list[Tensor], ord: float) -> tuple[Tensor, Tensor]:
     return combine(each, ord), each
 
 
-def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool, fp64: bool = False) -> tuple[Tensor, Tensor]:
+def check_slices(shapes, slices: int) -> None:
+    """multi_tensor_norm's check of ``slices`` (check_slices in csrc/ops.cpp)
+    on the tensors' shapes (a sample's, under torch.vmap)."""
+    if slices < 1:
+        raise RuntimeError(f"fastclip::multi_tensor_norm: slices must be at least 1, got {slices}")
+    for i, shape in enumerate(shapes):
+        if slices > 1 and (len(shape) < 1 or shape[0] != slices):
+            raise RuntimeError(f"fastclip::multi_tensor_norm: tensors[{i}] has shape {list(shape)}, but "
+                               f"slices={slices} takes every tensor as that many slices along its first dimension")
+
+
+def multi_tensor_norm(tensors: list[Tensor], ord: float, per_tensor: bool, fp64: bool = False,
+                      slices: int = 1) -> tuple[Tensor, Tensor]:
+    check_slices([t.shape for t in tensors], slices)
+    if slices > 1:
+        tensors = [s for t in tensors for s in t.unbind(0)]
     total, each = norms64(tensors, ord)
     if not per_tensor:
         each = each[:0]

@@ -258,6 +258,18 @@ MUTANTS = {
         "fastclip/_ops.py", "under torch.vmap each sample is clipped by the next sample's coefficient",
         "        _scale_samples(tensors, dims, coef)\n",
         "        _scale_samples(tensors, dims, coef.roll(1))\n"),
+    "slices_layout_ignored": (
+        "csrc/ops.cpp", "multi_tensor_norm's slices are taken in place whatever the tensor's layout",
+        "if (storage != nullptr && slices > 1 && t.stride(0) != per_slice) {",
+        "if (false) {"),
+    "slices_reversed": (
+        "csrc/ops.cpp", "multi_tensor_norm's slices of a tensor are reported in reverse order",
+        "static_cast<char*>(d.data) + s * slice_bytes;",
+        "static_cast<char*>(d.data) + (slices - 1 - s) * slice_bytes;"),
+    "vmap_norms_of_shared_tensors_per_slice_dropped": (
+        "fastclip/_ops.py", "under nested torch.vmap an unbatched tensor's norm is taken whole, not per slice",
+        "[tensors[i] for i in shared], ord, True, True, slices)",
+        "[tensors[i] for i in shared], ord, True, True)"),
     "vmap_nonfinite_ignored": (
         "fastclip/_ops.py", "under torch.vmap error_if_nonfinite does not raise on a NaN/inf sample",
         "        if bad:\n",

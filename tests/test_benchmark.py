@@ -454,6 +454,43 @@ def test_orders_diagnostic_does_not_time_a_wrong_torch_norm(monkeypatch):
     assert row["fastclip_ms"] > 0
 
 
+def test_per_sample_diagnostic_times_both_methods(tmp_path, capsys):
+    from fastclip.benchmark import per_sample
+
+    assert per_sample.main(["--sets", "small", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "per_sample.json").read_text())
+    (row,) = data["rows"]
+    assert row["set"] == "small" and row["samples"] == 256 and row["tensors"] == 12
+    for key in ("fastclip_norm_ms", "torch_norm_ms", "fastclip_clip_ms", "torch_clip_ms"):
+        assert row[key] > 0
+    assert "| small | 256 x 12 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        per_sample.main(["--sets", "small,huge"])
+
+
+@pytest.mark.parametrize("wrong", ["fastclip_norm", "fastclip_clip", "torch_clip"])
+def test_per_sample_diagnostic_refuses_a_wrong_result(wrong, monkeypatch):
+    """Its checks can fail: a norm 1e-5 off, or one sample's gradients
+    clipped 1e-4 too far, stops the run before anything is timed."""
+    import fastclip
+    from fastclip.benchmark import per_sample
+
+    module = torch.nn.utils if wrong.startswith("torch") else fastclip
+    if wrong.endswith("norm"):
+        real_norm = module.get_total_norm
+        monkeypatch.setattr(module, "get_total_norm", lambda grads, **kw: real_norm(grads, **kw) * (1 + 1e-5))
+    else:
+        real_clip = module.clip_grad_norm_
+
+        def clip(params, max_norm, **kw):
+            out = real_clip(params, max_norm, **kw)
+            params[0].grad.mul_(1 - 1e-4)
+            return out
+        monkeypatch.setattr(module, "clip_grad_norm_", clip)
+    with pytest.raises(RuntimeError, match=wrong.split("_")[0] + ": "):
+        per_sample.run(["small"], torch.float32, torch.device("cpu"), rounds=1)
+
+
 def test_git_commit_is_fastclips_own(tmp_path, monkeypatch):
     """An installed fastclip inside another project's git repository reports
     no commit (found in review: that project's was reported as fastclip's)."""

@@ -163,6 +163,160 @@ def test_norm_matches_reference(case, dtype, ord, device):
     assert_untouched(tensors, before)
 
 
+# ----------------------------------------------------- norm of slices
+# multi_tensor_norm(..., slices=S): every tensor is S slices along its first
+# dimension (torch.vmap's samples). Each builder returns (tensors, gaps)
+# with every first dimension SLICES; the layouts cover the table's three
+# ways (in place, in place although permuted inside, one contiguous copy).
+SLICES = 3
+
+
+def _slices_contiguous(dtype, device):
+    return make_grads([(SLICES, 7, 5), (SLICES,), (SLICES, 1, 3)], dtype, device, seed=90), []
+
+
+def _slices_first_dim_innermost(dtype, device):
+    # Dense, but slice s is every SLICES-th element: read through a copy.
+    a, b = make_grads([(9, SLICES), (4, SLICES, 2)], dtype, device, seed=91)
+    return [a.t(), b.transpose(0, 1)], []
+
+
+def _slices_permuted_inside(dtype, device):
+    # The first dimension outermost in memory, the others permuted: in place.
+    a, b = make_grads([(SLICES, 4, 6), (SLICES, 3, 4, 5)], dtype, device, seed=92)
+    return [a.transpose(1, 2), b.contiguous(memory_format=torch.channels_last)], []
+
+
+def _slices_gaps_and_offset(dtype, device):
+    view = gapped_view((SLICES, 10), dtype, device, seed=93)
+    shifted = offset_view(SLICES * 13, dtype, device, seed=94)
+    return [view, shifted.view(SLICES, 13)], [view._base[:, 1::2], shifted._base[:1]]
+
+
+def _slices_expanded_and_empty(dtype, device):
+    row, empty = make_grads([(1, 6), (SLICES, 0, 4)], dtype, device, seed=95)
+    return [row.expand(SLICES, 6), empty, make_grads([(SLICES, 2)], dtype, device, seed=96)[0]], []
+
+
+def _slices_beyond_a_chunk(dtype, device):
+    # Each slice 70,001 elements: more than one 64 Ki chunk, an odd tail.
+    return make_grads([(SLICES, 70001)], dtype, device, seed=97), []
+
+
+SLICE_CASES = {
+    "contiguous": _slices_contiguous,
+    "first_dim_innermost": _slices_first_dim_innermost,
+    "permuted_inside": _slices_permuted_inside,
+    "gaps_and_offset": _slices_gaps_and_offset,
+    "expanded_and_empty": _slices_expanded_and_empty,
+    "beyond_a_chunk": _slices_beyond_a_chunk,
+}
+
+
+def _slices_of(tensors):
+    return [s for t in tensors for s in t.unbind(0)]
+
+
+@device_param
+@ord_param
+@dtype_param
+@pytest.mark.parametrize("case", list(SLICE_CASES))
+def test_norm_of_slices_is_the_norm_of_every_slice(case, dtype, ord, device):
+    """Per-slice norms against the float64 reference, and bit for bit those
+    of the op called on the slices as a list of views (the vmap rules
+    promise per-sample norms identical to the op on each sample)."""
+    require_kernel(device)
+    tensors, gaps = SLICE_CASES[case](dtype, device)
+    gap_copies = _fill_gaps(gaps, math.nan)
+    before = snapshot(tensors)
+    slices = _slices_of(tensors)
+    poison_allocator([1, len(slices)], device)
+    for fp64 in (False, True):
+        total, each = ops.multi_tensor_norm(tensors, ord, True, fp64, slices=SLICES)
+        assert each.shape == (len(slices),) and total.shape == ()
+        assert each.dtype == total.dtype == (torch.float64 if fp64 else torch.float32)
+        views_total, views_each = ops.multi_tensor_norm(slices, ord, True, fp64)
+        assert_same_bits(each, views_each)
+        assert_same_bits(total, views_total)
+        if not fp64:
+            assert_norm_close(each, ref_norms_each(slices, ord), dtype)
+            assert_norm_close(total, ref_norm(tensors, ord), dtype)
+            total_only, none = ops.multi_tensor_norm(tensors, ord, False, slices=SLICES)
+            assert none.shape == (0,)
+            assert_same_bits(total_only, total)
+    assert_untouched(tensors, before)
+    _assert_gaps_kept(gaps, gap_copies)
+
+
+@device_param
+@ord_param
+@pytest.mark.parametrize("dtype,big,small", [(torch.float32, 1e30, 1e-30), (torch.float64, 1e300, 1e-300),
+                                             (torch.bfloat16, 3e38, 1e-38)], ids=lambda v: dtype_id(v)
+                         if isinstance(v, torch.dtype) else "")
+def test_norm_of_slices_each_safe_from_overflow_and_nonfinite(dtype, big, small, ord, device):
+    """A slice of huge values, one of tiny values and one with a NaN or an
+    inf: each slice's norm is its own (the NaN stays in its slice)."""
+    require_kernel(device)
+    base = make_grads([(5, 33)], torch.float32, "cpu", seed=98)[0].double()
+    scales = torch.tensor([1.0, big, small, 1.0, 1.0], dtype=torch.float64).view(5, 1)
+    values = (base * scales).to(dtype=dtype, device=device)
+    values[3, 7] = math.nan
+    values[4, 20] = -math.inf
+    _, each = ops.multi_tensor_norm([values], ord, True, True, slices=5)
+    expected = ref_norms_each(list(values.unbind(0)), ord)
+    torch.testing.assert_close(each[:3].cpu(), expected[:3], rtol=1e-12, atol=0.0)
+    assert math.isnan(each[3].item()) and each[4].item() == math.inf
+
+
+@device_param
+def test_norm_of_slices_mixed_dtypes_matches_the_fallback(device):
+    require_kernel(device)
+    tensors = make_grads([(SLICES, 40), (SLICES, 3, 3), (SLICES,), (SLICES, 17)],
+                         [torch.float32, torch.bfloat16, torch.float64, torch.float16], device, seed=99)
+    for ord in ORDS:
+        total, each = ops.multi_tensor_norm(tensors, ord, True, True, slices=SLICES)
+        ref_total, ref_each = _fallback.multi_tensor_norm([t.cpu() for t in tensors], ord, True, True, SLICES)
+        torch.testing.assert_close(each.cpu(), ref_each, rtol=1e-14, atol=0.0)
+        torch.testing.assert_close(total.cpu(), ref_total, rtol=1e-14, atol=0.0)
+
+
+SLICE_ERRORS = [
+    ("zero", lambda ts: (ts, 0), "slices must be at least 1, got 0"),
+    ("negative", lambda ts: (ts, -2), "slices must be at least 1, got -2"),
+    ("first_dim_differs", lambda ts: (ts, 2), r"tensors\[0\] has shape \[3, 4\], but slices=2"),
+    ("0_dim_tensor", lambda ts: ([ts[0], torch.tensor(1.0)], 3), r"tensors\[1\] has shape \[\], but slices=3"),
+    ("later_tensor", lambda ts: (ts + [torch.zeros(4, 3)], 3), r"tensors\[2\] has shape \[4, 3\]"),
+]
+
+
+@pytest.mark.parametrize("impl", ["op", "fake", "fallback"])
+@pytest.mark.parametrize("make, match", [e[1:] for e in SLICE_ERRORS], ids=[e[0] for e in SLICE_ERRORS])
+def test_norm_of_slices_errors_name_the_argument(make, match, impl):
+    tensors, slices = make(make_grads([(3, 4), (3,)], torch.float32, "cpu", seed=100))
+    if impl == "fallback":
+        with pytest.raises(RuntimeError, match=match):
+            _fallback.multi_tensor_norm(tensors, 2.0, True, False, slices)
+        return
+    if impl == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        mode = FakeTensorMode()
+        tensors = [mode.from_tensor(t) for t in tensors]
+        with mode, pytest.raises(RuntimeError, match=match):
+            ops.multi_tensor_norm(tensors, 2.0, True, slices=slices)
+        return
+    with pytest.raises(RuntimeError, match=match):
+        ops.multi_tensor_norm(tensors, 2.0, True, slices=slices)
+
+
+@device_param
+def test_opcheck_norm_of_slices(device):
+    require_kernel(device)
+    tensors = make_grads([(4, 3), (4,), (4, 0)], torch.float32, device, seed=101)
+    tensors.append(make_grads([(6, 4)], torch.bfloat16, device, seed=102)[0].t())
+    torch.library.opcheck(ops.multi_tensor_norm.default, (tensors, 2.0, True, False, 4))
+    torch.library.opcheck(ops.multi_tensor_norm.default, (tensors, math.inf, True, True, 4))
+
+
 @device_param
 @pytest.mark.parametrize("ord", [2.0, 1.0, math.inf, 3.5], ids=ord_id)
 def test_norm_fp64_outputs_beyond_float32_range(ord, device):

@@ -118,6 +118,51 @@ def test_norm_in_nested_vmap(device):
             assert_same_bits(got[i, j], ops.multi_tensor_norm([x[i, j], x[i, j, :2]], 3.5, False)[0])
 
 
+@pytest.mark.parametrize("fp64", [False, True], ids=["fp32_out", "fp64_out"])
+@pytest.mark.parametrize("ord", ORDS, ids=ord_id)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_norm_in_nested_vmap_of_tensors_batched_at_one_level_or_both(device, ord, fp64):
+    """Under nested vmap the outer rule gets the inner rule's call, which
+    takes each inner sample as a slice: tensors batched at both levels
+    (along different dimensions), at the outer or the inner level only, or
+    at neither. Every (outer, inner) sample gets the op's call on it."""
+    require_kernel(device)
+    outer, inner = 3, 4
+    both, outer_only, inner_only, neither = make_grads(
+        [(6, outer, inner), (outer, 5), (2, inner, 3), (7,)],
+        [torch.float32, torch.bfloat16, torch.float64, torch.float16], device, seed=23, scale=3.0)
+
+    def norms(a, o):
+        return torch.vmap(lambda x, y: ops.multi_tensor_norm([x, o, y, neither], ord, True, fp64),
+                          in_dims=(1, 1))(a, inner_only)
+
+    total, each = torch.vmap(norms, in_dims=(1, 0))(both, outer_only)
+    assert total.shape == (outer, inner) and each.shape == (outer, inner, 4)
+    for i in range(outer):
+        for j in range(inner):
+            sample = [both[:, i, j], outer_only[i], inner_only[:, j], neither]
+            alone_total, alone_each = ops.multi_tensor_norm(sample, ord, True, fp64)
+            assert_same_bits(each[i, j], alone_each)
+            assert_total_close(total[i, j], alone_total)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_norm_with_slices_per_sample_is_the_call_on_the_sample(device):
+    """The op's own slices argument under vmap: each sample's slices."""
+    require_kernel(device)
+    x, shared = make_grads([(4, BATCH, 7), (4, 3)], torch.float32, device, seed=24)
+    total, each = torch.vmap(lambda a: ops.multi_tensor_norm([a, shared], 2.0, True, slices=4), in_dims=1)(x)
+    assert each.shape == (BATCH, 8)
+    for b in range(BATCH):
+        alone_total, alone_each = ops.multi_tensor_norm([x[:, b], shared], 2.0, True, slices=4)
+        assert_same_bits(each[b], alone_each)
+        assert_total_close(total[b], alone_total)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] has shape \[4, 7\], but slices=3"):
+        torch.vmap(lambda a: ops.multi_tensor_norm([a], 2.0, True, slices=3), in_dims=1)(x)
+    with pytest.raises(RuntimeError, match="slices must be at least 1, got 0"):
+        torch.vmap(lambda a: ops.multi_tensor_norm([a], 2.0, True, slices=0))(x)
+
+
 def test_norm_of_an_empty_batch():
     require_kernel("cpu")
     total, each = torch.vmap(lambda a: ops.multi_tensor_norm([a], 2.0, True))(torch.ones(0, 3))

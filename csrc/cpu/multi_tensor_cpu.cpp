@@ -299,14 +299,15 @@ at::Tensor scalar_double(double v) {
 
 // ------------------------------------------------------------ the ops
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double ord, bool per_tensor,
-                                                         bool fp64) {
+                                                         bool fp64, int64_t slices) {
   constexpr const char* kOp = "fastclip::multi_tensor_norm";
   check_tensors(kOp, tensors, c10::DeviceType::CPU);
   check_norm_order(kOp, ord);
-  const TensorTable table(tensors, TensorTable::kRead);
+  check_slices(kOp, tensors, slices);
+  const TensorTable table(tensors, slices);
   const NormReducer norms =
       compute_norms(Work(table.descs(), plan_chunks(table.descs(), kChunkElems)), make_norm_order(ord));
-  const int64_t n = static_cast<int64_t>(tensors.size());
+  const int64_t n = static_cast<int64_t>(table.descs().size());
   at::Tensor each = at::empty({per_tensor ? n : 0}, at::TensorOptions().dtype(fp64 ? at::kDouble : at::kFloat));
   if (per_tensor && fp64) {
     double* out = each.data_ptr<double>();

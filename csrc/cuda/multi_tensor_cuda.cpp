@@ -332,16 +332,17 @@ void clamp_views(at::TensorList tensors, const std::vector<int64_t>& which, doub
 
 // ------------------------------------------------------------ the ops
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double ord, bool per_tensor,
-                                                          bool fp64) {
+                                                          bool fp64, int64_t slices) {
   constexpr const char* kOp = "fastclip::multi_tensor_norm";
   check_tensors(kOp, tensors, c10::DeviceType::CUDA);
   check_element_aligned(kOp, tensors);
   check_norm_order(kOp, ord);
+  check_slices(kOp, tensors, slices);
   TORCH_CHECK(!tensors.empty(), kOp, ": tensors is empty; the CUDA implementation needs a device");
   const c10::Device device = tensors[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const auto n = static_cast<int64_t>(tensors.size());
-  const TensorTable table(tensors, TensorTable::kRead);
+  const TensorTable table(tensors, slices);
+  const auto n = static_cast<int64_t>(table.descs().size());
   const Upload up = upload(table.descs(), device, Scratch::kNorm);
 
   const at::TensorOptions options = at::TensorOptions().dtype(fp64 ? at::kDouble : at::kFloat).device(device);
