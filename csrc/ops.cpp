@@ -258,6 +258,22 @@ void check_clip_scalars(const char* op, const at::Tensor& norm, double max_norm,
   }
 }
 
+namespace {
+// A storage resized under a tensor (untyped_storage().resize_(0), as FSDP
+// frees parameters) can leave its elements without memory.
+void check_in_storage(const at::Tensor& t, size_t i, const c10::StorageImpl* storage) {
+  TORCH_CHECK(t.numel() == 0 || within_storage(t, storage), "fastclip: tensors[", i,
+              "] has elements beyond the memory of its storage (",
+              storage == nullptr ? int64_t{0} : static_cast<int64_t>(storage->nbytes()),
+              " bytes; was it resized or freed?)");
+}
+
+// Where a slice read through a copy starts: a fresh allocation's alignment
+// as far as the CUDA kernels look (their 16-byte vector split depends on the
+// address), so that it is summed as the op sums a copy of the view alone.
+constexpr int64_t kSliceCopyAlignBytes = 16;
+}  // namespace
+
 TensorTable::TensorTable(at::TensorList tensors, Access access) {
   // A tensor's data pointer lives in its StorageImpl, a separate object
   // that is usually cold: requesting it kStorageAhead tensors ahead lets
@@ -272,12 +288,7 @@ TensorTable::TensorTable(at::TensorList tensors, Access access) {
     const DType dtype = to_dtype(t.scalar_type());
     const int64_t numel = t.numel();
     const c10::StorageImpl* storage = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
-    // A storage resized under a tensor (untyped_storage().resize_(0), as
-    // FSDP frees parameters) can leave its elements without memory.
-    TORCH_CHECK(numel == 0 || within_storage(t, storage), "fastclip: tensors[", i,
-                "] has elements beyond the memory of its storage (",
-                storage == nullptr ? int64_t{0} : static_cast<int64_t>(storage->nbytes()),
-                " bytes; was it resized or freed?)");
+    check_in_storage(t, i, storage);
     if (numel == 0 || t.is_non_overlapping_and_dense()) {
       descs_.push_back(TensorDesc{numel == 0 ? nullptr : t.data_ptr(), numel, dtype});
       storages_.push_back(numel == 0 ? nullptr : storage->data());
@@ -294,32 +305,47 @@ TensorTable::TensorTable(at::TensorList tensors, Access access) {
   }
 }
 
-TensorTable::TensorTable(at::TensorList tensors, int64_t slices) : TensorTable(tensors, kRead) {
-  if (slices == 1) return;
-  std::vector<TensorDesc> whole = std::move(descs_);
-  std::vector<const void*> whole_storages = std::move(storages_);
-  descs_.clear();
-  storages_.clear();
-  descs_.reserve(whole.size() * static_cast<size_t>(slices));
+TensorTable::TensorTable(at::TensorList tensors, int64_t slices) {
+  if (slices == 1) {
+    *this = TensorTable(tensors, kRead);
+    return;
+  }
+  // Each slice as the table of the view t[s] would hold it: in place when
+  // the view is dense (read in its memory order, from its own address),
+  // else a row-major copy; the bits of its norm are then those of the op
+  // called on the views, whatever the tensor's layout.
+  descs_.reserve(tensors.size() * static_cast<size_t>(slices));
   storages_.reserve(descs_.capacity());
-  for (size_t i = 0; i < whole.size(); ++i) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TensorDesc d = whole[i];
-    const void* storage = whole_storages[i];
-    const int64_t per_slice = d.numel / slices;
-    // In place (storage != nullptr), the slices are consecutive blocks
-    // exactly when the first dimension is the outermost one in memory (the
-    // table holds dense tensors only); a read copy is contiguous already.
-    if (storage != nullptr && slices > 1 && t.stride(0) != per_slice) {
-      copies_.push_back(t.contiguous());
-      d.data = copies_.back().data_ptr();
-      storage = nullptr;
-    }
-    const int64_t slice_bytes = per_slice * dtype_size(d.dtype);
-    for (int64_t s = 0; s < slices; ++s) {
-      void* data = per_slice == 0 ? nullptr : static_cast<char*>(d.data) + s * slice_bytes;
-      descs_.push_back(TensorDesc{data, per_slice, d.dtype});
-      storages_.push_back(per_slice == 0 ? nullptr : storage);
+    const DType dtype = to_dtype(t.scalar_type());
+    const int64_t size = dtype_size(dtype);
+    const int64_t per_slice = t.numel() / slices;
+    const c10::StorageImpl* storage = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+    check_in_storage(t, i, storage);
+    if (per_slice == 0) {
+      for (int64_t s = 0; s < slices; ++s) {
+        descs_.push_back(TensorDesc{nullptr, 0, dtype});
+        storages_.push_back(nullptr);
+      }
+    } else if (t.select(0, 0).is_non_overlapping_and_dense()) {
+      char* first = static_cast<char*>(t.data_ptr());
+      for (int64_t s = 0; s < slices; ++s) {
+        descs_.push_back(TensorDesc{first + s * t.stride(0) * size, per_slice, dtype});
+        storages_.push_back(storage->data());
+      }
+      foreign_ = foreign_ || storage->allocator() == nullptr;
+    } else {
+      const int64_t align = kSliceCopyAlignBytes / size;
+      const int64_t padded = (per_slice + align - 1) / align * align;
+      at::Tensor copy = at::empty({slices, padded}, t.options().memory_format(at::MemoryFormat::Contiguous));
+      copy.narrow(1, 0, per_slice).view(t.sizes()).copy_(t);
+      char* first = static_cast<char*>(copy.data_ptr());
+      for (int64_t s = 0; s < slices; ++s) {
+        descs_.push_back(TensorDesc{first + s * padded * size, per_slice, dtype});
+        storages_.push_back(nullptr);
+      }
+      copies_.push_back(std::move(copy));
     }
   }
 }

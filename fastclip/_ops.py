@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import sys
 from typing import Optional
 
@@ -298,8 +299,8 @@ if _C is not None:
         parts = []
         if batched:
             rows = [tensors[i] if dims[i] == 0 else tensors[i].movedim(dims[i], 0) for i in batched]
-            if slices != 1:  # [batch, slices, ...] -> [batch * slices, ...]
-                rows = [r.flatten(0, 1) for r in rows]
+            if slices != 1:
+                rows = [_merge_two_batch_dims(r) for r in rows]
             _, norms = torch.ops.fastclip.multi_tensor_norm.default(rows, ord, True, True, batch * slices)
             parts.append(norms.view(len(batched), batch, slices).transpose(0, 1))
         if shared:
@@ -313,10 +314,59 @@ if _C is not None:
                 where[i] = position
             columns = columns[:, torch.tensor(where, device=columns.device)]
         columns = columns.reshape(batch, len(tensors) * slices)
-        # Each row's norm by the op (its rescue keeps norms near the double
-        # range finite): one call where torch's ops took ten (0.2 ms).
-        _, totals = torch.ops.fastclip.multi_tensor_norm.default([columns], ord, True, True, batch)
-        return totals, columns
+        if ord in _EXACT_POWER_ORDERS:
+            # Each row's norm by the op (its rescue keeps norms near the
+            # double range finite): one call where torch's ops take ten (0.2 ms).
+            _, totals = torch.ops.fastclip.multi_tensor_norm.default([columns], ord, True, True, batch)
+        else:  # the kernels' |x|^p of a general order is approximated (found in review: 3e-14 off at 1e80)
+            totals = _fallback.combine(columns, ord, dim=1)
+        return _settle_the_edge(tensors, dims, totals, ord, slices), columns
+
+    def _readable(t: Tensor) -> bool:
+        """Whether ``t``'s values can be read on the host here."""
+        return not (torch.compiler.is_compiling() or is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+    def _settle_the_edge(tensors, dims, totals: Tensor, ord: float, slices: int) -> Tensor:
+        """Totals of float64 data at the double range's edge (inf, or within
+        _EDGE_RTOL of 1.8e308) taken from the op on that sample alone, where
+        they can be read: a combination of rounded norms can fall on the
+        other side of the edge than the op's own sum (found in review: a
+        sample then got a coefficient of 0, or error_if_nonfinite decided
+        otherwise). Data of the other dtypes has norms far below it."""
+        if not any(t.dtype == torch.float64 for t in tensors) or not _readable(totals):
+            return totals
+        for b in torch.nonzero(torch.isinf(totals) | (totals > _EDGE)).flatten().tolist():
+            sample = [t if d is None else t.select(d, b) for t, d in zip(tensors, dims)]
+            totals[b] = torch.ops.fastclip.multi_tensor_norm.default(sample, ord, False, True, slices)[0]
+        return totals
+
+    _EDGE_RTOL = 1e-9  # far beyond the combination's rounding
+    _EDGE = sys.float_info.max * (1 - _EDGE_RTOL)
+
+    # Orders whose powers the kernels compute exactly (squares, |x|, max).
+    _EXACT_POWER_ORDERS = (1.0, 2.0, math.inf)
+
+    def _merge_two_batch_dims(r: Tensor) -> Tensor:
+        """``r`` [batch, slices, ...] as [batch * slices, ...], each slice
+        laid out in memory as ``r[b, s]`` is (the op reads a dense sample in
+        its memory order, and its bits depend on that order; found in review:
+        a copy made row-major changed them): a view where the two dimensions
+        merge, else a copy in the slices' own dimension order."""
+        if r.shape[0] == 1 or r.shape[1] == 1 or r.stride(0) == r.stride(1) * r.shape[1]:
+            return r.flatten(0, 1)
+        sizes, strides = r.shape[2:], r.stride()[2:]
+        inner = sorted((d for d in range(len(sizes)) if sizes[d] != 1), key=lambda d: strides[d])
+        reach = 1
+        for d in inner:  # dense: each stride is the reach of the smaller ones
+            if strides[d] != reach:
+                return r.flatten(0, 1)  # not dense: the op reads a row-major copy of r[b, s] too
+            reach *= sizes[d]
+        order = [d for d in range(len(sizes)) if sizes[d] == 1] + inner[::-1]  # outermost first
+        copy = r.permute(0, 1, *[2 + d for d in order]).contiguous()
+        back = [0] * len(order)
+        for position, d in enumerate(order):
+            back[d] = position
+        return copy.permute(0, 1, *[2 + p for p in back]).flatten(0, 1)
 
     def _empty_batch(like: Tensor, dtype, *shape) -> Tensor:
         return torch.empty((0, *shape), dtype=dtype, device=like.device)
@@ -394,9 +444,7 @@ if _C is not None:
         vmap) all samples are checked together: non-finite exactly when a
         sample is, but for float64 data whose samples' norms are finite
         and together pass 1.8e308 (found in review)."""
-        readable = not (torch.compiler.is_compiling() or is_fake(total)
-                        or torch._C._functorch.is_functorch_wrapped_tensor(total))
-        if not readable:
+        if not _readable(total):
             torch.ops.fastclip.clip_.default(list(tensors), _NEVER_CLIPS, ord, True)
             return
         bad = torch.nonzero(~torch.isfinite(total)).flatten().tolist()

@@ -104,8 +104,8 @@ MUTANTS = {
         "target_ = spans_[c].pos + lead_;", "target_ = spans_[c].pos;"),
     "freed_storage_accepted": (
         "csrc/ops.cpp", "tensors beyond their storage's bytes not refused",
-        "TORCH_CHECK(numel == 0 || within_storage(t, storage),",
-        "TORCH_CHECK(numel == 0 || true || within_storage(t, storage),"),
+        "TORCH_CHECK(t.numel() == 0 || within_storage(t, storage),",
+        "TORCH_CHECK(t.numel() == 0 || true || within_storage(t, storage),"),
     # The Python layer.
     "fake_clip_unchecked": (
         "fastclip/_ops.py", "the fake kernel of clip_ checks nothing (bad arguments traced)",
@@ -259,13 +259,29 @@ MUTANTS = {
         "        _scale_samples(tensors, dims, coef)\n",
         "        _scale_samples(tensors, dims, coef.roll(1))\n"),
     "slices_layout_ignored": (
-        "csrc/ops.cpp", "multi_tensor_norm's slices are taken in place whatever the tensor's layout",
-        "if (storage != nullptr && slices > 1 && t.stride(0) != per_slice) {",
-        "if (false) {"),
+        "csrc/ops.cpp", "multi_tensor_norm's slices are read in place whatever the tensor's layout",
+        "} else if (t.select(0, 0).is_non_overlapping_and_dense()) {",
+        "} else if (true) {"),
+    "slices_copied_row_major": (
+        "csrc/ops.cpp", "multi_tensor_norm's dense slices with gaps between them are read through a row-major copy",
+        "} else if (t.select(0, 0).is_non_overlapping_and_dense()) {",
+        "} else if (t.is_non_overlapping_and_dense() && t.stride(0) == per_slice) {"),
     "slices_reversed": (
         "csrc/ops.cpp", "multi_tensor_norm's slices of a tensor are reported in reverse order",
-        "static_cast<char*>(d.data) + s * slice_bytes;",
-        "static_cast<char*>(d.data) + (slices - 1 - s) * slice_bytes;"),
+        "descs_.push_back(TensorDesc{first + s * t.stride(0) * size, per_slice, dtype});",
+        "descs_.push_back(TensorDesc{first + (slices - 1 - s) * t.stride(0) * size, per_slice, dtype});"),
+    "vmap_batch_dims_merged_row_major": (
+        "fastclip/_ops.py", "under nested torch.vmap, batch dimensions that do not merge are copied row-major",
+        "        if r.shape[0] == 1 or r.shape[1] == 1 or r.stride(0) == r.stride(1) * r.shape[1]:",
+        "        if True:"),
+    "vmap_general_order_totals_by_the_kernel": (
+        "fastclip/_ops.py", "under torch.vmap every order's totals are combined by the kernels' approximate powers",
+        "        if ord in _EXACT_POWER_ORDERS:",
+        "        if True:"),
+    "vmap_edge_not_settled": (
+        "fastclip/_ops.py", "under torch.vmap float64 totals at the double range's edge are not taken from the op",
+        "        if not any(t.dtype == torch.float64 for t in tensors) or not _readable(totals):",
+        "        if True:"),
     "vmap_norms_of_shared_tensors_per_slice_dropped": (
         "fastclip/_ops.py", "under nested torch.vmap an unbatched tensor's norm is taken whole, not per slice",
         "[tensors[i] for i in shared], ord, True, True, slices)",

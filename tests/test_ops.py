@@ -193,6 +193,14 @@ def _slices_gaps_and_offset(dtype, device):
     return [view, shifted.view(SLICES, 13)], [view._base[:, 1::2], shifted._base[:1]]
 
 
+def _slices_dense_with_gaps_between(dtype, device):
+    # Gaps between the slices, each slice dense but column-major, and more
+    # than a chunk: read in place in memory order, as the op reads the view
+    # (found in review: a row-major copy changed the bits).
+    base = make_grads([(SLICES, 2, 1031, 64)], dtype, device, seed=103)[0]
+    return [base[:, 0].transpose(1, 2)], []
+
+
 def _slices_expanded_and_empty(dtype, device):
     row, empty = make_grads([(1, 6), (SLICES, 0, 4)], dtype, device, seed=95)
     return [row.expand(SLICES, 6), empty, make_grads([(SLICES, 2)], dtype, device, seed=96)[0]], []
@@ -208,6 +216,7 @@ SLICE_CASES = {
     "first_dim_innermost": _slices_first_dim_innermost,
     "permuted_inside": _slices_permuted_inside,
     "gaps_and_offset": _slices_gaps_and_offset,
+    "dense_with_gaps_between": _slices_dense_with_gaps_between,
     "expanded_and_empty": _slices_expanded_and_empty,
     "beyond_a_chunk": _slices_beyond_a_chunk,
 }

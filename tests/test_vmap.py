@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 
 import pytest
@@ -161,6 +162,85 @@ def test_norm_with_slices_per_sample_is_the_call_on_the_sample(device):
         torch.vmap(lambda a: ops.multi_tensor_norm([a], 2.0, True, slices=3), in_dims=1)(x)
     with pytest.raises(RuntimeError, match="slices must be at least 1, got 0"):
         torch.vmap(lambda a: ops.multi_tensor_norm([a], 2.0, True, slices=0))(x)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["vmap", "nested_vmap"])
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_norm_bits_of_samples_laid_out_in_their_own_order(device, nested):
+    """Samples that are dense but column-major, more than a chunk each: with
+    gaps between them (one vmap), or batched at two levels whose dimensions
+    do not merge into one (nested). Each is read as the op reads it alone,
+    in memory order (found in review: row-major copies changed the bits)."""
+    require_kernel(device)
+    op = lambda t: ops.multi_tensor_norm([t], 2.0, True, True)  # noqa: E731
+    if nested:
+        x = make_grads([(4, 3, 1031, 64)], torch.float32, device, seed=25)[0].permute(1, 0, 3, 2)
+        _, each = torch.vmap(torch.vmap(op))(x)
+        samples = {(i, j): x[i, j] for i in range(3) for j in range(4)}
+    else:
+        x = make_grads([(4, 2, 1031, 64)], torch.float32, device, seed=26)[0][:, 0].transpose(1, 2)
+        _, each = torch.vmap(op)(x)
+        samples = {(j,): x[j] for j in range(4)}
+    for index, sample in samples.items():
+        assert_same_bits(each[index], op(sample)[1])
+
+
+@pytest.mark.parametrize("magnitude", [1e-150, 1e-80, 1e80])
+@pytest.mark.parametrize("ord", [3.5, 1.5, 0.5], ids=ord_id)
+def test_float64_totals_of_general_orders_as_precise_as_the_op(ord, magnitude):
+    """fp64 totals and clipped fp64 values of general orders at large and
+    small magnitudes, against the op on the sample alone (found in review:
+    combined by the kernels' approximate |x|^p they were 3.7e-14 off)."""
+    require_kernel("cpu")
+    tensors, dims, _ = _batched(torch.float64, "cpu", seed=27)
+    tensors = [t * magnitude for t in tensors]  # in float64 (make_grads scales in float32)
+    total, _ = torch.vmap(lambda x, y, z: ops.multi_tensor_norm([x, y, z], ord, False, True),
+                          in_dims=tuple(dims))(*tensors)
+    clipped = [t.clone() for t in tensors]
+    torch.vmap(lambda x, y, z: ops.clip_([x, y, z], magnitude, ord), in_dims=tuple(dims))(*clipped)
+    for b in range(BATCH):
+        alone = [t.clone() for t in _sample(tensors, dims, b)]
+        assert_total_close(total[b], ops.multi_tensor_norm(alone, ord, False, True)[0])
+        ops.clip_(alone, magnitude, ord)
+        for got, want in zip(_sample(clipped, dims, b), alone):
+            assert_values_close(got, want)
+
+
+def test_float64_totals_at_the_edge_of_the_double_range_as_the_op_decides():
+    """Samples whose norm lies within a few ulps of 1.8e308: the total, the
+    clip and error_if_nonfinite under vmap as the op on each alone (found in
+    review: a combination of rounded norms fell on the other side of the
+    edge, raised an internal AssertionError or scaled what the op refuses)."""
+    require_kernel("cpu")
+    a, b = make_grads([(5,), (7,)], torch.float64, seed=28)
+    norm = ops.multi_tensor_norm([a, b], 2.0, False, True)[0].item()
+    steps = torch.arange(-40, 41, dtype=torch.float64)
+    scales = (sys.float_info.max / norm) * (1 + steps * 2.0**-52)
+    xs, ys = a * scales[:, None], b * scales[:, None]
+    total, _ = torch.vmap(lambda x, y: ops.multi_tensor_norm([x, y], 2.0, False, True))(xs, ys)
+    finite_alone = []
+    for k in range(len(steps)):
+        alone = ops.multi_tensor_norm([xs[k], ys[k]], 2.0, False, True)[0]
+        assert_same_bits(total[k], alone)
+        finite_alone.append(math.isfinite(alone.item()))
+    assert any(finite_alone) and not all(finite_alone)  # the samples straddle the edge
+    clipped = [xs.clone(), ys.clone()]
+    torch.vmap(lambda x, y: ops.clip_([x, y], 1.0, 2.0))(*clipped)
+    for k in range(len(steps)):
+        alone = [xs[k].clone(), ys[k].clone()]
+        ops.clip_(alone, 1.0, 2.0)
+        assert_same_bits(clipped[0][k], alone[0])
+        assert_same_bits(clipped[1][k], alone[1])
+    first_bad = finite_alone.index(False)
+    for rows in (slice(0, first_bad), slice(0, first_bad + 1)):
+        x, y = xs[rows].clone(), ys[rows].clone()
+        call = lambda: torch.vmap(lambda p, q: ops.clip_([p, q], 1.0, 2.0, True))(x, y)  # noqa: E731
+        if rows.stop == first_bad:
+            call()
+        else:
+            with pytest.raises(RuntimeError, match="non-finite"):
+                call()
+            assert torch.equal(x, xs[rows]) and torch.equal(y, ys[rows])
 
 
 def test_norm_of_an_empty_batch():
