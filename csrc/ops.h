@@ -150,4 +150,16 @@ using ClipScalarsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, bool);
 
+namespace cpu {
+// How the CPU kernels' software prefetcher covers each run of adjacent
+// chunks (multi_tensor_cpu.cpp): all of it, or its head, and what decided
+// it (the FASTCLIP_CPU_PREFETCH variable or the CPU's vendor). Decided
+// once per process; a bad value of the variable raises at every call.
+struct PrefetchChoice {
+  bool whole_segments;
+  const char* decided_by;
+};
+PrefetchChoice prefetch_choice();
+}  // namespace cpu
+
 }  // namespace fastclip

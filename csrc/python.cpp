@@ -532,6 +532,9 @@ pybind11::dict build_info() {
 #else
   info["cuda_build"] = false;
 #endif
+  const cpu::PrefetchChoice prefetch = cpu::prefetch_choice();
+  info["cpu_prefetch"] = prefetch.whole_segments ? "all" : "heads";
+  info["cpu_prefetch_decided_by"] = prefetch.decided_by;
   return info;
 }
 
@@ -610,7 +613,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       pybind11::arg("items"), pybind11::arg("kept"),
       "True when iterating items gives the objects of kept, the same ones in the same order.");
-  m.def("build_info", &fastclip::build_info, "How this extension was built.");
+  m.def("build_info", &fastclip::build_info, "How this extension was built, and how its CPU kernels prefetch.");
   m.def("check_list_op", &fastclip::check_list_op, pybind11::arg("op"), pybind11::arg("tensors"),
         pybind11::arg("ord") = std::nullopt, pybind11::arg("max_norm") = std::nullopt,
         pybind11::arg("clip_value") = std::nullopt, pybind11::arg("coef") = std::nullopt, pybind11::arg("slices") = 1,

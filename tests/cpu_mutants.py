@@ -102,6 +102,12 @@ MUTANTS = {
     "prefetch_lead_dropped_per_chunk": (
         "csrc/cpu/spans.h", "the prefetcher starts each chunk with no lead",
         "target_ = spans_[c].pos + lead_;", "target_ = spans_[c].pos;"),
+    "prefetch_vendor_inverted": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "the driver prefetches whole segments on CPUs other than Intel's",
+        'return PrefetchChoice{intel_cpu(), "CPU vendor"};', 'return PrefetchChoice{!intel_cpu(), "CPU vendor"};'),
+    "prefetch_variable_ignored": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "FASTCLIP_CPU_PREFETCH read but not followed",
+        'return PrefetchChoice{mode == "all", kPrefetchEnv};', 'return PrefetchChoice{intel_cpu(), kPrefetchEnv};'),
     "freed_storage_accepted": (
         "csrc/ops.cpp", "tensors beyond their storage's bytes not refused",
         "TORCH_CHECK(t.numel() == 0 || within_storage(t, storage),",

@@ -19,7 +19,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_RUN = ["--device", "cpu", "--sets", "tiny", "--quick"]
 ENVIRONMENT_KEYS = {
     "date", "command", "device", "device_name", "cpu", "threads", "fastclip", "fastclip_backend",
-    "git_commit", "torch", "cuda", "python", "platform",
+    "git_commit", "torch", "cuda", "python", "platform", "cpu_prefetch",
 }
 
 
@@ -193,6 +193,8 @@ def test_json_has_environment_settings_and_rows(quick_run):
     assert ENVIRONMENT_KEYS <= set(data["environment"])
     assert data["environment"]["fastclip"] == fastclip.__version__
     assert data["environment"]["device"] == "cpu"
+    info = fastclip.build_info()
+    assert data["environment"]["cpu_prefetch"] == f"{info['cpu_prefetch']} (decided by {info['cpu_prefetch_decided_by']})"
     assert data["settings"]["sets"] == ["tiny"] and data["settings"]["quick"] is True
     assert len(data["rows"]) == len(rows)
     assert set(data["rows"][0]) == set(report.COLUMNS)

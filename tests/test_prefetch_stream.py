@@ -21,9 +21,12 @@ Needs a C++ compiler (the one that builds the extension).
 from __future__ import annotations
 
 import bisect
+import os
+import platform
 import random
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from collections import Counter
@@ -37,6 +40,7 @@ LINE = 64
 ADJACENT = 256  # PrefetchStream::kAdjacentBytes
 LEAD = 16 << 10  # kPrefetchLeadBytes (multi_tensor_cpu.cpp)
 HEAD = 16 << 10  # kPrefetchHeadBytes
+WHOLE = 1 << 62  # PrefetchStream::kWholeSegments
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +177,19 @@ def test_one_tensor_in_chunks_gets_only_its_head_prefetched(harness):
     assert [line for _, line in got.prefetched] == list(range(0, HEAD, LINE))
 
 
+def test_one_tensor_in_chunks_gets_all_of_it_prefetched_with_whole_segments(harness):
+    chunk = 256 << 10
+    spans = [(i * chunk, chunk) for i in range(8)]
+    got = check(harness, spans, head=WHOLE)
+    assert [line for _, line in got.prefetched] == list(range(0, 8 * chunk, LINE))
+
+
+def test_separate_gradients_with_whole_segments(harness):
+    spans = separate_spans(300, seed=11)
+    got = check(harness, spans, head=WHOLE, blocks=128)
+    assert len(got.prefetched) == sum(head_lines(spans, 0, len(spans), WHOLE)[1].values())
+
+
 def test_mixed_gaps_sizes_dtypes_and_repeats(harness):
     rng = random.Random(7)
     spans, offset = [], 10
@@ -186,7 +203,7 @@ def test_mixed_gaps_sizes_dtypes_and_repeats(harness):
         spans.append((offset, size))
         offset += size
     blocks = [rng.choice([64, 128, 256]) for _ in spans]  # fp16/bf16, fp32, fp64 chunks in one list
-    for lead, head in [(LEAD, HEAD), (1024, 4096), (256, LINE), (300, 1000), (1 << 20, 1 << 30)]:
+    for lead, head in [(LEAD, HEAD), (1024, 4096), (256, LINE), (300, 1000), (1 << 20, 1 << 30), (LEAD, WHOLE)]:
         check(harness, spans, lead=lead, head=head, blocks=blocks)
 
 
@@ -211,3 +228,74 @@ def test_the_checks_catch_a_stream_that_falls_behind(harness):
     spans = separate_spans(100, seed=3)
     with pytest.raises(AssertionError, match="not prefetched when the reader was at"):
         check(harness, spans, lead=1024, judged_lead=LEAD)
+
+
+# ------------------------------------------------- the driver's choice
+# Which head the extension's driver gives the stream: all of each segment
+# on Intel CPUs, its first 16 KiB elsewhere, FASTCLIP_CPU_PREFETCH=all|heads
+# overriding (csrc/cpu/multi_tensor_cpu.cpp). Run in child processes: the
+# choice is made once per process.
+CHILD = r"""
+import hashlib, sys, torch, fastclip
+info = fastclip.build_info()
+print(info["cpu_prefetch"], info["cpu_prefetch_decided_by"])
+g = torch.Generator().manual_seed(5)
+ts = [torch.randn(n, generator=g).to(d) for n in (100_000, 3, 70_000, 300_001)
+      for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+total, each = torch.ops.fastclip.multi_tensor_norm(ts, 2.0, True)
+clipped = torch.ops.fastclip.clip_(ts, 1.0, 2.0)
+sys.stdout.write(total.numpy().tobytes().hex() + " " + each.numpy().tobytes().hex() + " " + clipped.numpy().tobytes().hex())
+sys.stdout.write(" " + hashlib.sha256(b"".join(t.view(torch.uint8).numpy().tobytes() for t in ts)).hexdigest() + "\n")
+"""
+
+
+def _child(env_value: Optional[str]):
+    ops = pytest.importorskip("fastclip._ops")
+    if not ops.available():
+        pytest.skip("the compiled extension is not loaded")
+    env = dict(os.environ)
+    env.pop("FASTCLIP_CPU_PREFETCH", None)
+    if env_value is not None:
+        env["FASTCLIP_CPU_PREFETCH"] = env_value
+    return subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_driver_choice_by_vendor_and_by_variable_same_bits():
+    outputs = {}
+    for value in (None, "all", "heads"):
+        done = _child(value)
+        assert done.returncode == 0, done.stderr
+        first, rest = done.stdout.split("\n", 1)
+        mode, decided_by = first.split(" ", 1)
+        if value is None:
+            intel = "GenuineIntel" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
+            assert decided_by == "CPU vendor"
+            if intel is not None and platform.machine() in ("x86_64", "AMD64"):
+                assert mode == ("all" if intel else "heads")
+        else:
+            assert (mode, decided_by) == (value, "FASTCLIP_CPU_PREFETCH")
+        outputs[value] = rest
+    # The prefetcher decides when lines arrive, never what is computed.
+    assert outputs["all"] == outputs["heads"] == outputs[None]
+
+
+def test_driver_refuses_a_bad_variable_and_writes_nothing():
+    done = _child("everything")
+    assert done.returncode != 0
+    assert "FASTCLIP_CPU_PREFETCH must be 'all' or 'heads'" in done.stderr
+    script = r"""
+import torch, fastclip
+p = torch.nn.Parameter(torch.zeros(100_000))
+p.grad = t = torch.full((100_000,), 3.0)
+try:
+    fastclip.clip_grad_norm_([p], 1.0)
+except RuntimeError as e:
+    assert "FASTCLIP_CPU_PREFETCH" in str(e), e
+    assert bool((t == 3.0).all()), "written before the error"
+    print("refused")
+else:
+    print("not refused")
+"""
+    env = dict(os.environ, FASTCLIP_CPU_PREFETCH="ALL")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "refused", done.stdout + done.stderr

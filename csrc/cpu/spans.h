@@ -38,11 +38,13 @@ struct StreamSpan {
 // them at 8.5 GB/s against 25 GB/s for the same bytes back to back (see
 // the README's Design section). A steady stream, rather than a burst per
 // chunk, keeps the prefetches from queueing ahead of the running chunk's
-// own loads. Only the head of each segment (a run of chunks that follow
-// each other in memory) is prefetched: past it the hardware has the
-// stream, and prefetching all of a large tensor as well measured 13-18%
-// slower (one thread, 256 MB buffers). It never changes what the kernels compute,
-// only when lines arrive.
+// own loads. Each segment (a run of chunks that follow each other in
+// memory) is prefetched up to `head` bytes: its head where the hardware
+// takes the stream over past it (prefetching all of a large tensor
+// measured 13-18% slower on an AMD Zen 4 VM, one thread, 256 MB buffers),
+// all of it where the hardware falls behind (1.2-1.5x faster on an Intel
+// Xeon VM); the driver picks (multi_tensor_cpu.cpp). It never changes what
+// the kernels compute, only when lines arrive.
 class PrefetchStream {
  public:
   static constexpr int64_t kLine = 64;
@@ -50,6 +52,9 @@ class PrefetchStream {
   // continues its segment: the hardware prefetchers bridged gaps of 256
   // bytes at full speed and lost the stream at 1 KiB (one thread, fp32).
   static constexpr int64_t kAdjacentBytes = 256;
+  // A head that covers every segment whole: stream positions (bytes of one
+  // call's tensors) stay far below it, and it plus one stays below 2^63.
+  static constexpr int64_t kWholeSegments = int64_t{1} << 62;
 
   PrefetchStream() = default;  // prefetches nothing (kernels given it only call advance)
   // Chunks [first, stop) of `spans`: the first `head` bytes of each

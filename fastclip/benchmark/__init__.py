@@ -433,7 +433,8 @@ def run(argv: Optional[list[str]] = None) -> tuple[list[Row], dict]:
     env = environment(device, argv)
     print(
         f"fastclip benchmark: {env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, "
-        f"fastclip {env['fastclip']} [{env['fastclip_backend']}]",
+        f"fastclip {env['fastclip']} [{env['fastclip_backend']}]"
+        + (f", CPU prefetch: {env['cpu_prefetch']}" if device.type == "cpu" and env["cpu_prefetch"] else ""),
         flush=True,
     )
     rounds = (QUICK_ROUNDS if args.quick else ROUNDS) if args.rounds is None else args.rounds

@@ -93,6 +93,14 @@ def _git_commit() -> Optional[str]:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _cpu_prefetch() -> Optional[str]:
+    """How the CPU kernels prefetch (it moves the CPU rows; see the README's Design)."""
+    info = fastclip.build_info()
+    if "cpu_prefetch" not in info:
+        return None  # no extension loaded
+    return f"{info['cpu_prefetch']} (decided by {info['cpu_prefetch_decided_by']})"
+
+
 def environment(device: torch.device, argv: list[str]) -> dict:
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
@@ -107,6 +115,7 @@ def environment(device: torch.device, argv: list[str]) -> dict:
         "threads": torch.get_num_threads(),
         "fastclip": fastclip.__version__,
         "fastclip_backend": fastclip.backend(),
+        "cpu_prefetch": _cpu_prefetch(),
         "git_commit": _git_commit(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
