@@ -6,7 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -152,12 +154,15 @@ using ClipScalarsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 
 namespace cpu {
 // How the CPU kernels' software prefetcher covers each run of adjacent
-// chunks (multi_tensor_cpu.cpp): all of it, or its head, and what decided
-// it (the FASTCLIP_CPU_PREFETCH variable or the CPU's vendor). Decided
-// once per process; a bad value of the variable raises at every call.
+// chunks (multi_tensor_cpu.cpp): all of it, or its head; the head in bytes
+// the driver gives every stream; and what decided it (the
+// FASTCLIP_CPU_PREFETCH variable or the CPU's vendor). Decided once per
+// process; a value of the variable other than all or heads is ignored
+// with a warning.
 struct PrefetchChoice {
   bool whole_segments;
-  const char* decided_by;
+  int64_t head_bytes;
+  std::string decided_by;
 };
 PrefetchChoice prefetch_choice();
 }  // namespace cpu

@@ -534,6 +534,7 @@ pybind11::dict build_info() {
 #endif
   const cpu::PrefetchChoice prefetch = cpu::prefetch_choice();
   info["cpu_prefetch"] = prefetch.whole_segments ? "all" : "heads";
+  info["cpu_prefetch_head_bytes"] = prefetch.head_bytes;
   info["cpu_prefetch_decided_by"] = prefetch.decided_by;
   return info;
 }

@@ -34,7 +34,9 @@ def backend() -> str:
 
 
 def build_info() -> dict:
-    """How the extension was built: version and whether CUDA kernels are in it."""
+    """How the extension was built: version and whether CUDA kernels are in it;
+    and how its CPU kernels prefetch (``cpu_prefetch``: ``"all"`` or ``"heads"``,
+    ``cpu_prefetch_head_bytes``, ``cpu_prefetch_decided_by``)."""
     return _ops.build_info()
 
 

@@ -104,10 +104,13 @@ MUTANTS = {
         "target_ = spans_[c].pos + lead_;", "target_ = spans_[c].pos;"),
     "prefetch_vendor_inverted": (
         "csrc/cpu/multi_tensor_cpu.cpp", "the driver prefetches whole segments on CPUs other than Intel's",
-        'return PrefetchChoice{intel_cpu(), "CPU vendor"};', 'return PrefetchChoice{!intel_cpu(), "CPU vendor"};'),
+        "      whole = intel_cpu();", "      whole = !intel_cpu();"),
     "prefetch_variable_ignored": (
         "csrc/cpu/multi_tensor_cpu.cpp", "FASTCLIP_CPU_PREFETCH read but not followed",
-        'return PrefetchChoice{mode == "all", kPrefetchEnv};', 'return PrefetchChoice{intel_cpu(), kPrefetchEnv};'),
+        '    bool whole = mode == "all";', "    bool whole = intel_cpu();"),
+    "prefetch_head_not_whole": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "the whole-segment choice made, but the driver given the 16 KiB head",
+        "whole ? PrefetchStream::kWholeSegments : kPrefetchHeadBytes", "kPrefetchHeadBytes"),
     "freed_storage_accepted": (
         "csrc/ops.cpp", "tensors beyond their storage's bytes not refused",
         "TORCH_CHECK(t.numel() == 0 || within_storage(t, storage),",

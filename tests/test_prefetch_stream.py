@@ -236,66 +236,76 @@ def test_the_checks_catch_a_stream_that_falls_behind(harness):
 # overriding (csrc/cpu/multi_tensor_cpu.cpp). Run in child processes: the
 # choice is made once per process.
 CHILD = r"""
-import hashlib, sys, torch, fastclip
-info = fastclip.build_info()
-print(info["cpu_prefetch"], info["cpu_prefetch_decided_by"])
+import hashlib, sys, warnings, torch, fastclip
 g = torch.Generator().manual_seed(5)
 ts = [torch.randn(n, generator=g).to(d) for n in (100_000, 3, 70_000, 300_001)
       for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
-total, each = torch.ops.fastclip.multi_tensor_norm(ts, 2.0, True)
-clipped = torch.ops.fastclip.clip_(ts, 1.0, 2.0)
-sys.stdout.write(total.numpy().tobytes().hex() + " " + each.numpy().tobytes().hex() + " " + clipped.numpy().tobytes().hex())
-sys.stdout.write(" " + hashlib.sha256(b"".join(t.view(torch.uint8).numpy().tobytes() for t in ts)).hexdigest() + "\n")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    total, each = torch.ops.fastclip.multi_tensor_norm(ts, 2.0, True)
+    clipped = torch.ops.fastclip.clip_(ts, 1.0, 2.0)
+    # A split-path call: the sparse gradient goes to plain PyTorch, the dense one to the kernels.
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(100_000))
+    a.grad = torch.tensor([5.0, 0, 0, 0]).to_sparse()
+    b.grad = torch.full((100_000,), 5.0)
+    fastclip.clip_grad_value_([a, b], 1.0)
+info = fastclip.build_info()
+print("|".join(str(info[k]) for k in ("cpu_prefetch", "cpu_prefetch_head_bytes", "cpu_prefetch_decided_by")))
+print("|".join(str(w.message).replace("\n", " ") for w in caught if "FASTCLIP_CPU_PREFETCH" in str(w.message)))
+digest = hashlib.sha256(b"".join(t.view(torch.uint8).numpy().tobytes() for t in ts + [a.grad.to_dense(), b.grad]))
+print(total.numpy().tobytes().hex(), each.numpy().tobytes().hex(), clipped.numpy().tobytes().hex(), digest.hexdigest())
 """
+WHOLE_BYTES, HEAD_BYTES = str(WHOLE), str(HEAD)
 
 
-def _child(env_value: Optional[str]):
-    ops = pytest.importorskip("fastclip._ops")
-    if not ops.available():
+def _child(env_value: Optional[str]) -> Tuple[List[str], str, str]:
+    """(mode, head bytes, decided by), the prefetch warnings (Python's or
+    logged), the results' bits."""
+    fastclip = pytest.importorskip("fastclip")
+    if not fastclip._ops.available():
         pytest.skip("the compiled extension is not loaded")
-    env = dict(os.environ)
+    # The child imports the fastclip this process imported (a mutant's copy, say).
+    package_root = str(Path(fastclip.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     env.pop("FASTCLIP_CPU_PREFETCH", None)
     if env_value is not None:
         env["FASTCLIP_CPU_PREFETCH"] = env_value
-    return subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    choice, warned, bits = done.stdout.rstrip("\n").split("\n")
+    # torch turns a C++ warning into a Python one on some call paths and
+    # logs it to stderr on others (torch.ops calls, build_info).
+    prefetch_logs = [line for line in done.stderr.splitlines() if "FASTCLIP_CPU_PREFETCH" in line]
+    return choice.split("|"), "|".join(filter(None, [warned, *prefetch_logs])), bits
+
+
+def _vendor_mode() -> Optional[str]:
+    """What the vendor rule gives here: all on Intel x86, heads on other x86
+    and on every other architecture; None where this test cannot tell."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return "heads"
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return None
+    return "all" if "GenuineIntel" in cpuinfo.read_text() else "heads"
 
 
 def test_driver_choice_by_vendor_and_by_variable_same_bits():
     outputs = {}
-    for value in (None, "all", "heads"):
-        done = _child(value)
-        assert done.returncode == 0, done.stderr
-        first, rest = done.stdout.split("\n", 1)
-        mode, decided_by = first.split(" ", 1)
-        if value is None:
-            intel = "GenuineIntel" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
-            assert decided_by == "CPU vendor"
-            if intel is not None and platform.machine() in ("x86_64", "AMD64"):
-                assert mode == ("all" if intel else "heads")
+    expected = _vendor_mode()
+    for value in (None, "all", "heads", "everything"):
+        (mode, head, decided_by), warned, bits = _child(value)
+        assert head == (WHOLE_BYTES if mode == "all" else HEAD_BYTES)
+        if value in ("all", "heads"):
+            assert (mode, decided_by, warned) == (value, "FASTCLIP_CPU_PREFETCH", "")
         else:
-            assert (mode, decided_by) == (value, "FASTCLIP_CPU_PREFETCH")
-        outputs[value] = rest
+            # Unset, or a bad value (ignored with a warning: a speed hint, never an error).
+            assert expected is None or mode == expected
+            if value is None:
+                assert (decided_by, warned) == ("CPU vendor", "")
+            else:
+                assert decided_by == "CPU vendor (FASTCLIP_CPU_PREFETCH='everything' ignored)"
+                assert warned.count("FASTCLIP_CPU_PREFETCH='everything' is neither 'all' nor 'heads'; ignored") == 1
+        outputs[value] = bits
     # The prefetcher decides when lines arrive, never what is computed.
-    assert outputs["all"] == outputs["heads"] == outputs[None]
-
-
-def test_driver_refuses_a_bad_variable_and_writes_nothing():
-    done = _child("everything")
-    assert done.returncode != 0
-    assert "FASTCLIP_CPU_PREFETCH must be 'all' or 'heads'" in done.stderr
-    script = r"""
-import torch, fastclip
-p = torch.nn.Parameter(torch.zeros(100_000))
-p.grad = t = torch.full((100_000,), 3.0)
-try:
-    fastclip.clip_grad_norm_([p], 1.0)
-except RuntimeError as e:
-    assert "FASTCLIP_CPU_PREFETCH" in str(e), e
-    assert bool((t == 3.0).all()), "written before the error"
-    print("refused")
-else:
-    print("not refused")
-"""
-    env = dict(os.environ, FASTCLIP_CPU_PREFETCH="ALL")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "refused", done.stdout + done.stderr
+    assert len(set(outputs.values())) == 1

@@ -116,7 +116,8 @@ constexpr int64_t kPrefetchLeadBytes = int64_t{16} << 10;
 // hardware fell behind past the head, and all of it read 1.2-1.5x faster
 // (fp32 norm 45.8 -> 36.2 ms, bf16 norm 52.7 -> 35.2, bf16 scale 55.5 ->
 // 39.1, as fast as torch's sum of the same bytes). Intel CPUs get all of
-// it, others the head; FASTCLIP_CPU_PREFETCH=heads|all overrides.
+// it, others the head; FASTCLIP_CPU_PREFETCH=heads|all overrides
+// (prefetch_choice).
 constexpr int64_t kPrefetchHeadBytes = int64_t{16} << 10;
 constexpr const char* kPrefetchEnv = "FASTCLIP_CPU_PREFETCH";
 
@@ -129,11 +130,6 @@ bool intel_cpu() {
 #endif
 }
 
-// The head each segment's prefetch covers: kPrefetchHeadBytes or all of it.
-int64_t prefetch_head_bytes() {
-  static const int64_t head = prefetch_choice().whole_segments ? PrefetchStream::kWholeSegments : kPrefetchHeadBytes;
-  return head;
-}
 
 // ----------------------------------------------------------- the driver
 // The work of one pass over a table: its chunks, where each starts in
@@ -189,7 +185,7 @@ void for_each_chunk(const Work& work, const Fn& fn, bool in_order = false) {
   const int64_t total = work.total;
   const std::vector<int64_t>& start = work.start;
   const std::vector<StreamSpan>& spans = work.spans;
-  const int64_t head = prefetch_head_bytes();
+  const int64_t head = prefetch_choice().head_bytes;
   // Chunks [first, stop), prefetched ahead as one stream.
   auto run = [&](int64_t first, int64_t stop) {
     PrefetchStream prefetch(spans.data(), first, stop, kPrefetchLeadBytes, head);
@@ -429,11 +425,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_cpu(
 PrefetchChoice prefetch_choice() {
   static const PrefetchChoice choice = [] {
     const char* value = std::getenv(kPrefetchEnv);
-    if (value == nullptr || *value == '\0') return PrefetchChoice{intel_cpu(), "CPU vendor"};
-    const std::string mode(value);
-    TORCH_CHECK(mode == "all" || mode == "heads", kPrefetchEnv, " must be 'all' or 'heads' (or unset), got '", mode,
-                "'");
-    return PrefetchChoice{mode == "all", kPrefetchEnv};
+    const std::string mode = value == nullptr ? "" : value;
+    std::string decided_by = kPrefetchEnv;
+    bool whole = mode == "all";
+    if (mode != "all" && mode != "heads") {
+      // A speed hint: a bad value is ignored with a warning, never an
+      // error (one raised by a later part of a split-path call would come
+      // after earlier parts were written; found in review).
+      whole = intel_cpu();
+      decided_by = "CPU vendor";
+      if (!mode.empty()) {
+        TORCH_WARN(kPrefetchEnv, "='", mode, "' is neither 'all' nor 'heads'; ignored (the CPU's vendor decides)");
+        decided_by += std::string(" (") + kPrefetchEnv + "='" + mode + "' ignored)";
+      }
+    }
+    return PrefetchChoice{whole, whole ? PrefetchStream::kWholeSegments : kPrefetchHeadBytes, decided_by};
   }();
   return choice;
 }

@@ -53,12 +53,12 @@ class PrefetchStream {
   // bytes at full speed and lost the stream at 1 KiB (one thread, fp32).
   static constexpr int64_t kAdjacentBytes = 256;
   // A head that covers every segment whole: stream positions (bytes of one
-  // call's tensors) stay far below it, and it plus one stays below 2^63.
+  // call's tensors) stay far below it, and a position plus it below 2^63.
   static constexpr int64_t kWholeSegments = int64_t{1} << 62;
 
   PrefetchStream() = default;  // prefetches nothing (kernels given it only call advance)
   // Chunks [first, stop) of `spans`: the first `head` bytes of each
-  // segment, `lead` bytes ahead of the reader (both far below 2^62: stream
+  // segment, `lead` bytes ahead of the reader (both at most 2^62: stream
   // positions are added to them).
   PrefetchStream(const StreamSpan* spans, int64_t first, int64_t stop, int64_t lead, int64_t head)
       : spans_(spans), next_(first), stop_(stop), lead_(lead), head_(head) {
