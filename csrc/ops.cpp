@@ -272,13 +272,12 @@ void check_in_storage(const at::Tensor& t, size_t i, const c10::StorageImpl* sto
 // as far as the CUDA kernels look (their 16-byte vector split depends on the
 // address), so that it is summed as the op sums a copy of the view alone.
 constexpr int64_t kSliceCopyAlignBytes = 16;
-}  // namespace
 
-namespace {
 constexpr size_t kCacheLine = 64;
 
 // Every cache line of the `bytes` bytes at `p` (none for a null `p`: a
-// tensor without a storage).
+// tensor without a storage). The gather in python.cpp keeps its own
+// prefetches: this helper there measured slower (README, Design).
 void prefetch_object(const void* p, size_t bytes) {
   if (p == nullptr) return;
   const char* first = static_cast<const char*>(p);
@@ -289,16 +288,14 @@ void prefetch_object(const void* p, size_t bytes) {
 
 TensorTable::TensorTable(at::TensorList tensors, Access access) {
   // The fields read here are in two objects per tensor, its TensorImpl
-  // (176 bytes, three or four cache lines) and its StorageImpl (the data
-  // pointer, two lines), usually cold: a clip's passes over the data of
-  // the last call have evicted them, and gradients allocated between
-  // their parameters put every tensor's on a page of its own. Each
-  // TensorImpl is requested kImplAhead tensors ahead, and its StorageImpl
-  // (whose address is in the TensorImpl, there by then) kStorageAhead
-  // ahead, so that the misses overlap instead of stalling one by one. The
-  // StorageImpl's first line alone, 8 ahead, was the previous design:
-  // 10,000 gradients between their parameters, bf16, 2 threads, the table
-  // of a clip 1.39-1.72 -> 0.77-0.92 ms (alternating runs; README).
+  // (176 bytes in torch 2.13: three or four cache lines) and its
+  // StorageImpl (96 bytes: two or three), usually cold after the last
+  // call's passes over the data, and for gradients allocated between
+  // their parameters kilobytes from the next tensor's. Each TensorImpl is
+  // asked for kImplAhead tensors ahead, and its StorageImpl (whose address
+  // is in the TensorImpl, there by then) kStorageAhead ahead, so that the
+  // misses overlap (README, Design: cold metadata). StorageImpls 8, 12 or
+  // 16 ahead with TensorImpls twice as far measured alike.
   constexpr size_t kImplAhead = 16;
   constexpr size_t kStorageAhead = 8;
   descs_.reserve(tensors.size());
