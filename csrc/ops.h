@@ -7,6 +7,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -56,6 +57,11 @@ void check_clip_scalars(const char* op, const at::Tensor& norm, double max_norm,
                         const at::Tensor& last_norm, const at::Tensor& last_coef, const at::Tensor& skipped,
                         c10::DeviceType device_type);
 
+// No ATen worker threads for this call: one thread, inside a parallel
+// region already, or in a child made by fork(), whose OpenMP workers did
+// not survive it (a parallel region there waits for them forever).
+bool host_runs_serially();
+
 // Marks the tensors as modified for autograd, as torch's in-place ops do,
 // so that a saved tensor a clip wrote is caught at backward time. Called by
 // the device kernels after any launch or loop that may have written: the
@@ -88,6 +94,14 @@ class TensorTable {
  public:
   enum Access { kRead, kWrite };
   TensorTable(at::TensorList tensors, Access access);
+  // check_tensors(op, tensors, device_type), check_writable(op, tensors)
+  // when `writes`, `then()` (the op's other argument checks), then the
+  // table: the checks and the table in one walk of the list where every
+  // tensor passes the checks and is dense or empty (the common case), else
+  // one after the other, which raise their errors in list order. Either
+  // way the errors come in that order (the storage check is the table's).
+  TensorTable(const char* op, at::TensorList tensors, c10::DeviceType device_type, Access access, bool writes,
+              const std::function<void()>& then);
   // For reading: every tensor as `slices` descriptors, one per slice along
   // its first dimension (check_slices first), tensor-major. A tensor whose
   // slices are consecutive dense blocks of its memory is sliced in place,
@@ -115,6 +129,19 @@ class TensorTable {
   bool reaches(at::TensorList tensors, const at::Tensor& x) const;
 
  private:
+  // What the walk of the common case checks besides each tensor's layout
+  // and storage: what check_tensors and check_writable would refuse.
+  struct UsualChecks {
+    c10::Device device;   // every tensor's (tensors[0]'s, of the op's device type)
+    bool writes;          // refuse an inference tensor (outside InferenceMode)
+  };
+  // The common case, on ATen's threads for a long list: every tensor dense
+  // (or empty) and within its storage, and passing `checks` when given.
+  // False (and the table left empty) for any other list, which the
+  // one-thread walk then builds, raising its errors in list order.
+  bool fill_in_place(at::TensorList tensors, const UsualChecks* checks);
+  void fill(at::TensorList tensors, Access access);  // the one-thread walk
+
   std::vector<TensorDesc> descs_;
   std::vector<const void*> storages_;  // each descriptor's allocation, its storage's start (nullptr: empty or a copy)
   // A descriptor's storage holds memory no torch allocator gave it

@@ -89,7 +89,7 @@ MUTANTS = {
         "  if (coef == 1.0) return;  // the contract: no memory traffic at all\n  update_tensors", "  update_tensors"),
     "shared_memory_races": (
         "csrc/cpu/multi_tensor_cpu.cpp", "entries that share memory written by two threads at once",
-        "  if (runs_serially()) return false;",
+        "  if (host_runs_serially()) return false;",
         "  return false;"),
     # The software prefetcher (tests/test_prefetch_stream.py): it cannot
     # change a result, only which lines are asked for and when.
@@ -299,6 +299,22 @@ MUTANTS = {
         "fastclip/_ops.py", "under torch.vmap error_if_nonfinite does not raise on a NaN/inf sample",
         "        if bad:\n",
         "        if False:\n"),
+    "walk_storage_unchecked": (
+        "csrc/ops.cpp", "the table's walk on threads takes a tensor with elements beyond its storage",
+        "            !within_storage(t, storage)) {",
+        "            false) {"),
+    "walk_inference_unchecked": (
+        "csrc/ops.cpp", "the table's walk on threads lets an inference tensor be written outside InferenceMode",
+        "t.device() != checks->device || (checks->writes && t.is_inference()))) {",
+        "t.device() != checks->device)) {"),
+    "walk_foreign_dropped": (
+        "csrc/ops.cpp", "only the first range of the table's walk marks memory from outside torch",
+        "    if (range_foreign) foreign.store(true, std::memory_order_relaxed);",
+        "    if (range_foreign && begin == 0) foreign.store(true, std::memory_order_relaxed);"),
+    "walk_bumps_counterless_on_workers": (
+        "csrc/ops.cpp", "the bumps on threads bump a tensor without a counter in the worker's InferenceMode",
+        "      if (impl->version_counter().enabled()) {",
+        "      if (true) {"),
 }
 
 

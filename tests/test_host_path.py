@@ -28,6 +28,7 @@ from testing import (
     DEVICE_PARAMS,
     assert_identical,
     assert_norm_close,
+    assert_same_bits,
     assert_scaled_close,
     assert_untouched,
     clone_params,
@@ -35,6 +36,7 @@ from testing import (
     make_params,
     ref_coef,
     ref_norm,
+    ref_norms_each,
     require_kernel,
     snapshot,
 )
@@ -734,8 +736,10 @@ def test_clip_grad_norm_refuses_self_overlapping_gradient():
 
 
 def _clip_in_child(queue):
-    grads = [torch.full((1000,), 0.5) for _ in range(100)]  # small tensors, together past the parallel threshold
-    params = [torch.nn.Parameter(torch.zeros(1000)) for _ in grads]
+    # Small tensors, together past the kernels' parallel threshold, and
+    # enough of them for the table's and the version bumps' parallel walks.
+    grads = [torch.full((50,), 0.5) for _ in range(2000)]
+    params = [torch.nn.Parameter(torch.zeros(50)) for _ in grads]
     for p, g in zip(params, grads):
         p.grad = g
     queue.put(float(fastclip.clip_grad_norm_(params, 1.0)))
@@ -765,6 +769,262 @@ def test_forked_child_does_not_hang_after_the_parent_used_threads():
             child.join()
         assert not hung, "the forked child's clip did not finish in 60 s"
         assert child.exitcode == 0
-        assert queue.get(timeout=5) == pytest.approx(math.sqrt(100 * 1000 * 0.25), rel=1e-6)
+        assert queue.get(timeout=5) == pytest.approx(math.sqrt(2000 * 50 * 0.25), rel=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------- long lists: parallel walks
+# Lists of at least this many tensors have their checks, table and version
+# bumps walked on ATen's threads (ops.cpp); a tensor the walk does not take
+# sends the list to the one-thread checks and walk, which raise in list order.
+_PARALLEL_WALK_TENSORS = 1024
+_LONG = 3 * _PARALLEL_WALK_TENSORS
+
+
+def test_parallel_walk_threshold_matches_the_ops():
+    source = Path(__file__).resolve().parent.parent / "csrc" / "ops.cpp"
+    if not source.exists():
+        pytest.skip("run from an installed package without its sources")
+    assert f"constexpr int64_t kParallelWalkTensors = {_PARALLEL_WALK_TENSORS};" in source.read_text()
+
+
+def _long_list(seed):
+    """_LONG small float32 tensors (0-size ones among them)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(0 if i % 401 == 7 else 1 + i % 37, generator=gen) for i in range(_LONG)]
+
+
+def _int_entry(ts, i):
+    ts[i] = torch.arange(3, dtype=torch.int64)
+
+
+def _inference_entry(ts, i):
+    with torch.inference_mode():
+        ts[i] = torch.ones(3)
+
+
+def _overlapping_entry(ts, i):
+    ts[i] = torch.ones(1).expand(4)
+
+
+def _shrunk_entry(ts, i):
+    base = torch.ones(64)
+    ts[i] = base[32:]
+    base.untyped_storage().resize_(16)
+
+
+_LONG_ERRORS = {
+    "int": (_int_entry, "has dtype Long"),
+    "inference": (_inference_entry, "is an inference tensor"),
+    "overlap": (_overlapping_entry, "share memory"),
+    "shrunk": (_shrunk_entry, "has elements beyond the memory of its storage"),
+}
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for the test (the walks on threads need two)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("at", [3, _LONG - 2])
+@pytest.mark.parametrize(
+    "op, defect",
+    [(op, d) for op in ("norm", "clip_", "scale_") for d in sorted(_LONG_ERRORS)
+     if not (op == "norm" and d in ("inference", "overlap"))],  # reading those is fine
+)
+def test_long_list_errors_name_the_entry_and_modify_nothing(op, defect, at, threads):
+    """A defect anywhere in a long list, on one thread or in another
+    thread's part of the walk: the same error as in a short list, naming the
+    entry, and nothing written."""
+    make, message = _LONG_ERRORS[defect]
+    tensors = _long_list(seed=40)
+    make(tensors, at)
+    good = [t for i, t in enumerate(tensors) if i != at]
+    before = snapshot(good)
+    call = {
+        "norm": lambda: ops.multi_tensor_norm(tensors, 2.0, True),
+        "clip_": lambda: ops.clip_(tensors, 0.1, 2.0),
+        "scale_": lambda: ops.multi_tensor_scale_(tensors, torch.tensor(0.5)),
+    }[op]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pytest.raises(RuntimeError, match=rf"tensors\[{at}\] {message}" if defect != "overlap" else message):
+            call()
+    finally:
+        torch.set_num_threads(saved)
+    assert_untouched(good, before)
+
+
+@pytest.mark.parametrize("op", ["norm", "clip_"])
+def test_long_list_with_two_defects_reports_the_checks_in_their_order(op, two_threads):
+    """Every tensor's dtype and device are checked before any is checked
+    for writing, and both before any storage: the walk on threads leaves
+    that order to the one-thread checks."""
+    tensors = _long_list(seed=41)
+    _shrunk_entry(tensors, 5)
+    _inference_entry(tensors, 100)
+    _int_entry(tensors, _LONG - 3)
+    call = (lambda: ops.multi_tensor_norm(tensors, 2.0, False)) if op == "norm" else (
+        lambda: ops.clip_(tensors, 0.1, 2.0))
+    with pytest.raises(RuntimeError, match=rf"tensors\[{_LONG - 3}\] has dtype Long"):
+        call()
+    tensors[_LONG - 3] = torch.ones(3)
+    if op == "clip_":
+        with pytest.raises(RuntimeError, match=r"tensors\[100\] is an inference tensor"):
+            call()
+    tensors[100] = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"tensors\[5\] has elements beyond"):
+        call()
+
+
+@pytest.mark.parametrize("length", [3, _LONG])
+@pytest.mark.parametrize("op", ["norm", "clip_"])
+def test_argument_errors_come_before_a_storage_error(op, length, two_threads):
+    """The order of the errors, as on CUDA and in the fake kernels: the
+    tensors' checks, then the other arguments, then each tensor's storage
+    (the table's check), whichever walk builds the table."""
+    tensors = _long_list(seed=47)[:length]
+    _shrunk_entry(tensors, length - 1)
+    call = (lambda: ops.multi_tensor_norm(tensors, -1.0, False)) if op == "norm" else (
+        lambda: ops.clip_(tensors, -1.0, 2.0))
+    with pytest.raises(RuntimeError, match="ord must be a positive" if op == "norm" else "max_norm"):
+        call()
+
+
+def _unusual_long_list(numpy, walk):
+    """A long list of entries the walk on threads must get right, late in
+    the list: two storages over one numpy array (the second a view at an
+    offset into it), bf16 and fp64 entries, 0-size ones; for
+    walk="one-thread" also entries that send the list to the one-thread
+    walk: a view with gaps and a copy-on-write clone of another tensor.
+    Returns the list and the clone's source."""
+    tensors = _long_list(seed=42)
+    gen = torch.Generator().manual_seed(43)
+    source = torch.randn(300, generator=gen)
+    if walk == "one-thread":
+        tensors[_LONG - 50] = torch._lazy_clone(source)
+        tensors[_LONG - 40] = torch.randn(40, 6, generator=gen)[:, ::3]  # gaps
+    memory = numpy.ones(64, dtype=numpy.float32)
+    tensors[_LONG - 30] = torch.from_numpy(memory)
+    tensors[_LONG - 20] = torch.from_numpy(memory)[8:]
+    tensors[_LONG - 10] = torch.randn(33, dtype=torch.float64, generator=gen)
+    tensors[_LONG - 5] = torch.randn(33, generator=gen).to(torch.bfloat16)
+    return tensors, source
+
+
+@pytest.mark.parametrize("walk", ["threads", "one-thread"])
+@pytest.mark.parametrize("op", ["norm", "clip_", "scale_"])
+def test_long_list_of_unusual_entries_matches_one_thread(op, walk):
+    """The same bits, values and version bumps on two threads as on one,
+    the two numpy entries written in list order where they share bytes, and
+    the copy-on-write clone's source untouched."""
+    numpy = pytest.importorskip("numpy")
+    results = []
+    for threads in (1, 2):
+        tensors, source = _unusual_long_list(numpy, walk)
+        source_before = source.clone()
+        versions = [t._version for t in tensors]
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            if op == "norm":
+                out = ops.multi_tensor_norm(tensors, 2.0, True)
+            elif op == "clip_":
+                out = (ops.clip_(tensors, 0.5, 2.0),)
+            else:
+                ops.multi_tensor_scale_(tensors, torch.tensor(0.5))
+                out = ()
+        finally:
+            torch.set_num_threads(saved)
+        assert torch.equal(source, source_before)
+        assert [t._version - v for t, v in zip(tensors, versions)] == [0 if op == "norm" else 1] * _LONG
+        results.append((out, [t.clone() for t in tensors]))
+    (out1, tensors1), (out2, tensors2) = results
+    for a, b in zip(out1 + tuple(tensors1), out2 + tuple(tensors2)):
+        assert_same_bits(a, b)
+    first, second = tensors1[_LONG - 30], tensors1[_LONG - 20]  # second: first[8:], another storage
+    if op == "norm":
+        total, each = out1
+        tensors, _ = _unusual_long_list(numpy, walk)
+        assert_norm_close(total, ref_norm(tensors))
+        assert_norm_close(each, ref_norms_each(tensors))
+        return
+    coef = torch.tensor(0.5) if op == "scale_" else ref_coef(0.5, out1[0].double()).float()
+    assert torch.equal(first[:8], torch.full((8,), float(coef)))
+    assert torch.equal(second, torch.full((56,), float(coef * coef)))  # scaled once more, after
+    assert torch.equal(first[8:], second)
+
+
+def test_long_list_version_bumps_count_each_entry(two_threads):
+    """The bumps on threads: a tensor twice in a list is bumped twice, as by
+    one thread (its counter is atomic), and an inference tensor, which has
+    none, is skipped under InferenceMode."""
+    tensors = _long_list(seed=44)
+    twice = tensors[10]
+    tensors[_LONG - 1] = twice
+    versions = [t._version for t in tensors]
+    ops.multi_tensor_scale_(tensors, torch.tensor(0.5))
+    bumps = [t._version - v for t, v in zip(tensors, versions)]
+    assert bumps[10] == bumps[_LONG - 1] == 2
+    assert all(b == 1 for i, b in enumerate(bumps) if i not in (10, _LONG - 1))
+    with torch.inference_mode():
+        frozen = torch.ones(3)
+    mixed = _long_list(seed=45)
+    mixed[_LONG // 2] = frozen
+    versions = [t._version if not t.is_inference() else 0 for t in mixed]
+    with torch.inference_mode():
+        ops.clip_(mixed, 0.1, 2.0)
+    assert float(frozen[0]) < 1
+    assert all(t._version == v + 1 for t, v in zip(mixed, versions) if not t.is_inference())
+
+
+@pytest.mark.parametrize("at", [3, _LONG - 2])
+def test_long_list_tensor_without_counter_is_bumped_as_by_one_thread(at, two_threads):
+    """A tensor that is not an inference tensor but has no version counter
+    (.data set to a tensor made in InferenceMode): under InferenceMode its
+    bump does nothing, outside it raises, as torch's bump does, wherever
+    it is in the list (found in review: a worker thread read its own,
+    disabled InferenceMode and raised after the list was written)."""
+    def counterless():
+        with torch.inference_mode():
+            x = torch.ones(4)
+        x.data = torch.ones(4)
+        assert not x.is_inference()
+        return x
+
+    tensors = _long_list(seed=48)
+    tensors[at] = counterless()
+    with torch.inference_mode():
+        ops.multi_tensor_scale_(tensors, torch.tensor(0.5))
+    assert torch.equal(tensors[at].detach(), torch.full((4,), 0.5))
+    tensors[at] = counterless()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        ops.multi_tensor_scale_(tensors, torch.tensor(0.5))
+
+
+def test_long_list_storages_over_overlapping_memory_are_written_in_list_order(two_threads):
+    """Two storages over one buffer at different starts (torch.frombuffer)
+    at the end of a long list (another thread's part of the table's walk,
+    which must still mark the list as holding foreign memory): the shared
+    bytes are scaled once per entry, in list order. The entries before them
+    are empty, so that the two are the two threads' pieces of the pass.
+    (Without the mark a run of this test fails by chance, as the short-list
+    test above: 100 calls.)"""
+    n, shift = 1 << 16, 8
+    for _ in range(100):
+        tensors = [torch.ones(0) for _ in range(_LONG - 2)]
+        memory = bytearray(4 * (n + shift))
+        whole = torch.frombuffer(memory, dtype=torch.float32)
+        whole.fill_(1.0)
+        tensors.append(torch.frombuffer(memory, dtype=torch.float32, count=n))
+        tensors.append(torch.frombuffer(memory, dtype=torch.float32, offset=4 * shift, count=n))
+        ops.multi_tensor_scale_(tensors, torch.tensor(0.5))
+        assert bool((whole[shift:n] == 0.25).all()) and bool((whole[:shift] == 0.5).all())
+        assert bool((whole[n:] == 0.5).all())

@@ -29,34 +29,10 @@
 #include <xmmintrin.h>
 #define FASTCLIP_MXCSR 1
 #endif
-#if defined(__unix__) || defined(__APPLE__)
-#include <pthread.h>
-#endif
 
 namespace fastclip {
 namespace cpu {
 namespace {
-
-// Set in a child made by fork(): GNU OpenMP's worker threads do not
-// survive fork, and a parallel region in the child waits for them forever
-// when the parent had started them (found in review: a child clipping 100
-// gradients of 1,000 elements hung, where torch, which runs tensors that
-// small serially, did not; torch's own ops hang on large tensors there,
-// and DataLoader workers run on one thread). A forked child runs every
-// call on its calling thread.
-std::atomic<bool> forked_child{false};
-[[maybe_unused]] const bool fork_handler_registered = [] {
-#if defined(__unix__) || defined(__APPLE__)
-  pthread_atfork(nullptr, nullptr, [] { forked_child.store(true, std::memory_order_relaxed); });
-#endif
-  return true;
-}();
-
-// No worker threads for this call: one thread, inside a parallel region
-// already, or in a forked child.
-bool runs_serially() {
-  return at::get_num_threads() <= 1 || at::in_parallel_region() || forked_child.load(std::memory_order_relaxed);
-}
 
 // The caller's denormal mode (MXCSR DAZ and FTZ: torch.set_flush_denormal)
 // for the worker threads while they run a call's chunks. The mode belongs
@@ -200,7 +176,7 @@ void for_each_chunk(const Work& work, const Fn& fn, bool in_order = false) {
   // No more threads than pieces: waking idle threads costs more than a
   // small call's work.
   const int64_t workers = std::min(threads, pieces);
-  if (in_order || total < kMinParallelElems || workers <= 1 || runs_serially()) {
+  if (in_order || total < kMinParallelElems || workers <= 1 || host_runs_serially()) {
     run(0, count);
     return;
   }
@@ -258,7 +234,7 @@ NormReducer compute_norms(const Work& work, NormOrder order) {
 // twice in a list scales it twice, as torch's loop does, and never with
 // two threads on the same elements at once).
 bool write_in_order(const TensorTable& table, const Work& work) {
-  if (runs_serially()) return false;
+  if (host_runs_serially()) return false;
   return work.total >= kMinParallelElems && table.spans_overlap();
 }
 
@@ -323,10 +299,16 @@ at::Tensor scalar_double(double v) {
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double ord, bool per_tensor,
                                                          bool fp64, int64_t slices) {
   constexpr const char* kOp = "fastclip::multi_tensor_norm";
-  check_tensors(kOp, tensors, c10::DeviceType::CPU);
-  check_norm_order(kOp, ord);
-  check_slices(kOp, tensors, slices);
-  const TensorTable table(tensors, slices);
+  const TensorTable table = [&] {
+    if (slices == 1) {  // the tensors' checks and the table in one walk
+      return TensorTable(kOp, tensors, c10::DeviceType::CPU, TensorTable::kRead, false,
+                         [&] { check_norm_order(kOp, ord); });
+    }
+    check_tensors(kOp, tensors, c10::DeviceType::CPU);
+    check_norm_order(kOp, ord);
+    check_slices(kOp, tensors, slices);
+    return TensorTable(tensors, slices);
+  }();
   const NormReducer norms =
       compute_norms(Work(table.descs(), plan_chunks(table.descs(), kChunkElems)), make_norm_order(ord));
   const int64_t n = static_cast<int64_t>(table.descs().size());
@@ -361,11 +343,10 @@ void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
 
 at::Tensor clip_cpu(at::TensorList tensors, double max_norm, double ord, bool error_if_nonfinite) {
   constexpr const char* kOp = "fastclip::clip_";
-  check_tensors(kOp, tensors, c10::DeviceType::CPU);
-  check_writable(kOp, tensors);
-  check_max_norm(kOp, max_norm);
-  check_norm_order(kOp, ord);
-  const TensorTable table(tensors, TensorTable::kRead);
+  const TensorTable table(kOp, tensors, c10::DeviceType::CPU, TensorTable::kRead, true, [&] {
+    check_max_norm(kOp, max_norm);
+    check_norm_order(kOp, ord);
+  });
   const Work work(table.descs(), plan_chunks(table.descs(), kChunkElems));
   const double total = compute_norms(work, make_norm_order(ord)).total_norm();
   if (error_if_nonfinite) check_norm_finite(total, ord);
