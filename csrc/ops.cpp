@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
+#include <c10/core/impl/COW.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -133,6 +134,22 @@ void check_tensors(const char* op, at::TensorList tensors, c10::DeviceType devic
 }
 
 namespace {
+// Whether a storage replaces its memory on the first mutable access
+// (copy-on-write): torch 2.13 marks it with a materializer, torch 2.11 only
+// with its DataPtr's deleter (found building against 2.11: it has no
+// has_materializer). The overload taking an int exists where the method does.
+template <typename Storage>
+auto has_materializer(const Storage& s, int) -> decltype(s.has_materializer()) {
+  return s.has_materializer();
+}
+template <typename Storage>
+bool has_materializer(const Storage&, long) {
+  return false;
+}
+bool materializes(const c10::StorageImpl& s) {
+  return has_materializer(s, 0) || c10::impl::cow::is_cow_data_ptr(s.data_ptr());
+}
+
 // Every element of `t` (numel > 0) lies in its storage's allocation.
 bool within_storage(const at::Tensor& t, const c10::StorageImpl* storage) {
   if (storage == nullptr || storage->data() == nullptr) return false;
@@ -428,7 +445,7 @@ bool TensorTable::fill_in_place(at::TensorList tensors, const UsualChecks* check
         c10::StorageImpl* storage = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
         // A materializer (copy-on-write) replaces the storage's memory on
         // its first mutable access: not from two threads at once.
-        if (!t.is_non_overlapping_and_dense() || storage == nullptr || storage->has_materializer() ||
+        if (!t.is_non_overlapping_and_dense() || storage == nullptr || materializes(*storage) ||
             !within_storage(t, storage)) {
           usual.store(false, std::memory_order_relaxed);
           return;

@@ -108,11 +108,16 @@ def check_mesh_apart(sharding: Optional[Sharding], groups: list) -> None:
         return
     # Decided once per mesh and groups (reading the mesh's ranks took 30 us
     # a call in torch 2.13; found in review). The key's objects are kept
-    # with the verdict, so that no id is reused meanwhile.
-    key = (id(sharding.mesh), *map(id, groups))
-    if key not in _MESH_CLASHES:
-        _MESH_CLASHES[key] = (_mesh_clash(sharding.mesh, groups), sharding.mesh, tuple(groups))
-    clash = _MESH_CLASHES[key][0]
+    # with the verdict, so that no id is reused meanwhile. Not while
+    # tracing: torch 2.11's dynamo cannot take id() of a mesh (found running
+    # the suite there), and the traced graph decides once anyway.
+    if torch.compiler.is_compiling():
+        clash = _mesh_clash(sharding.mesh, groups)
+    else:
+        key = (id(sharding.mesh), *map(id, groups))
+        if key not in _MESH_CLASHES:
+            _MESH_CLASHES[key] = (_mesh_clash(sharding.mesh, groups), sharding.mesh, tuple(groups))
+        clash = _MESH_CLASHES[key][0]
     if clash is not None:
         i, rank = clash
         name = f"process_group[{i}]" if len(groups) > 1 else "process_group"
