@@ -35,6 +35,11 @@ void check_writable(const char* op, at::TensorList tensors);
 // The Python API's split path asks it of every tensor before writing any.
 const char* unwritable_reason(const at::Tensor& t);
 void check_norm_order(const char* op, double ord);
+// The checks a list op makes before it reads any data (python.cpp), for
+// the fake kernels and the batching rules; `op` without "fastclip::".
+void check_list_op(const std::string& op, const std::vector<at::Tensor>& tensors, std::optional<double> ord,
+                   std::optional<double> max_norm, std::optional<double> clip_value,
+                   const std::optional<at::Tensor>& coef, int64_t slices);
 // multi_tensor_norm's slices: at least 1, and when above 1 the size of
 // every tensor's first dimension.
 void check_slices(const char* op, at::TensorList tensors, int64_t slices);

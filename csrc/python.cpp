@@ -27,6 +27,10 @@
 #endif
 
 namespace fastclip {
+// The Python batching rule of `op` ("multi_tensor_norm", "clip_") for the
+// cases the C++ one leaves (batching.cpp); set when fastclip._ops loads.
+void set_vmap_rule(const std::string& op, pybind11::object rule);
+
 namespace {
 
 // Why `t` cannot join `first` in one op call, or nullptr. `dual`: a
@@ -614,6 +618,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       pybind11::arg("items"), pybind11::arg("kept"),
       "True when iterating items gives the objects of kept, the same ones in the same order.");
+  m.def("set_vmap_rule", &fastclip::set_vmap_rule, pybind11::arg("op"), pybind11::arg("rule"),
+        "Hands the C++ torch.vmap rule of op the Python rule, rule(*args), for the cases it leaves.");
   m.def("build_info", &fastclip::build_info, "How this extension was built, and how its CPU kernels prefetch.");
   m.def("check_list_op", &fastclip::check_list_op, pybind11::arg("op"), pybind11::arg("tensors"),
         pybind11::arg("ord") = std::nullopt, pybind11::arg("max_norm") = std::nullopt,

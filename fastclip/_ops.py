@@ -379,7 +379,23 @@ if _C is not None:
             shape[d] = coef.numel()
             t.mul_(coef.to(torch.float64 if t.dtype == torch.float64 else torch.float32).view(shape))
 
-    @torch.library.register_vmap("fastclip::multi_tensor_norm")
+    def _python_rule(qualname: str, rule):
+        """``rule`` as torch.library.register_vmap would run it, handed to
+        the op's C++ batching rule (csrc/batching.cpp), which takes the
+        common case itself and calls this for the others."""
+        from torch._functorch.autograd_function import custom_function_call_vmap_helper
+        from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+        op = getattr(torch.ops.fastclip, qualname).default
+
+        def run(*args):
+            return custom_function_call_vmap_helper(retrieve_current_functorch_interpreter(), rule, op, *args)
+
+        _C.set_vmap_rule(qualname, run)
+        PYTHON_VMAP_RULES[qualname] = run
+
+    PYTHON_VMAP_RULES: dict = {}  # what set_vmap_rule was given, by op (tests wrap them)
+
     def _multi_tensor_norm_vmap(info, in_dims, tensors, ord, per_tensor, fp64=False, slices=1):
         dtype = torch.float64 if fp64 else torch.float32
         _C.check_list_op("multi_tensor_norm", tensors, ord=ord)  # before the slices are made
@@ -418,7 +434,6 @@ if _C is not None:
         torch.ops.fastclip.multi_tensor_clamp_.default(list(tensors), clip_value)  # the same bound for every sample
         return None, None
 
-    @torch.library.register_vmap("fastclip::clip_")
     def _clip_vmap(info, in_dims, tensors, max_norm, ord, error_if_nonfinite=False):
         dims = in_dims[0]
         _C.check_list_op("clip_", tensors, max_norm=max_norm, ord=ord)  # before the samples' checks
@@ -436,6 +451,9 @@ if _C is not None:
         _check_outer_levels("clip_", tensors, coef, "the norm")
         _scale_samples(tensors, dims, coef)
         return total.to(torch.float32), 0
+
+    _python_rule("multi_tensor_norm", _multi_tensor_norm_vmap)
+    _python_rule("clip_", _clip_vmap)
 
     def _raise_if_a_sample_is_nonfinite(tensors, dims, total: Tensor, ord: float) -> None:
         """The op's own error, before anything is written, when a sample's

@@ -1,5 +1,6 @@
 """torch.vmap over the ops and the Python functions (per-sample norms and
-clipping, as in DP-SGD): the batching rules in fastclip/_ops.py.
+clipping, as in DP-SGD): the batching rules in fastclip/_ops.py and, for
+the common case of multi_tensor_norm and clip_, csrc/batching.cpp.
 
 Each sample must get what the same call on that sample alone gives: the
 same per-tensor norms, its total within float rounding of the combination
@@ -602,3 +603,113 @@ def test_functions_on_an_empty_batch(fn):
              "grad_norms": lambda g: fastclip.grad_norms(make_params([g]))}
     got = torch.vmap(calls[fn])(torch.randn(0, 3))
     assert all(t.shape[0] == 0 for t in torch.utils._pytree.tree_leaves(got))
+
+
+# ------------------------------------------------ the C++ rules (csrc/batching.cpp)
+# multi_tensor_norm and clip_ have C++ batching rules for the common case
+# (every tensor batched at one level, no float64, orders 1, 2, inf); they
+# hand everything else to the Python rules. They must give the Python
+# rules' bits, and take only what they claim.
+_PLAIN_SHAPES = [(BATCH, 3, 17), (7, BATCH), (2, 9, BATCH), (BATCH,), (BATCH, 0)]
+_PLAIN_DIMS = [0, 1, 2, 0, 0]
+_PLAIN_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _rule_info():
+    import types
+    return types.SimpleNamespace(batch_size=BATCH, randomness="error")
+
+
+@contextlib.contextmanager
+def _python_rule_calls(name):
+    """Counts the calls of the Python rule that the C++ rule of ``name`` hands over."""
+    from fastclip import _ops
+    original = _ops.PYTHON_VMAP_RULES[name]
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    _ops._C.set_vmap_rule(name, spy)
+    try:
+        yield calls
+    finally:
+        _ops._C.set_vmap_rule(name, original)
+
+
+@pytest.mark.parametrize("dtype", _PLAIN_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("ord", [1.0, 2.0, math.inf], ids=ord_id)
+@pytest.mark.parametrize("per_tensor,fp64", [(True, False), (False, True), (True, True)])
+def test_cpp_norm_rule_gives_the_python_rules_bits(dtype, ord, per_tensor, fp64):
+    from fastclip import _ops
+    values = make_grads(_PLAIN_SHAPES, dtype, "cpu", seed=3, scale=3.0)
+    values[1][2, 1] = float("nan") if ord == 2.0 else values[1][2, 1]  # one NaN sample
+    dims = tuple(_PLAIN_DIMS)
+    with _python_rule_calls("multi_tensor_norm") as calls:
+        total, each = torch.vmap(lambda *g: ops.multi_tensor_norm(list(g), ord, per_tensor, fp64), in_dims=dims)(*values)
+    assert not calls, "the C++ rule handed a plain list to Python"
+    (want_total, want_each), _ = _ops._multi_tensor_norm_vmap(
+        _rule_info(), (list(dims), None, None, None, None), values, ord, per_tensor, fp64, 1)
+    assert_same_bits(total, want_total)
+    assert_same_bits(each, want_each)
+
+
+@pytest.mark.parametrize("dtype", _PLAIN_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("ord", [1.0, 2.0, math.inf], ids=ord_id)
+def test_cpp_clip_rule_gives_the_python_rules_bits(dtype, ord):
+    from fastclip import _ops
+    values = make_grads(_PLAIN_SHAPES, dtype, "cpu", seed=4, scale=3.0)
+    values[0][1].mul_(1e-3)  # a sample below max_norm: coefficient 1
+    values[2][0, 0, 3] = float("inf")  # one sample's norm inf: coefficient 0
+    dims = tuple(_PLAIN_DIMS)
+    got, want = [v.clone() for v in values], [v.clone() for v in values]
+    with _python_rule_calls("clip_") as calls:
+        total = torch.vmap(lambda *g: ops.clip_(list(g), 0.5, ord), in_dims=dims)(*got)
+    assert not calls, "the C++ rule handed a plain list to Python"
+    want_total, _ = _ops._clip_vmap(_rule_info(), (list(dims), None, None, None), want, 0.5, ord, False)
+    assert_same_bits(total, want_total)
+    for g, w in zip(got, want):
+        assert_same_bits(g, w)
+
+
+def _nested(f):
+    return lambda *g: torch.vmap(f)(*g)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["shared", "float64", "order 3.5", "nested", "empty batch", "error_if_nonfinite", "requires grad", "expanded"],
+)
+def test_cpp_rules_hand_the_rest_to_python(case):
+    """Each case the C++ rules leave reaches the Python rule (which the
+    tests above check against the op called per sample)."""
+    dtype = torch.float64 if case == "float64" else torch.float32
+    batch = 0 if case == "empty batch" else BATCH
+    x, y = make_grads([(batch, 4), (batch, 3)], dtype, "cpu", seed=5)
+    ord = 3.5 if case == "order 3.5" else 2.0
+    in_dims = (0, None) if case == "shared" else (0, 0)
+    if case == "nested":
+        x, y = x.unsqueeze(0).expand(2, batch, 4).clone(), y.unsqueeze(0).expand(2, batch, 3).clone()
+    if case == "expanded":
+        y = y[:1].expand(batch, 3)
+    if case == "requires grad":
+        x.requires_grad_(True)
+    if case in ("shared", "float64", "order 3.5", "nested", "empty batch"):
+        wrap = _nested if case == "nested" else (lambda f: f)
+        with _python_rule_calls("multi_tensor_norm") as calls:
+            torch.vmap(wrap(lambda a, b: ops.multi_tensor_norm([a, b], ord, True)), in_dims=in_dims)(x, y)
+        assert calls
+    before = snapshot([x, y])
+    with _python_rule_calls("clip_") as calls:
+        f = lambda a, b: ops.clip_([a, b], 0.5, ord, case == "error_if_nonfinite")
+        if case in ("requires grad", "expanded"):
+            with pytest.raises(RuntimeError, match="requires grad" if case == "requires grad" else "share memory"):
+                torch.vmap(f, in_dims=in_dims)(x, y)
+            assert_untouched([x, y], before)
+        elif case == "shared":
+            with pytest.raises(RuntimeError, match="is not batched"):
+                torch.vmap(f, in_dims=in_dims)(x, y)
+        else:
+            torch.vmap(_nested(f) if case == "nested" else f, in_dims=in_dims)(x, y)
+    assert calls
