@@ -47,7 +47,9 @@ void run_python_rule(const std::string& name, const c10::OperatorHandle& op, tor
   pybind11::tuple args(count);
   for (size_t i = 0; i < count; ++i) args[i] = torch::jit::toPyObject(std::move((*stack)[stack->size() - count + i]));
   torch::jit::drop(*stack, count);
-  const pybind11::object out = pybind11::handle(found->second)(*args);
+  // Held for the call: the rule may replace itself (set_vmap_rule) meanwhile.
+  const auto rule = pybind11::reinterpret_borrow<pybind11::object>(found->second);
+  const pybind11::object out = rule(*args);
   const auto& returns = schema.returns();
   if (returns.size() == 1) {
     stack->push_back(torch::jit::toIValue(out, returns[0].type()));
@@ -68,12 +70,24 @@ struct Samples {
 
 bool exact_power_order(double ord) { return ord == 1.0 || ord == 2.0 || std::isinf(ord); }
 
-// What a C++ rule takes: nullopt sends the call to the Python rule. The
-// level is the tensors' own (functorch's header for the current level
-// needs a JSON library torch does not ship): every tensor must be batched
-// at one level, and its value at none. Were the current vmap level above
-// it (none of the tensors batched there), the Python rule would pass the
-// call down to that level unchanged, which gives the same result.
+// The current functorch level (torch._C._functorch.maybe_current_level),
+// or nullopt outside every transform. Asked of Python: functorch's C++
+// header for it needs a JSON library that torch does not ship. About a
+// microsecond with the GIL taken, against the hundreds the rule saves.
+std::optional<int64_t> current_level() {
+  pybind11::gil_scoped_acquire gil;
+  static PyObject* const ask =
+      pybind11::object(pybind11::module_::import("torch._C._functorch").attr("maybe_current_level")).release().ptr();
+  const pybind11::object level = pybind11::handle(ask)();
+  if (level.is_none()) return std::nullopt;
+  return level.cast<int64_t>();
+}
+
+// What a C++ rule takes: nullopt sends the call to the Python rule. Every
+// tensor must be batched at the current level and its value at no other
+// (found in review: under vmap(grad(vmap(f))), tensors batched only at the
+// outer level had the rule's ops run through the grad layer between, which
+// refused the in-place multiply; the Python rule passes such calls down).
 std::optional<Samples> plain_samples(const std::vector<at::Tensor>& tensors) {
   if (tensors.empty()) return std::nullopt;
   constexpr c10::DispatchKeySet kTransforms({c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
@@ -99,6 +113,7 @@ std::optional<Samples> plain_samples(const std::vector<at::Tensor>& tensors) {
     s.values.push_back(value);
     s.dims.push_back(batched->bdim());
   }
+  if (current_level() != s.level) return std::nullopt;
   return s;
 }
 
@@ -113,7 +128,9 @@ std::tuple<at::Tensor, at::Tensor> sample_norms(const Samples& s, double ord) {
   rows.reserve(s.values.size());
   for (size_t i = 0; i < s.values.size(); ++i) rows.push_back(s.dims[i] == 0 ? s.values[i] : s.values[i].movedim(s.dims[i], 0));
   const at::Tensor each = std::get<1>(norm.call(rows, ord, true, true, s.batch));
-  at::Tensor columns = each.view({n, s.batch}).t().contiguous();
+  // The Python rule's views, whose strides are returned (a transposed
+  // view; the op reads its rows through a row-major copy).
+  at::Tensor columns = each.view({n, s.batch, 1}).transpose(0, 1).reshape({s.batch, n});
   at::Tensor totals = std::get<1>(norm.call({columns}, ord, true, true, s.batch));
   return {std::move(totals), std::move(columns)};
 }

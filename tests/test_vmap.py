@@ -653,6 +653,18 @@ def test_cpp_norm_rule_gives_the_python_rules_bits(dtype, ord, per_tensor, fp64)
         _rule_info(), (list(dims), None, None, None, None), values, ord, per_tensor, fp64, 1)
     assert_same_bits(total, want_total)
     assert_same_bits(each, want_each)
+    assert each.stride() == want_each.stride()  # found in review: a contiguous copy where Python leaves a view
+
+
+def test_cpp_norm_rule_gives_the_python_rules_strides_for_one_tensor():
+    from fastclip import _ops
+    (x,) = make_grads([(BATCH, 6)], torch.float32, "cpu", seed=6)
+    for per_tensor in (True, False):
+        total, each = torch.vmap(lambda a: ops.multi_tensor_norm([a], 2.0, per_tensor))(x)
+        (want_total, want_each), _ = _ops._multi_tensor_norm_vmap(
+            _rule_info(), ([0], None, None, None, None), [x], 2.0, per_tensor, False, 1)
+        assert_same_bits(each, want_each)
+        assert each.stride() == want_each.stride()
 
 
 @pytest.mark.parametrize("dtype", _PLAIN_DTYPES, ids=dtype_id)
@@ -713,3 +725,46 @@ def test_cpp_rules_hand_the_rest_to_python(case):
         else:
             torch.vmap(_nested(f) if case == "nested" else f, in_dims=in_dims)(x, y)
     assert calls
+
+
+@pytest.mark.parametrize("between", ["grad", "jvp"])
+def test_cpp_rules_pass_down_tensors_batched_only_at_an_outer_level(between):
+    """Found in review: under vmap(grad(vmap(f))) the C++ rules took the
+    level of tensors batched only at the outer vmap for the current one and
+    ran their ops through the grad layer, which refused the in-place
+    multiply (clip_) or failed an internal assert (the norm). Such calls go
+    to the Python rule, which passes them down to their level."""
+    from torch.func import grad, jvp
+    x = make_grads([(3, 4)], torch.float32, "cpu", seed=7, scale=5.0)[0]
+    y = make_grads([(3, 2, 2)], torch.float32, "cpu", seed=8)[0]
+    want = torch.stack([ops.clip_([row.clone()], 1.0, 2.0) for row in x])
+    clipped = x.clone()
+    norms = []
+
+    def inner(a, yy):
+        norms.append(ops.multi_tensor_norm([a], 2.0, False)[0])
+        ops.clip_([a], 1.0, 2.0)
+        return yy.sin().sum()
+
+    def outer(a, b):
+        f = lambda y0: torch.vmap(lambda yy: inner(a, yy))(y0).sum()
+        if between == "grad":
+            return grad(f)(b)
+        return jvp(f, (b,), (torch.ones_like(b),))[1]
+
+    with _python_rule_calls("clip_") as clip_calls, _python_rule_calls("multi_tensor_norm") as norm_calls:
+        torch.vmap(outer)(clipped, y)
+    assert clip_calls and norm_calls
+    assert_values_close(clipped, x * (1.0 / (want.double() + 1e-6)).clamp(max=1.0).to(x.dtype)[:, None])
+
+
+def test_cpp_norm_rule_under_functionalize_returns_a_plain_tensor():
+    """Found in review: vmap(functionalize(vmap(norm))) of tensors batched
+    at the outer level returned a functional tensor to the caller."""
+    from torch.func import functionalize
+    x = make_grads([(3, 4)], torch.float32, "cpu", seed=9)[0]
+    y = make_grads([(3, 2)], torch.float32, "cpu", seed=10)[0]
+    f = lambda a, b: functionalize(lambda bb: torch.vmap(lambda c: ops.multi_tensor_norm([a], 2.0, False)[0] * c)(bb))(b)
+    out = torch.vmap(f)(x, y)
+    assert not torch._is_functional_tensor(out)
+    torch.testing.assert_close(out, x.double().norm(dim=1).float()[:, None] * y)
