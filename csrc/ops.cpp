@@ -98,6 +98,18 @@ int64_t first_with_tangent(at::TensorList tensors) {
   return -1;
 }
 
+// Forward-mode AD: an op that ignored the tangents would return a norm
+// without one and leave a written tensor's tangent stale (found in review:
+// clip_grad_value_ left it, where torch clamps it with its primal).
+const char* const kTangentRefused =
+    " carries a forward-mode AD tangent, which the op does not propagate (fastclip's clip and norm functions "
+    "take such tensors through plain PyTorch; ClippedOptimizer does not take them)";
+
+void check_no_tangent(const char* op, at::TensorList tensors) {
+  const int64_t i = first_with_tangent(tensors);
+  TORCH_CHECK(i < 0, op, ": tensors[", i, "]", kTangentRefused);
+}
+
 bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -169,12 +181,14 @@ const char* unwritable_reason(const at::Tensor& t) {
   // (found in review: its empty storage was reported as freed).
   if (t.unsafeGetTensorImpl()->is_python_dispatch()) return nullptr;
   // So has torch.func.functionalize's wrapper (its storage is not memory),
-  // and torch.vmap's batched tensor (found in review: the check of its
-  // storage failed the in-place functions under vmap).
-  if (t.key_set().has(c10::DispatchKey::Functionalize)) return nullptr;
-  if (t.key_set().has(c10::DispatchKey::FuncTorchBatched) || t.key_set().has(c10::DispatchKey::BatchedNestedTensor)) {
-    return nullptr;
-  }
+  // torch.vmap's batched tensor (found in review: the check of its storage
+  // failed the in-place functions under vmap) and the wrapper of
+  // torch.func's grad and jvp (its storage cannot be accessed: the
+  // functions failed on it under vmap(jvp(f))).
+  constexpr c10::DispatchKeySet kWrappers({c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
+                                           c10::DispatchKey::BatchedNestedTensor,
+                                           c10::DispatchKey::FuncTorchGradWrapper});
+  if (t.key_set().has_any(kWrappers)) return nullptr;
   if (t.layout() != at::kStrided) return nullptr;
   if (!t.is_non_overlapping_and_dense() && at::has_internal_overlap(t) == at::MemOverlap::Yes) return "overlap";
   if (t.numel() > 0 && t.device().type() != c10::DeviceType::Meta &&
@@ -786,17 +800,7 @@ namespace {
 // mode is on. Version counters are bumped by the device kernels, which know
 // whether they may have written (see bump_versions in ops.h).
 
-// Forward-mode AD: an op that ignored the tangents would return a norm
-// without one and leave a written tensor's tangent stale (found in review:
-// clip_grad_value_ left it, where torch clamps it with its primal).
-constexpr const char* kTangentRefused =
-    " carries a forward-mode AD tangent, which the op does not propagate (fastclip's clip and norm functions "
-    "take such tensors through plain PyTorch; ClippedOptimizer does not take them)";
-
-void check_no_tangent(const char* op, at::TensorList tensors) {
-  const int64_t i = first_with_tangent(tensors);
-  TORCH_CHECK(i < 0, op, ": tensors[", i, "]", kTangentRefused);
-}
+using fastclip::check_no_tangent;  // the list form, next to the one-tensor form below
 
 void check_no_tangent(const char* op, const std::optional<at::Tensor>& t, const char* name) {
   TORCH_CHECK(!t.has_value() || first_with_tangent(*t) < 0, op, ": ", name, kTangentRefused);

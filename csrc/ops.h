@@ -85,6 +85,8 @@ void bump_clip_scalars(const at::Tensor& last_norm, const at::Tensor& last_coef,
 bool dual_level_active();
 bool has_tangent(const at::Tensor& t);
 int64_t first_with_tangent(at::TensorList tensors);
+// The ops' refusal of a tangent: "op: tensors[i] carries ...".
+void check_no_tangent(const char* op, at::TensorList tensors);
 
 bool supported_dtype(at::ScalarType t);
 DType to_dtype(at::ScalarType t);
@@ -188,7 +190,7 @@ namespace cpu {
 // How the CPU kernels' software prefetcher covers each run of adjacent
 // chunks (multi_tensor_cpu.cpp): all of it, or its head; the head in bytes
 // the driver gives every stream; and what decided it (the
-// FASTCLIP_CPU_PREFETCH variable or the CPU's vendor). Decided once per
+// FASTCLIP_CPU_PREFETCH variable or the CPU's model). Decided once per
 // process; a value of the variable other than all or heads is ignored
 // with a warning.
 struct PrefetchChoice {

@@ -6,6 +6,7 @@
 //     call the fused ops through the dispatcher;
 //   - single_call_blocker: why a Python list cannot go to one op call;
 //   - dense_and_apart: whether a fused optimizer step may write the tensors.
+#include <ATen/functorch/BatchedTensorImpl.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
@@ -33,11 +34,23 @@ void set_vmap_rule(const std::string& op, pybind11::object rule);
 
 namespace {
 
+// A tangent on `t` or, under torch.vmap, on the value it batches: in
+// jvp(vmap(f)) the gradients are batched duals, and the ops' batching rules
+// would hand the duals to the ops, which refuse them; plain PyTorch batches
+// and propagates them as in vmap(jvp(f)).
+bool has_tangent_within(const at::Tensor& t) {
+  const at::Tensor* inner = &t;
+  while (const at::functorch::BatchedTensorImpl* batched = at::functorch::maybeGetBatchedImpl(*inner)) {
+    inner = &batched->value();
+  }
+  return has_tangent(*inner);
+}
+
 // Why `t` cannot join `first` in one op call, or nullptr. `dual`: a
 // forward-AD level is active (dual_level_active(), asked once per list).
 const char* blocker(const at::Tensor& t, const at::Tensor& first, bool dual) {
   if (t.layout() != at::kStrided) return "sparse";
-  if (dual && has_tangent(t)) return "forward AD";
+  if (dual && has_tangent_within(t)) return "forward AD";
   if (t.is_complex()) return "complex";
   // torch's Negative fallback refuses in-place ops on a list holding a
   // negative-bit view (torch._neg_view); the plain-PyTorch path scales it
@@ -559,6 +572,10 @@ void check_list_op(const std::string& op, const std::vector<at::Tensor>& tensors
   TORCH_CHECK(!tensors.empty() || coef.has_value(), name,
               ": tensors is empty; the op takes a non-empty list (fastclip's Python functions take an empty one)");
   if (!tensors.empty()) check_tensors(name.c_str(), tensors, tensors[0].device().type());
+  // Under jvp(vmap(f)) the rules get the duals: refused in the op's name
+  // before any of the rule's own ops run (the clip's norm op refused them
+  // in its name).
+  check_no_tangent(name.c_str(), tensors);
   if (coef.has_value()) check_coef(name.c_str(), *coef, tensors.empty() ? coef->device() : tensors[0].device());
   if (clip_value.has_value()) check_clip_value(name.c_str(), *clip_value);
   if (max_norm.has_value()) check_max_norm(name.c_str(), *max_norm);

@@ -12,7 +12,21 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+def has_tangent(t: Tensor) -> bool:
+    """``t`` carries a forward-mode AD tangent (inside ``forward_ad.dual_level``,
+    the only place where tensors have one), or, under torch.vmap, the value
+    it batches does (jvp of a vmap: the ops' batching rules would hand the
+    duals to the ops). The kernels do not propagate tangents; plain PyTorch
+    does, as torch's foreach=False functions."""
+    if _forward_ad._current_level < 0 or torch.compiler.is_compiling():
+        return False
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return _forward_ad.unpack_dual(t).tangent is not None
 
 
 def _dense_values(t: Tensor) -> Tensor:
@@ -42,6 +56,11 @@ def _norm64(t: Tensor, ord: float) -> Tensor:
         values = values.to(torch.float32)
     if values.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=t.device)  # torch's inf-norm refuses empty tensors
+    if has_tangent(values):
+        # vector_norm's tangent is summed in the values' dtype: bf16
+        # tangents of the float32 norm came out 1% off (the primal is
+        # accumulated in float64 either way).
+        values = values.to(torch.float64)
     norm = torch.linalg.vector_norm(values, ord, dtype=torch.float64)
     if ord in (1.0, 2.0, math.inf) and values.dtype != torch.float64:
         return norm  # squares of finite 32/16-bit values stay inside the double range

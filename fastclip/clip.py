@@ -29,7 +29,6 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor
 from torch.nn import Parameter
-from torch.autograd import forward_ad as _forward_ad
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -231,15 +230,7 @@ def _one_call(tensors: list[Tensor]) -> bool:
     return blocker is None and tensors[0].device.type in _KERNEL_DEVICES
 
 
-def _has_tangent(t: Tensor) -> bool:
-    """``t`` carries a forward-mode AD tangent (inside ``forward_ad.dual_level``,
-    the only place where tensors have one). The kernels do not propagate
-    tangents; plain PyTorch does, as torch's foreach=False functions."""
-    return (
-        _forward_ad._current_level >= 0
-        and not torch.compiler.is_compiling()
-        and _forward_ad.unpack_dual(t).tangent is not None
-    )
+_has_tangent = _fallback.has_tangent
 
 
 # Why a tensor needs the fallback: (template, detail) of constants, so
@@ -511,8 +502,9 @@ def _known_one(coef: Tensor) -> bool:
     return (
         type(coef) is Tensor and coef.device == _CPU and not torch.compiler.is_compiling()
         and _get_current_dispatch_mode() is None
-        # (not a vmap-batched one: a value per sample, no item(); found in review)
-        and not torch._C._functorch.is_batchedtensor(coef) and coef.item() == 1.0
+        # (not a vmap-batched one: a value per sample, no item(); found in review;
+        # nor torch.func's wrappers, batched inside under vmap(jvp(f)))
+        and not torch._C._functorch.is_functorch_wrapped_tensor(coef) and coef.item() == 1.0
     )
 
 
@@ -523,7 +515,7 @@ def _scale_parts(parts: list[_Part], coef: Tensor) -> None:
         # those of gradients without one too: all of them in plain PyTorch.
         parts = [_Part(p.device, _fallback, p.indices, p.tensors) for p in parts]
     _refuse_unsupported(parts, "mul_")  # whatever the coefficient (found in review: a float8 gradient passed at 1)
-    if _known_one(coef) and not _has_tangent(coef):
+    if not _has_tangent(coef) and _known_one(coef):
         return  # as the op: no memory traffic (found in review: the fallback's mul_ wrote every gradient)
     for part in parts:
         # A CPU coefficient stays there (the ops read it on the host; a copy

@@ -768,3 +768,87 @@ def test_cpp_norm_rule_under_functionalize_returns_a_plain_tensor():
     out = torch.vmap(f)(x, y)
     assert not torch._is_functional_tensor(out)
     torch.testing.assert_close(out, x.double().norm(dim=1).float()[:, None] * y)
+
+
+def _fwd_norm(module, grads, kw):
+    return (module.get_total_norm(list(grads), 2.0, **kw),)
+
+
+def _fwd_clip(module, grads, kw):
+    # Each gradient as the .grad of a detached alias (as the per-sample
+    # benchmark clips): the clipped gradient is the input, its tangent too.
+    params = [g.detach() for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return (module.clip_grad_norm_(params, 1.0, **kw), *[p.grad for p in params])
+
+
+def _fwd_clip_value(module, grads, kw):
+    params = [g.detach() for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    module.clip_grad_value_(params, 0.75, **kw)
+    return tuple(p.grad for p in params)
+
+
+_FWD_VMAP_CALLS = {"get_total_norm": _fwd_norm, "clip_grad_norm_": _fwd_clip, "clip_grad_value_": _fwd_clip_value}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("nesting", ["jvp(vmap)", "vmap(jvp)"])
+@pytest.mark.parametrize("call", list(_FWD_VMAP_CALLS), ids=list(_FWD_VMAP_CALLS))
+def test_forward_ad_with_vmap_like_torch(call, nesting, dtype):
+    """Forward-mode AD together with vmap: in jvp(vmap(f)) the gradients are
+    batched duals, which the ops' batching rules handed to the ops, which
+    refused their tangents; and in vmap(jvp(f)) the in-place functions
+    failed on torch.func's wrappers (their storage checked, the clip's
+    coefficient read with item()). Both now take plain PyTorch. Primals
+    and tangents against torch's foreach=False functions on float64
+    copies, within a few ulps of the dtype (torch's own bf16 tangents are
+    off by 6% in places: not the reference)."""
+    from torch.func import jvp
+
+    grads = make_grads([(BATCH, 3, 4), (BATCH, 5)], dtype, "cpu", seed=11, scale=3.0)
+    tangents = make_grads([(BATCH, 3, 4), (BATCH, 5)], dtype, "cpu", seed=12)
+
+    def results(module, kw, cast):
+        f = lambda *gs: _FWD_VMAP_CALLS[call](module, gs, kw)
+        primals, dirs = tuple(cast(g) for g in grads), tuple(cast(t) for t in tangents)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if nesting == "jvp(vmap)":
+                return jvp(torch.vmap(f), primals, dirs)
+            n = len(primals)
+            return torch.vmap(lambda *gt: jvp(f, gt[:n], gt[n:]))(*primals, *dirs)
+
+    ours = results(fastclip, {}, torch.clone)
+    want = results(torch.nn.utils, {"foreach": False}, lambda t: t.double())
+    for got_part, want_part in zip(ours, want):  # (primals, tangents)
+        assert len(got_part) == len(want_part)
+        for g, w in zip(got_part, want_part):
+            assert g.shape == w.shape
+            # The norm is float32 for every dtype; clipped values have theirs.
+            assert g.dtype == (torch.float32 if g.dim() == 1 else dtype)
+            tol = 4 * (torch.finfo(g.dtype).eps if g.dim() > 1 else 2.0**-23)
+            torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * float(w.abs().max()))
+    # Tangents that are not all zero (zeros on both sides would prove nothing).
+    assert any(bool(t.ne(0).any()) for t in ours[1])
+
+
+def test_ops_under_jvp_of_vmap_refuse_the_tangents_before_writing():
+    """The ops themselves do not propagate tangents: called directly under
+    jvp(vmap), the batching rules hand the duals to them and they refuse,
+    naming the tensor, with nothing written."""
+    from torch.func import jvp
+    x = make_grads([(BATCH, 6)], torch.float32, "cpu", seed=13, scale=4.0)[0]
+    before = x.clone()
+
+    def f(a):
+        ops.clip_([a], 1.0, 2.0, False)
+        return a
+
+    with pytest.raises(RuntimeError, match=r"fastclip::clip_: tensors\[0\] carries a forward-mode AD tangent"):
+        jvp(torch.vmap(f), (x,), (torch.ones_like(x),))
+    assert torch.equal(x, before)
+    with pytest.raises(RuntimeError, match=r"fastclip::multi_tensor_norm: tensors\[0\] carries a forward-mode"):
+        jvp(torch.vmap(lambda a: ops.multi_tensor_norm([a], 2.0, False)[0]), (x,), (torch.ones_like(x),))
