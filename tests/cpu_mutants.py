@@ -103,11 +103,14 @@ MUTANTS = {
         "csrc/cpu/spans.h", "the prefetcher starts each chunk with no lead",
         "target_ = spans_[c].pos + lead_;", "target_ = spans_[c].pos;"),
     "prefetch_vendor_inverted": (
-        "csrc/cpu/multi_tensor_cpu.cpp", "the driver prefetches whole segments on CPUs other than Intel's",
-        "      whole = intel_cpu();", "      whole = !intel_cpu();"),
+        "csrc/cpu/multi_tensor_cpu.cpp", "the driver prefetches whole segments where the CPU rule says heads",
+        "      whole = whole_segments_by_cpu();", "      whole = !whole_segments_by_cpu();"),
+    "prefetch_amd_rule_dropped": (
+        "csrc/cpu/multi_tensor_cpu.cpp", "AMD CPUs without AVX-512 (Zen 3) get heads, as before session 32",
+        '  return __builtin_cpu_is("amd") && !__builtin_cpu_supports("avx512f");', "  return false;"),
     "prefetch_variable_ignored": (
         "csrc/cpu/multi_tensor_cpu.cpp", "FASTCLIP_CPU_PREFETCH read but not followed",
-        '    bool whole = mode == "all";', "    bool whole = intel_cpu();"),
+        '    bool whole = mode == "all";', "    bool whole = whole_segments_by_cpu();"),
     "prefetch_head_not_whole": (
         "csrc/cpu/multi_tensor_cpu.cpp", "the whole-segment choice made, but the driver given the 16 KiB head",
         "whole ? PrefetchStream::kWholeSegments : kPrefetchHeadBytes", "kPrefetchHeadBytes"),

@@ -280,14 +280,21 @@ def _child(env_value: Optional[str]) -> Tuple[List[str], str, str]:
 
 
 def _vendor_mode() -> Optional[str]:
-    """What the vendor rule gives here: all on Intel x86, heads on other x86
-    and on every other architecture; None where this test cannot tell."""
+    """What the CPU rule gives here: all on Intel x86 and on AMD x86 without
+    AVX-512 (before Zen 4), heads on AMD's with it, on other x86 vendors and
+    on every other architecture; None where this test cannot tell."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return "heads"
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         return None
-    return "all" if "GenuineIntel" in cpuinfo.read_text() else "heads"
+    text = cpuinfo.read_text()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    if "GenuineIntel" in text:
+        return "all"
+    if "AuthenticAMD" in text:
+        return None if flags is None else ("heads" if "avx512f" in flags else "all")
+    return "heads"
 
 
 def test_driver_choice_by_vendor_and_by_variable_same_bits():
@@ -302,9 +309,9 @@ def test_driver_choice_by_vendor_and_by_variable_same_bits():
             # Unset, or a bad value (ignored with a warning: a speed hint, never an error).
             assert expected is None or mode == expected
             if value is None:
-                assert (decided_by, warned) == ("CPU vendor", "")
+                assert (decided_by, warned) == ("CPU model", "")
             else:
-                assert decided_by == "CPU vendor (FASTCLIP_CPU_PREFETCH='everything' ignored)"
+                assert decided_by == "CPU model (FASTCLIP_CPU_PREFETCH='everything' ignored)"
                 assert warned.count("FASTCLIP_CPU_PREFETCH='everything' is neither 'all' nor 'heads'; ignored") == 1
         outputs[value] = bits
     # The prefetcher decides when lines arrive, never what is computed.
