@@ -425,6 +425,61 @@ def test_negative_bit_views_are_clipped_one_by_one(alone, fresh_warnings):
     assert params[-1].grad.is_neg() and (params[-1].grad < 0).all()
 
 
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_"])
+def test_conjugate_view_gradients_clipped_as_torchs_loop(fn, fresh_warnings):
+    """torch's foreach path refuses a mutable list of conjugate views
+    (found in review); fastclip takes them, conjugate bit kept, with the
+    bits of torch's foreach=False path."""
+    def params():
+        p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+        p.grad = torch.tensor([3 + 4j, 4, 12], dtype=torch.complex64).conj()
+        q = torch.nn.Parameter(torch.zeros(2))
+        q.grad = torch.tensor([1.0, -2.0])
+        return [p, q]
+    ours, theirs = params(), params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the split path's notice
+        if fn == "clip_grad_norm_":
+            total = fastclip.clip_grad_norm_(ours, 1.0)
+            expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=False)
+            assert_norm_close(total, ref_norm([p.grad.resolve_conj() for p in params()], 2.0))
+            assert total.item() == pytest.approx(expected.item(), rel=TORCH_RTOL)
+        else:
+            fastclip.clip_grads_with_norm_(ours, 1.0, torch.tensor(13.0))
+            torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, torch.tensor(13.0), foreach=False)
+    assert ours[0].grad.is_conj()
+    for a, b in zip(ours, theirs):
+        assert_same_bits(a.grad.resolve_conj(), b.grad.resolve_conj())
+
+
+def test_clip_grad_value_without_gradients_does_nothing():
+    # torch 2.13's foreach clamp_ raises on the empty list (found in review).
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    assert fastclip.clip_grad_value_(params, 1.0) is None
+    assert all(p.grad is None for p in params)
+    assert all(p._version == 0 for p in params)
+
+
+@pytest.mark.parametrize("ord", [2.0, math.inf], ids=ord_id)
+def test_jagged_nested_gradients_normed_and_clipped_as_their_values(ord, fresh_warnings):
+    # torch's vector_norm has no jagged kernel (found in review): fastclip
+    # takes the nested gradient's values.
+    parts = [torch.tensor([3.0, 4.0]), torch.tensor([12.0, 0.0, -1.0])]
+    grad = torch.nested.nested_tensor([t.clone() for t in parts], layout=torch.jagged)
+    plain = torch.tensor([2.0, -5.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_norm_close(fastclip.get_total_norm([grad, plain], ord), ref_norm(parts + [plain], ord))
+        p, q = torch.nn.Parameter(grad.detach() * 0), torch.nn.Parameter(torch.zeros(2))
+        p.grad, q.grad = grad, plain.clone()
+        total = fastclip.clip_grad_norm_([p, q], 1.0, ord)
+    coef = ref_coef(1.0, ref_norm(parts + [plain], ord)).item()
+    assert_norm_close(total, ref_norm(parts + [plain], ord))
+    for got, want in zip(p.grad.unbind(), parts):
+        assert torch.allclose(got, want * coef, rtol=1e-6, atol=0.0)
+    assert torch.allclose(q.grad, plain * coef, rtol=1e-6, atol=0.0)
+
+
 _FORWARD_AD_CALLS = {
     "get_total_norm": lambda m, params, dual, kw: m.get_total_norm([p.grad for p in params], 2.0, **kw),
     "clip_grad_norm_": lambda m, params, dual, kw: m.clip_grad_norm_(params, 1.0, **kw),
