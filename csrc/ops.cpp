@@ -861,6 +861,19 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(c10::DispatchKeySet ks, at::Ten
   return out;
 }
 
+// A traced call (fake or functional tensors, or meta ones): no device
+// kernel bumps their version counters, so the tensors seen here are bumped
+// whenever the op may write, as torch's ADInplaceOrView kernels bump for
+// its in-place ops. Without it AOTAutograd did not see the write, and a
+// tensor saved for backward, then written in a compiled function, gave
+// silently wrong gradients where eager raises (found in review).
+bool traced(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->is_python_dispatch() || t.device().type() == c10::DeviceType::Meta;
+}
+void bump_if_traced(at::TensorList tensors) {
+  if (std::any_of(tensors.begin(), tensors.end(), traced)) bump_versions(tensors);
+}
+
 void scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
   static const auto op = op_handle<ScaleSig>("fastclip::multi_tensor_scale_");
   check_no_grad("fastclip::multi_tensor_scale_", tensors);
@@ -871,16 +884,22 @@ void scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Te
   TORCH_CHECK(!c10::GradMode::is_enabled() || !coef.requires_grad(),
               "fastclip::multi_tensor_scale_: coef requires grad; the op is not differentiable: call it under "
               "torch.no_grad() (fastclip's Python functions do) or pass coef.detach()");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, coef);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, coef);
+  }
+  bump_if_traced(tensors);
 }
 
 void clamp_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double clip_value) {
   static const auto op = op_handle<ClampSig>("fastclip::multi_tensor_clamp_");
   check_no_grad("fastclip::multi_tensor_clamp_", tensors);
   check_no_tangent("fastclip::multi_tensor_clamp_", tensors);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, clip_value);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, clip_value);
+  }
+  bump_if_traced(tensors);
 }
 
 at::Tensor clip_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double max_norm, double ord,
@@ -888,8 +907,13 @@ at::Tensor clip_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double 
   static const auto op = op_handle<ClipSig>("fastclip::clip_");
   check_no_grad("fastclip::clip_", tensors);
   check_no_tangent("fastclip::clip_", tensors);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, max_norm, ord, error_if_nonfinite);
+  at::Tensor norm;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    norm = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, max_norm, ord, error_if_nonfinite);
+  }
+  bump_if_traced(tensors);
+  return norm;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
@@ -914,6 +938,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
     out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, norm, max_norm, loss_scale, extra_scale, found_inf,
                         extra_found, skip_inf_divisor, last_norm, last_coef, skipped, count_skip);
   }
+  if (traced(last_norm)) bump_clip_scalars(last_norm, last_coef, skipped, count_skip);
   const auto requires_grad = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
   if (c10::GradMode::is_enabled() && (norm.requires_grad() || requires_grad(loss_scale) || requires_grad(extra_scale))) {
     // The factor and divisor come from them; the found flag is not differentiable.

@@ -70,7 +70,11 @@ def dense_and_apart(tensors: list[Tensor]) -> bool:
     if not all(_dense(t) for t in tensors):
         return False
     if torch.compiler.is_compiling():
-        return len({id(t) for t in tensors}) == len(tensors)
+        # Tensors as dict keys: dynamo guards on their aliasing, as it does
+        # for every input. id() guarded on each object, and a step compiled
+        # after zero_grad() freed the gradients recompiled every time
+        # (found in review).
+        return len(dict.fromkeys(tensors)) == len(tensors)
     ranges = sorted(
         (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
         for t in tensors

@@ -1282,6 +1282,61 @@ def test_clip_scalars_bumps_the_versions_it_writes():
     assert skipped._version == versions[2] + 1
 
 
+_WRITING_CALLS = {
+    "scale": lambda ts: ops.multi_tensor_scale_(ts, torch.tensor(0.5)),
+    "clamp": lambda ts: ops.multi_tensor_clamp_(ts, 0.5),
+    "clip": lambda ts: ops.clip_(ts, 0.5, 2.0),
+}
+
+
+@pytest.mark.parametrize("call", list(_WRITING_CALLS))
+@pytest.mark.parametrize("where", ["fake", "meta"])
+def test_traced_writes_bump_the_versions(call, where):
+    """Fake and meta calls bump what they may write, as the device kernels
+    do for a write (a coefficient of 1 is not known there): AOTAutograd
+    reads the counters (found in review: they stayed 0)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run():
+        device = "meta" if where == "meta" else "cpu"
+        ts = [torch.ones(5, device=device), torch.ones(2, 3, device=device)]
+        _WRITING_CALLS[call](ts)
+        return [t._version for t in ts]
+
+    if where == "fake":
+        with FakeTensorMode():
+            assert run() == [1, 1]
+    else:
+        assert run() == [1, 1]
+
+
+@pytest.mark.parametrize("count_skip", [False, True])
+def test_traced_clip_scalars_bumps_the_versions_it_writes(count_skip):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logs = torch.zeros(()), torch.ones(()), torch.zeros((), dtype=torch.int64)
+        ops.clip_scalars_(torch.tensor(3.0, dtype=torch.float64), 1.0, None, None, None, None, True, *logs, count_skip)
+        assert [t._version for t in logs] == [1, 1, int(count_skip)]
+
+
+@pytest.mark.parametrize("call", list(_WRITING_CALLS))
+def test_compiled_write_of_a_tensor_saved_for_backward_raises_as_eager(call):
+    """Found in review: compiled, the write of a tensor that the backward
+    needs went unseen, and the backward used the written values; eager
+    (and torch's mul_, compiled or not) raises."""
+    def f(g, w):
+        y = (g * w).sum()  # saves g
+        _WRITING_CALLS[call]([g])
+        return y
+
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        torch._dynamo.reset()
+        g, w = torch.full((4,), 3.0), torch.ones(4, requires_grad=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            fn(g, w).backward()
+
+
 def _scalars_call(**change):
     args = dict(norm=torch.tensor(3.0, dtype=torch.float64), max_norm=1.0, loss_scale=None, extra_scale=None,
                 found_inf=None, extra_found=None, skip_inf_divisor=True, last_norm=torch.full((), math.nan),

@@ -1216,17 +1216,23 @@ def test_compiled_step_matches_eager(name, cls, kwargs, monkeypatch):
     assert math.isnan(float(compiled[1][2])) and float(compiled[1][3]) > MAX_NORM
 
 
-def test_compiled_step_keeps_one_graph_for_a_changing_max_norm():
+@pytest.mark.parametrize("inner", ["sgd", "adamw-fused"])
+def test_compiled_step_keeps_one_graph_for_a_changing_max_norm(inner):
     """A max_norm schedule under torch.compile of the step: dynamo makes the
     float dynamic after one recompile (found in review: clip_scalars_'s
     float argument made a graph per value, and after 8 values the step ran
-    eagerly); the clip coefficients are eager's."""
+    eagerly); the clip coefficients are eager's. With a fused inner
+    optimizer too, whose gradients zero_grad() frees every step (found in
+    review: the fold's check guarded on each gradient's id(), so every
+    step recompiled)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     models = [_model(torch.float32, "cpu") for _ in range(2)]
-    opts = [fastclip.ClippedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), MAX_NORM) for m in models]
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+            "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)}[inner]
+    opts = [fastclip.ClippedOptimizer(make(m.parameters()), MAX_NORM) for m in models]
     steps = [torch.compile(opts[0].step, backend=counter), opts[1].step]
     frames = []
     for i, batch in enumerate(_batches(torch.float32, "cpu", 6)):
