@@ -759,7 +759,7 @@ TORCH_LIBRARY(fastclip, m) {
   // [len(tensors) * slices]); the total is still over everything. The
   // torch.vmap rules take every sample's norms from one call this way.
   m.def(
-      "multi_tensor_norm(Tensor[] tensors, float ord, bool per_tensor, bool fp64=False, int slices=1) -> "
+      "multi_tensor_norm(Tensor[] tensors, float ord, bool per_tensor, bool fp64=False, SymInt slices=1) -> "
       "(Tensor, Tensor)");
   // tensors *= coef in place; no memory traffic at all when coef == 1.
   m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
@@ -847,13 +847,13 @@ bool any_requires_grad(at::TensorList tensors) {
 }
 
 std::tuple<at::Tensor, at::Tensor> norm_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double ord,
-                                                 bool per_tensor, bool fp64, int64_t slices) {
-  static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
+                                                 bool per_tensor, bool fp64, c10::SymInt slices) {
+  static const auto op = op_handle<NormSymSig>("fastclip::multi_tensor_norm");
   check_no_tangent("fastclip::multi_tensor_norm", tensors);
   std::tuple<at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, ord, per_tensor, fp64, slices);
+    out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, ord, per_tensor, fp64, std::move(slices));
   }
   if (c10::GradMode::is_enabled() && any_requires_grad(tensors)) {
     refuse_backward("fastclip::multi_tensor_norm", {std::get<0>(out), std::get<1>(out)}, tensors);
@@ -1001,9 +1001,9 @@ at::Tensor clip_negative(c10::DispatchKeySet ks, at::TensorList tensors, double 
 // checks then see (torch's fallback copied what lay beyond a shrunk
 // storage before any check; found in review).
 std::tuple<at::Tensor, at::Tensor> norm_negative(c10::DispatchKeySet ks, at::TensorList tensors, double ord,
-                                                 bool per_tensor, bool fp64, int64_t slices) {
-  static const auto op = op_handle<NormSig>("fastclip::multi_tensor_norm");
-  return op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), ord, per_tensor, fp64, slices);
+                                                 bool per_tensor, bool fp64, c10::SymInt slices) {
+  static const auto op = op_handle<NormSymSig>("fastclip::multi_tensor_norm");
+  return op.redispatch(ks & kAfterNegative, without_neg_bit(tensors), ord, per_tensor, fp64, std::move(slices));
 }
 
 // The written logs must not carry the bit: torch's fallback would write

@@ -178,6 +178,10 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 
 // The ops' C++ signatures (the schemas are in ops.cpp).
 using NormSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, bool, bool, int64_t);
+// The same call with `slices` symbolic, as the kernels above the device
+// ones (Autograd, Negative) take it: an int64_t there made a traced
+// batch size a constant.
+using NormSymSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, bool, bool, c10::SymInt);
 using ScaleSig = void(at::TensorList, const at::Tensor&);
 using ClampSig = void(at::TensorList, double);
 using ClipSig = at::Tensor(at::TensorList, double, double, bool);

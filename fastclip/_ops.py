@@ -195,7 +195,14 @@ if _C is not None:
 
     @torch.library.register_fake("fastclip::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, ord, per_tensor, fp64=False, slices=1):
-        _C.check_list_op("multi_tensor_norm", tensors, ord=ord, slices=slices)
+        if isinstance(slices, int):
+            _C.check_list_op("multi_tensor_norm", tensors, ord=ord, slices=slices)
+        else:
+            # A symbolic batch size (vmap under a dynamic compile) stays one:
+            # C++ would take it as a constant (found in review: a graph per
+            # batch size). Its check on the symbolic shapes, in Python.
+            _C.check_list_op("multi_tensor_norm", tensors, ord=ord)
+            _fallback.check_slices([t.shape for t in tensors], slices)
         dtype = torch.float64 if fp64 else torch.float32
         total = torch.empty((), dtype=dtype, device=tensors[0].device)
         each = torch.empty((len(tensors) * slices if per_tensor else 0,), dtype=dtype, device=tensors[0].device)

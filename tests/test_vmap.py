@@ -467,6 +467,44 @@ def test_compiled_vmap_of_the_norm_matches_eager(dtype):
     assert_same_bits(each, torch.stack([a[1] for a in alone]))
 
 
+@pytest.mark.parametrize("fn", ["get_total_norm", "clip_grad_norm_"])
+def test_compiled_vmap_keeps_one_graph_over_batch_sizes(fn):
+    """Found in review: the op's `slices` argument, the batch size inside
+    the rule, was a plain int, and every batch size compiled a graph (past
+    dynamo's limit of 8 the rest ran uncompiled; Poisson-sampled batches
+    of DP-SGD meet that); mark_dynamic raised. Each size's results are
+    eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    require_kernel("cpu")
+
+    def per_sample(a, b):
+        if fn == "get_total_norm":
+            return fastclip.get_total_norm([a, b])
+        pa, pb = torch.zeros_like(a), torch.zeros_like(b)
+        pa.grad, pb.grad = a, b
+        total = fastclip.clip_grad_norm_([pa, pb], 1.0)
+        return total, pa.grad, pb.grad
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(torch.vmap(per_sample, in_dims=(0, 1)), backend=counter)
+    frames = []
+    for batch in [7, 5, 9, 6, 11, 4, 10, 8, 12, 3]:
+        x, y = make_grads([(batch, 6, 5), (13, batch)], torch.float32, seed=batch)
+        expected = torch.vmap(per_sample, in_dims=(0, 1))(x.clone(), y.clone())
+        got = compiled(x.clone(), y.clone())
+        for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+            assert_same_bits(g, e)
+        frames.append(counter.frame_count)
+    assert frames[-1] <= 2 and frames[1:] == [frames[1]] * (len(frames) - 1), frames
+    torch._dynamo.reset()
+    x, y = make_grads([(6, 6, 5), (13, 6)], torch.float32, seed=3)
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(y, 1)
+    torch.compile(torch.vmap(per_sample, in_dims=(0, 1)), backend="aot_eager")(x, y)
+
+
 @pytest.mark.parametrize("op", ["clip_", "multi_tensor_scale_", "multi_tensor_clamp_"])
 def test_compiled_vmap_of_the_in_place_ops_matches_eager(op):
     require_kernel("cpu")
