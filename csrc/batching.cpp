@@ -140,7 +140,10 @@ void norm_rule(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto args = torch::jit::last(*stack, kArgs);
   const double ord = args[1].toDouble();
   std::optional<Samples> s;
-  if (args[4].toInt() == 1 && exact_power_order(ord)) s = plain_samples(args[0].toTensorVector());
+  // A symbolic `slices` (nested vmap under a dynamic compile) goes to
+  // Python: toInt() made it a constant (found in review).
+  const std::optional<int64_t> slices = args[4].toSymInt().maybe_as_int();
+  if (slices == 1 && exact_power_order(ord)) s = plain_samples(args[0].toTensorVector());
   if (!s) return run_python_rule("multi_tensor_norm", op, stack);
   const bool per_tensor = args[2].toBool();
   const at::ScalarType dtype = args[3].toBool() ? at::kDouble : at::kFloat;

@@ -21,11 +21,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 #include <type_traits>
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
@@ -867,11 +869,20 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(c10::DispatchKeySet ks, at::Ten
 // its in-place ops. Without it AOTAutograd did not see the write, and a
 // tensor saved for backward, then written in a compiled function, gave
 // silently wrong gradients where eager raises (found in review).
+// `ks`, the call's keys, rules a traced tensor out without a walk over
+// the list (an eager call over 10,000 tensors).
+bool may_be_traced(c10::DispatchKeySet ks) {
+  return ks.has(c10::DispatchKey::Python) || ks.has_backend(c10::BackendComponent::MetaBit);
+}
 bool traced(const at::Tensor& t) {
   return t.unsafeGetTensorImpl()->is_python_dispatch() || t.device().type() == c10::DeviceType::Meta;
 }
-void bump_if_traced(at::TensorList tensors) {
-  if (std::any_of(tensors.begin(), tensors.end(), traced)) bump_versions(tensors);
+// Only the traced tensors: a real one's kernel bumps it when it writes.
+void bump_if_traced(c10::DispatchKeySet ks, at::TensorList tensors) {
+  if (!may_be_traced(ks)) return;
+  std::vector<at::Tensor> seen;
+  std::copy_if(tensors.begin(), tensors.end(), std::back_inserter(seen), traced);
+  if (!seen.empty()) bump_versions(seen);
 }
 
 void scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Tensor& coef) {
@@ -888,7 +899,7 @@ void scale_autograd(c10::DispatchKeySet ks, at::TensorList tensors, const at::Te
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, coef);
   }
-  bump_if_traced(tensors);
+  bump_if_traced(ks, tensors);
 }
 
 void clamp_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double clip_value) {
@@ -899,7 +910,7 @@ void clamp_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double clip_
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, clip_value);
   }
-  bump_if_traced(tensors);
+  bump_if_traced(ks, tensors);
 }
 
 at::Tensor clip_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double max_norm, double ord,
@@ -912,7 +923,7 @@ at::Tensor clip_autograd(c10::DispatchKeySet ks, at::TensorList tensors, double 
     at::AutoDispatchBelowADInplaceOrView guard;
     norm = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, tensors, max_norm, ord, error_if_nonfinite);
   }
-  bump_if_traced(tensors);
+  bump_if_traced(ks, tensors);
   return norm;
 }
 
@@ -938,7 +949,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_scalars_autograd(
     out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, norm, max_norm, loss_scale, extra_scale, found_inf,
                         extra_found, skip_inf_divisor, last_norm, last_coef, skipped, count_skip);
   }
-  if (traced(last_norm)) bump_clip_scalars(last_norm, last_coef, skipped, count_skip);
+  if (may_be_traced(ks) && traced(last_norm)) bump_clip_scalars(last_norm, last_coef, skipped, count_skip);
   const auto requires_grad = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
   if (c10::GradMode::is_enabled() && (norm.requires_grad() || requires_grad(loss_scale) || requires_grad(extra_scale))) {
     // The factor and divisor come from them; the found flag is not differentiable.

@@ -505,6 +505,24 @@ def test_compiled_vmap_keeps_one_graph_over_batch_sizes(fn):
     torch.compile(torch.vmap(per_sample, in_dims=(0, 1)), backend="aot_eager")(x, y)
 
 
+def test_compiled_nested_vmap_keeps_one_graph_over_inner_batch_sizes():
+    """The C++ rule read `slices` with toInt(), which made a symbolic inner
+    batch size a constant (found in review)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    require_kernel("cpu")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    inner = torch.vmap(lambda a: fastclip.get_total_norm([a, 2.0 * a]))
+    compiled = torch.compile(torch.vmap(inner), backend=counter)
+    frames = []
+    for batch in [5, 7, 4, 9, 6, 8]:
+        x = make_grads([(3, batch, 4)], torch.float32, seed=batch)[0]
+        assert_same_bits(compiled(x), torch.vmap(inner)(x))
+        frames.append(counter.frame_count)
+    assert frames[-1] <= 2 and frames[1:] == [frames[1]] * (len(frames) - 1), frames
+
+
 @pytest.mark.parametrize("op", ["clip_", "multi_tensor_scale_", "multi_tensor_clamp_"])
 def test_compiled_vmap_of_the_in_place_ops_matches_eager(op):
     require_kernel("cpu")
