@@ -196,11 +196,32 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     # One element of any shape, as the op takes it (found in review: a [1, 1]
     # coefficient broadcast a 1-d tensor to [1, n] and mul_ refused it).
     coef = coef.reshape(())
+    wide = _below_float_normals(coef)
     for t in tensors:
         # The kernels' arithmetic: float32 (the coefficient rounded to float32)
         # unless the data is double. A float64 coefficient would make torch
         # multiply a 0-dim tensor in double and round twice.
-        t.mul_(coef.to(device=t.device, dtype=torch.float64 if t.dtype in _DOUBLE else torch.float32))
+        if t.dtype in _DOUBLE:
+            t.mul_(coef.to(device=t.device, dtype=torch.float64))
+        elif wide:  # in double, rounded once, as the kernels (scale_needs_double)
+            t.copy_(t.to(torch.complex128 if t.is_complex() else torch.float64) * coef.to(t.device, torch.float64))
+        else:
+            t.mul_(coef.to(device=t.device, dtype=torch.float32))
+
+
+_FLOAT_MIN_NORMAL = 2.0**-126
+
+
+def _below_float_normals(coef: Tensor) -> bool:
+    """The kernels' scale_needs_double for a coefficient the host reads for
+    free: a plain CPU tensor outside tracing (a GPU one would cost a sync;
+    there, and for traced or vmapped ones, float32 arithmetic stays)."""
+    if coef.device.type != "cpu" or torch.compiler.is_compiling() or type(coef) is not torch.Tensor:
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(coef):
+        return False
+    value = abs(float(coef))
+    return value != 0.0 and value < _FLOAT_MIN_NORMAL
 
 
 def clip_scalars_(

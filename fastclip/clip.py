@@ -585,22 +585,26 @@ def _global_norms(
             if not one:
                 _refuse_unsupported(_split(locals_), "mul_")
     keys = sharding.keys if sharding is not None else [()] * len(locals_)
+    # Partial tensors' norms come from their reductions; the scale writes
+    # each rank's part (the pending reduction scales with its parts).
+    measured = _distributed.reduce_partials(locals_, sharding)
+    held_norms = held if measured is locals_ else None
     if not locals_:  # this rank holds nothing but must still join the collectives
         local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
         entry_keys: list = []
     elif per_tensor:
         # float64 local norms: one beyond float32's range stays finite (found
         # in review: a rank whose float32 norm overflowed made the global one inf).
-        _, local = held.norm(ord, True, True) if held is not None else _list_norms(locals_, ord, True, fp64=True)
+        _, local = held_norms.norm(ord, True, True) if held_norms is not None else _list_norms(measured, ord, True, fp64=True)
         entry_keys = keys
     else:
         classes: dict = {}  # sharded mesh dims -> tensor indices: one local pass per class
         for i, key in enumerate(keys):
             classes.setdefault(key, []).append(i)
-        if held is not None and len(classes) == 1:
-            norms = [held.norm(ord, False, True)[0]]
+        if held_norms is not None and len(classes) == 1:
+            norms = [held_norms.norm(ord, False, True)[0]]
         else:
-            norms = [_list_norms([locals_[i] for i in indices], ord, False, fp64=True)[0]
+            norms = [_list_norms([measured[i] for i in indices], ord, False, fp64=True)[0]
                      for indices in classes.values()]
         local, entry_keys = torch.stack(norms), list(classes)
     if local_divisor is not None:
@@ -618,13 +622,16 @@ def _as_result(total: Tensor, sharding) -> Tensor:
     return _distributed.replicate_like(total, sharding) if sharding is not None else total
 
 
-def _local(tensors: list[Tensor], one_call: bool, name: str) -> tuple[list[Tensor], bool]:
-    """DTensors replaced by their local shards (for element-wise work)."""
+def _local(tensors: list[Tensor], one_call: bool, name: str, clamp: bool = False) -> tuple[list[Tensor], bool]:
+    """DTensors replaced by their local shards (for element-wise work: a
+    scale by a coefficient >= 0, or with ``clamp`` a clamp)."""
     if one_call:
         return tensors, True
     locals_, sharding = _distributed.unwrap(tensors, name)
     if sharding is None:
         return tensors, False
+    if clamp:
+        _distributed.refuse_partial_clamp(sharding, name)
     return locals_, len(locals_) > 0 and _one_call(locals_)
 
 
@@ -813,7 +820,7 @@ def clip_grad_value_(
     grads, one_call = _grads(parameters, held)
     if len(grads) == 0:
         return
-    grads, one_call = _local(grads, one_call, "parameters")
+    grads, one_call = _local(grads, one_call, "parameters", clamp=True)
     if one_call:
         _ops.multi_tensor_clamp_(grads, clip_value)
         return

@@ -87,6 +87,9 @@ MUTANTS = {
     "coefficient_one_writes": (
         "csrc/cpu/multi_tensor_cpu.cpp", "scale by exactly 1 still writes",
         "  if (coef == 1.0) return;  // the contract: no memory traffic at all\n  update_tensors", "  update_tensors"),
+    "tiny_coefficient_in_float": (
+        "csrc/cpu/spans.cpp", "a coefficient below float's normal range rounded to float (every dtype's scale)",
+        "    if (scale_needs_double(coef)) {", "    if (false) {"),
     "shared_memory_races": (
         "csrc/cpu/multi_tensor_cpu.cpp", "entries that share memory written by two threads at once",
         "  if (host_runs_serially()) return false;",

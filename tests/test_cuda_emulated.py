@@ -406,9 +406,13 @@ def guarded():
 
 def _opmath_scaled(t: Tensor, coef: float) -> Tensor:
     """x * coef as torch computes it on the CPU: in float64 for fp64, else in
-    float32 with the coefficient rounded to float32 (the kernels' contract)."""
+    float32 with the coefficient rounded to float32 (the kernels' contract),
+    or, for a coefficient below float32's normal range, in float64 rounded
+    to float32."""
     if t.dtype == torch.float64:
         return t * coef
+    if 0.0 < abs(coef) < 2.0**-126:
+        return (t.double() * coef).float().to(t.dtype)
     return (t.float() * torch.tensor(coef, dtype=torch.float64).float()).to(t.dtype)
 
 
@@ -713,6 +717,33 @@ def test_scale_by_a_device_coefficient_of_any_dtype(emu, dtype, coef_dtype):
     for before, after in zip(original, tensors):
         assert_same_bits(after, _opmath_scaled(before, coef.double().item()))
     prefixes.assert_untouched()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_scale_by_a_coefficient_below_float_normals(emu, dtype):
+    """A coefficient that float32 would make subnormal (a clip by a norm
+    above 2^126) multiplies in double and rounds once, in both scale
+    kernels; at 2^-126 and above the float32 product stays."""
+    gen = torch.Generator().manual_seed(21)
+    big = torch.tensor([3e38, -2.5e38, 1e30, 1.0, 0.0, math.nan, math.inf], dtype=torch.float64).to(dtype)
+    for coef in (1e-39, 3.3e-42, -7e-44, 2.0**-149, 2.0**-126, 0.0):
+        tensors = _odd_list(dtype, gen) + [big.clone()]
+        tensors = [(t.double() * 1e36).to(dtype) for t in tensors]  # products in float's range
+        original = [t.clone() for t in tensors]
+        emu.scale(tensors, torch.tensor(coef, dtype=torch.float64))
+        for before, after in zip(original, tensors):
+            assert_identical(after, _opmath_scaled(before, coef))  # CUDA's half NaN is 0x7fff
+        bases, views = _gapped_views(dtype, gen, 3, 2000)
+        for b in bases:
+            b.copy_((b.double() * 1e36).to(dtype))
+        before = [v.clone() for v in views]
+        emu.scale_strided(views, torch.tensor(coef, dtype=torch.float64))
+        for b, v in zip(before, views):
+            assert_identical(v, _opmath_scaled(b, coef))
+    # The negative control: a float32 coefficient of 3.3e-42 keeps 12 bits.
+    t = torch.tensor([3e38], dtype=torch.float64).to(dtype)
+    if dtype == torch.float32:
+        assert not torch.equal((t.double() * 3.3e-42).float(), t * torch.tensor(3.3e-42).float())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

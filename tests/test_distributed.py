@@ -95,12 +95,14 @@ def test_no_process_group_is_local():
     assert float(fastclip.clip_grad_norm_(params, 1.0, process_group=None)) == pytest.approx(75 ** 0.5)
 
 
-def test_distributed_benchmark_runs_and_checks(tmp_path):
+@pytest.mark.parametrize("layout", ["shard", "sequence-parallel"])
+def test_distributed_benchmark_runs_and_checks(tmp_path, layout):
     """The 2-process benchmark on the tiny list, in a fresh interpreter as a
-    user runs it: every method timed, the norm checked before timing."""
+    user runs it: every method timed, the norm and the clipped shards
+    checked before timing; with Partial(sum) 1-D gradients too."""
     done = subprocess.run(
         [sys.executable, "-m", "fastclip.benchmark.distributed", "--sets", "tiny", "--repeats", "1", "--warmup", "0",
-         "--out", str(tmp_path)],
+         "--layout", layout, "--out", str(tmp_path)],
         env=dict(os.environ, OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
@@ -112,7 +114,40 @@ def test_distributed_benchmark_runs_and_checks(tmp_path):
     from fastclip.benchmark import distributed
 
     rows = json.loads((tmp_path / "distributed.json").read_text())["rows"]
-    assert [r["set"] for r in rows] == ["tiny"]
+    assert [r["set"] for r in rows] == ["tiny"] and rows[0]["layout"] == layout
+    assert (rows[0]["partial_tensors"] > 0) == (layout == "sequence-parallel")
     for method in distributed.METHODS:
         assert rows[0][f"{method}_median_ms"] > 0
     assert rows[0]["norm_rel_err_fastclip"] <= 1e-6
+
+
+def test_partial_placements_fastclip_can_scale():
+    """Which pending reductions a clip may scale part by part (the others
+    are refused with the element's name, before any collective): sum and
+    avg together (they commute), max or min alone; not a product, a
+    Partial subclass (torch's norm and mask placements reduce otherwise),
+    nor a sum next to a maximum (their order would matter; torch 2.13's
+    DTensor refuses to make one, earlier versions did not)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    from fastclip import _distributed
+
+    shards, replicate, _ = _distributed._placement_types()
+    key = lambda *placements: _distributed._placement_key(placements, shards, replicate, "grads[3]")
+    assert key(Shard(0), Partial("avg"), Partial("sum")) == ((0,), ((1, "avg"), (2, "sum")))
+    assert key(Partial("max"), Replicate(), Partial("max")) == ((), ((0, "max"), (2, "max")))
+    assert key(Replicate(), Shard(1)) == ((1,), ())
+
+    class Custom(Partial):
+        pass
+
+    for placements, match in (
+        ((Partial("sum"), Partial("max")), "depends on their order"),
+        ((Partial("min"), Partial("max")), "depends on their order"),
+        ((Partial("avg"), Partial("min")), "depends on their order"),
+        ((Shard(0), Partial("product")), "does not know"),
+        ((Custom("sum"),), "does not know"),
+    ):
+        with pytest.raises(ValueError, match=match) as error:
+            key(*placements)
+        assert "grads[3]" in str(error.value)

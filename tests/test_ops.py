@@ -534,6 +534,54 @@ def test_scale_coef_float64_tensor(dtype, device):
         assert_scaled_close(t, e)
 
 
+# Coefficients below float32's normal range (2^-126): a clip by a norm
+# above 2^126 times max_norm. float32 would keep 12 bits of 3.3e-42.
+TINY_COEFS = [1e-39, 3.3e-42, -7e-44, 2.0**-149, 2.0**-126]
+
+
+@pytest.mark.parametrize("impl", ["op", "fallback"])
+@device_param
+@pytest.mark.parametrize("coef", TINY_COEFS)
+@dtype_param
+def test_scale_by_a_coefficient_below_float_normals(dtype, coef, device, impl):
+    """Data computed in float32 is scaled in double and rounded once where
+    the coefficient is below float32's normal range (found in review: fp32
+    gradients of norm 3e41 clipped 1e-4 off); AVX and views included."""
+    if impl == "op":
+        require_kernel(device)
+    scale = ops.multi_tensor_scale_ if impl == "op" else _fallback.multi_tensor_scale_
+    big = torch.tensor([3e38, -2.5e38, 1e30, 7.0, 0.0, -0.0, math.nan, math.inf], dtype=torch.float64)
+    tensors = [(t.double() * 1e36).to(dtype) for t in make_grads([(1031,), (5, 33)], dtype, device, seed=42)]
+    tensors += [big.to(dtype).to(device), gapped_view((4, 3), dtype, device).mul_(1e30)]
+    coef_t = torch.tensor(coef, dtype=torch.float64)
+    expected = [ref_scaled(t, coef_t) for t in tensors]
+    scale(tensors, coef_t)
+    for t, e in zip(tensors, expected):
+        assert_scaled_close(t, e)
+
+
+def test_clip_by_a_norm_above_float_normals_is_exact():
+    """The fused clip, the split path and the fallback on fp32 gradients
+    whose norm's reciprocal is below float32's normal range: each element
+    is the float64 product rounded once, within an ulp (the coefficient
+    comes from the kernel's float64 norm; float32 arithmetic was 1.5e-6
+    and 1e-4 off here)."""
+    for n, value in ((100, 1e38), (10**6, 3e38)):
+        exact = math.sqrt(n) * float(torch.tensor(value))
+        coef = 1.0 / (exact + 1e-6)
+        for how in ("fused", "tensor max_norm", "fallback"):
+            grad = torch.full((n,), value)
+            params = make_params([grad])
+            if how == "fallback":
+                _fallback.multi_tensor_scale_([params[0].grad], torch.tensor(coef, dtype=torch.float64))
+            else:
+                max_norm = 1.0 if how == "fused" else torch.tensor(1.0)
+                norm = fastclip.clip_grad_norm_(params, max_norm)
+                assert math.isinf(norm.item())  # beyond float32, as documented
+            want = (grad.double() * coef).float()
+            torch.testing.assert_close(params[0].grad, want, rtol=2.0**-23, atol=0.0, msg=f"{how} n={n}")
+
+
 @device_param
 def test_scale_mixed_dtypes(device):
     require_kernel(device)

@@ -179,16 +179,23 @@ def ref_coef(max_norm: float, norm: Tensor) -> Tensor:
     return torch.clamp(max_norm / (norm.to(torch.float64) + 1e-6), max=1.0)
 
 
+FLOAT_MIN_NORMAL = 2.0**-126  # below it the kernels scale float-computed data in double
+
+
 def ref_scaled(t: Tensor, coef: Union[Tensor, float]) -> Tensor:
     """``t * coef`` as the dtype should hold it (torch's opmath, as the
     kernels compute it): fp32 and 16-bit the float32 product by the
-    coefficient rounded to float32, rounded to the dtype; fp64 the float64
-    product; complex the complex128 product."""
+    coefficient rounded to float32, rounded to the dtype, or, for a
+    coefficient below float32's normal range, the float64 product rounded
+    to float32, then to the dtype; fp64 the float64 product; complex the
+    complex128 product."""
     coef = torch.as_tensor(coef, dtype=torch.float64)
     if t.layout != torch.strided:
         t = t.to_dense()
     t = t.detach().to("cpu")
     if t.dtype in LOW_PRECISION or t.dtype == torch.float32:
+        if 0.0 < abs(float(coef)) < FLOAT_MIN_NORMAL:
+            return (t.double() * coef).float().to(t.dtype)
         return (t.float() * coef.float()).to(t.dtype)
     if t.is_complex():
         return t.to(torch.complex128) * coef

@@ -167,10 +167,19 @@ FASTCLIP_ALWAYS_INLINE void update_span(void* data, int64_t n, const Op& op, Pre
   for (; i < n; ++i) x[i] = E::store(op(E::load(x, i)));
 }
 
-// 16-bit types compute in float and round once, as torch's opmath does.
+// 16-bit types compute in float and round once, as torch's opmath does;
+// in double where the coefficient is below float's normal range.
 template <typename E>
 FASTCLIP_ALWAYS_INLINE void scale_span(void* data, int64_t n, double coef, PrefetchStream& prefetch) {
   using T = typename E::compute;
+  if constexpr (!std::is_same<T, double>::value) {
+    if (scale_needs_double(coef)) {
+      update_span<E>(data, n, [coef](T v) __attribute__((always_inline)) {
+        return static_cast<T>(static_cast<double>(v) * coef);
+      }, prefetch);
+      return;
+    }
+  }
   const T c = static_cast<T>(coef);
   update_span<E>(data, n, [c](T v) __attribute__((always_inline)) { return v * c; }, prefetch);
 }
@@ -500,7 +509,7 @@ FASTCLIP_NORM_SPAN(norm_span_bf16) {
 
 FASTCLIP_UPDATE_SPAN(scale_span_bf16) {
 #ifdef FASTCLIP_X86_CONVERSIONS
-  if (bf16_cvt_usable()) {
+  if (bf16_cvt_usable() && !scale_needs_double(value)) {
     const float coef = static_cast<float>(value);
     update_bf16_avx512(
         static_cast<uint16_t*>(x), n,
@@ -553,7 +562,7 @@ FASTCLIP_NORM_SPAN(norm_span_f16) {
 
 FASTCLIP_UPDATE_SPAN(scale_span_f16) {
 #ifdef FASTCLIP_X86_CONVERSIONS
-  if (f16c_usable()) {
+  if (f16c_usable() && !scale_needs_double(value)) {
     const float coef = static_cast<float>(value);
     update_f16c(
         static_cast<uint16_t*>(x), n,

@@ -499,6 +499,23 @@ struct ScaleBy {
   }
 };
 
+// x * c in double, rounded once: for a coefficient that float would make
+// subnormal (scale_needs_double); a kernel of its own keeps the common
+// loop as it is.
+template <typename C>
+struct MulWide {
+  double c;
+  __device__ C operator()(C v) const { return static_cast<C>(static_cast<double>(v) * c); }
+};
+
+struct ScaleWide {
+  double coef;
+  template <typename C>
+  __device__ MulWide<C> op() const {
+    return MulWide<C>{coef};
+  }
+};
+
 // NaN compares false both ways and is kept, as torch.clamp keeps it.
 template <typename C>
 struct Clamp {
@@ -562,17 +579,17 @@ __device__ double load_coefficient(const Coefficient& coef) {
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) scale_kernel(DeviceTable table, Coefficient coef) {
   const double c = load_coefficient(coef);
   if (c == 1.0) return;  // the contract: no gradient bytes touched
-  update_all(table, ScaleBy{c});
+  if (scale_needs_double(c)) {
+    update_all(table, ScaleWide{c});
+  } else {
+    update_all(table, ScaleBy{c});
+  }
 }
 
 // Grid: y is the view, x walks its elements; the offset of element i is
 // found from its multi-index (row-major, last dimension fastest).
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    scale_strided_kernel(const __grid_constant__ StridedViews views, Coefficient coef) {
-  const double c = load_coefficient(coef);
-  if (c == 1.0) return;  // the contract: no gradient bytes touched
-  const StridedView& v = views.views[blockIdx.y];
-  const ScaleBy update{c};
+template <typename Update>
+__device__ void update_view(const StridedView& v, const Update& update) {
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < v.numel; i += int64_t{gridDim.x} * kThreads) {
     int64_t rest = i;
     int64_t offset = 0;
@@ -583,24 +600,36 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     switch (v.dtype) {
       case DType::kFloat32: {
         float* x = static_cast<float*>(v.data) + offset;
-        *x = update.op<float>()(*x);
+        *x = update.template op<float>()(*x);
         break;
       }
       case DType::kFloat64: {
         double* x = static_cast<double*>(v.data) + offset;
-        *x = update.op<double>()(*x);
+        *x = update.template op<double>()(*x);
         break;
       }
       case DType::kFloat16: {
         uint16_t* x = static_cast<uint16_t*>(v.data) + offset;
-        *x = Elem<DType::kFloat16>::store(update.op<float>()(Elem<DType::kFloat16>::load(*x)));
+        *x = Elem<DType::kFloat16>::store(update.template op<float>()(Elem<DType::kFloat16>::load(*x)));
         break;
       }
       default: {
         uint16_t* x = static_cast<uint16_t*>(v.data) + offset;
-        *x = Elem<DType::kBFloat16>::store(update.op<float>()(Elem<DType::kBFloat16>::load(*x)));
+        *x = Elem<DType::kBFloat16>::store(update.template op<float>()(Elem<DType::kBFloat16>::load(*x)));
       }
     }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    scale_strided_kernel(const __grid_constant__ StridedViews views, Coefficient coef) {
+  const double c = load_coefficient(coef);
+  if (c == 1.0) return;  // the contract: no gradient bytes touched
+  const StridedView& v = views.views[blockIdx.y];
+  if (scale_needs_double(c)) {
+    update_view(v, ScaleWide{c});
+  } else {
+    update_view(v, ScaleBy{c});
   }
 }
 

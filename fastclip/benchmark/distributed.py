@@ -1,9 +1,15 @@
 """Distributed clip on CPU processes (gloo): fastclip against torch on the same DTensor shards.
 
-    python -m fastclip.benchmark.distributed [--world 2] [--sets gpt2-124m,10k-small] [--out DIR]
+    python -m fastclip.benchmark.distributed [--world 2] [--sets gpt2-124m,10k-small]
+        [--layout shard|sequence-parallel] [--out DIR]
 
 Every rank holds FSDP2-style gradients: each tensor of a set's shape list is
-a DTensor sharded on dim 0 over a 1-D mesh of all ranks. Timed on rank 0,
+a DTensor sharded on dim 0 over a 1-D mesh of all ranks. With
+``--layout sequence-parallel`` the 1-D tensors (norm weights, biases) are
+``Partial(sum)`` instead, each rank holding a summand of the whole tensor,
+as tensor parallelism with SequenceParallel leaves a LayerNorm's gradients
+(torch's norm all-reduces each such tensor; fastclip all of them in one
+collective). Timed on rank 0,
 after a barrier, with perf_counter; the gradients are restored from a copy
 before every call (outside the timed region) so that every call clips:
 
@@ -36,6 +42,7 @@ from .cases import NORM_RTOL
 from .report import save_result
 
 DEFAULT_SETS = ("gpt2-124m", "10k-small")
+LAYOUTS = ("shard", "sequence-parallel")
 MAX_NORM = 1.0
 METHODS = ("torch", "fastclip", "local", "allreduce")
 
@@ -46,16 +53,26 @@ def _local_rows(rows: int, world: int, rank: int) -> int:
     return max(0, min(per, rows - per * rank))
 
 
-def _grads(shapes, mesh, rank: int, world: int, seed: int):
-    from torch.distributed.tensor import DTensor, Shard
+def _pending(shape, layout: str) -> bool:
+    """The tensor is a Partial(sum) summand in this layout."""
+    return layout == "sequence-parallel" and len(shape) == 1
+
+
+def _grads(shapes, mesh, rank: int, world: int, seed: int, layout: str = "shard"):
+    from torch.distributed.tensor import DTensor, Partial, Shard
 
     g = torch.Generator().manual_seed(seed + rank)
     out = []
     for shape in shapes:
-        local_shape = (_local_rows(shape[0], world, rank),) + tuple(shape[1:])
-        local = torch.randn(local_shape, generator=g) * 10.0
         stride = torch.empty(shape, device="meta").stride()
-        out.append(DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride))
+        if _pending(shape, layout):
+            local = torch.randn(shape, generator=g) * 10.0
+            placement = Partial("sum")
+        else:
+            local_shape = (_local_rows(shape[0], world, rank),) + tuple(shape[1:])
+            local = torch.randn(local_shape, generator=g) * 10.0
+            placement = Shard(0)
+        out.append(DTensor.from_local(local, mesh, [placement], run_check=False, shape=torch.Size(shape), stride=stride))
     return out
 
 
@@ -79,7 +96,8 @@ def _time_rounds(calls: dict, repeats: int, warmup: int) -> dict:
     return times
 
 
-def _worker(rank: int, world: int, init_file: str, sets: list, repeats: int, warmup: int, result_file: str) -> None:
+def _worker(rank: int, world: int, init_file: str, sets: list, repeats: int, warmup: int, result_file: str,
+            layout: str = "shard") -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -94,7 +112,7 @@ def _worker(rank: int, world: int, init_file: str, sets: list, repeats: int, war
     try:
         for name in sets:
             shapes = SETS[name]()
-            grads = _grads(shapes, mesh, rank, world, seed=17)
+            grads = _grads(shapes, mesh, rank, world, seed=17, layout=layout)
             saved = [g.to_local().clone() for g in grads]
             params = []
             for g in grads:
@@ -106,8 +124,14 @@ def _worker(rank: int, world: int, init_file: str, sets: list, repeats: int, war
                 for g, s in zip(grads, saved):
                     g.to_local().copy_(s)
 
-            local_sq = torch.stack([s.double().pow(2).sum() for s in saved]).sum()
+            sharded = [s for s, shape in zip(saved, shapes) if not _pending(shape, layout)]
+            local_sq = torch.stack([s.double().pow(2).sum() for s in sharded] + [torch.zeros((), dtype=torch.float64)]).sum()
             dist.all_reduce(local_sq)
+            for s, shape in zip(saved, shapes):  # a summand's whole tensor, in float64, counted once
+                if _pending(shape, layout):
+                    whole = s.double()
+                    dist.all_reduce(whole)
+                    local_sq += whole.pow(2).sum()
             expected = math.sqrt(float(local_sq))
             restore()
             got = float(fastclip.clip_grad_norm_(params, MAX_NORM).full_tensor())
@@ -147,7 +171,9 @@ def _worker(rank: int, world: int, init_file: str, sets: list, repeats: int, war
             if rank == 0:
                 row = {
                     "set": name,
+                    "layout": layout,
                     "tensors": len(shapes),
+                    "partial_tensors": sum(_pending(shape, layout) for shape in shapes),
                     "mbytes_per_rank": sum(s.numel() * s.element_size() for s in saved) / 1e6,
                     "norm_rel_err_torch": abs(ref - expected) / expected,
                     "norm_rel_err_fastclip": abs(got - expected) / expected,
@@ -167,20 +193,22 @@ def _worker(rank: int, world: int, init_file: str, sets: list, repeats: int, war
             json.dump(rows, f)
 
 
-def run(world: int, sets: list, repeats: int, warmup: int) -> list[dict]:
+def run(world: int, sets: list, repeats: int, warmup: int, layout: str = "shard") -> list[dict]:
     """Spawn ``world`` gloo processes and return rank 0's rows."""
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rows.json")
         torch.multiprocessing.spawn(
-            _worker, args=(world, os.path.join(tmp, "rendezvous"), sets, repeats, warmup, result), nprocs=world
+            _worker, args=(world, os.path.join(tmp, "rendezvous"), sets, repeats, warmup, result, layout), nprocs=world
         )
         with open(result) as f:
             return json.load(f)
 
 
 def table(rows: list[dict], world: int) -> str:
+    layout = rows[0].get("layout", "shard") if rows else "shard"
+    what = "Shard(0)" if layout == "shard" else "Shard(0), 1-D ones Partial(sum)"
     lines = [
-        f"distributed clip, {world} CPU processes (gloo), DTensor Shard(0) gradients; ms, median of repeats",
+        f"distributed clip, {world} CPU processes (gloo), DTensor {what} gradients; ms, median of repeats",
         f"{'set':12} {'tensors':>7} {'MB/rank':>8} {'torch':>9} {'fastclip':>9} {'local':>8} {'allreduce':>9} {'speedup':>8} {'extra/allreduce':>15}",
     ]
     for r in rows:
@@ -201,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", default=",".join(DEFAULT_SETS), help=f"comma-separated, from {', '.join(SETS)}")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--layout", choices=LAYOUTS, default="shard",
+                        help="shard: every tensor Shard(0) (FSDP2); sequence-parallel: 1-D tensors Partial(sum)")
     parser.add_argument("--out", default=None, help="directory for distributed.json")
     args = parser.parse_args(argv)
     sets = [s for s in args.sets.split(",") if s]
@@ -209,10 +239,11 @@ def main(argv=None) -> int:
         parser.error(f"--sets: unknown set(s) {', '.join(unknown)}; known: {', '.join(SETS)}")
     if args.world < 2:
         parser.error(f"--world must be at least 2, got {args.world}")
-    rows = run(args.world, sets, args.repeats, args.warmup)
+    rows = run(args.world, sets, args.repeats, args.warmup, args.layout)
     print(table(rows, args.world))
     if args.out:
-        save_result(args.out, "distributed.json", {"world": args.world, "torch": torch.__version__, "rows": rows})
+        save_result(args.out, "distributed.json",
+                    {"world": args.world, "layout": args.layout, "torch": torch.__version__, "rows": rows})
     return 0
 
 

@@ -75,8 +75,16 @@ MUTANTS = {
         "  (void)order;\n  return ScaledSum{a.sum + b.sum, top};"),
     "coefficient_one_writes": (
         "the scale kernel writes x * 1",
-        "  if (c == 1.0) return;  // the contract: no gradient bytes touched\n  update_all(table, ScaleBy{c});",
-        "  update_all(table, ScaleBy{c});"),
+        "  if (c == 1.0) return;  // the contract: no gradient bytes touched\n  if (scale_needs_double(c)) {\n    update_all(",
+        "  if (scale_needs_double(c)) {\n    update_all("),
+    "tiny_coefficient_in_float": (
+        "a coefficient below float's normal range rounded to float (the scale kernel)",
+        "  if (scale_needs_double(c)) {\n    update_all(table, ScaleWide{c});",
+        "  if (false) {\n    update_all(table, ScaleWide{c});"),
+    "strided_tiny_coefficient_in_float": (
+        "a coefficient below float's normal range rounded to float (the strided kernel)",
+        "  if (scale_needs_double(c)) {\n    update_view(v, ScaleWide{c});",
+        "  if (false) {\n    update_view(v, ScaleWide{c});"),
     "clamp_fmin_fmax": (
         "clamp through fmin/fmax (NaN becomes the bound)",
         "    v = v < lo ? lo : v;\n    return v > hi ? hi : v;", "    return fmin(fmax(v, lo), hi);"),
