@@ -212,6 +212,12 @@ def _placement_types() -> tuple[tuple, type, type]:
     return shards, Replicate, Partial
 
 
+def _element(name: str, i: int) -> str:
+    """How an error names element ``i``: the parameter lists reach here as
+    their non-None gradients, which is what ``i`` counts then."""
+    return f"gradient {i} (counting non-None gradients)" if name == "parameters" else f"{name}[{i}]"
+
+
 def has_dtensor(tensors: Sequence[Tensor]) -> bool:
     DTensor = _dtensor_type()
     return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
@@ -250,7 +256,7 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
     for i, t in enumerate(tensors):
         if not isinstance(t, DTensor):
             raise ValueError(
-                f"{name}[{i}] is a plain tensor among DTensor gradients: pass plain tensors in a "
+                f"{_element(name, i)} is a plain tensor among DTensor gradients: pass plain tensors in a "
                 "separate call (with process_group=) or make them DTensors on the same mesh"
             )
         if direct:
@@ -262,20 +268,24 @@ def unwrap(tensors: Sequence[Tensor], name: str = "tensors") -> tuple[list[Tenso
             mesh = t_mesh
         elif t_mesh is not mesh and t_mesh != mesh:
             raise ValueError(
-                f"{name}[{i}] is a DTensor on mesh {t_mesh}, but {name}[0] is on {mesh}: "
+                f"{_element(name, i)} is a DTensor on mesh {t_mesh}, but {_element(name, 0)} is on {mesh}: "
                 "clip the gradients of each mesh in its own call, or pass the other mesh's "
                 "group through process_group"
             )
-        known = key_of.get(placements) if key_of is not None else None
+        # Keyed with the types too: a Partial subclass equals a Partial of
+        # the same reduce op (found in review: one after a plain Partial was
+        # taken from the cache, where alone it is refused).
+        cache_key = (placements, *map(type, placements)) if key_of is not None else None
+        known = key_of.get(cache_key) if key_of is not None else None
         if known is None:
-            known = _placement_key(placements, shards, replicate, f"{name}[{i}]")
+            known = _placement_key(placements, shards, replicate, _element(name, i))
             if key_of is not None:
-                key_of[placements] = known
+                key_of[cache_key] = known
         key, pending = known
         if pending:
             if local.is_complex() and pending[0][1] in ("max", "min"):
                 raise ValueError(
-                    f"{name}[{i}] is a complex DTensor with placements {placements}: a maximum or minimum "
+                    f"{_element(name, i)} is a complex DTensor with placements {placements}: a maximum or minimum "
                     "of complex values is not defined; redistribute it to Shard or Replicate first"
                 )
             partial[i] = pending
@@ -328,11 +338,19 @@ def refuse_partial_clamp(sharding: Optional[Sharding], name: str) -> None:
     for i, pending in sharding.partial.items():
         if pending[0][1] in _LINEAR_PARTIALS:
             raise ValueError(
-                f"{name}[{i}] has a pending Partial({pending[0][1]}) reduction over mesh dimension "
+                f"{_element(name, i)} has a pending Partial({pending[0][1]}) reduction over mesh dimension "
                 f"{pending[0][0]}: clamping each rank's part does not clamp their "
                 f"{'sum' if pending[0][1] == 'sum' else 'average'}; redistribute it to Replicate "
                 "(or Shard) first"
             )
+
+
+def signed_parts(sharding: Optional[Sharding]) -> list[int]:
+    """Indices of the tensors whose pending reduction (max or min) scales
+    with its parts only for a coefficient >= 0."""
+    if sharding is None:
+        return []
+    return [i for i, pending in sharding.partial.items() if pending[0][1] not in _LINEAR_PARTIALS]
 
 
 def reduce_partials(locals_: list[Tensor], sharding: Optional[Sharding]) -> list[Tensor]:
@@ -411,12 +429,15 @@ def to_device_async(host: Tensor, device: torch.device) -> Tensor:
     return pinned.to(device, non_blocking=True)
 
 
-def _over_mesh(values: Tensor, keys: list, sharding: Optional[Sharding], op_max: bool) -> Tensor:
-    """Reduce entry-wise over every mesh dimension that shards some entry."""
+def _over_mesh(values: Tensor, keys: list, sharding: Optional[Sharding], op_max: bool, every_dim: bool = False) -> Tensor:
+    """Reduce entry-wise over every mesh dimension that shards some entry
+    (``every_dim``: over all of them, for values that may differ between
+    copies of a replicated or reduced tensor: per-rank flags and divisors)."""
     if sharding is None:
         return values
     coordinate = sharding.mesh.get_coordinate()
-    for dim in sorted({d for key in keys for d in key}):
+    dims = range(sharding.mesh.ndim) if every_dim else sorted({d for key in keys for d in key})
+    for dim in dims:
         if not op_max and coordinate[dim] != 0:
             # Replicated on this dimension: the copy at coordinate 0 counts for all.
             kept = [dim in key for key in keys]
@@ -438,7 +459,12 @@ def any_rank(flag: Tensor, sharding: Optional[Sharding], groups: list) -> Tensor
     dist = _dist()
     flag = flag.reshape(1).clone()
     if sharding is not None:
-        for dim in sorted({d for key in sharding.keys for d in key}):
+        # Every mesh dimension: the ranks holding copies of a replicated or
+        # reduced tensor step the same parameters, and their flags are
+        # their own (found in review: with Partial gradients alone, one
+        # rank skipped a step the other took, and gloo then failed on the
+        # mismatched collectives of the fused step).
+        for dim in range(sharding.mesh.ndim):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=sharding.mesh.get_group(dim))
     for group in groups:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
@@ -476,7 +502,8 @@ def _root_of_squares(sums: Tensor) -> Tensor:
 
 
 def reduce_norms(
-    local: Tensor, keys: list, sharding: Optional[Sharding], groups: list, ord: float, per_entry: bool = True
+    local: Tensor, keys: list, sharding: Optional[Sharding], groups: list, ord: float, per_entry: bool = True,
+    every_dim: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Global norms from local ones.
 
@@ -486,27 +513,31 @@ def reduce_norms(
     entry's norm over the mesh (``groups`` hold different tensors, so they
     do not enter per-entry norms), both float64. Without ``per_entry``
     the entries' norms may be left out (order 2 then skips their roots, a
-    dozen small ops per call).
+    dozen small ops per call). ``every_dim``: reduced over every mesh
+    dimension (the local norms hold per-rank flags or divisors).
     """
+    def over_mesh(values: Tensor, op_max: bool, entry_keys: Optional[list] = None) -> Tensor:
+        return _over_mesh(values, keys if entry_keys is None else entry_keys, sharding, op_max, every_dim)
+
     if ord == math.inf:
-        entries = _over_mesh(local, keys, sharding, op_max=True)
+        entries = over_mesh(local, True)
         total = entries.max() if entries.numel() else torch.zeros((), dtype=torch.float64, device=local.device)
         total = torch.where(torch.isnan(entries).any(), torch.full_like(total, math.nan), total)
         return _over_groups(total, groups, op_max=True), entries
     if ord == 2.0:
-        squares = _over_mesh(_squares(local), list(keys) * 3, sharding, op_max=False)
+        squares = over_mesh(_squares(local), False, list(keys) * 3)
         sums = torch.stack([part.sum() for part in squares.chunk(3)])
         total = _root_of_squares(_over_groups(sums, groups, op_max=False)).reshape(())
         return total, _root_of_squares(squares) if per_entry else local[:0]
     if ord == 1.0:  # a sum of norms overflows only where the norm itself does
-        entries = _over_mesh(local, keys, sharding, op_max=False)
+        entries = over_mesh(local, False)
         return _over_groups(entries.sum(), groups, op_max=False), entries
     # Any other order: scale by the maximum so that no power overflows (a
     # ratio under the double range still counts, and a root beyond it is
     # taken in logarithms; found in review: at order 0.01 a rank's 1e-300
     # next to another's 1 vanished, a norm 4.9% low).
-    peak = _over_mesh(local, keys, sharding, op_max=True)
-    entries = _over_mesh(ratio_pow(local, peak, ord), keys, sharding, op_max=False)
+    peak = over_mesh(local, True)
+    entries = over_mesh(ratio_pow(local, peak, ord), False)
     entries = root(peak, entries, ord)
     top = entries.max() if entries.numel() else torch.zeros((), dtype=torch.float64, device=local.device)
     top = torch.where(torch.isnan(entries).any(), torch.full_like(top, math.nan), top)

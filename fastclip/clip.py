@@ -611,7 +611,11 @@ def _global_norms(
         local = local / local_divisor.reshape(()).to(local.device, torch.float64)
     if local_found is not None:
         local = torch.where(local_found.reshape(()).to(local.device) > 0, math.inf, local)
-    total, entries = _distributed.reduce_norms(local, entry_keys, sharding, groups, ord, per_entry=per_tensor)
+    # A rank's own divisor or flag makes its copy of a replicated or reduced
+    # entry differ from the others': reduced over every mesh dimension then.
+    every_dim = local_divisor is not None or local_found is not None
+    total, entries = _distributed.reduce_norms(local, entry_keys, sharding, groups, ord, per_entry=per_tensor,
+                                               every_dim=every_dim)
     each = entries.to(torch.float32) if per_tensor else local.new_zeros((0,), dtype=torch.float32)
     return total, each, locals_, sharding, held
 
@@ -622,17 +626,17 @@ def _as_result(total: Tensor, sharding) -> Tensor:
     return _distributed.replicate_like(total, sharding) if sharding is not None else total
 
 
-def _local(tensors: list[Tensor], one_call: bool, name: str, clamp: bool = False) -> tuple[list[Tensor], bool]:
+def _local(tensors: list[Tensor], one_call: bool, name: str, clamp: bool = False):
     """DTensors replaced by their local shards (for element-wise work: a
-    scale by a coefficient >= 0, or with ``clamp`` a clamp)."""
+    scale, or with ``clamp`` a clamp): ``(tensors, one_call, sharding)``."""
     if one_call:
-        return tensors, True
+        return tensors, True, None
     locals_, sharding = _distributed.unwrap(tensors, name)
     if sharding is None:
-        return tensors, False
+        return tensors, False, None
     if clamp:
         _distributed.refuse_partial_clamp(sharding, name)
-    return locals_, len(locals_) > 0 and _one_call(locals_)
+    return locals_, len(locals_) > 0 and _one_call(locals_), sharding
 
 
 # ------------------------------------------------------------- public API
@@ -705,8 +709,20 @@ def clip_grads_with_norm_(
     grads, one_call = _grads(parameters, held)
     if len(grads) == 0:
         return
-    grads, one_call = _local(grads, one_call, "parameters")
-    _scale(grads, _coefficient(max_norm, total_norm), one_call)
+    grads, one_call, sharding = _local(grads, one_call, "parameters")
+    coef = _coefficient(max_norm, total_norm)
+    signed = _distributed.signed_parts(sharding)
+    if signed:
+        # A pending max or min scales with its parts for a coefficient >= 0
+        # only; a negative one (a negative total_norm) makes them NaN, as a
+        # NaN norm would, not silently the other extreme (found in review).
+        apart = set(signed)
+        rest = [g for i, g in enumerate(grads) if i not in apart]
+        if rest:
+            _scale(rest, coef, _one_call(rest))
+        grads = [grads[i] for i in signed]
+        coef, one_call = torch.where(coef >= 0, coef, math.nan), _one_call(grads)
+    _scale(grads, coef, one_call)
 
 
 @torch.no_grad()
@@ -820,7 +836,7 @@ def clip_grad_value_(
     grads, one_call = _grads(parameters, held)
     if len(grads) == 0:
         return
-    grads, one_call = _local(grads, one_call, "parameters", clamp=True)
+    grads, one_call, _ = _local(grads, one_call, "parameters", clamp=True)
     if one_call:
         _ops.multi_tensor_clamp_(grads, clip_value)
         return

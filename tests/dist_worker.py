@@ -845,24 +845,55 @@ def partial_edges(rank: int, world: int) -> None:
         grads, _ = _partial_grads(mesh, [[Shard(0)], [Partial(op)]], torch.float32, seed=16)
         params = _partial_params(grads)
         before = [p.grad.to_local().clone() for p in params]
-        _raises_value_error(lambda: fastclip.clip_grad_value_(params, 1.0), f"parameters[1] has a pending Partial({op})")
+        _raises_value_error(lambda: fastclip.clip_grad_value_(params, 1.0),
+                            f"gradient 1 (counting non-None gradients) has a pending Partial({op})")
         assert all(torch.equal(b, p.grad.to_local()) for b, p in zip(before, params))
     class Custom(Partial):  # a subclass reduces as it likes (torch's norm and mask placements are ones)
         pass
 
     mesh2 = init_device_mesh("cpu", (2, world // 2))
+    plain = DTensor.from_local(torch.ones(2, 2), mesh, [Partial("sum")], run_check=False)
     for placements, match in (
         ([Partial("product")], "does not know"),
         ([Custom("sum")], "does not know"),
     ):
         odd = DTensor.from_local(torch.ones(2, 2), mesh, placements, run_check=False)
         _raises_value_error(lambda: fastclip.get_total_norm([odd]), match)
+        # After a Partial it equals (found in review: taken from the cache).
+        _raises_value_error(lambda: fastclip.get_total_norm([plain, odd]), "tensors[1] has a placement")
     # A pending sum next to a pending average: they commute (torch's
     # DTensor refuses other mixes when it is made; a unit test covers them).
     odd = DTensor.from_local(torch.full((2, 2), 3.0), mesh2, [Partial("avg"), Partial("sum")], run_check=False)
     assert_norm(fastclip.get_total_norm([odd]), 3.0 * 2.0 * (world // 2), "avg over sum")
     odd = DTensor.from_local(torch.ones(2, dtype=torch.complex64), mesh, [Partial("max")], run_check=False)
     _raises_value_error(lambda: fastclip.get_total_norm([odd]), "complex")
+
+
+def partial_flags_and_signs(rank: int, world: int) -> None:
+    """A skip flag of one rank (a fused inner optimizer's own found_inf)
+    with Partial gradients alone, which shard no mesh dimension: every rank
+    skips alike (found in review: one rank stepped, the replicated
+    parameters diverged, and gloo failed on the fused step's mismatched
+    collectives); a negative coefficient (a negative total_norm) makes a
+    pending max or min NaN, not the other extreme, and scales a pending
+    sum as torch does."""
+    mesh = init_device_mesh("cpu", (world,))
+    p = torch.nn.Parameter(distribute_tensor(torch.ones(4), mesh, [Replicate()]))
+    opt = fastclip.ClippedOptimizer(torch.optim.AdamW([p], lr=0.1, fused=True), MAX_NORM, nonfinite="skip")
+    for step in range(3):
+        p.grad = DTensor.from_local(torch.full((4,), float(rank + 1)), mesh, [Partial()], run_check=False)
+        if rank == 1 and step != 1:
+            opt.optimizer.found_inf = torch.tensor(1.0)  # this rank's own check says: skip
+        before = p.to_local().clone()
+        opt.step()
+        opt.optimizer.__dict__.pop("found_inf", None)
+        assert int(opt.skipped_steps) == (1 if step == 0 else 1 + (step == 2)), (step, int(opt.skipped_steps))
+        assert torch.equal(p.to_local(), before) == (step != 1), f"step {step}"
+    grads, fulls = _partial_grads(mesh, [[Partial("max")], [Partial("min")], [Partial("sum")]], torch.float32, seed=18)
+    params = _partial_params(grads)
+    fastclip.clip_grads_with_norm_(params, MAX_NORM, -2.0)
+    assert torch.isnan(params[0].grad.to_local()).all() and torch.isnan(params[1].grad.to_local()).all()
+    assert_scaled(params[2].grad.to_local(), grads[2].to_local(), MAX_NORM / (-2.0 + 1e-6), "negative coefficient, sum")
 
 
 def partial_wrapper_and_compile(rank: int, world: int) -> None:
@@ -1031,6 +1062,7 @@ SCENARIOS = {
         partial_gradients,
         partial_in_one_collective,
         partial_edges,
+        partial_flags_and_signs,
         partial_wrapper_and_compile,
         sequence_parallel_matches_torch,
     )
