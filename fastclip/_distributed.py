@@ -353,40 +353,74 @@ def signed_parts(sharding: Optional[Sharding]) -> list[int]:
     return [i for i, pending in sharding.partial.items() if pending[0][1] not in _LINEAR_PARTIALS]
 
 
-def reduce_partials(locals_: list[Tensor], sharding: Optional[Sharding]) -> list[Tensor]:
-    """``locals_`` with each tensor that has Partial placements replaced by
-    its pending reduction, a flat float64 (complex128) copy: their norms
-    then add up over the mesh as the others' do. One collective per mesh
-    dim and kind of tensor for the whole list (torch's DTensor norm
-    all-reduces each tensor alone). float64, so that parts whose sum leaves
-    their dtype's range still give the finite norm the clip needs (the
-    scaled parts are in range again). Nothing else is read or written."""
+def _finished() -> None:
+    """Nothing left to wait for."""
+
+
+def reduce_partials(locals_: list[Tensor], sharding: Optional[Sharding]):
+    """``(tensors, finish)``: ``locals_`` with each tensor that has Partial
+    placements replaced by its pending reduction, a flat float64
+    (complex128) copy, so that their norms add up over the mesh as the
+    others' do. One collective per mesh dim and kind of tensor for the
+    whole list (torch's DTensor norm all-reduces each tensor alone).
+    float64, so that parts whose sum leaves their dtype's range still give
+    the finite norm the clip needs (the scaled parts are in range again).
+    A pending sum runs in the background (gloo's thread, NCCL's stream)
+    until ``finish()``: call it before reading a replaced entry, and
+    before any other collective. Nothing else is read or written."""
     if sharding is None or not sharding.partial:
-        return locals_
+        return locals_, _finished
     batches: dict = {}  # (pending reductions, device, dtype) -> indices
     for i, pending in sharding.partial.items():
         wide = torch.complex128 if locals_[i].is_complex() else torch.float64
         batches.setdefault((pending, locals_[i].device, wide), []).append(i)
     out = list(locals_)
+    # dynamo traces only synchronous collectives (remapped to functional ones).
+    background = not torch.compiler.is_compiling()
+    started: list = []  # (work, buffer, pending) still running
     for (pending, device, wide), indices in batches.items():
         sizes = [locals_[i].numel() for i in indices]
         # cat into a float64 buffer converts as it copies: 5 us a tensor on
         # the CPU, where converting each first and cat took 22 (10,000 tensors).
         flat = torch.empty(sum(sizes), dtype=wide, device=device)
         torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in (locals_[i] for i in indices)], out=flat)
-        for dim, op in pending:
-            group = sharding.mesh.get_group(dim)
-            if op == "max":
-                flat = _all_reduce(flat, True, group)
-            elif op == "min":
-                flat = -_all_reduce(-flat, True, group)
-            else:
-                flat = _all_reduce(flat, False, group)
-                if op == "avg":
-                    flat = flat / sharding.mesh.size(dim)
+        if background and pending[0][1] in ("sum", "avg"):
+            dist = _dist()
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=sharding.mesh.get_group(pending[0][0]),
+                                   async_op=True)
+            started.append((work, flat, pending))
+        else:
+            _reduce_in_place(flat, pending, sharding.mesh, begun=False)
         for i, part in zip(indices, flat.split(sizes)):
             out[i] = part
-    return out
+    if not started:
+        return out, _finished
+
+    def finish() -> None:
+        # Batches in the order started, so that every rank issues the
+        # later steps' collectives in the same order.
+        while started:
+            work, flat, pending = started.pop(0)
+            work.wait()
+            _reduce_in_place(flat, pending, sharding.mesh, begun=True)
+
+    return out, finish
+
+
+def _reduce_in_place(flat: Tensor, pending: tuple, mesh, begun: bool) -> None:
+    """Apply the ``pending`` reductions to ``flat`` in place (its split
+    views are the reduced entries); ``begun``: the first, a sum, is done."""
+    for step, (dim, op) in enumerate(pending):
+        group = mesh.get_group(dim)
+        if op == "max":
+            flat.copy_(_all_reduce(flat, True, group))
+        elif op == "min":
+            flat.copy_(_all_reduce(-flat, True, group).neg_())
+        else:
+            if not (begun and step == 0):
+                _all_reduce(flat, False, group)
+            if op == "avg":
+                flat.div_(mesh.size(dim))
 
 
 def replicate_like(total: Tensor, sharding: Sharding):

@@ -587,26 +587,36 @@ def _global_norms(
     keys = sharding.keys if sharding is not None else [()] * len(locals_)
     # Partial tensors' norms come from their reductions; the scale writes
     # each rank's part (the pending reduction scales with its parts).
-    measured = _distributed.reduce_partials(locals_, sharding)
+    measured, finish = _distributed.reduce_partials(locals_, sharding)
     held_norms = held if measured is locals_ else None
-    if not locals_:  # this rank holds nothing but must still join the collectives
-        local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
-        entry_keys: list = []
-    elif per_tensor:
-        # float64 local norms: one beyond float32's range stays finite (found
-        # in review: a rank whose float32 norm overflowed made the global one inf).
-        _, local = held_norms.norm(ord, True, True) if held_norms is not None else _list_norms(measured, ord, True, fp64=True)
-        entry_keys = keys
-    else:
-        classes: dict = {}  # sharded mesh dims -> tensor indices: one local pass per class
-        for i, key in enumerate(keys):
-            classes.setdefault(key, []).append(i)
-        if held_norms is not None and len(classes) == 1:
-            norms = [held_norms.norm(ord, False, True)[0]]
+    try:
+        if not locals_:  # this rank holds nothing but must still join the collectives
+            local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
+            entry_keys: list = []
+        elif per_tensor:
+            finish()
+            # float64 local norms: one beyond float32's range stays finite (found
+            # in review: a rank whose float32 norm overflowed made the global one inf).
+            _, local = (held_norms.norm(ord, True, True) if held_norms is not None
+                        else _list_norms(measured, ord, True, fp64=True))
+            entry_keys = keys
         else:
-            norms = [_list_norms([measured[i] for i in indices], ord, False, fp64=True)[0]
-                     for indices in classes.values()]
-        local, entry_keys = torch.stack(norms), list(classes)
+            classes: dict = {}  # sharded mesh dims -> tensor indices: one local pass per class
+            for i, key in enumerate(keys):
+                classes.setdefault(key, []).append(i)
+            if held_norms is not None and len(classes) == 1:
+                norms = {next(iter(classes)): held_norms.norm(ord, False, True)[0]}
+            else:
+                pending = sharding.partial if sharding is not None else {}
+                norms = {}
+                # Classes without a pending reduction first: their pass hides its wait.
+                for key, indices in sorted(classes.items(), key=lambda kv: any(i in pending for i in kv[1])):
+                    if any(i in pending for i in indices):
+                        finish()
+                    norms[key] = _list_norms([measured[i] for i in indices], ord, False, fp64=True)[0]
+            local, entry_keys = torch.stack(list(norms.values())), list(norms)
+    finally:
+        finish()  # also on an error: the other ranks complete it
     if local_divisor is not None:
         local = local / local_divisor.reshape(()).to(local.device, torch.float64)
     if local_found is not None:
