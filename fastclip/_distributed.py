@@ -320,7 +320,9 @@ def _placement_key(placements, shards: tuple, replicate: type, what: str) -> tup
                 "it cannot tell how its shards make up the tensor; redistribute it to "
                 "Shard or Replicate first"
             )
-        pending.append((d, p.reduce_op))
+        # Our own constant: torch 2.11's dynamo cannot hash the placement's
+        # attribute as a dict key (reduce_partials batches by it).
+        pending.append((d, next(op for op in _PARTIAL_FAMILIES if op == p.reduce_op)))
     if len({_PARTIAL_FAMILIES[op] for _, op in pending}) > 1:
         raise ValueError(
             f"{what} has placements {placements} that mix a sum with a maximum or minimum over "

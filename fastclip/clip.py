@@ -588,7 +588,8 @@ def _global_norms(
     # Partial tensors' norms come from their reductions; the scale writes
     # each rank's part (the pending reduction scales with its parts).
     measured, finish = _distributed.reduce_partials(locals_, sharding)
-    held_norms = held if measured is locals_ else None
+    pending = sharding.partial if sharding is not None else {}
+    held_norms = None if pending else held
     try:
         if not locals_:  # this rank holds nothing but must still join the collectives
             local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
@@ -607,7 +608,6 @@ def _global_norms(
             if held_norms is not None and len(classes) == 1:
                 norms = {next(iter(classes)): held_norms.norm(ord, False, True)[0]}
             else:
-                pending = sharding.partial if sharding is not None else {}
                 norms = {}
                 # Classes without a pending reduction first: their pass hides its wait.
                 for key, indices in sorted(classes.items(), key=lambda kv: any(i in pending for i in kv[1])):

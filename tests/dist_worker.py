@@ -754,6 +754,17 @@ def _partial_params(grads) -> list:
     return params
 
 
+def torch_clips(placements, mesh) -> bool:
+    """Whether torch's clip_grad_norm_ scales a DTensor gradient of these
+    placements: torch 2.11's _foreach_mul_ leaves one that is Partial on a
+    mesh dim of size > 1 unscaled (seen at 2.11.0, the GPU machines'
+    torch; fixed by 2.13.0): its clip returns the right norm but does not
+    clip such gradients. fastclip is held to the float64 reference there."""
+    if fastclip._torch_release(torch.__version__) >= (2, 13):
+        return True
+    return not any(p.is_partial() and n > 1 for p, n in zip(placements, mesh.mesh.shape))
+
+
 def partial_gradients(rank: int, world: int) -> None:
     """DTensor gradients with pending reductions (tensor parallel with
     SequenceParallel makes Partial(sum) ones): norms from their reductions,
@@ -779,13 +790,17 @@ def partial_gradients(rank: int, world: int) -> None:
     # pending max or min): torch all-reduces each tensor in its dtype.
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         linear = [pl for pl in PARTIAL_LAYOUTS if not any(p.is_partial() and p.reduce_op in ("max", "min") for p in pl)]
-        grads, _ = _partial_grads(mesh, linear, dtype, seed=12)
+        grads, fulls = _partial_grads(mesh, linear, dtype, seed=12)
         ours, theirs = _partial_params(grads), _partial_params(grads)
         ref = float(torch.nn.utils.clip_grad_norm_(theirs, MAX_NORM).full_tensor())
         got = float(fastclip.clip_grad_norm_(ours, MAX_NORM).full_tensor())
         assert math.isclose(got, ref, rel_tol=tol), f"partial vs torch {dtype}: {got} vs {ref}"
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a.grad.full_tensor().double(), b.grad.full_tensor().double(), rtol=tol, atol=tol)
+        coef = ref_coef(ref_norm(fulls, 2.0))
+        for pl, a, b, full in zip(linear, ours, theirs, fulls):
+            mine, torchs = a.grad.full_tensor().double(), b.grad.full_tensor().double()
+            torch.testing.assert_close(mine, full * coef, rtol=tol, atol=tol * float(full.abs().max()) * coef)
+            if torch_clips(pl, mesh):
+                torch.testing.assert_close(mine, torchs, rtol=tol, atol=tol)
 
 
 def partial_in_one_collective(rank: int, world: int) -> None:
@@ -916,8 +931,12 @@ def partial_wrapper_and_compile(rank: int, world: int) -> None:
     torch.optim.SGD(theirs, lr=0.5).step()
     assert_norm(opt.last_norm, ref_norm(fulls, 2.0), "partial wrapper")
     assert_norm(ref, ref_norm(fulls, 2.0), "partial torch")
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=1e-5, atol=1e-6)
+    coef = ref_coef(ref_norm(fulls, 2.0))
+    for a, b, full, pl in zip(ours, theirs, fulls, layouts):
+        stepped = a.full_tensor().double()
+        torch.testing.assert_close(stepped, 1.0 - 0.5 * full * coef, rtol=1e-5, atol=1e-6)
+        if torch_clips(pl, mesh):
+            torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
     params = _partial_params(grads)
     norm = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, MAX_NORM), fullgraph=True)(params)
@@ -928,7 +947,8 @@ def partial_wrapper_and_compile(rank: int, world: int) -> None:
 
 def sequence_parallel_matches_torch(rank: int, world: int) -> None:
     """Tensor parallel with SequenceParallel and no FSDP2: the LayerNorm's
-    gradients are Partial(sum); fastclip clips as torch does."""
+    gradients are Partial(sum); fastclip clips as torch does (torch 2.11
+    leaves those unclipped: held to the reference there, see torch_clips)."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module,
     )
@@ -954,8 +974,12 @@ def sequence_parallel_matches_torch(rank: int, world: int) -> None:
         ref = float(torch.nn.utils.clip_grad_norm_(theirs, MAX_NORM, ord).full_tensor())
         got = float(fastclip.clip_grad_norm_(ours, MAX_NORM, ord).full_tensor())
         assert math.isclose(got, ref, rel_tol=1e-5), f"sequence parallel ord={ord}: {got} vs {ref}"
-        for p, q in zip(ours, theirs):
-            torch.testing.assert_close(p.grad.full_tensor(), q.grad.full_tensor(), rtol=1e-5, atol=1e-7)
+        coef = ref_coef(ref)
+        for (a, _), p, q in zip(saved, ours, theirs):
+            want = a.full_tensor().double() * coef
+            torch.testing.assert_close(p.grad.full_tensor().double(), want, rtol=1e-5, atol=1e-7)
+            if torch_clips(p.grad.placements, mesh):
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad.full_tensor(), rtol=1e-5, atol=1e-7)
         for (a, b), p, q in zip(saved, ours, theirs):
             p.grad, q.grad = a, b
 
