@@ -303,6 +303,27 @@ _LINEAR_PARTIALS = ("sum", "avg")
 _PARTIAL_FAMILIES = {"sum": "sum", "avg": "sum", "max": "max", "min": "min"}
 
 
+def _exactly(placement, cls: type) -> bool:
+    """``type(placement) is cls``. While tracing, by the class's module and
+    name: torch 2.12's dynamo cannot compare placement classes (found
+    running the suite on 2.12.1)."""
+    if torch.compiler.is_compiling():
+        kind = type(placement)
+        return kind.__qualname__ == cls.__qualname__ and kind.__module__ == cls.__module__
+    return type(placement) is cls
+
+
+def _reduce_op_of(placement) -> Optional[str]:
+    """A Partial's reduce op as our own constant, or None for one fastclip
+    does not take. Compared one by one: while tracing, torch 2.6's dynamo
+    answers ``in`` on a dict wrongly for the placement's attribute, and
+    2.11's cannot hash it (reduce_partials batches by it)."""
+    for op in _PARTIAL_FAMILIES:
+        if placement.reduce_op == op:
+            return op
+    return None
+
+
 def _placement_key(placements, shards: tuple, replicate: type, what: str) -> tuple[tuple, tuple]:
     """(the mesh dims that shard a tensor, its ``((dim, reduce op), ...)``
     pending Partial reductions) for one placements tuple, validated."""
@@ -314,15 +335,14 @@ def _placement_key(placements, shards: tuple, replicate: type, what: str) -> tup
             continue
         # Exactly Partial: its subclasses (the norm's, the embedding's mask)
         # reduce otherwise, and a product does not scale with one summand.
-        if type(p) is not Partial or p.reduce_op not in _PARTIAL_FAMILIES:
+        op = _reduce_op_of(p) if _exactly(p, Partial) else None
+        if op is None:
             raise ValueError(
                 f"{what} has a placement fastclip does not know, {p!r} (in {placements}): "
                 "it cannot tell how its shards make up the tensor; redistribute it to "
                 "Shard or Replicate first"
             )
-        # Our own constant: torch 2.11's dynamo cannot hash the placement's
-        # attribute as a dict key (reduce_partials batches by it).
-        pending.append((d, next(op for op in _PARTIAL_FAMILIES if op == p.reduce_op)))
+        pending.append((d, op))
     if len({_PARTIAL_FAMILIES[op] for _, op in pending}) > 1:
         raise ValueError(
             f"{what} has placements {placements} that mix a sum with a maximum or minimum over "
@@ -355,8 +375,8 @@ def signed_parts(sharding: Optional[Sharding]) -> list[int]:
     return [i for i, pending in sharding.partial.items() if pending[0][1] not in _LINEAR_PARTIALS]
 
 
-def _finished() -> None:
-    """Nothing left to wait for."""
+def finished() -> None:
+    """Nothing left to wait for (``reduce_partials``' ``finish`` when nothing runs)."""
 
 
 def reduce_partials(locals_: list[Tensor], sharding: Optional[Sharding]):
@@ -371,7 +391,7 @@ def reduce_partials(locals_: list[Tensor], sharding: Optional[Sharding]):
     until ``finish()``: call it before reading a replaced entry, and
     before any other collective. Nothing else is read or written."""
     if sharding is None or not sharding.partial:
-        return locals_, _finished
+        return locals_, finished
     batches: dict = {}  # (pending reductions, device, dtype) -> indices
     for i, pending in sharding.partial.items():
         wide = torch.complex128 if locals_[i].is_complex() else torch.float64
@@ -379,32 +399,44 @@ def reduce_partials(locals_: list[Tensor], sharding: Optional[Sharding]):
     out = list(locals_)
     # dynamo traces only synchronous collectives (remapped to functional ones).
     background = not torch.compiler.is_compiling()
-    started: list = []  # (work, buffer, pending) still running
+    flats = []  # (buffer, pending reductions, run in the background)
     for (pending, device, wide), indices in batches.items():
         sizes = [locals_[i].numel() for i in indices]
         # cat into a float64 buffer converts as it copies: 5 us a tensor on
         # the CPU, where converting each first and cat took 22 (10,000 tensors).
         flat = torch.empty(sum(sizes), dtype=wide, device=device)
         torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in (locals_[i] for i in indices)], out=flat)
-        if background and pending[0][1] in ("sum", "avg"):
-            dist = _dist()
-            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=sharding.mesh.get_group(pending[0][0]),
-                                   async_op=True)
-            started.append((work, flat, pending))
-        else:
-            _reduce_in_place(flat, pending, sharding.mesh, begun=False)
+        flats.append((flat, pending, background and pending[0][1] in _LINEAR_PARTIALS))
         for i, part in zip(indices, flat.split(sizes)):
             out[i] = part
+    # The synchronous batches first: NCCL runs async_op collectives on the
+    # group's own stream, which then overlaps no other communicator's work.
+    for flat, pending, later in flats:
+        if not later:
+            _reduce_in_place(flat, pending, sharding.mesh, begun=False)
+    started: list = []  # (work, buffer, pending) still running
+    dist = _dist()
+    for flat, pending, later in flats:
+        if later:
+            # A failure here leaves what started to complete on every rank;
+            # nothing more is issued.
+            started.append((dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=sharding.mesh.get_group(pending[0][0]),
+                                            async_op=True), flat, pending))
     if not started:
-        return out, _finished
+        return out, finished
 
     def finish() -> None:
         # Batches in the order started, so that every rank issues the
         # later steps' collectives in the same order.
-        while started:
-            work, flat, pending = started.pop(0)
-            work.wait()
-            _reduce_in_place(flat, pending, sharding.mesh, begun=True)
+        try:
+            while started:
+                work, flat, pending = started[0]
+                work.wait()
+                del started[0]
+                _reduce_in_place(flat, pending, sharding.mesh, begun=True)
+        except BaseException:
+            started.clear()  # a failed collective: issue nothing more on its communicators
+            raise
 
     return out, finish
 

@@ -72,6 +72,10 @@ def _norm_type(norm_type) -> float:
     return p
 
 
+# A plain float for dynamo: torch 2.6's cannot read sys.float_info's fields.
+_DOUBLE_MAX = sys.float_info.max
+
+
 def _max_norm(max_norm) -> MaxNorm:
     """``max_norm`` checked, as a float. Two kinds stay as they are, for
     the coefficient's tensor arithmetic (torch's way: no host sync, no
@@ -92,7 +96,7 @@ def _max_norm(max_norm) -> MaxNorm:
     # and guards on them. Against the largest double, not inf: its symbols
     # are assumed finite, so `< inf` held without a guard and a later inf
     # ran the graph unchecked (found in review).
-    if not 0.0 <= value <= sys.float_info.max:  # also rejects NaN
+    if not 0.0 <= value <= _DOUBLE_MAX:  # also rejects NaN
         # A symbolic float cannot be formatted while dynamo traces.
         got = "a value outside that range" if torch.compiler.is_compiling() else repr(max_norm)
         raise ValueError(f"max_norm must be {what}, got {got}")
@@ -587,10 +591,11 @@ def _global_norms(
     keys = sharding.keys if sharding is not None else [()] * len(locals_)
     # Partial tensors' norms come from their reductions; the scale writes
     # each rank's part (the pending reduction scales with its parts).
-    measured, finish = _distributed.reduce_partials(locals_, sharding)
     pending = sharding.partial if sharding is not None else {}
     held_norms = None if pending else held
+    finish = _distributed.finished
     try:
+        measured, finish = _distributed.reduce_partials(locals_, sharding)
         if not locals_:  # this rank holds nothing but must still join the collectives
             local = torch.zeros((0,), dtype=torch.float64, device=_distributed.collective_device(groups))
             entry_keys: list = []

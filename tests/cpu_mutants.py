@@ -130,8 +130,8 @@ MUTANTS = {
         "type(mode) is not DeviceContext for mode", "True for mode"),
     "nan_max_norm_accepted": (
         "fastclip/clip.py", "max_norm NaN accepted",
-        "    if not 0.0 <= value <= sys.float_info.max:  # also rejects NaN\n",
-        "    if value < 0.0 or value > sys.float_info.max:\n"),
+        "    if not 0.0 <= value <= _DOUBLE_MAX:  # also rejects NaN\n",
+        "    if value < 0.0 or value > _DOUBLE_MAX:\n"),
     "negative_clip_value_accepted": (
         "fastclip/clip.py", "a negative clip_value accepted",
         "    if not value >= 0.0:  # also rejects NaN\n        raise ValueError(f\"clip_value",
