@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import _fallback
 
@@ -334,8 +335,13 @@ if _C is not None:
         return _settle_the_edge(tensors, dims, totals, ord, slices), columns
 
     def _readable(t: Tensor) -> bool:
-        """Whether ``t``'s values can be read on the host here."""
-        return not (torch.compiler.is_compiling() or is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t))
+        """Whether ``t``'s values can be read on the host here. A
+        FunctionalTensor is AOTAutograd's or export's tracing wrapper, over
+        fake values: torch 2.6's is_fake does not see through it, and a
+        compiled nested vmap then read a fake tensor (found running the
+        suite on 2.6)."""
+        return not (torch.compiler.is_compiling() or is_fake(t) or isinstance(t, FunctionalTensor)
+                    or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
     def _settle_the_edge(tensors, dims, totals: Tensor, ord: float, slices: int) -> Tensor:
         """Totals of float64 data at the double range's edge (inf, or within
