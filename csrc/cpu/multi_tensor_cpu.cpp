@@ -28,38 +28,57 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
 #define FASTCLIP_MXCSR 1
+#elif defined(__aarch64__) && defined(__GNUC__)
+#define FASTCLIP_FPCR 1
 #endif
 
 namespace fastclip {
 namespace cpu {
 namespace {
 
-// The caller's denormal mode (MXCSR DAZ and FTZ: torch.set_flush_denormal)
-// for the worker threads while they run a call's chunks. The mode belongs
-// to each thread and torch sets it only on the calling one; without this a
-// chunk would read subnormals as zero or not depending on which thread ran
-// it, and threads take pieces in no fixed order.
+// The caller's denormal mode (x86: MXCSR DAZ and FTZ; AArch64: FPCR FZ,
+// inputs and results alike; torch.set_flush_denormal sets either) for the
+// worker threads while they run a call's chunks. The mode belongs to each
+// thread and torch sets it only on the calling one; without this a chunk
+// would read subnormals as zero or not depending on which thread ran it,
+// and threads take pieces in no fixed order (found on AArch64 under qemu:
+// FZ had not been carried over).
 class CallerDenormalMode {
+#if defined(FASTCLIP_MXCSR)
+  using Word = unsigned;
+  static constexpr Word kBits = 0x0040u | 0x8000u;  // DAZ | FTZ
+  static Word read() { return _mm_getcsr(); }
+  static void write(Word w) { _mm_setcsr(w); }
+#elif defined(FASTCLIP_FPCR)
+  using Word = uint64_t;
+  static constexpr Word kBits = Word{1} << 24;  // FZ
+  static Word read() {
+    Word w;
+    asm volatile("mrs %0, fpcr" : "=r"(w));
+    return w;
+  }
+  static void write(Word w) { asm volatile("msr fpcr, %0" : : "r"(w)); }
+#else
+  using Word = unsigned;
+  static constexpr Word kBits = 0;  // no mode known to carry over
+  static Word read() { return 0; }
+  static void write(Word) {}
+#endif
+
  public:
-#ifdef FASTCLIP_MXCSR
-  static constexpr unsigned kBits = 0x0040u | 0x8000u;  // DAZ | FTZ
-  CallerDenormalMode() : caller_(_mm_getcsr() & kBits) {}
+  CallerDenormalMode() : caller_(read() & kBits) {}
   // Applies the caller's mode on this thread until the returned guard ends.
   struct Guard {
-    explicit Guard(unsigned mode) : saved(_mm_getcsr()) { _mm_setcsr((saved & ~kBits) | mode); }
-    ~Guard() { _mm_setcsr(saved); }
+    explicit Guard(Word mode) : saved(read()) { write((saved & ~kBits) | mode); }
+    ~Guard() { write(saved); }
     Guard(const Guard&) = delete;
     Guard& operator=(const Guard&) = delete;
-    unsigned saved;
+    Word saved;
   };
   Guard apply() const { return Guard(caller_); }
 
  private:
-  unsigned caller_;
-#else
-  struct Guard {};
-  Guard apply() const { return Guard{}; }
-#endif
+  Word caller_;
 };
 
 // 64 Ki elements (256 KiB of float32) per chunk: large enough that the

@@ -190,10 +190,21 @@ FASTCLIP_ALWAYS_INLINE void clamp_span(void* data, int64_t n, double bound, Pref
   using T = typename E::compute;
   const T hi = static_cast<T>(bound);
   const T lo = -hi;
+#if defined(__aarch64__)
+  // FMAXNM/FMINNM read subnormal operands as zero while the thread flushes
+  // denormals (FPCR.FZ), as torch's clamp does there and x86's maxps/minps
+  // (what GCC makes of the selects below) do under DAZ; a compare and
+  // select would return them, or a subnormal bound, unflushed (found
+  // under qemu: bf16 clamps in torch.set_flush_denormal mode differed).
+  update_span<E>(data, n, [lo, hi](T v) __attribute__((always_inline)) {
+    return v != v ? v : std::fmin(std::fmax(v, lo), hi);
+  }, prefetch);
+#else
   update_span<E>(data, n, [lo, hi](T v) __attribute__((always_inline)) {
     v = v < lo ? lo : v;
     return v > hi ? hi : v;
   }, prefetch);
+#endif
 }
 
 }  // namespace
