@@ -163,5 +163,8 @@ def test_quick_start_test_command_is_the_one_ci_runs():
     quick_start = _block_containing("bash", "# 2. install and run the tests")
     lines = quick_start.splitlines()
     command = lines[lines.index("# 2. install and run the tests") + 1].strip()
-    ci = (ROOT / ".ci" / "run").read_text()
+    ci_run = ROOT / ".ci" / "run"
+    if not ci_run.exists():
+        pytest.skip(".ci/run is not in this tree (an sdist)")
+    ci = ci_run.read_text()
     assert command + " || exit 1" in ci.splitlines()
