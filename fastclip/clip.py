@@ -75,6 +75,28 @@ def _norm_type(norm_type) -> float:
 # A plain float for dynamo: torch 2.6's cannot read sys.float_info's fields.
 _DOUBLE_MAX = sys.float_info.max
 
+try:  # torch >= 2.8
+    from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
+except ImportError:  # older: every comparison dynamo traces is decided, or stops it
+    guard_or_false = guard_or_true = None
+
+
+def _unreadable(value) -> bool:
+    """Whether dynamo is tracing and cannot read ``value``: an unbacked
+    symbolic float (a numpy scalar argument, or .item() under
+    capture_scalar_outputs), which torch's functions take, where comparing
+    it would stop the trace (found in review)."""
+    if guard_or_true is None or isinstance(value, Tensor) or not torch.compiler.is_compiling():
+        return False
+    sign = value >= 0.0
+    return guard_or_true(sign) and not guard_or_false(sign)
+
+
+def _in_range(low: float, value, high: float) -> bool:
+    """low <= value <= high (False for NaN); True for a value dynamo cannot
+    read, which goes unchecked, as a max_norm tensor does."""
+    return _unreadable(value) or low <= value <= high
+
 
 def _max_norm(max_norm) -> MaxNorm:
     """``max_norm`` checked, as a float. Two kinds stay as they are, for
@@ -96,7 +118,7 @@ def _max_norm(max_norm) -> MaxNorm:
     # and guards on them. Against the largest double, not inf: its symbols
     # are assumed finite, so `< inf` held without a guard and a later inf
     # ran the graph unchecked (found in review).
-    if not 0.0 <= value <= _DOUBLE_MAX:  # also rejects NaN
+    if not _in_range(0.0, value, _DOUBLE_MAX):  # also rejects NaN
         # A symbolic float cannot be formatted while dynamo traces.
         got = "a value outside that range" if torch.compiler.is_compiling() else repr(max_norm)
         raise ValueError(f"max_norm must be {what}, got {got}")
@@ -106,7 +128,7 @@ def _max_norm(max_norm) -> MaxNorm:
 def _clip_value(clip_value) -> float:
     what = "a number >= 0"
     value = _as_float(clip_value, "clip_value", what)
-    if not value >= 0.0:  # also rejects NaN
+    if not _in_range(0.0, value, math.inf):  # also rejects NaN
         raise ValueError(f"clip_value must be {what}, got {clip_value!r}")
     return value
 
@@ -784,6 +806,11 @@ def clip_grad_norm_(
     # error_if_nonfinite keeps the fused op under compile: it raises from
     # inside the graph, where the split path's host read cannot be traced.
     fused = isinstance(max_norm, float) and (error_if_nonfinite or not torch.compiler.is_compiling())
+    if error_if_nonfinite and _unreadable(max_norm):  # the fused op takes a float the host knows
+        raise ValueError(
+            "max_norm must be a Python number or a tensor under torch.compile with error_if_nonfinite=True, "
+            "got a value the trace cannot read (a numpy scalar argument, or .item())"
+        )
     if held is not None and held.one_call and not groups and fused:
         return held.clip_(max_norm, norm_type, error_if_nonfinite)
     grads, one_call = _grads(parameters, held)
@@ -852,6 +879,10 @@ def clip_grad_value_(
     if len(grads) == 0:
         return
     grads, one_call, _ = _local(grads, one_call, "parameters", clamp=True)
+    if _unreadable(clip_value):  # the op takes a float the host knows; torch's clamp_ takes this one
+        _fallback.check_clampable(grads, [f"gradient {i} (counting non-None gradients)" for i in range(len(grads))])
+        _fallback.multi_tensor_clamp_(grads, clip_value)
+        return
     if one_call:
         _ops.multi_tensor_clamp_(grads, clip_value)
         return

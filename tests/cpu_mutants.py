@@ -130,12 +130,15 @@ MUTANTS = {
         "type(mode) is not DeviceContext for mode", "True for mode"),
     "nan_max_norm_accepted": (
         "fastclip/clip.py", "max_norm NaN accepted",
-        "    if not 0.0 <= value <= _DOUBLE_MAX:  # also rejects NaN\n",
+        "    if not _in_range(0.0, value, _DOUBLE_MAX):  # also rejects NaN\n",
         "    if value < 0.0 or value > _DOUBLE_MAX:\n"),
     "negative_clip_value_accepted": (
         "fastclip/clip.py", "a negative clip_value accepted",
-        "    if not value >= 0.0:  # also rejects NaN\n        raise ValueError(f\"clip_value",
+        "    if not _in_range(0.0, value, math.inf):  # also rejects NaN\n        raise ValueError(f\"clip_value",
         "    if value != value:\n        raise ValueError(f\"clip_value"),
+    "traced_bounds_unchecked": (
+        "fastclip/clip.py", "while dynamo traces, every max_norm and clip_value taken as unreadable (unchecked)",
+        "    return guard_or_true(sign) and not guard_or_false(sign)\n", "    return True\n"),
     "coefficient_not_clamped": (
         "fastclip/clip.py", "the split path's coefficient not clamped to 1 (small norms scaled up)",
         "    return torch.clamp(numerator / (norm + 1e-6), max=1.0)",

@@ -1504,6 +1504,79 @@ def test_torch_compile_refuses_bad_max_norm_after_it_became_dynamic(fn):
             assert_same_bits(p.grad, q.grad)
 
 
+def _skip_unless_torch_compiles_it(fn: str, arg, item: bool) -> None:
+    """Skip where this torch's dynamo cannot compile torch's own function
+    with such an argument (2.8 to 2.10 cannot: "Data dependent operator")."""
+    call = getattr(torch.nn.utils, fn)
+    extra = (torch.tensor(5.0),) if fn == "clip_grads_with_norm_" else ()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ps, m: call(ps, m.item() if item else m, *extra), fullgraph=True, backend="eager")
+    try:
+        with torch._dynamo.config.patch(capture_scalar_outputs=item):
+            compiled(_model_params(), arg)
+    except Exception as e:  # noqa: BLE001 (dynamo's error classes differ by release)
+        pytest.skip(f"torch {torch.__version__} does not compile torch.nn.utils.{fn} with it either: {type(e).__name__}")
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(fastclip._torch_release(torch.__version__) < (2, 8),
+                    reason="before torch 2.8 dynamo cannot leave a comparison undecided (guard_or_true)")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("value", ["numpy", "item", "tensor"])
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_torch_compile_takes_a_bound_the_trace_cannot_read(fn, value, backend):
+    """A numpy float32 argument, or .item() under capture_scalar_outputs, is
+    a float dynamo cannot read while tracing (an unbacked symbol): torch's
+    functions compile with it as max_norm or clip_value, and fastclip's
+    range checks stopped the trace (found in review). It now goes unchecked,
+    as a max_norm tensor does, and gives eager's result; a tensor
+    clip_value too."""
+    if value == "tensor" and fn != "clip_grad_value_":
+        pytest.skip("a tensor max_norm is the schedule test's")
+    np = pytest.importorskip("numpy")
+    bound = 0.05
+    _skip_unless_torch_compiles_it(fn, np.float32(bound) if value == "numpy" else torch.tensor(bound), value == "item")
+    call = getattr(fastclip, fn)
+    extra = (torch.tensor(5.0),) if fn == "clip_grads_with_norm_" else ()
+    if value == "numpy":
+        arg, compiled = np.float32(bound), torch.compile(lambda ps, m: call(ps, m, *extra), fullgraph=True, backend=backend)
+    elif value == "tensor":
+        arg, compiled = torch.tensor(bound), torch.compile(lambda ps, m: call(ps, m), fullgraph=True, backend=backend)
+    else:
+        arg = torch.tensor(bound)
+        compiled = torch.compile(lambda ps, m: call(ps, m.item(), *extra), fullgraph=True, backend=backend)
+    params, eager_params = _model_params(), _model_params()
+    with torch._dynamo.config.patch(capture_scalar_outputs=value == "item"):
+        got = compiled(params, arg)
+    expected = call(eager_params, float(np.float32(bound)) if value == "numpy" else bound, *extra)
+    if fn == "clip_grad_norm_":
+        assert_same_bits(got, expected)
+    for p, q in zip(params, eager_params):
+        if fn == "clip_grad_value_":
+            assert_same_bits(p.grad, q.grad)
+        else:  # the split path's product: within an ulp of the fused op's
+            torch.testing.assert_close(p.grad, q.grad, rtol=2**-23, atol=0)
+    assert any(not torch.equal(p.grad, g) for p, g in zip(params, _model_params()) for g in [g.grad])
+
+
+@pytest.mark.skipif(fastclip._torch_release(torch.__version__) < (2, 8),
+                    reason="before torch 2.8 dynamo cannot leave a comparison undecided (guard_or_true)")
+def test_torch_compile_refuses_an_unreadable_max_norm_with_error_if_nonfinite():
+    """The fused op, which raises from inside the graph, takes a float the
+    host knows: with a max_norm the trace cannot read, a clear ValueError
+    (torch's own function cannot compile error_if_nonfinite at all)."""
+    np = pytest.importorskip("numpy")
+    _skip_unless_torch_compiles_it("clip_grad_norm_", np.float32(0.05), item=False)
+    compiled = torch.compile(lambda ps, m: fastclip.clip_grad_norm_(ps, m, error_if_nonfinite=True),
+                             fullgraph=True, backend="aot_eager")
+    params = _model_params()
+    before = snapshot(_grads(params))
+    with pytest.raises(Exception, match="max_norm must be a Python number or a tensor under torch.compile"):
+        compiled(params, np.float32(0.05))
+    assert_untouched(_grads(params), before)
+
+
 @pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
 def test_functionalize_traces_like_torch(fn):
     """Under torch.func.functionalize the lists go through plain PyTorch: its
