@@ -389,7 +389,7 @@ void prefetch_metadata(at::TensorList tensors, size_t i, size_t end) {
 }  // namespace
 
 TensorTable::TensorTable(at::TensorList tensors, Access access) {
-  if (!fill_in_place(tensors, nullptr)) fill(tensors, access);
+  if (!fill_in_place(tensors, nullptr)) fill(tensors, access, access == kWrite);
 }
 
 TensorTable::TensorTable(const char* op, at::TensorList tensors, c10::DeviceType device_type, Access access,
@@ -405,10 +405,10 @@ TensorTable::TensorTable(const char* op, at::TensorList tensors, c10::DeviceType
   check_tensors(op, tensors, device_type);
   if (writes) check_writable(op, tensors);
   then();
-  fill(tensors, access);
+  fill(tensors, access, writes);
 }
 
-void TensorTable::fill(at::TensorList tensors, Access access) {
+void TensorTable::fill(at::TensorList tensors, Access access, bool writes) {
   descs_.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     prefetch_metadata(tensors, i, tensors.size());
@@ -418,7 +418,14 @@ void TensorTable::fill(at::TensorList tensors, Access access) {
     const c10::StorageImpl* storage = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
     check_in_storage(t, i, storage);
     if (numel == 0 || t.is_non_overlapping_and_dense()) {
-      descs_.push_back(TensorDesc{numel == 0 ? nullptr : t.data_ptr(), numel, dtype});
+      // Reads take the const pointer: a copy-on-write tensor keeps sharing
+      // its memory, as torch's reads leave it (the mutable pointer copies
+      // it). A table read before any write (kRead) does so for such a
+      // tensor too; the write, if any, then takes a table of its own.
+      const bool shared = !writes || (access == kRead && storage != nullptr && materializes(*storage));
+      void* data = numel == 0 ? nullptr : shared ? const_cast<void*>(t.const_data_ptr()) : t.data_ptr();
+      shared_reads_ = shared_reads_ || (writes && shared && numel != 0);
+      descs_.push_back(TensorDesc{data, numel, dtype});
       storages_.push_back(numel == 0 ? nullptr : storage->data());
       foreign_ = foreign_ || (numel != 0 && storage->allocator() == nullptr);
     } else if (access == kRead) {
@@ -509,7 +516,7 @@ TensorTable::TensorTable(at::TensorList tensors, int64_t slices) {
         storages_.push_back(nullptr);
       }
     } else if (t.select(0, 0).is_non_overlapping_and_dense()) {
-      char* first = static_cast<char*>(t.data_ptr());
+      char* first = static_cast<char*>(const_cast<void*>(t.const_data_ptr()));  // read only: see fill
       for (int64_t s = 0; s < slices; ++s) {
         descs_.push_back(TensorDesc{first + s * t.stride(0) * size, per_slice, dtype});
         storages_.push_back(storage->data());

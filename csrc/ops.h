@@ -118,8 +118,9 @@ class TensorTable {
   const std::vector<TensorDesc>& descs() const { return descs_; }
   const std::vector<int64_t>& strided() const { return strided_; }
   // Every descriptor is the tensor's own memory (no read copy, no view
-  // left to ATen): the table serves reads and writes alike.
-  bool in_place() const { return copies_.empty() && strided_.empty(); }
+  // left to ATen, no copy-on-write memory still shared): the table serves
+  // reads and writes alike.
+  bool in_place() const { return copies_.empty() && strided_.empty() && !shared_reads_; }
   // Two descriptors share bytes: the same tensor twice in the list, or
   // overlapping views of one storage. Their writes must then run in list
   // order, as torch's loop over the tensors does, not at the same time.
@@ -147,7 +148,8 @@ class TensorTable {
   // False (and the table left empty) for any other list, which the
   // one-thread walk then builds, raising its errors in list order.
   bool fill_in_place(at::TensorList tensors, const UsualChecks* checks);
-  void fill(at::TensorList tensors, Access access);  // the one-thread walk
+  // The one-thread walk; `writes`: an op will write through the table.
+  void fill(at::TensorList tensors, Access access, bool writes);
 
   std::vector<TensorDesc> descs_;
   std::vector<const void*> storages_;  // each descriptor's allocation, its storage's start (nullptr: empty or a copy)
@@ -157,6 +159,9 @@ class TensorTable {
   bool foreign_ = false;
   std::vector<int64_t> strided_;
   std::vector<at::Tensor> copies_;  // keeps contiguous read copies alive
+  // A table for reading then writing (kRead, `writes`) holds copy-on-write
+  // memory another tensor shares: not to be written through.
+  bool shared_reads_ = false;
 };
 
 // Whether two elements of the view `t` may lie at one address (an

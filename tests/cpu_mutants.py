@@ -136,6 +136,12 @@ MUTANTS = {
         "fastclip/clip.py", "a negative clip_value accepted",
         "    if not _in_range(0.0, value, math.inf):  # also rejects NaN\n        raise ValueError(f\"clip_value",
         "    if value != value:\n        raise ValueError(f\"clip_value"),
+    "cow_reads_copy": (
+        "csrc/ops.cpp", "reads of copy-on-write memory through the mutable pointer (copies it)",
+        "shared ? const_cast<void*>(t.const_data_ptr()) : t.data_ptr();", "t.data_ptr();"),
+    "cow_written_shared": (
+        "csrc/ops.cpp", "the clip writes through the table that read copy-on-write memory (the source too)",
+        "      shared_reads_ = shared_reads_ || (writes && shared && numel != 0);\n", ""),
     "traced_bounds_unchecked": (
         "fastclip/clip.py", "while dynamo traces, every max_norm and clip_value taken as unreadable (unchecked)",
         "    return guard_or_true(sign) and not guard_or_false(sign)\n", "    return True\n"),

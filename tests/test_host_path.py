@@ -962,6 +962,55 @@ def test_long_list_of_unusual_entries_matches_one_thread(op, walk):
     assert torch.equal(first[8:], second)
 
 
+_READS = {
+    "norm op": lambda gs, ps: ops.multi_tensor_norm(gs, 2.0, True),
+    "norm op, slices": lambda gs, ps: ops.multi_tensor_norm(gs, 2.0, True, slices=3),
+    "get_total_norm": lambda gs, ps: fastclip.get_total_norm(gs),
+    "grad_norms": lambda gs, ps: fastclip.grad_norms(ps),
+    "clip_ op, coefficient 1": lambda gs, ps: ops.clip_(gs, 1e30, 2.0),
+    "clip_grad_norm_, coefficient 1": lambda gs, ps: fastclip.clip_grad_norm_(ps, 1e30),
+}
+_WRITES = {
+    "clip_ op": lambda gs, ps: ops.clip_(gs, 0.5, 2.0),
+    "clip_grad_norm_": lambda gs, ps: fastclip.clip_grad_norm_(ps, 0.5),
+    "clip_grads_with_norm_": lambda gs, ps: fastclip.clip_grads_with_norm_(ps, 0.5, torch.tensor(20.0)),
+    "scale op": lambda gs, ps: ops.multi_tensor_scale_(gs, torch.tensor(0.5)),
+    "clamp op": lambda gs, ps: ops.multi_tensor_clamp_(gs, 0.5),
+}
+
+
+@pytest.mark.skipif(not hasattr(torch._C, "_is_cow_tensor"), reason="this torch has no copy-on-write tensors")
+@pytest.mark.parametrize("entries", [1, 3000])
+@pytest.mark.parametrize("call", sorted(_READS) + sorted(_WRITES))
+def test_copy_on_write_gradients(call, entries):
+    """Copy-on-write clones (torch._lazy_clone) of other tensors: an op
+    that only reads leaves them sharing their memory, as torch's norms do
+    (found in review: every norm took the mutable pointer, which copies
+    them); one that writes writes its own copy and never the source, on the
+    one-thread walk (a short list) and a long one. The values are the
+    reference's either way."""
+    gen = torch.Generator().manual_seed(48)
+    sources = [torch.randn(3, 7, generator=gen).to(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float64)]
+    sources = (sources * entries)[:max(entries, 3)]
+    before = [s.clone() for s in sources]
+    grads = [torch._lazy_clone(s) for s in sources]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    out = (_READS.get(call) or _WRITES[call])(grads, params)
+    for s, b in zip(sources, before):
+        assert_same_bits(s, b)
+    if call in _READS:
+        assert all(torch._C._is_cow_tensor(g) for g in grads)
+        total = out[0] if isinstance(out, tuple) else out
+        assert_norm_close(total, ref_norm(before))
+        for g, b in zip(grads, before):
+            assert_same_bits(g, b)
+    else:
+        assert not any(torch._C._is_cow_tensor(g) for g in grads)
+        assert not any(torch.equal(g, b) for g, b in zip(grads, before))
+
+
 def test_long_list_version_bumps_count_each_entry(two_threads):
     """The bumps on threads: a tensor twice in a list is bumped twice, as by
     one thread (its counter is atomic), and an inference tensor, which has
