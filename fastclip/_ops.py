@@ -390,11 +390,16 @@ if _C is not None:
 
     def _scale_samples(tensors, dims, coef: Tensor) -> None:
         """tensors[i] (batched along dims[i]) times coef[b] in sample b, as
-        the kernels multiply: in float32 unless the data is double."""
+        the kernels multiply: in float32 unless the data is double. The
+        coefficients are copied before the first write, as the op reads its
+        coefficient once: coef may be a view of a tensor being scaled
+        (found in review: `scale_([a, b], a[0])` under vmap scaled b by
+        the already scaled a[0])."""
+        coefs = {dtype: coef.to(dtype, copy=True) for dtype in (torch.float32, torch.float64)}
         for t, d in zip(tensors, dims):
             shape = [1] * t.dim()
             shape[d] = coef.numel()
-            t.mul_(coef.to(torch.float64 if t.dtype == torch.float64 else torch.float32).view(shape))
+            t.mul_(coefs[torch.float64 if t.dtype == torch.float64 else torch.float32].view(shape))
 
     def _python_rule(qualname: str, rule):
         """``rule`` as torch.library.register_vmap would run it, handed to

@@ -926,8 +926,13 @@ def grad_norms(parameters: TensorOrTensors, norm_type: float = 2.0, process_grou
     if each.shape[0] == len(params):  # no gradient is None
         return total, each
     # Where the gradients were: from the C++ gather when there was one (read
-    # again from Python, every .grad cost ~70 ns).
-    have = held.positions() if held is not None else [i for i, p in enumerate(params) if p.grad is not None]
+    # again from Python, every .grad cost ~70 ns). Not under a dispatch mode:
+    # its tensor would be the mode's (found in review: a FakeTensorMode's,
+    # with no memory to write the positions to).
+    if held is not None and _get_current_dispatch_mode() is None:
+        have = held.positions()
+    else:
+        have = [i for i, p in enumerate(params) if p.grad is not None]
     out = each.new_zeros((len(params),))  # a subclass's new_zeros: its norms stay whole (see _split_norms)
     out.index_copy_(0, _index(have, each.device), each)
     return total, out

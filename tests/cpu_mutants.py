@@ -142,6 +142,13 @@ MUTANTS = {
     "cow_written_shared": (
         "csrc/ops.cpp", "the clip writes through the table that read copy-on-write memory (the source too)",
         "      shared_reads_ = shared_reads_ || (writes && shared && numel != 0);\n", ""),
+    "vmap_coef_read_while_written": (
+        "fastclip/_ops.py", "under vmap, per-sample coefficients not copied before the first write",
+        "coef.to(dtype, copy=True) for dtype", "coef.to(dtype) for dtype"),
+    "positions_under_a_mode": (
+        "fastclip/clip.py", "grad_norms's positions from the C++ gather under a dispatch mode",
+        "    if held is not None and _get_current_dispatch_mode() is None:\n        have = held.positions()",
+        "    if held is not None:\n        have = held.positions()"),
     "traced_bounds_unchecked": (
         "fastclip/clip.py", "while dynamo traces, every max_norm and clip_value taken as unreadable (unchecked)",
         "    return guard_or_true(sign) and not guard_or_false(sign)\n", "    return True\n"),

@@ -1676,6 +1676,28 @@ def test_torch_compile_fullgraph_get_total_norm_and_grad_norms():
     assert each[-1].item() == 0.0 and each.shape == (len(with_none),)
 
 
+
+def test_grad_norms_under_fake_tensor_mode_and_make_fx_with_a_none_gradient():
+    """The positions of the gradients that exist, under a dispatch mode:
+    the C++ gather's index tensor became the mode's (found in review: a
+    FakeTensorMode's, which has no memory to write them to)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def params():
+        a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 2, 4))
+        a.grad, c.grad = torch.full((3,), 2.0), torch.full((4,), 1.0)
+        return [a, b, c]
+
+    with FakeTensorMode():
+        total, each = fastclip.grad_norms(params())
+        assert total.shape == () and each.shape == (3,) and each.dtype == torch.float32
+    for mode in ("real", "fake", "symbolic"):
+        total, each = make_fx(lambda: fastclip.grad_norms(params()), tracing_mode=mode)()()
+        assert_same_bits(each, torch.tensor([math.sqrt(12.0), 0.0, 2.0]))
+        assert total.item() == pytest.approx(4.0, rel=1e-7)
+
+
 # -------------------------------------------------------------- devices
 @pytest.mark.filterwarnings("ignore:fastclip")  # devices without kernels use the fallback
 @pytest.mark.parametrize("ord", [2.0, math.inf], ids=ord_id)

@@ -274,6 +274,34 @@ def test_scale_by_a_coefficient_per_sample(device, dtype):
         assert_same_bits(t.select(d, 1), old.select(d, 1))
 
 
+@pytest.mark.parametrize("where", ["first", "second"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_scale_by_a_coefficient_inside_a_scaled_tensor(device, dtype, where):
+    """coef per sample is an element of a tensor the call scales: read once,
+    before anything is written, as the op on each sample reads it (found in
+    review: the rule multiplied by a view of the data it was writing, so
+    the later tensors were scaled by the scaled coefficient)."""
+    require_kernel(device)
+    gen = torch.Generator().manual_seed(5)
+    a0 = (torch.rand(BATCH, 7, generator=gen) * 4 + 0.25).to(dtype).to(device)
+    b0 = (torch.rand(BATCH, 3, generator=gen) * 4 + 0.25).to(dtype).to(device)
+    order = (lambda a, b: [a, b]) if where == "first" else (lambda a, b: [b, a])
+    expected_a, expected_b = a0.clone(), b0.clone()
+    for i in range(BATCH):
+        ops.multi_tensor_scale_(order(expected_a[i], expected_b[i]), expected_a[i][0])
+    a, b = a0.clone(), b0.clone()
+
+    def f(x, y):
+        ops.multi_tensor_scale_(order(x, y), x[0])
+        return x
+
+    torch.vmap(f)(a, b)
+    assert_same_bits(a, expected_a)
+    assert_same_bits(b, expected_b)
+    assert not torch.equal(b, b0)
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_scale_by_one_coefficient_and_clamp_are_one_call_on_the_values(device):
     """An unbatched coefficient or bound: every sample and the shared
