@@ -435,7 +435,10 @@ if _C is not None:
     def _multi_tensor_scale_vmap(info, in_dims, tensors, coef):
         dims, coef_dim = in_dims
         if coef_dim is None:  # one coefficient for every sample
-            torch.ops.fastclip.multi_tensor_scale_.default(list(tensors), coef)
+            if _functional(tensors):
+                _fallback.multi_tensor_scale_(list(tensors), coef)
+            else:
+                torch.ops.fastclip.multi_tensor_scale_.default(list(tensors), coef)
             return None, None
         # (A plain tensor of a sample's shape: coef may still be batched at
         # an outer level, which the check cannot read; found in review.)
@@ -451,9 +454,19 @@ if _C is not None:
         _scale_samples(tensors, dims, coef.movedim(coef_dim, 0).reshape(info.batch_size))
         return None, None
 
+    def _functional(tensors) -> bool:
+        """A value is functionalize's (it wraps the vmap from outside): its
+        in-place writes must be torch's ops, as fastclip's functions route
+        them without vmap (found in review: functionalize(vmap(f)) of
+        clip_grad_value_ failed on the custom op)."""
+        return any(torch._is_functional_tensor(t) for t in tensors)
+
     @torch.library.register_vmap("fastclip::multi_tensor_clamp_")
     def _multi_tensor_clamp_vmap(info, in_dims, tensors, clip_value):
-        torch.ops.fastclip.multi_tensor_clamp_.default(list(tensors), clip_value)  # the same bound for every sample
+        if _functional(tensors):
+            _fallback.multi_tensor_clamp_(list(tensors), clip_value)
+        else:
+            torch.ops.fastclip.multi_tensor_clamp_.default(list(tensors), clip_value)  # the same bound for every sample
         return None, None
 
     def _clip_vmap(info, in_dims, tensors, max_norm, ord, error_if_nonfinite=False):

@@ -708,7 +708,10 @@ def get_total_norm(
     if _needs_global(tensors, one_call, groups):
         total, _, _, sharding, _ = _global_norms(tensors, norm_type, False, groups, "tensors")
         if error_if_nonfinite:
-            _raise_if_nonfinite(total, norm_type)
+            # On the float32 norm it returns, as on one process (found in
+            # review: a float64 norm beyond float32's range passed, and
+            # came back inf); every rank holds the same value.
+            _raise_if_nonfinite(total.to(torch.float32), norm_type)
         return _as_result(total, sharding)
     if len(tensors) == 0:
         return torch.tensor(0.0)

@@ -149,6 +149,9 @@ MUTANTS = {
         "fastclip/clip.py", "grad_norms's positions from the C++ gather under a dispatch mode",
         "    if held is not None and _get_current_dispatch_mode() is None:\n        have = held.positions()",
         "    if held is not None:\n        have = held.positions()"),
+    "vmap_functional_values_to_the_op": (
+        "fastclip/_ops.py", "under functionalize(vmap), the clamp and scale rules call the in-place op",
+        "        return any(torch._is_functional_tensor(t) for t in tensors)\n", "        return False\n"),
     "traced_bounds_unchecked": (
         "fastclip/clip.py", "while dynamo traces, every max_norm and clip_value taken as unreadable (unchecked)",
         "    return guard_or_true(sign) and not guard_or_false(sign)\n", "    return True\n"),

@@ -500,6 +500,24 @@ def local_norm_beyond_float32(rank: int, world: int) -> None:
             total = total.full_tensor() if dtensors else total
             assert total.dtype == torch.float32
             assert torch.equal(total, one_total), f"{what}: {total} vs one process {one_total}"
+    # Every rank's own norm finite, the global one beyond float32's range:
+    # get_total_norm(error_if_nonfinite=True) raises on every rank, as one
+    # process does on the whole list (found in review: the float64 total
+    # was checked and inf returned).
+    part = torch.full((2,), 2.5e38)
+    calls = {"group": lambda: fastclip.get_total_norm([part], 2.0, error_if_nonfinite=True,
+                                                      process_group=dist.group.WORLD),
+             "dtensor": lambda: fastclip.get_total_norm([DTensor.from_local(part, mesh, [Shard(0)], run_check=False)],
+                                                        2.0, error_if_nonfinite=True),
+             "fp64 order inf": lambda: fastclip.get_total_norm([torch.tensor([1e300], dtype=torch.float64)], math.inf,
+                                                               error_if_nonfinite=True, process_group=dist.group.WORLD)}
+    for what, call in calls.items():
+        try:
+            call()
+        except RuntimeError as error:
+            assert "non-finite" in str(error), (what, str(error))
+        else:
+            raise AssertionError(f"{what}: a norm beyond float32's range did not raise")
 
 
 def fp64_norms_beyond_squares(rank: int, world: int) -> None:

@@ -302,6 +302,34 @@ def test_scale_by_a_coefficient_inside_a_scaled_tensor(device, dtype, where):
     assert not torch.equal(b, b0)
 
 
+@pytest.mark.parametrize("fn", ["clip_grad_value_", "clip_grads_with_norm_", "clip_grad_norm_"])
+def test_functionalize_over_vmap_matches_vmap(fn):
+    """functionalize(vmap(f)): the rules write functionalize's values with
+    torch's ops, as fastclip's functions do under functionalize alone (found
+    in review: the clamp and the one-coefficient scale called the in-place
+    custom op, which functionalization refuses)."""
+    gen = torch.Generator().manual_seed(6)
+    grads = torch.randn(BATCH, 4, 3, generator=gen) * 3
+
+    def one(g):
+        p = torch.nn.Parameter(torch.zeros(4, 3))
+        p.grad = g
+        if fn == "clip_grad_value_":
+            fastclip.clip_grad_value_([p], 0.5)
+        elif fn == "clip_grads_with_norm_":
+            fastclip.clip_grads_with_norm_([p], 1.0, 10.0)  # one coefficient for every sample
+        else:
+            fastclip.clip_grad_norm_([p], 1.0)
+        return p.grad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's once-only notice
+        got = torch.func.functionalize(torch.vmap(one))(grads.clone())
+    expected = torch.vmap(one)(grads.clone())
+    assert_same_bits(got, expected)
+    assert not torch.equal(got, grads)
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_scale_by_one_coefficient_and_clamp_are_one_call_on_the_values(device):
     """An unbatched coefficient or bound: every sample and the shared
